@@ -1,0 +1,88 @@
+"""The finalize step, run as an rq job (queue `keys.FINALIZE_QUEUE`) by an aggregator.
+
+Exactly once: a job enters `finalizing` once (the commit script's compare-and-set), is
+enqueued under the fixed rq id `finalize-<job>` with `unique=True`, and moves to `done`
+through another compare-and-set, which also counts `finalized` so tests can check it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from pathlib import Path
+
+import redis
+from rq import Queue, get_current_job
+from rq.job import Job, JobStatus
+
+from ..shared import keys
+from ..shared.jobs import JobState, event, load_job
+from ..shared.tasks import JobFiles, get_plugin
+
+log = logging.getLogger(__name__)
+
+DONE_LUA = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'finalizing' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'done', 'outputs', ARGV[1], 'finished', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'finalized', 1)
+redis.call('ZREM', KEYS[2], ARGV[3])
+return 1
+"""
+
+FAIL_LUA = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'finalizing' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[1], 'finished', ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[3])
+return 1
+"""
+
+
+def rq_job_id(job_id: str) -> str:
+    return f"finalize-{job_id}"
+
+
+def enqueue_finalize(client: redis.Redis, job_id: str, data_dir: Path) -> None:
+    """Enqueue the finalize job unless one is queued, running or finished already."""
+    existing = None
+    try:
+        existing = Job.fetch(rq_job_id(job_id), connection=client)
+    except Exception:  # rq raises NoSuchJobError; any unreadable record counts as absent
+        existing = None
+    if existing is not None:
+        status = existing.get_status(refresh=True)
+        if status in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.FINISHED, JobStatus.DEFERRED):
+            return
+        existing.delete()
+    Queue(keys.FINALIZE_QUEUE, connection=client).enqueue_call(
+        finalize_job, args=(job_id, str(data_dir)), job_id=rq_job_id(job_id), timeout=3600, result_ttl=3600, unique=True
+    )
+
+
+def finalize_job(job_id: str, data_dir: str) -> str:
+    current = get_current_job()
+    assert current is not None, "finalize_job runs inside an rq worker"
+    client: redis.Redis = current.connection
+    job = load_job(client, job_id)
+    if job is None or job.state is not JobState.FINALIZING:
+        return f"skipped ({job.state.value if job else 'missing'})"
+    started = time.monotonic()
+    try:
+        plugin = get_plugin(job.kind)
+        outputs = plugin.finalize(JobFiles.under(Path(data_dir), job_id), plugin.parse_params(job.params))
+    except Exception as exc:
+        log.error("job %s: finalize failed: %s", job_id, exc)
+        client.register_script(FAIL_LUA)(
+            keys=[keys.job(job_id), keys.ACTIVE_JOBS],
+            args=[f"finalize failed: {exc}\n{traceback.format_exc(limit=3)}", time.time(), job_id],
+        )
+        event(client, "job", job_id=job_id, state="failed", error=str(exc))
+        return "failed"
+    won = client.register_script(DONE_LUA)(
+        keys=[keys.job(job_id), keys.ACTIVE_JOBS], args=[json.dumps(outputs), time.time(), job_id]
+    )
+    if won:
+        event(client, "job", job_id=job_id, state="done", outputs=outputs)
+        log.info("job %s: done in %.2fs finalize, outputs %s", job_id, time.monotonic() - started, outputs)
+    return "done" if won else "lost race"

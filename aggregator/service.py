@@ -1,0 +1,153 @@
+"""The aggregator: a consumer of `keys.RESULTS` in group `aggregators` (run as many as you
+like), which verifies each result, merges it idempotently and triggers finalization.
+
+For each result entry:
+- its job is gone or over: drop it;
+- the plugin's `verify` rejects it: requeue the task (attempt + 1), count it against the
+  node, never merge it;
+- otherwise merge it into the job's files, then commit (COMMIT_LUA): the first result per
+  index wins, later copies are counted as duplicates; the last one moves the job to
+  `finalizing`, which enqueues the rq finalize job.
+A result is ACKed and deleted only after it is merged (or dropped), so a killed aggregator's
+pending results are claimed by another (XAUTOCLAIM) and merged again, harmlessly.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import time
+from pathlib import Path
+
+import redis
+from rq import Queue, SimpleWorker
+
+from ..shared import keys
+from ..shared.jobs import JobState, load_job
+from ..shared.queue import COMMIT_LUA, ensure_groups
+from ..shared.service import StopFlag, beat, captured_signals, instance_name, run_forever
+from ..shared.settings import Settings
+from ..shared.tasks import JobFiles, Verdict, get_plugin
+from .finalize import enqueue_finalize
+
+log = logging.getLogger(__name__)
+
+CLAIM_IDLE_MS = 20_000
+
+
+class Aggregator:
+    def __init__(self, *, client: redis.Redis, data_dir: Path) -> None:
+        self.r = client
+        self.data_dir = data_dir
+        self.name = instance_name()
+        self.commit = client.register_script(COMMIT_LUA)
+        self.rng = random.Random()
+        self.queue = Queue(keys.FINALIZE_QUEUE, connection=client)
+        self._last_beat = 0.0
+        self._last_sweep = 0.0
+
+    def read(self, block_ms: int = 500) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        resp = self.r.xreadgroup(keys.AGGREGATORS_GROUP, self.name, {keys.RESULTS: ">"}, count=64, block=block_ms)
+        return [entry for _stream, entries in resp or [] for entry in entries]
+
+    def claim_abandoned(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Results a dead aggregator read but never finished."""
+        _next, entries, _deleted = self.r.xautoclaim(
+            keys.RESULTS, keys.AGGREGATORS_GROUP, self.name, CLAIM_IDLE_MS, "0-0", count=64
+        )
+        return [(eid, f) for eid, f in entries if f]
+
+    def handle(self, entry_id: bytes, f: dict[bytes, bytes]) -> str:
+        job_id = f[b"job"].decode()
+        index = int(f[b"index"])
+        job = load_job(self.r, job_id)
+        if job is None or job.state is not JobState.RUNNING:
+            self._drop(entry_id)
+            return "dropped"
+        plugin = get_plugin(job.kind)
+        params = plugin.parse_params(job.params)
+        output = f[b"output"]
+        node = f.get(b"node", b"?").decode()
+        if self.r.sismember(keys.job_done(job_id), index):
+            outcome = self.commit(keys=self._commit_keys(job_id), args=[keys.AGGREGATORS_GROUP, entry_id, index])
+            return outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+        if plugin.verify(params, index, output, self.rng) is Verdict.REJECT:
+            log.warning("job %s: task %d from node %s failed verification; redoing it", job_id, index, node)
+            retry = {k: v for k, v in f.items() if k in (b"job", b"index", b"kind", b"module", b"input")}
+            retry[b"attempt"] = str(int(f.get(b"attempt", b"0")) + 1).encode()
+            pipe = self.r.pipeline(transaction=True)
+            pipe.xadd(keys.TASKS, retry)  # type: ignore[arg-type]
+            pipe.hincrby(keys.node(node), "rejected", 1)
+            pipe.hincrby(keys.STATS, "tasks_rejected", 1)
+            pipe.xack(keys.RESULTS, keys.AGGREGATORS_GROUP, entry_id)
+            pipe.xdel(keys.RESULTS, entry_id)
+            pipe.execute()
+            return "rejected"
+        plugin.merge(JobFiles.under(self.data_dir, job_id), params, index, output)
+        outcome = self.commit(keys=self._commit_keys(job_id), args=[keys.AGGREGATORS_GROUP, entry_id, index])
+        outcome = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+        self.r.hincrby(keys.node(node), "completed", 1)
+        if outcome == "finalize":
+            log.info("job %s: all %d subtasks merged; finalizing", job_id, job.total)
+            enqueue_finalize(self.r, job_id, self.data_dir)
+        return outcome
+
+    def _commit_keys(self, job_id: str) -> list[str]:
+        return [keys.job(job_id), keys.job_done(job_id), keys.RESULTS, keys.STATS]
+
+    def _drop(self, entry_id: bytes) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xack(keys.RESULTS, keys.AGGREGATORS_GROUP, entry_id)
+        pipe.xdel(keys.RESULTS, entry_id)
+        pipe.execute()
+
+    def sweep(self) -> None:
+        """Re-enqueue finalization for jobs stuck in `finalizing` (an aggregator died between
+        the commit and the enqueue, or mid-finalize)."""
+        for job_id_b in self.r.zrange(keys.ACTIVE_JOBS, 0, -1):
+            job = load_job(self.r, job_id_b.decode())
+            if job is not None and job.state is JobState.FINALIZING:
+                enqueue_finalize(self.r, job.id, self.data_dir)
+
+    def run_finalizers(self, flag: StopFlag) -> None:
+        if self.queue.count == 0:
+            return
+        worker = SimpleWorker([self.queue], connection=self.r, name=f"{self.name}-{random.getrandbits(24):06x}")
+        try:
+            worker.work(burst=True, logging_level="WARNING")
+        finally:
+            # rq installs its own SIGINT/SIGTERM handlers; take ours back
+            signal.signal(signal.SIGINT, flag.set)
+            signal.signal(signal.SIGTERM, flag.set)
+
+    def step(self, flag: StopFlag) -> None:
+        now = time.monotonic()
+        if now - self._last_beat > 2:
+            beat(self.r, "aggregator", self.name)
+            self._last_beat = now
+        entries = self.read()
+        if now - self._last_sweep > 5:
+            entries += self.claim_abandoned()
+            self.sweep()
+            self._last_sweep = now
+        for entry_id, fields in entries:
+            try:
+                self.handle(entry_id, fields)
+            except (KeyError, ValueError) as exc:
+                log.error("result %s is malformed (%s); dropped", entry_id, exc)
+                self._drop(entry_id)
+        self.run_finalizers(flag)
+
+
+def run(settings: Settings) -> None:
+    from ..shared.redisconn import sync_client
+
+    client = sync_client(settings.resolved_redis_url())
+    ensure_groups(client)
+    agg = Aggregator(client=client, data_dir=settings.data_path)
+    flag = StopFlag()
+    log.info("aggregator %s started, data in %s", agg.name, agg.data_dir)
+    with captured_signals(flag):
+        run_forever("aggregator", flag, lambda: agg.step(flag))
+    log.info("aggregator %s stopped", agg.name)

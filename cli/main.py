@@ -1,0 +1,258 @@
+"""`processdistro`: the controller CLI and every service's entry point.
+
+Settings are read once here (environment `PD_*`, then flags) and passed inward; this is
+the only module that calls `sys.exit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .shared.exceptions import ProcessDistroError
+from .shared.jobs import JobState
+from .shared.logs import setup_logging
+from .shared.settings import Settings
+
+console = Console(stderr=False)
+err = Console(stderr=True)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for name in ("host", "port", "redis_url", "home"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    return Settings(**overrides)
+
+
+def _redis(settings: Settings) -> Any:
+    from .shared.redisconn import sync_client
+
+    return sync_client(settings.resolved_redis_url())
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from .up import run_up
+
+    setup_logging("up", settings.log_level)
+    return run_up(settings, console=console)
+
+
+def cmd_service(args: argparse.Namespace, settings: Settings) -> int:
+    setup_logging(args.command, settings.log_level)
+    if args.command == "gateway":
+        from .gateway.app import run
+    elif args.command == "scheduler":
+        from .scheduler.service import run
+    else:
+        from .aggregator.service import run
+    run(settings)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
+    from . import client
+
+    params = {
+        "width": args.width,
+        "height": args.height,
+        "xmin": args.xmin,
+        "xmax": args.xmax,
+        "ymin": args.ymin,
+        "ymax": args.ymax,
+        "max_iter": args.max_iter,
+        "tile": args.tile,
+    }
+    r = _redis(settings)
+    job_id = client.submit(r, args.kind, params, priority=args.priority)
+    console.print(f"submitted job [bold]{job_id}[/] ({args.kind})")
+    if not args.wait:
+        console.print(f"follow it with: processdistro jobs   fetch it with: processdistro result {job_id} -o FILE")
+        return 0
+    job = client.wait(r, job_id, console=console, timeout=args.timeout, progress=not args.quiet)
+    if job.state is not JobState.DONE:
+        err.print(f"[red]{client.describe_failure(job)}[/]")
+        return 1
+    copied = client.copy_outputs(job, {"image": args.output, "raw": args.raw})
+    for role, path in copied.items():
+        console.print(f"{role}: {path}")
+    console.print(f"job {job_id} done in {(job.finished or time.time()) - job.created:.1f}s")
+    return 0
+
+
+def cmd_result(args: argparse.Namespace, settings: Settings) -> int:
+    from . import client
+    from .shared.jobs import load_job
+
+    r = _redis(settings)
+    job = load_job(r, args.job)
+    if job is None:
+        err.print(f"[red]no job {args.job!r}[/]")
+        return 1
+    if job.state is not JobState.DONE:
+        err.print(f"[red]job {job.id} is {job.state.value}, no result yet[/]")
+        return 1
+    role = args.role or ("image" if "image" in job.outputs else next(iter(job.outputs)))
+    copied = client.copy_outputs(job, {role: args.output})
+    console.print(f"{role}: {copied[role]}")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
+    from . import client
+
+    jobs = client.list_jobs(_redis(settings), limit=args.limit)
+    if args.json:
+        console.print_json(json.dumps([j.to_public() for j in jobs]))
+        return 0
+    table = Table("job", "kind", "state", "progress", "age", "error")
+    for j in jobs:
+        age = time.time() - j.created
+        table.add_row(j.id, j.kind, j.state.value, f"{j.done}/{j.total}", f"{age:.0f}s", j.error[:60])
+    console.print(table if jobs else "no jobs yet")
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace, settings: Settings) -> int:
+    from . import client
+
+    nodes = client.list_nodes(_redis(settings), settings.node_timeout_s)
+    if args.json:
+        console.print_json(json.dumps(nodes))
+        return 0
+    table = Table("node", "live", "kind", "browser/os", "cores", "slots", "score", "done", "rejected")
+    for n in nodes:
+        table.add_row(
+            n["id"], n["live"], n.get("kind", ""), f"{n.get('browser', '')} {n.get('os', '')}".strip(),
+            n.get("cores", ""), n.get("slots", ""), n.get("score", "")[:10], n.get("completed", "0"), n.get("rejected", "0"),
+        )
+    console.print(table if nodes else "no nodes have joined yet")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    from . import client
+
+    client.cancel(_redis(settings), args.job)
+    console.print(f"cancel requested for job {args.job}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
+    from .shared.protocol import export_schemas
+
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    for name, schema in export_schemas().items():
+        (out / name).write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+    console.print(f"wrote {len(export_schemas())} schemas to {out}")
+    return 0
+
+
+def cmd_healthcheck(args: argparse.Namespace, settings: Settings) -> int:
+    from .shared.service import service_alive
+
+    return 0 if service_alive(_redis(settings), args.service) else 1
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="processdistro", description="Turn the devices on your LAN into extra CPU.")
+    p.add_argument("--redis-url", help="Redis to use (default: $PD_REDIS_URL, else the running `up`'s)")
+    p.add_argument("--home", type=Path, help="state directory (default: $PD_HOME or ~/.processdistro)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start Redis, gateway, scheduler and aggregator; print the join link")
+    up.add_argument("--host", help="gateway bind address (default 0.0.0.0)")
+    up.add_argument("--port", type=int, help="gateway port (default 30000)")
+    up.set_defaults(func=cmd_up)
+
+    for name, text in (
+        ("gateway", "run the HTTP/WebSocket gateway (compose entry point)"),
+        ("scheduler", "run the scheduler (compose entry point)"),
+        ("aggregator", "run an aggregator (compose entry point; scale freely)"),
+    ):
+        s = sub.add_parser(name, help=text)
+        if name == "gateway":
+            s.add_argument("--host")
+            s.add_argument("--port", type=int)
+        s.set_defaults(func=cmd_service)
+
+    submit = sub.add_parser("submit", help="submit a job")
+    kinds = submit.add_subparsers(dest="kind", required=True, metavar="KIND")
+    m = kinds.add_parser("mandelbrot", help="render the Mandelbrot set", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m.add_argument("--width", type=int, default=1024)
+    m.add_argument("--height", type=int, default=1024)
+    m.add_argument("--xmin", type=float, default=-2.0)
+    m.add_argument("--xmax", type=float, default=1.0)
+    m.add_argument("--ymin", type=float, default=-1.5)
+    m.add_argument("--ymax", type=float, default=1.5)
+    m.add_argument("--max-iter", type=int, default=500)
+    m.add_argument("--tile", type=int, default=128, help="tile edge in pixels (one subtask per tile)")
+    m.add_argument("-o", "--output", type=Path, help="PNG to write when done (with --wait)")
+    m.add_argument("--raw", type=Path, help="raw uint32 counts .npy to write when done (with --wait)")
+    for sp in (m,):
+        sp.add_argument("--priority", type=int, default=0, help="higher runs first")
+        sp.add_argument("--wait", action="store_true", help="show progress and wait for the result")
+        sp.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        sp.set_defaults(func=cmd_submit)
+
+    res = sub.add_parser("result", help="copy a finished job's output")
+    res.add_argument("job")
+    res.add_argument("-o", "--output", type=Path, required=True)
+    res.add_argument("--role", help="which output (e.g. image, raw); default the main one")
+    res.set_defaults(func=cmd_result)
+
+    jobs = sub.add_parser("jobs", help="list jobs")
+    jobs.add_argument("--limit", type=int, default=30)
+    jobs.add_argument("--json", action="store_true")
+    jobs.set_defaults(func=cmd_jobs)
+
+    nodes = sub.add_parser("nodes", help="list nodes")
+    nodes.add_argument("--json", action="store_true")
+    nodes.set_defaults(func=cmd_nodes)
+
+    c = sub.add_parser("cancel", help="cancel a job")
+    c.add_argument("job")
+    c.set_defaults(func=cmd_cancel)
+
+    sc = sub.add_parser("schema", help="export the protocol's JSON Schemas")
+    sc.add_argument("--out", type=Path, default=Path("shared/schema"))
+    sc.set_defaults(func=cmd_schema)
+
+    hc = sub.add_parser("healthcheck", help="exit 0 when a service's heartbeat is fresh (for compose)")
+    hc.add_argument("--service", choices=("scheduler", "aggregator"), required=True)
+    hc.set_defaults(func=cmd_healthcheck)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        code = args.func(args, settings)
+    except ProcessDistroError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""`/metrics` (Prometheus text) and `/metrics.json` (the seed's field names).
+
+Cluster-wide figures are read from Redis at scrape time, so every gateway reports the same
+numbers; the latency histogram is this gateway's own (Prometheus sums across gateways).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis.asyncio as aredis
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..shared import keys
+
+
+class _ClusterCollector(Collector):
+    """Yields the cluster-wide figures of the last snapshot (counters as counters)."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, Any] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.last
+        gauges = {
+            "nodes_connected": ("processdistro_nodes_connected", "Nodes with a live connection"),
+            "avg_score": ("processdistro_node_score_avg", "Mean benchmark score of live nodes (Mandelbrot iterations per second per core)"),
+            "tasks_queued": ("processdistro_tasks_queued", "Subtasks not yet sent to a node"),
+            "tasks_running": ("processdistro_tasks_running", "Subtasks held by nodes"),
+            "jobs_active": ("processdistro_jobs_active", "Jobs not yet done, failed or cancelled"),
+        }
+        for field, (name, doc) in gauges.items():
+            yield GaugeMetricFamily(name, doc, value=float(s.get(field, 0)))
+        counters = {
+            "tasks_completed": ("processdistro_tasks_completed", "Subtask results merged"),
+            "tasks_duplicate": ("processdistro_tasks_duplicate", "Duplicate results discarded"),
+            "tasks_rejected": ("processdistro_tasks_rejected", "Results that failed verification"),
+            "tasks_requeued": ("processdistro_tasks_requeued", "Subtasks requeued from gone or failing nodes"),
+        }
+        for field, (name, doc) in counters.items():
+            yield CounterMetricFamily(name, doc, value=float(s.get(field, 0)))
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.cluster = _ClusterCollector()
+        r.register(self.cluster)
+        self.latency = Histogram(
+            "processdistro_task_latency_seconds",
+            "Time from sending a subtask to a node to receiving its result (this gateway)",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.messages_rejected = Counter(
+            "processdistro_ws_messages_rejected", "Inbound WebSocket frames refused", ["reason"], registry=r
+        )
+        self.connections_refused = Counter(
+            "processdistro_ws_connections_refused", "WebSocket connections refused", ["reason"], registry=r
+        )
+
+    async def snapshot(self, r: aredis.Redis, node_timeout_s: float) -> dict[str, Any]:
+        now = time.time()
+        pipe = r.pipeline(transaction=False)
+        pipe.zrangebyscore(keys.NODES, now - node_timeout_s, "+inf")
+        pipe.xlen(keys.TASKS)
+        pipe.xpending(keys.TASKS, keys.NODES_GROUP)
+        pipe.hgetall(keys.STATS)
+        pipe.zcard(keys.ACTIVE_JOBS)
+        pipe.lrange(keys.LATENCY, 0, -1)
+        conns, length, pending, stats, active, lat = await pipe.execute()
+        node_ids = sorted({c.decode().split("~", 1)[0] for c in conns})
+        scores: list[float] = []
+        if node_ids:
+            pipe = r.pipeline(transaction=False)
+            for n in node_ids:
+                pipe.hget(keys.node(n), "score")
+            scores = [float(s) for s in await pipe.execute() if s]
+        running = int(pending["pending"]) if pending else 0
+        st = {k.decode(): int(v) for k, v in stats.items()}
+        latencies = [float(x) for x in lat]
+        return {
+            "nodes_connected": len(node_ids),
+            "avg_score": round(sum(scores) / len(scores), 1) if scores else 0.0,
+            "tasks_queued": max(0, int(length) - running),
+            "tasks_running": running,
+            "tasks_completed": st.get("tasks_completed", 0),
+            "avg_latency_ms": round(sum(latencies) / len(latencies), 1) if latencies else 0.0,
+            "tasks_duplicate": st.get("tasks_duplicate", 0),
+            "tasks_rejected": st.get("tasks_rejected", 0),
+            "tasks_requeued": st.get("tasks_requeued", 0),
+            "jobs_active": int(active),
+        }
+
+    async def render(self, r: aredis.Redis, node_timeout_s: float) -> bytes:
+        self.cluster.last = await self.snapshot(r, node_timeout_s)
+        return generate_latest(self.registry)

@@ -1,0 +1,276 @@
+"""One node's WebSocket connection: pull-based dispatch, results, heartbeats, cleanup.
+
+Invariant: what this connection holds is exactly the pending entries of its stream consumer
+(`queue.consumer_name(node, connection)`); on close every one of them is requeued at once,
+and a silent node (no frame for `node_timeout_s`) is closed, which does the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from ..shared import keys
+from ..shared.protocol import (
+    CancelTasks,
+    CloseCode,
+    ErrorCode,
+    ErrorMessage,
+    Heartbeat,
+    Hello,
+    Leave,
+    Ready,
+    TaskAssign,
+    TaskFailed,
+    TaskResult,
+    TokenRefresh,
+    Welcome,
+    node_message_adapter,
+)
+from ..shared.queue import TaskFields, consumer_name
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+log = logging.getLogger(__name__)
+
+
+class NodeSession:
+    def __init__(self, gw: Gateway, ws: WebSocket, node_id: str, slots: int) -> None:
+        self.gw = gw
+        self.ws = ws
+        self.node_id = node_id
+        self.connection = secrets.token_hex(4)
+        self.consumer = consumer_name(node_id, self.connection)
+        self.slots = slots
+        self.held: dict[str, tuple[TaskFields, float]] = {}
+        self.want = 0
+        self.wake = asyncio.Event()
+        self.last_seen = time.monotonic()
+        self.done = 0
+        self.closing = False
+        self._send_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ frames out
+
+    async def send(self, message: object) -> None:
+        text = message.model_dump_json()  # type: ignore[attr-defined]
+        async with self._send_lock:
+            if self.ws.application_state is WebSocketState.CONNECTED:
+                await self.ws.send_text(text)
+
+    async def refuse(self, code: ErrorCode, message: str) -> None:
+        self.gw.metrics.messages_rejected.labels(code.value).inc()
+        log.info("node %s: refused a frame (%s): %s", self.node_id, code.value, message)
+        await self.send(ErrorMessage(code=code, message=message))
+
+    async def close(self, code: int, reason: str) -> None:
+        self.closing = True
+        async with self._send_lock:
+            if self.ws.application_state is WebSocketState.CONNECTED:
+                await self.ws.close(code, reason)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        r = self.gw.r
+        await self._touch(state="connected")
+        helpers = [
+            asyncio.create_task(self._dispatch(), name=f"dispatch-{self.consumer}"),
+            asyncio.create_task(self._watchdog(), name=f"watchdog-{self.consumer}"),
+        ]
+        try:
+            await self.send(
+                Welcome(
+                    node_id=self.node_id,
+                    slots=self.slots,
+                    prefetch=self.gw.settings.prefetch,
+                    heartbeat_interval_s=self.gw.settings.heartbeat_interval_s,
+                )
+            )
+            await self._receive_loop()
+        finally:
+            for t in helpers:
+                t.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            await self._release()
+            await r.hset(keys.node(self.node_id), mapping={"state": "disconnected", "last_seen": time.time()})
+            log.info("node %s: connection %s closed, %d tasks done", self.node_id, self.connection, self.done)
+
+    async def _release(self) -> None:
+        """Requeue everything this connection holds (pending entries, not just `held`:
+        an XREADGROUP cut short by the close may have delivered entries we never saw)."""
+        r = self.gw.r
+        try:
+            pending = await r.xpending_range(keys.TASKS, keys.NODES_GROUP, "-", "+", 10_000, consumername=self.consumer)
+            ids = [p["message_id"] for p in pending]
+            if ids:
+                n = await self.gw.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, *ids])
+                await r.hincrby(keys.STATS, "tasks_requeued", int(n))
+                log.info("node %s: requeued %d tasks at once", self.node_id, int(n))
+            await r.xgroup_delconsumer(keys.TASKS, keys.NODES_GROUP, self.consumer)
+            await r.zrem(keys.NODES, self.consumer)
+        except Exception:  # the scheduler's reaper requeues whatever we could not
+            log.exception("node %s: cleanup failed; the reaper will requeue its tasks", self.node_id)
+
+    async def _touch(self, **extra: object) -> None:
+        now = time.time()
+        pipe = self.gw.r.pipeline(transaction=False)
+        pipe.zadd(keys.NODES, {self.consumer: now})
+        pipe.hset(keys.node(self.node_id), mapping={"last_seen": now, "connection": self.connection, **extra})
+        await pipe.execute()
+
+    async def _watchdog(self) -> None:
+        timeout = self.gw.settings.node_timeout_s
+        refresh_every = self.gw.settings.token_ttl_s / 2
+        next_refresh = time.monotonic() + refresh_every
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = time.monotonic()
+            if now - self.last_seen > timeout:
+                log.warning("node %s: silent for %.1fs; closing", self.node_id, now - self.last_seen)
+                await self.close(CloseCode.SILENT, "no heartbeat")
+                return
+            await self._touch()
+            if now > next_refresh:
+                token, expires = self.gw.signer.issue(self.node_id)
+                await self.send(TokenRefresh(token=token, token_expires_at=expires))
+                next_refresh = now + refresh_every
+
+    # ------------------------------------------------------------------ frames in
+
+    async def _receive_loop(self) -> None:
+        cap = self.gw.settings.max_message_bytes
+        while not self.closing:
+            try:
+                msg = await self.ws.receive()
+            except WebSocketDisconnect:
+                return
+            if msg["type"] == "websocket.disconnect":
+                return
+            self.last_seen = time.monotonic()
+            text = msg.get("text")
+            if text is None:
+                await self.refuse(ErrorCode.MALFORMED, "expected a JSON text frame, got a binary frame")
+                continue
+            if len(text) > cap:
+                await self.refuse(ErrorCode.TOO_LARGE, f"frame of {len(text)} bytes exceeds the {cap}-byte cap")
+                await self.close(CloseCode.TOO_BIG, "frame too large")
+                return
+            try:
+                raw = json.loads(text)
+            except ValueError as exc:
+                await self.refuse(ErrorCode.MALFORMED, f"expected JSON, got a parse error: {exc}")
+                continue
+            if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
+                await self.refuse(ErrorCode.MALFORMED, "expected an object with a string 'type'")
+                continue
+            try:
+                message = node_message_adapter.validate_python(raw)
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+                await self.refuse(ErrorCode.INVALID, f"invalid {raw['type']!r} message: {problems}")
+                continue
+            await self._handle(message)
+
+    async def _handle(self, m: object) -> None:
+        if isinstance(m, Ready):
+            self.want = max(0, min(m.free, self.slots + self.gw.settings.prefetch - len(self.held)))
+            if self.want:
+                self.wake.set()
+        elif isinstance(m, TaskResult):
+            await self._result(m)
+        elif isinstance(m, Heartbeat):
+            await self._touch(running=m.running, done=m.done)
+        elif isinstance(m, TaskFailed):
+            await self._failed(m)
+        elif isinstance(m, Hello):
+            unknown = [t for t in m.running if t not in self.held]
+            if unknown:  # requeued when the old connection closed: results would be duplicates
+                await self.send(CancelTasks(task_ids=unknown))
+        elif isinstance(m, Leave):
+            await self.close(CloseCode.NORMAL, "left")
+
+    async def _result(self, m: TaskResult) -> None:
+        held = self.held.pop(m.task_id, None)
+        if held is None:
+            await self.refuse(ErrorCode.UNKNOWN_TASK, f"task {m.task_id} is not held by this connection")
+            return
+        fields, sent = held
+        try:
+            output = base64.b64decode(m.output_b64, validate=True)
+        except (binascii.Error, ValueError):  # the model validated it; belt and braces
+            await self.refuse(ErrorCode.INVALID, "output_b64 is not base64")
+            return
+        elapsed = time.monotonic() - sent
+        entry = {**fields.to_redis(), "node": self.node_id, "output": output, "elapsed_ms": m.elapsed_ms}
+        flat: list[object] = [x for kv in entry.items() for x in kv]
+        await self.gw.handover(keys=[keys.TASKS, keys.RESULTS], args=[keys.NODES_GROUP, m.task_id, *flat])
+        self.done += 1
+        self.gw.metrics.latency.observe(elapsed)
+        pipe = self.gw.r.pipeline(transaction=False)
+        pipe.lpush(keys.LATENCY, round(elapsed * 1000, 2))
+        pipe.ltrim(keys.LATENCY, 0, 199)
+        await pipe.execute()
+
+    async def _failed(self, m: TaskFailed) -> None:
+        if self.held.pop(m.task_id, None) is None:
+            await self.refuse(ErrorCode.UNKNOWN_TASK, f"task {m.task_id} is not held by this connection")
+            return
+        log.warning("node %s: task %s failed: %s", self.node_id, m.task_id, m.message[:200])
+        await self.gw.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, m.task_id])
+        await self.gw.r.hincrby(keys.node(self.node_id), "failed", 1)
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def _dispatch(self) -> None:
+        r = self.gw.r
+        while True:
+            await self.wake.wait()
+            while self.want > 0 and not self.closing:
+                resp = await r.xreadgroup(
+                    keys.NODES_GROUP, self.consumer, {keys.TASKS: ">"}, count=self.want, block=1000
+                )
+                for _stream, entries in resp or []:
+                    for entry_id, raw in entries:
+                        await self._assign(entry_id.decode(), TaskFields.from_redis(raw))
+            self.wake.clear()
+
+    async def _assign(self, task_id: str, fields: TaskFields) -> None:
+        if await self.gw.job_is_over(fields.job):
+            await self.gw.drop_task(task_id)
+            return
+        module = self.gw.modules.by_sha.get(fields.module)
+        if module is None:
+            log.error("task %s needs unknown module %s; requeueing", task_id, fields.module)
+            await self.gw.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, task_id])
+            return
+        self.held[task_id] = (fields, time.monotonic())
+        self.want -= 1
+        await self.send(
+            TaskAssign(
+                task_id=task_id,
+                job_id=fields.job,
+                kind=fields.kind,
+                module_sha256=fields.module,
+                module_url=module.url,
+                input_b64=base64.b64encode(fields.input).decode(),
+            )
+        )
+
+    async def cancel_job(self, job_id: str) -> None:
+        ids = [tid for tid, (f, _) in self.held.items() if f.job == job_id]
+        for tid in ids:
+            self.held.pop(tid, None)
+            await self.gw.drop_task(tid)
+        if ids:
+            await self.send(CancelTasks(task_ids=ids))

@@ -1,0 +1,235 @@
+"""The scheduler: turns CLI commands into jobs, feeds the task stream, reaps dead nodes.
+
+Loop (about every 100 ms):
+1. read `submit`/`cancel` commands from `keys.COMMANDS` (consumer group, so a restarted
+   scheduler resumes where the last one stopped; a command is ACKed only once applied);
+2. feed: keep the undelivered backlog of `keys.TASKS` near `backlog_target()` by pulling
+   the next subtasks from each active job's plugin (`split` is lazy; the job's `next_index`
+   cursor and the new entries are written in one transaction, so a crash neither skips nor
+   repeats a subtask);
+3. reap: a node connection whose heartbeat is older than `node_timeout_s` has its pending
+   tasks requeued (the gateway does this at once when a socket closes; this catches a
+   silent node and a gateway that died).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import redis
+
+from ..shared import keys
+from ..shared.exceptions import ProcessDistroError
+from ..shared.jobs import JobRecord, JobState, event, load_job
+from ..shared.modules import ModuleRegistry
+from ..shared.queue import REQUEUE_LUA, TaskFields, ensure_groups
+from ..shared.service import StopFlag, beat, captured_signals, instance_name, run_forever
+from ..shared.settings import Settings
+from ..shared.tasks import get_plugin
+
+log = logging.getLogger(__name__)
+
+MIN_BACKLOG = 16
+FEED_BATCH = 64
+
+
+class Scheduler:
+    def __init__(self, *, client: redis.Redis, settings: Settings, modules: ModuleRegistry) -> None:
+        self.r = client
+        self.settings = settings
+        self.modules = modules
+        self.name = instance_name()
+        self.requeue = client.register_script(REQUEUE_LUA)
+        self._last_beat = 0.0
+        self._last_reap = 0.0
+
+    # ------------------------------------------------------------------ commands
+
+    def handle_commands(self, block_ms: int = 100) -> int:
+        resp = self.r.xreadgroup(
+            keys.SCHEDULER_GROUP, self.name, {keys.COMMANDS: ">"}, count=32, block=block_ms
+        )
+        # Entries this consumer read before a crash and never ACKed come back with id 0.
+        pending = self.r.xreadgroup(keys.SCHEDULER_GROUP, self.name, {keys.COMMANDS: "0"}, count=32)
+        handled = 0
+        for _stream, entries in (pending or []) + (resp or []):
+            for entry_id, fields in entries:
+                try:
+                    self.apply(fields)
+                except (ProcessDistroError, ValueError, KeyError) as exc:
+                    log.error("command %s refused: %s", entry_id, exc)
+                self.r.xack(keys.COMMANDS, keys.SCHEDULER_GROUP, entry_id)
+                self.r.xdel(keys.COMMANDS, entry_id)
+                handled += 1
+        return handled
+
+    def apply(self, fields: dict[bytes, bytes]) -> None:
+        cmd = json.loads(fields[b"command"])
+        if cmd["type"] == "submit":
+            self.submit(cmd)
+        elif cmd["type"] == "cancel":
+            self.cancel(cmd["job_id"], cmd.get("reason", "cancelled by user"))
+        else:
+            raise ValueError(f"expected command type submit or cancel, got {cmd['type']!r}")
+
+    def submit(self, cmd: dict[str, Any]) -> None:
+        job_id = cmd["job_id"]
+        if self.r.exists(keys.job(job_id)):
+            return  # a replayed command
+        plugin = get_plugin(cmd["kind"])
+        params = plugin.parse_params(cmd["params"])
+        now = time.time()
+        record = {
+            "id": job_id,
+            "kind": plugin.kind,
+            "state": JobState.QUEUED.value,
+            "params": params.model_dump_json(),
+            "total": plugin.count(params),
+            "done": 0,
+            "next_index": 0,
+            "created": cmd.get("created", now),
+            "priority": int(cmd.get("priority", 0)),
+            "module": self.modules.get(plugin.module).sha256,
+        }
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(keys.job(job_id), mapping=record)
+        pipe.zadd(keys.JOBS, {job_id: record["created"]})
+        pipe.zadd(keys.ACTIVE_JOBS, {job_id: -record["priority"] * 1e10 + record["created"]})
+        pipe.execute()
+        event(self.r, "job", job_id=job_id, state="queued", total=record["total"])
+        log.info("job %s: %s queued, %d subtasks", job_id, plugin.kind, record["total"])
+
+    def cancel(self, job_id: str, reason: str) -> None:
+        job = load_job(self.r, job_id)
+        if job is None or job.state.terminal:
+            return
+        self.finish(job_id, JobState.CANCELLED, error=reason)
+        # Gateways drop the job's tasks when they meet them and tell nodes to stop.
+        self.r.publish(keys.CONTROL, json.dumps({"type": "cancel_job", "job_id": job_id}))
+
+    def finish(self, job_id: str, state: JobState, *, error: str = "") -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(keys.job(job_id), mapping={"state": state.value, "error": error, "finished": time.time()})
+        pipe.zrem(keys.ACTIVE_JOBS, job_id)
+        pipe.execute()
+        event(self.r, "job", job_id=job_id, state=state.value, error=error)
+        log.info("job %s: %s %s", job_id, state.value, error)
+
+    # ------------------------------------------------------------------ feeding
+
+    def backlog(self) -> int:
+        length = self.r.xlen(keys.TASKS)
+        pending = self.r.xpending(keys.TASKS, keys.NODES_GROUP)["pending"]
+        return int(length) - int(pending)
+
+    def backlog_target(self) -> int:
+        slots = 0
+        for node_hash in self._live_nodes():
+            slots += int(node_hash.get(b"slots", 1))
+        return max(MIN_BACKLOG, 2 * slots)
+
+    def _live_nodes(self) -> list[dict[bytes, bytes]]:
+        conns = self.r.zrangebyscore(keys.NODES, time.time() - self.settings.node_timeout_s, "+inf")
+        node_ids = {c.decode().split("~", 1)[0] for c in conns}
+        pipe = self.r.pipeline(transaction=False)
+        for node_id in node_ids:
+            pipe.hgetall(keys.node(node_id))
+        return [h for h in pipe.execute() if h]
+
+    def feed(self) -> int:
+        room = self.backlog_target() - self.backlog()
+        added = 0
+        for job_id_b in self.r.zrange(keys.ACTIVE_JOBS, 0, -1):
+            if room <= 0:
+                break
+            job = load_job(self.r, job_id_b.decode())
+            if job is None or job.state not in (JobState.QUEUED, JobState.RUNNING):
+                continue
+            n = self._feed_job(job, min(room, FEED_BATCH))
+            room -= n
+            added += n
+        return added
+
+    def _feed_job(self, job: JobRecord, limit: int) -> int:
+        if job.next_index >= job.total:
+            if job.state is JobState.QUEUED:  # a job of zero subtasks cannot exist, but be safe
+                self.r.hset(keys.job(job.id), "state", JobState.RUNNING.value)
+            return 0
+        plugin = get_plugin(job.kind)
+        params = plugin.parse_params(job.params)
+        module = self.r.hget(keys.job(job.id), "module").decode()
+        pipe = self.r.pipeline(transaction=True)
+        n = 0
+        for offset, payload in enumerate(plugin.split(params, job.next_index)):
+            if offset >= limit:
+                break
+            fields = TaskFields(job.id, job.next_index + offset, job.kind, module, payload)
+            pipe.xadd(keys.TASKS, fields.to_redis())
+            n += 1
+        pipe.hset(keys.job(job.id), "next_index", job.next_index + n)
+        if job.state is JobState.QUEUED:
+            pipe.hset(keys.job(job.id), "state", JobState.RUNNING.value)
+        pipe.execute()
+        if job.state is JobState.QUEUED:
+            event(self.r, "job", job_id=job.id, state="running")
+        return n
+
+    # ------------------------------------------------------------------ reaping
+
+    def reap(self) -> int:
+        """Requeue what dead node connections hold; return how many tasks moved."""
+        now = time.time()
+        requeued = 0
+        dead = set(self.r.zrangebyscore(keys.NODES, "-inf", now - self.settings.node_timeout_s))
+        known = set(self.r.zrange(keys.NODES, 0, -1))
+        for info in self.r.xinfo_consumers(keys.TASKS, keys.NODES_GROUP):
+            name = info["name"] if isinstance(info["name"], bytes) else str(info["name"]).encode()
+            idle_s = int(info["idle"]) / 1000
+            # a consumer nobody vouches for (its gateway died before registering it) is dead too
+            orphan = name not in known and idle_s > self.settings.node_timeout_s
+            if name in dead or orphan:
+                requeued += self.release_consumer(name.decode())
+        for name in dead:
+            self.r.zrem(keys.NODES, name)
+        if requeued:
+            log.info("reaper: requeued %d tasks of dead nodes", requeued)
+        return requeued
+
+    def release_consumer(self, consumer: str) -> int:
+        ids = [p["message_id"] for p in self.r.xpending_range(keys.TASKS, keys.NODES_GROUP, "-", "+", 10_000, consumername=consumer)]
+        n = int(self.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, *ids])) if ids else 0
+        if n:
+            self.r.hincrby(keys.STATS, "tasks_requeued", n)
+        # DELCONSUMER drops pending entries silently: only once they are requeued
+        if not self.r.xpending_range(keys.TASKS, keys.NODES_GROUP, "-", "+", 1, consumername=consumer):
+            self.r.xgroup_delconsumer(keys.TASKS, keys.NODES_GROUP, consumer)
+        return n
+
+    # ------------------------------------------------------------------ loop
+
+    def step(self) -> None:
+        now = time.monotonic()
+        if now - self._last_beat > 2:
+            beat(self.r, "scheduler", self.name)
+            self._last_beat = now
+        self.handle_commands()
+        self.feed()
+        if now - self._last_reap > 0.5:
+            self.reap()
+            self._last_reap = now
+
+
+def run(settings: Settings) -> None:
+    from ..shared.redisconn import sync_client
+
+    client = sync_client(settings.resolved_redis_url())
+    ensure_groups(client)
+    sched = Scheduler(client=client, settings=settings, modules=ModuleRegistry())
+    flag = StopFlag()
+    log.info("scheduler %s started", sched.name)
+    with captured_signals(flag):
+        run_forever("scheduler", flag, sched.step)
+    log.info("scheduler %s stopped", sched.name)

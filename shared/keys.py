@@ -1,0 +1,60 @@
+"""Every Redis key and stream name. No other module spells one.
+
+Streams
+    COMMANDS  CLI -> scheduler (`submit`, `cancel`); group SCHEDULER_GROUP
+    TASKS     scheduler -> gateways; group NODES_GROUP, one consumer per node id, so a
+              node's pending entries are exactly the tasks it holds
+    RESULTS   gateways -> aggregators; group AGGREGATORS_GROUP (scale aggregators freely)
+    EVENTS    job and node events for `processdistro top`/`--wait` (capped length)
+
+Per job: JOB hash, JOB_DONE set of merged task indexes, in JOBS (sorted by submit time)
+and, until terminal, in ACTIVE_JOBS.
+Per node: NODE hash, in NODES (sorted by last heartbeat).
+"""
+
+from __future__ import annotations
+
+PREFIX = "pd:"
+
+COMMANDS = PREFIX + "commands"
+SCHEDULER_GROUP = "scheduler"
+TASKS = PREFIX + "tasks"
+NODES_GROUP = "nodes"
+RESULTS = PREFIX + "results"
+AGGREGATORS_GROUP = "aggregators"
+EVENTS = PREFIX + "events"
+EVENTS_MAXLEN = 10_000
+CONTROL = PREFIX + "control"  # pub/sub: scheduler -> gateways (cancel_job)
+
+JOBS = PREFIX + "jobs"
+ACTIVE_JOBS = PREFIX + "jobs:active"
+NODES = PREFIX + "nodes"
+JOIN_CODE = PREFIX + "join_code"
+TOKEN_SECRET = PREFIX + "token_secret"
+STATS = PREFIX + "stats"  # hash of cluster-wide counters
+LATENCY = PREFIX + "latency_ms"  # list of recent task round-trip times
+FINALIZE_QUEUE = "pd-finalize"  # rq queue name (rq adds its own prefix)
+
+
+def job(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def job_done(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}:done"
+
+
+def node(node_id: str) -> str:
+    return f"{PREFIX}node:{node_id}"
+
+
+def service_heartbeat(service: str, instance: str) -> str:
+    return f"{PREFIX}service:{service}:{instance}"
+
+
+def service_heartbeat_pattern(service: str) -> str:
+    return f"{PREFIX}service:{service}:*"
+
+
+def rate(bucket: str, who: str) -> str:
+    return f"{PREFIX}rate:{bucket}:{who}"

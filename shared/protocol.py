@@ -1,0 +1,192 @@
+"""Every message that crosses HTTP or the WebSocket, as pydantic models.
+
+The browser agent (`static/protocol.js`) and the native worker speak exactly these shapes.
+`processdistro schema` (and `make schema`) exports them as JSON Schema to `shared/schema/`,
+which the browser code's tests validate against.
+
+WebSocket frames are JSON text, each an object with a `type`. Binary payloads (task input,
+task output) travel base64-encoded in `*_b64` fields. Every inbound frame is size-capped
+before parsing (`Settings.max_message_bytes`) and validated here; a bad frame earns an
+`ErrorMessage` with one of the `ErrorCode`s and nothing else is disturbed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+PROTOCOL_VERSION = 1
+
+NodeId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")]
+TaskId = Annotated[str, Field(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$", description="task stream entry id")]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_b64(value: str) -> str:
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"expected base64 text, got invalid data ({exc})") from None
+    return value
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class NodeReport(_Msg):
+    """`POST /node-report`: the device's specs, sent after the user consents and presses Join."""
+
+    join_code: str = Field(min_length=4, max_length=64)
+    device_id: NodeId = Field(description="stable per device (kept in localStorage), so a node keeps its identity")
+    cores: int = Field(ge=1, le=1024)
+    memory_gb: float | None = Field(default=None, ge=0, le=65536)
+    browser: str | None = Field(default=None, max_length=200)
+    os: str | None = Field(default=None, max_length=200)
+    benchmark_score: float | None = Field(default=None, ge=0, description="Mandelbrot iterations per second per core")
+    simd: bool = False
+    kind: Literal["browser", "native"] = "browser"
+
+
+class NodeAccepted(_Msg):
+    """Reply to a `NodeReport`: who the node is and how to connect."""
+
+    node_id: NodeId
+    token: str
+    token_expires_at: float
+    slots: int = Field(ge=1, description="tasks the node may run at once (one Web Worker each)")
+    prefetch: int = Field(ge=0, description="extra tasks it may hold queued beyond its slots")
+    heartbeat_interval_s: float
+    ws_path: str = "/ws"
+    protocol: int = PROTOCOL_VERSION
+
+
+# ------------------------------------------------------------------ WebSocket: node -> server
+
+
+class Hello(_Msg):
+    """First frame after connecting."""
+
+    type: Literal["hello"] = "hello"
+    protocol: int = PROTOCOL_VERSION
+    running: list[TaskId] = Field(default_factory=list, max_length=1024, description="tasks still running after a reconnect")
+
+
+class Ready(_Msg):
+    """Pull: the node has room for `free` more tasks."""
+
+    type: Literal["ready"] = "ready"
+    free: int = Field(ge=0, le=1024)
+
+
+class Heartbeat(_Msg):
+    type: Literal["heartbeat"] = "heartbeat"
+    running: int = Field(ge=0, le=1024)
+    done: int = Field(ge=0)
+
+
+class TaskResult(_Msg):
+    type: Literal["result"] = "result"
+    task_id: TaskId
+    output_b64: str
+    elapsed_ms: float = Field(ge=0)
+
+    _b64 = field_validator("output_b64")(_check_b64)
+
+
+class TaskFailed(_Msg):
+    type: Literal["task_failed"] = "task_failed"
+    task_id: TaskId
+    message: str = Field(max_length=2000)
+
+
+class Leave(_Msg):
+    type: Literal["leave"] = "leave"
+
+
+NodeMessage = Annotated[Hello | Ready | Heartbeat | TaskResult | TaskFailed | Leave, Field(discriminator="type")]
+node_message_adapter: TypeAdapter[NodeMessage] = TypeAdapter(NodeMessage)
+
+
+# ------------------------------------------------------------------ WebSocket: server -> node
+
+
+class Welcome(_Msg):
+    type: Literal["welcome"] = "welcome"
+    node_id: NodeId
+    slots: int
+    prefetch: int
+    heartbeat_interval_s: float
+
+
+class TaskAssign(_Msg):
+    """Run module `module_sha256` (fetch it from `module_url`, cache by hash) on `input_b64`."""
+
+    type: Literal["task"] = "task"
+    task_id: TaskId
+    job_id: str
+    kind: str
+    module_sha256: Sha256
+    module_url: str
+    input_b64: str
+
+
+class CancelTasks(_Msg):
+    type: Literal["cancel"] = "cancel"
+    task_ids: list[TaskId]
+
+
+class TokenRefresh(_Msg):
+    """A fresh session token; the node uses it for its next reconnect."""
+
+    type: Literal["token"] = "token"
+    token: str
+    token_expires_at: float
+
+
+class ErrorCode(StrEnum):
+    MALFORMED = "malformed"  # not JSON, or not an object with a known `type`
+    INVALID = "invalid"  # known type, fields wrong
+    TOO_LARGE = "too_large"
+    UNKNOWN_TASK = "unknown_task"
+    RATE_LIMITED = "rate_limited"
+
+
+class ErrorMessage(_Msg):
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+
+
+ServerMessage = Annotated[Welcome | TaskAssign | CancelTasks | TokenRefresh | ErrorMessage, Field(discriminator="type")]
+server_message_adapter: TypeAdapter[ServerMessage] = TypeAdapter(ServerMessage)
+
+
+class CloseCode:
+    """WebSocket close codes the gateway uses (4000-4999 are application codes)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    POLICY = 1008  # foreign Origin
+    TOO_BIG = 1009
+    BAD_TOKEN = 4001  # missing, forged or expired session token
+    REPLACED = 4002  # the same node connected again elsewhere
+    SILENT = 4003  # no heartbeat within the deadline
+    BANNED = 4004
+
+
+def export_schemas() -> dict[str, dict[str, object]]:
+    """JSON Schemas of every message, keyed by file name."""
+    return {
+        "node_report.json": NodeReport.model_json_schema(),
+        "node_accepted.json": NodeAccepted.model_json_schema(),
+        "node_message.json": node_message_adapter.json_schema(),
+        "server_message.json": server_message_adapter.json_schema(),
+    }

@@ -1,0 +1,122 @@
+"""The task and result streams: the few Redis operations that must be atomic.
+
+A task is one entry of `keys.TASKS` with the fields in `TaskFields`. Delivering it to a node
+(XREADGROUP by that node's connection) makes it *pending* for that consumer, so the pending
+entries list is the authoritative "who holds what". A task leaves the stream in exactly one
+of three ways, each atomic: its result is handed to the results stream (gateway), it is
+requeued as a fresh entry (node gone, failed, result rejected), or its job is over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import keys
+
+# Requeue entries: ACK wins once, so two processes racing to requeue the same entry
+# (a gateway on socket close, the scheduler's reaper) add only one copy.
+REQUEUE_LUA = """
+local n = 0
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  if redis.call('XACK', KEYS[1], ARGV[1], id) == 1 then
+    local e = redis.call('XRANGE', KEYS[1], id, id)
+    if #e > 0 then
+      local f = e[1][2]
+      for j = 1, #f, 2 do
+        if f[j] == 'attempt' then f[j + 1] = tostring(tonumber(f[j + 1]) + 1) end
+      end
+      redis.call('XADD', KEYS[1], '*', unpack(f))
+      n = n + 1
+    end
+    redis.call('XDEL', KEYS[1], id)
+  end
+end
+return n
+"""
+
+# Hand a result over: add it to the results stream and drop the task entry, in one step.
+HANDOVER_LUA = """
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
+"""
+
+# Record a merged result: first valid result per index wins; the job moves to
+# `finalizing` exactly once, when the last index is merged.
+COMMIT_LUA = """
+local added = redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[3], ARGV[2])
+if added == 0 then
+  redis.call('HINCRBY', KEYS[4], 'tasks_duplicate', 1)
+  return 'duplicate'
+end
+redis.call('HINCRBY', KEYS[4], 'tasks_completed', 1)
+local done = redis.call('HINCRBY', KEYS[1], 'done', 1)
+local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
+if total and done >= total and redis.call('HGET', KEYS[1], 'state') == 'running' then
+  redis.call('HSET', KEYS[1], 'state', 'finalizing')
+  return 'finalize'
+end
+return 'merged'
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFields:
+    job: str
+    index: int
+    kind: str
+    module: str  # sha256 of the WASM module
+    input: bytes
+    attempt: int = 0
+
+    def to_redis(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "index": self.index,
+            "kind": self.kind,
+            "module": self.module,
+            "input": self.input,
+            "attempt": self.attempt,
+        }
+
+    @classmethod
+    def from_redis(cls, fields: dict[bytes, bytes]) -> TaskFields:
+        return cls(
+            job=fields[b"job"].decode(),
+            index=int(fields[b"index"]),
+            kind=fields[b"kind"].decode(),
+            module=fields[b"module"].decode(),
+            input=fields[b"input"],
+            attempt=int(fields.get(b"attempt", b"0")),
+        )
+
+
+def consumer_name(node_id: str, connection: str) -> str:
+    """One stream consumer per WebSocket connection, so an old connection's cleanup never
+    touches what a newer connection of the same node holds."""
+    return f"{node_id}~{connection}"
+
+
+def node_of_consumer(consumer: str) -> str:
+    return consumer.split("~", 1)[0]
+
+
+def ensure_groups(client: Any) -> None:
+    """Create the consumer groups (idempotent). Works with the sync client."""
+    import redis
+
+    for stream, group in (
+        (keys.COMMANDS, keys.SCHEDULER_GROUP),
+        (keys.TASKS, keys.NODES_GROUP),
+        (keys.RESULTS, keys.AGGREGATORS_GROUP),
+    ):
+        try:
+            client.xgroup_create(stream, group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise

@@ -1,0 +1,53 @@
+"""Redis clients with capped exponential backoff on connection errors."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+import redis.asyncio as aredis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
+from .exceptions import ConfigError
+
+log = logging.getLogger(__name__)
+
+_RETRY_ERRORS = [redis.ConnectionError, redis.TimeoutError]
+
+
+def _retry() -> Retry:
+    return Retry(ExponentialWithJitterBackoff(cap=5.0, base=0.1), retries=8)
+
+
+def _require(url: str | None) -> str:
+    if not url:
+        raise ConfigError(
+            "no Redis configured: set PD_REDIS_URL or start the controller with `processdistro up`"
+        )
+    return url
+
+
+def sync_client(url: str | None) -> redis.Redis:
+    return redis.Redis.from_url(
+        _require(url), retry=_retry(), retry_on_error=_RETRY_ERRORS, health_check_interval=30
+    )
+
+
+def async_client(url: str | None, *, max_connections: int = 512) -> aredis.Redis:
+    return aredis.Redis.from_url(
+        _require(url),
+        retry=_retry(),
+        retry_on_error=_RETRY_ERRORS,
+        health_check_interval=30,
+        max_connections=max_connections,
+    )
+
+
+def backoff_delays(cap: float = 5.0) -> "list[float]":
+    """Delays for a service loop that lost Redis: 0.1 s doubling to `cap`."""
+    delays, d = [], 0.1
+    while d < cap:
+        delays.append(d)
+        d *= 2
+    return delays + [cap]

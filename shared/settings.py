@@ -1,0 +1,68 @@
+"""Settings, read once at the edge (`processdistro.main`) and passed inward.
+
+Every field can be set by an environment variable named `PD_<FIELD>` (for example
+`PD_REDIS_URL`, `PD_PORT`). Nothing below `main` reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+CONTROLLER_FILE = "controller.json"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PD_", extra="ignore")
+
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis to use; unset: read $PD_HOME/controller.json, else `up` starts an embedded one",
+    )
+    home: Path = Field(default=Path("~/.processdistro"), description="state directory")
+    host: str = Field(default="0.0.0.0", description="gateway bind address")
+    port: int = Field(default=30000, ge=1, le=65535, description="gateway port")
+    public_url: str | None = Field(default=None, description="base URL printed in the join link")
+    data_dir: Path | None = Field(default=None, description="job data and outputs; default $PD_HOME/data")
+    task_repo: Path | None = Field(default=None, description="directory of custom task kinds")
+    max_concurrency: int = Field(default=8, ge=1, le=256, description="most slots granted to one node")
+    prefetch: int = Field(default=1, ge=0, le=16, description="tasks a node may hold beyond its slots")
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    node_timeout_s: float = Field(default=6.0, gt=0, description="a node silent this long is dead")
+    token_ttl_s: float = Field(default=600.0, gt=0, description="lifetime of a node session token")
+    max_message_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, description="cap on one inbound frame")
+    report_rate_per_min: int = Field(default=120, ge=1, description="node reports per client address per minute")
+    connect_rate_per_min: int = Field(default=240, ge=1, description="WebSocket connects per address per minute")
+    allowed_origins: list[str] = Field(default_factory=list, description="extra Origins allowed besides our own")
+    log_level: str = "INFO"
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser()
+
+    @property
+    def data_path(self) -> Path:
+        return (self.data_dir or self.home_dir / "data").expanduser()
+
+    @property
+    def controller_file(self) -> Path:
+        return self.home_dir / CONTROLLER_FILE
+
+    def resolved_redis_url(self) -> str | None:
+        """`PD_REDIS_URL`, else the URL a running `processdistro up` wrote to controller.json."""
+        if self.redis_url:
+            return self.redis_url
+        info = read_controller_info(self)
+        url = info.get("redis_url")
+        return url if isinstance(url, str) else None
+
+
+def read_controller_info(settings: Settings) -> dict[str, object]:
+    try:
+        data = json.loads(settings.controller_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
