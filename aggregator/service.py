@@ -53,9 +53,8 @@ class Aggregator:
 
     def claim_abandoned(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """Results a dead aggregator read but never finished."""
-        _next, entries, _deleted = self.r.xautoclaim(
-            keys.RESULTS, keys.AGGREGATORS_GROUP, self.name, CLAIM_IDLE_MS, "0-0", count=64
-        )
+        reply = self.r.xautoclaim(keys.RESULTS, keys.AGGREGATORS_GROUP, self.name, CLAIM_IDLE_MS, "0-0", count=64)
+        entries = reply[1]  # Redis 7 adds a third element (deleted ids); 6.2 has two
         return [(eid, f) for eid, f in entries if f]
 
     def handle(self, entry_id: bytes, f: dict[bytes, bytes]) -> str:

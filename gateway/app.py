@@ -27,6 +27,7 @@ import mimetypes
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aredis
 from pydantic import ValidationError
@@ -41,7 +42,7 @@ from starlette.websockets import WebSocket
 
 from ..shared import keys
 from ..shared.jobs import JobState
-from ..shared.modules import DEFAULT_STATIC_DIR, ModuleRegistry
+from ..shared.modules import ModuleRegistry
 from ..shared.protocol import CloseCode, NodeAccepted, NodeReport
 from ..shared.queue import HANDOVER_LUA, REQUEUE_LUA
 from ..shared.settings import Settings
@@ -129,14 +130,25 @@ async def _create_groups(r: aredis.Redis) -> None:
                 raise
 
 
+class _RevalidatedStatic(StaticFiles):
+    """Static files that browsers revalidate (ETag) on every load: a fresh agent.js reaches
+    phones that keep the page open for days. Modules, keyed by hash, are cached forever."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
 def _client_ip(request: Request | WebSocket) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def create_app(settings: Settings, *, redis_client: aredis.Redis | None = None, static_dir: Path = DEFAULT_STATIC_DIR) -> Starlette:
+def create_app(settings: Settings, *, redis_client: aredis.Redis | None = None) -> Starlette:
     from ..shared.redisconn import async_client
 
     r = redis_client or async_client(settings.resolved_redis_url())
+    static_dir = settings.static_path
     gw = Gateway(settings=settings, r=r, static_dir=static_dir)
 
     @contextlib.asynccontextmanager
@@ -282,7 +294,7 @@ def create_app(settings: Settings, *, redis_client: aredis.Redis | None = None, 
             Route("/metrics", metrics),
             Route("/metrics.json", metrics_json),
             Route("/healthz", healthz),
-            Mount("/static", app=StaticFiles(directory=static_dir), name="static"),
+            Mount("/static", app=_RevalidatedStatic(directory=static_dir), name="static"),
         ],
         middleware=[
             # the controller's own origin only: no Access-Control headers for anyone else
@@ -306,4 +318,5 @@ def run(settings: Settings) -> None:
         ws_max_size=settings.max_message_bytes,
         timeout_graceful_shutdown=5,
         log_config=None,
+        access_log=False,  # one line per static file, and WebSocket URLs carry tokens
     )

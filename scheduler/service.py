@@ -227,7 +227,7 @@ def run(settings: Settings) -> None:
 
     client = sync_client(settings.resolved_redis_url())
     ensure_groups(client)
-    sched = Scheduler(client=client, settings=settings, modules=ModuleRegistry())
+    sched = Scheduler(client=client, settings=settings, modules=ModuleRegistry(static_dir=settings.static_path))
     flag = StopFlag()
     log.info("scheduler %s started", sched.name)
     with captured_signals(flag):

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     port: int = Field(default=30000, ge=1, le=65535, description="gateway port")
     public_url: str | None = Field(default=None, description="base URL printed in the join link")
     data_dir: Path | None = Field(default=None, description="job data and outputs; default $PD_HOME/data")
+    static_dir: Path | None = Field(default=None, description="agent page and WASM modules; default: the repository's static/")
     task_repo: Path | None = Field(default=None, description="directory of custom task kinds")
     max_concurrency: int = Field(default=8, ge=1, le=256, description="most slots granted to one node")
     prefetch: int = Field(default=1, ge=0, le=16, description="tasks a node may hold beyond its slots")
@@ -46,6 +47,12 @@ class Settings(BaseSettings):
     @property
     def data_path(self) -> Path:
         return (self.data_dir or self.home_dir / "data").expanduser()
+
+    @property
+    def static_path(self) -> Path:
+        from .modules import DEFAULT_STATIC_DIR
+
+        return (self.static_dir or DEFAULT_STATIC_DIR).expanduser()
 
     @property
     def controller_file(self) -> Path:

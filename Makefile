@@ -1,0 +1,58 @@
+# ProcessDistro — every target sets up what it needs on first use.
+#   make up      start the controller (embedded Redis unless PD_REDIS_URL is set)
+#   make test    the whole test suite (real Redis, real Chromium, real wasmtime)
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: help install up test wasm wasm-check bench lint schema browser clean
+
+help:
+	@echo "make up        start ProcessDistro and print the join link"
+	@echo "make test      run the test suite (installs what it needs first)"
+	@echo "make install   create .venv/ and install the project with its test extras"
+	@echo "make wasm      rebuild static/wasm/*.wasm from wasm_tasks/"
+	@echo "make bench     run the benchmarks under bench/"
+	@echo "make lint      ruff and mypy"
+	@echo "make schema    export the protocol's JSON Schemas to shared/schema/"
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ProcessDistro needs Python >= 3.11")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+up: install
+	$(VENV)/bin/processdistro up
+
+browser:
+	@bash scripts/ensure_chromium.sh
+
+test: install browser
+	$(PY) -m pytest
+
+wasm:
+	bash wasm_tasks/build.sh
+
+wasm-check:
+	bash wasm_tasks/check.sh
+
+bench: install
+	$(PY) -m bench
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy cli shared gateway scheduler aggregator
+
+schema: install
+	$(VENV)/bin/processdistro schema --out shared/schema
+
+clean:
+	rm -rf $(VENV) wasm_tasks/target .pytest_cache .mypy_cache .ruff_cache

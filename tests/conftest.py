@@ -1,0 +1,183 @@
+"""Test fixtures: one real Redis per session (testcontainers when a Docker engine answers,
+else the embedded server), flushed per test; real service processes; real Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from processdistro.shared import keys
+from processdistro.shared.redis_server import EmbeddedRedis, free_port
+
+CHROMIUM = os.environ.get("PD_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def _docker_engine_answers() -> bool:
+    if not shutil.which("docker"):
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=5).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if _docker_engine_answers():
+        from testcontainers.redis import RedisContainer
+
+        with RedisContainer("redis:7") as container:
+            host = container.get_container_host_ip()
+            port = container.get_exposed_port(6379)
+            yield f"redis://{host}:{port}/0"
+        return
+    server = EmbeddedRedis(directory=tmp_path_factory.mktemp("redis"), persist=False)
+    url = server.start()
+    try:
+        yield url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@dataclass
+class Controller:
+    """The three services as real processes against the test Redis."""
+
+    redis_url: str
+    home: Path
+    port: int
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, name: str, service: str | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.home / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "processdistro", service or name], env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def kill(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        proc.kill()
+        proc.wait()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.home.glob("*.log")))
+
+    @property
+    def join_code(self) -> str:
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            return client.get(keys.JOIN_CODE).decode()  # type: ignore[union-attr]
+        finally:
+            client.close()
+
+    @property
+    def join_url(self) -> str:
+        return f"{self.url}/agent?code={self.join_code}"
+
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "processdistro", *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            while time.monotonic() < deadline:
+                for name, proc in self.procs.items():
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"{name} exited with {proc.returncode}\n{self.logs()}")
+                try:
+                    healthy = httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    healthy = False
+                services = {k.decode().split(":")[2] for k in client.scan_iter(match="pd:service:*")}
+                if healthy and {"scheduler", "aggregator"} <= services and client.get(keys.JOIN_CODE):
+                    return
+                time.sleep(0.1)
+        finally:
+            client.close()
+        raise RuntimeError(f"controller not ready within {timeout}s\n{self.logs()}")
+
+
+@pytest.fixture
+def controller(r: redis.Redis, redis_url: str, tmp_path: Path) -> Iterator[Controller]:
+    home = tmp_path / "pd-home"
+    home.mkdir()
+    port = free_port()
+    env = {
+        **os.environ,
+        "PD_REDIS_URL": redis_url,
+        "PD_HOME": str(home),
+        "PD_HOST": "127.0.0.1",
+        "PD_PORT": str(port),
+        "PD_LOG_LEVEL": "INFO",
+    }
+    ctl = Controller(redis_url=redis_url, home=home, port=port, env=env)
+    for name in ("gateway", "scheduler", "aggregator"):
+        ctl.start(name)
+    try:
+        ctl.wait_ready()
+        yield ctl
+    finally:
+        ctl.stop()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()

@@ -1,0 +1,92 @@
+"""A node written in Python for protocol tests: it joins like a browser does (node report,
+token, WebSocket) and computes Mandelbrot tiles with NumPy, or lies on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import secrets
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import numpy as np
+import websockets
+
+from processdistro.shared.tasks.mandelbrot import INPUT
+
+
+def tile_counts(payload: bytes) -> np.ndarray:
+    """Exact design.md semantics, vectorized over one tile."""
+    xmin, xmax, ymin, ymax, w_img, h_img, x0, y0, w, h, max_iter, _ = INPUT.unpack(payload)
+    dx = (xmax - xmin) / w_img
+    dy = (ymax - ymin) / h_img
+    i = np.arange(x0, x0 + w, dtype=np.float64)
+    j = np.arange(y0, y0 + h, dtype=np.float64)
+    cx = np.broadcast_to(xmin + (i + 0.5) * dx, (h, w))
+    cy = np.broadcast_to((ymax - (j + 0.5) * dy)[:, None], (h, w))
+    x = np.zeros((h, w))
+    y = np.zeros((h, w))
+    n = np.zeros((h, w), dtype=np.uint32)
+    active = np.ones((h, w), dtype=bool)
+    for _ in range(max_iter):
+        active &= x * x + y * y <= 4.0
+        if not active.any():
+            break
+        xn = (x * x - y * y) + cx
+        yn = (2.0 * x) * y + cy
+        x = np.where(active, xn, x)
+        y = np.where(active, yn, y)
+        n += active
+    return n
+
+
+class PyNode:
+    def __init__(self, base_url: str, join_code: str, *, cores: int = 2, corrupt: Callable[[bytes], bytes] | None = None) -> None:
+        self.base_url = base_url
+        self.join_code = join_code
+        self.cores = cores
+        self.corrupt = corrupt
+        self.device_id = secrets.token_urlsafe(16)
+        self.done = 0
+        self.received: list[dict[str, Any]] = []
+
+    def join(self) -> dict[str, Any]:
+        resp = httpx.post(
+            f"{self.base_url}/node-report",
+            json={"join_code": self.join_code, "device_id": self.device_id, "cores": self.cores, "kind": "native", "benchmark_score": 1e6},
+        )
+        resp.raise_for_status()
+        return dict(resp.json())
+
+    async def run(self, *, max_tasks: int | None = None, stop: asyncio.Event | None = None) -> None:
+        accepted = self.join()
+        ws_url = self.base_url.replace("http", "ws", 1) + f"/ws?token={accepted['token']}"
+        async with websockets.connect(ws_url, max_size=None) as ws:
+            await ws.send(json.dumps({"type": "hello", "running": []}))
+            await ws.send(json.dumps({"type": "ready", "free": accepted["slots"]}))
+            while max_tasks is None or self.done < max_tasks:
+                if stop is not None and stop.is_set():
+                    return
+                try:
+                    raw = await asyncio.wait_for(ws.recv(), timeout=0.5)
+                except TimeoutError:
+                    await ws.send(json.dumps({"type": "heartbeat", "running": 0, "done": self.done}))
+                    continue
+                msg = json.loads(raw)
+                self.received.append(msg)
+                if msg["type"] != "task":
+                    continue
+                out = tile_counts(base64.b64decode(msg["input_b64"])).astype("<u4").tobytes()
+                if self.corrupt is not None:
+                    out = self.corrupt(out)
+                await ws.send(json.dumps({"type": "result", "task_id": msg["task_id"], "output_b64": base64.b64encode(out).decode(), "elapsed_ms": 1.0}))
+                self.done += 1
+                await ws.send(json.dumps({"type": "ready", "free": 1}))
+
+
+def flip_first_pixel(out: bytes) -> bytes:
+    (v,) = struct.unpack_from("<I", out)
+    return struct.pack("<I", v ^ 1) + out[4:]
