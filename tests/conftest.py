@@ -160,6 +160,7 @@ def controller(r: redis.Redis, redis_url: str, tmp_path: Path) -> Iterator[Contr
         "PD_HOST": "127.0.0.1",
         "PD_PORT": str(port),
         "PD_LOG_LEVEL": "INFO",
+        "PD_MAX_MESSAGE_BYTES": str(4 * 1024 * 1024),
     }
     ctl = Controller(redis_url=redis_url, home=home, port=port, env=env)
     for name in ("gateway", "scheduler", "aggregator"):

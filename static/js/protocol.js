@@ -1,0 +1,169 @@
+// The wire protocol of the browser agent, mirroring shared/protocol.py (the contract).
+//
+// Every builder returns a plain object with exactly the fields of the pydantic model, so
+// `JSON.stringify(builder(...))` validates against shared/schema/*.json (tests check this).
+// Binary payloads travel base64-encoded; the helpers below work for multi-megabyte arrays.
+
+export const PROTOCOL_VERSION = 1;
+
+/** `type` of the frames a node sends. */
+export const NodeType = Object.freeze({
+  HELLO: "hello",
+  READY: "ready",
+  HEARTBEAT: "heartbeat",
+  RESULT: "result",
+  TASK_FAILED: "task_failed",
+  LEAVE: "leave",
+});
+
+/** `type` of the frames the server sends. */
+export const ServerType = Object.freeze({
+  WELCOME: "welcome",
+  TASK: "task",
+  CANCEL: "cancel",
+  TOKEN: "token",
+  ERROR: "error",
+});
+
+/** `code` of an `ErrorMessage`. */
+export const ErrorCode = Object.freeze({
+  MALFORMED: "malformed",
+  INVALID: "invalid",
+  TOO_LARGE: "too_large",
+  UNKNOWN_TASK: "unknown_task",
+  RATE_LIMITED: "rate_limited",
+});
+
+/** WebSocket close codes used by the gateway (4000-4999 are application codes). */
+export const CloseCode = Object.freeze({
+  NORMAL: 1000,
+  GOING_AWAY: 1001,
+  POLICY: 1008, // foreign Origin
+  TOO_BIG: 1009,
+  BAD_TOKEN: 4001, // missing, forged or expired session token: re-register, then reconnect
+  REPLACED: 4002, // the same node connected again elsewhere: stop
+  SILENT: 4003, // no heartbeat within the deadline: reconnect
+  BANNED: 4004, // stop
+});
+
+/** Operations between agent.js and wasm_worker.js (`{id, op, ...}` requests, `{id, ok, ...}` replies). */
+export const WorkerOp = Object.freeze({
+  RUN: "run", // {sha256, url, input: ArrayBuffer} -> {output: ArrayBuffer, elapsedMs}
+  PRELOAD: "preload", // {sha256, module: WebAssembly.Module} -> {}
+  EXPORT: "export", // {sha256} -> {module: WebAssembly.Module | null}
+});
+
+/** Wire limits from shared/protocol.py. */
+export const Limits = Object.freeze({
+  MAX_RUNNING_IDS: 1024,
+  MAX_FREE: 1024,
+  MAX_FAILURE_MESSAGE: 2000,
+  MAX_DEVICE_TEXT: 200,
+});
+
+const clampInt = (value, lo, hi) => Math.min(hi, Math.max(lo, Math.trunc(Number(value) || 0)));
+
+// ------------------------------------------------------------------ node -> server
+
+/** First frame after connecting; `running` lists tasks still held after a reconnect. */
+export function hello(running = []) {
+  return {
+    type: NodeType.HELLO,
+    protocol: PROTOCOL_VERSION,
+    running: Array.from(running).slice(0, Limits.MAX_RUNNING_IDS).map(String),
+  };
+}
+
+/** Pull: room for `free` more tasks (absolute, not a delta). */
+export function ready(free) {
+  return { type: NodeType.READY, free: clampInt(free, 0, Limits.MAX_FREE) };
+}
+
+export function heartbeat(running, done) {
+  return {
+    type: NodeType.HEARTBEAT,
+    running: clampInt(running, 0, Limits.MAX_RUNNING_IDS),
+    done: clampInt(done, 0, Number.MAX_SAFE_INTEGER),
+  };
+}
+
+export function result(taskId, outputB64, elapsedMs) {
+  const elapsed = Number(elapsedMs);
+  return {
+    type: NodeType.RESULT,
+    task_id: String(taskId),
+    output_b64: String(outputB64),
+    elapsed_ms: Number.isFinite(elapsed) && elapsed > 0 ? elapsed : 0,
+  };
+}
+
+export function taskFailed(taskId, message) {
+  return {
+    type: NodeType.TASK_FAILED,
+    task_id: String(taskId),
+    message: String(message).slice(0, Limits.MAX_FAILURE_MESSAGE),
+  };
+}
+
+export function leave() {
+  return { type: NodeType.LEAVE };
+}
+
+// ------------------------------------------------------------------ HTTP
+
+const optText = (value) =>
+  value == null || value === "" ? null : String(value).slice(0, Limits.MAX_DEVICE_TEXT);
+const optNumber = (value) => {
+  const n = Number(value);
+  return value == null || !Number.isFinite(n) || n < 0 ? null : n;
+};
+
+/** Body of `POST /node-report`. */
+export function nodeReport({ joinCode, deviceId, cores, memoryGb, browser, os, benchmarkScore, simd }) {
+  return {
+    join_code: String(joinCode),
+    device_id: String(deviceId),
+    cores: clampInt(cores, 1, 1024),
+    memory_gb: optNumber(memoryGb),
+    browser: optText(browser),
+    os: optText(os),
+    benchmark_score: optNumber(benchmarkScore),
+    simd: Boolean(simd),
+    kind: "browser",
+  };
+}
+
+// ------------------------------------------------------------------ base64
+
+// String.fromCharCode.apply with a whole multi-MB array overflows the call stack: chunk it.
+const CHUNK = 0x8000;
+
+/** Standard (padded) base64 of a Uint8Array, without the native fast path. */
+export function toBase64Portable(bytes) {
+  const parts = [];
+  for (let i = 0; i < bytes.length; i += CHUNK) {
+    parts.push(String.fromCharCode.apply(null, bytes.subarray(i, i + CHUNK)));
+  }
+  return btoa(parts.join(""));
+}
+
+/** Decode standard base64 into a fresh Uint8Array, without the native fast path. */
+export function fromBase64Portable(text) {
+  const binary = atob(text);
+  const bytes = new Uint8Array(binary.length);
+  for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+  return bytes;
+}
+
+/** Standard (padded) base64 of a Uint8Array; uses `Uint8Array.prototype.toBase64` when present. */
+export function toBase64(bytes) {
+  if (!(bytes instanceof Uint8Array)) bytes = new Uint8Array(bytes);
+  return typeof bytes.toBase64 === "function" ? bytes.toBase64() : toBase64Portable(bytes);
+}
+
+/** Decode standard base64 into a fresh Uint8Array (its buffer is exactly its length). */
+export function fromBase64(text) {
+  return typeof Uint8Array.fromBase64 === "function"
+    ? Uint8Array.fromBase64(text)
+    : fromBase64Portable(text);
+}

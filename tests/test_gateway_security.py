@@ -1,0 +1,145 @@
+"""Hostile and broken clients are refused clearly, and a job running meanwhile is untouched."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import redis
+import websockets
+from websockets.exceptions import ConnectionClosed
+
+from conftest import Controller
+from processdistro.gateway.auth import TokenSigner
+from processdistro.shared import keys
+from processdistro.shared.protocol import CloseCode
+from pynode import PyNode
+from test_pipeline import expected_small, run_nodes_until, submit
+
+
+def ws_url(ctl: Controller, token: str | None) -> str:
+    base = ctl.url.replace("http", "ws", 1) + "/ws"
+    return base if token is None else f"{base}?token={token}"
+
+
+async def close_code(url: str, **kwargs: object) -> tuple[int, str]:
+    async with websockets.connect(url, **kwargs) as ws:  # type: ignore[arg-type]
+        try:
+            await asyncio.wait_for(ws.recv(), 5)
+        except ConnectionClosed:
+            pass
+        await asyncio.wait_for(ws.wait_closed(), 5)
+        assert ws.close_code is not None
+        return ws.close_code, ws.close_reason or ""
+
+
+async def recv_type(ws: websockets.ClientConnection, wanted: str) -> dict[str, object]:
+    while True:
+        msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        if msg["type"] == wanted:
+            return msg
+
+
+def token_for(ctl: Controller, r: redis.Redis, node: PyNode, ttl: float) -> str:
+    node.join()
+    signer = TokenSigner(secret=r.get(keys.TOKEN_SECRET) or b"", ttl_s=ttl)
+    return signer.issue(node.device_id)[0]
+
+
+def test_hostile_clients_refused_while_a_job_runs(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+    proc = submit(controller, tmp_path)
+    honest = PyNode(controller.url, controller.join_code)
+    intruder = PyNode(controller.url, controller.join_code)
+    good = intruder.join()["token"]
+    expired = token_for(controller, r, intruder, ttl=-10)
+    seen: dict[str, object] = {}
+
+    async def attacks() -> None:
+        await asyncio.sleep(0.3)  # the honest node is working by now
+        seen["origin"] = await close_code(ws_url(controller, good), origin="http://evil.example")
+        seen["no_token"] = await close_code(ws_url(controller, None))
+        seen["bad_token"] = await close_code(ws_url(controller, good[:-4] + "AAAA"))
+        seen["expired"] = await close_code(ws_url(controller, expired))
+        async with websockets.connect(ws_url(controller, good), max_size=None) as ws:
+            await recv_type(ws, "welcome")
+            await ws.send("{not json")
+            seen["malformed"] = await recv_type(ws, "error")
+            await ws.send(json.dumps({"type": "ready", "free": -3}))
+            seen["invalid"] = await recv_type(ws, "error")
+            await ws.send(json.dumps({"type": "result", "task_id": "1-1", "output_b64": "AAAA", "elapsed_ms": 1}))
+            seen["unknown_task"] = await recv_type(ws, "error")
+            await ws.send(b"\x00\x01")
+            seen["binary"] = await recv_type(ws, "error")
+            await ws.send(json.dumps({"type": "heartbeat", "running": 0, "done": 0}))  # still alive
+            await ws.send("x" * (5 * 1024 * 1024))
+            try:
+                await asyncio.wait_for(ws.wait_closed(), 5)
+            except TimeoutError:
+                pass
+            seen["oversized"] = (ws.close_code, ws.close_reason)
+
+    async def scenario() -> None:
+        await asyncio.gather(run_nodes_until(proc, honest), attacks())
+
+    asyncio.run(scenario())
+    assert seen["origin"][0] == CloseCode.POLICY and "origin" in seen["origin"][1]  # type: ignore[index]
+    assert seen["no_token"] == (CloseCode.BAD_TOKEN, "session token missing")
+    assert seen["bad_token"] == (CloseCode.BAD_TOKEN, "session token forged")
+    assert seen["expired"] == (CloseCode.BAD_TOKEN, "session token expired")
+    assert seen["malformed"]["code"] == "malformed"  # type: ignore[index]
+    assert "expected JSON" in seen["malformed"]["message"]  # type: ignore[index]
+    assert seen["invalid"]["code"] == "invalid" and "free" in seen["invalid"]["message"]  # type: ignore[index]
+    assert seen["unknown_task"]["code"] == "unknown_task"  # type: ignore[index]
+    assert seen["binary"]["code"] == "malformed"  # type: ignore[index]
+    assert seen["oversized"][0] == CloseCode.TOO_BIG  # type: ignore[index]
+    assert proc.returncode == 0, controller.logs()
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
+
+
+def test_node_report_refusals(controller: Controller) -> None:
+    base = {"device_id": "abcdefgh12345678", "cores": 2}
+    wrong = httpx.post(f"{controller.url}/node-report", json={**base, "join_code": "wrongcode"})
+    assert wrong.status_code == 403 and "join code" in wrong.json()["error"]
+    invalid = httpx.post(f"{controller.url}/node-report", json={**base, "join_code": controller.join_code, "cores": 0})
+    assert invalid.status_code == 422 and any("cores" in p for p in invalid.json()["problems"])
+    garbage = httpx.post(f"{controller.url}/node-report", content=b"\xff\xfe", headers={"content-type": "application/json"})
+    assert garbage.status_code == 422
+    huge = httpx.post(f"{controller.url}/node-report", content=b"{" + b" " * 100_000 + b"}")
+    assert huge.status_code == 413
+    ok = httpx.post(f"{controller.url}/node-report", json={**base, "join_code": controller.join_code})
+    assert ok.status_code == 200 and ok.json()["slots"] == 2
+
+
+def test_cors_only_for_own_origin(controller: Controller) -> None:
+    resp = httpx.get(f"{controller.url}/metrics.json", headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in resp.headers
+
+
+def test_metrics_endpoints(controller: Controller, tmp_path: Path) -> None:
+    proc = submit(controller, tmp_path)
+    asyncio.run(run_nodes_until(proc, PyNode(controller.url, controller.join_code)))
+    assert proc.returncode == 0
+    figures = httpx.get(f"{controller.url}/metrics.json").json()
+    for name in ("nodes_connected", "avg_score", "tasks_queued", "tasks_running", "tasks_completed", "avg_latency_ms"):
+        assert name in figures
+    assert figures["tasks_completed"] == 70  # 10 x 7 tiles of 32 px
+    text = httpx.get(f"{controller.url}/metrics").text
+    assert "processdistro_tasks_completed_total 70.0" in text
+    assert "processdistro_task_latency_seconds_count 70.0" in text
+
+
+def test_wasm_served_by_hash(controller: Controller) -> None:
+    mods = httpx.get(f"{controller.url}/api/modules").json()
+    sha = mods["mandelbrot"]["sha256"]
+    resp = httpx.get(f"{controller.url}{mods['mandelbrot']['url']}")
+    assert resp.headers["content-type"] == "application/wasm"
+    assert "immutable" in resp.headers["cache-control"] and resp.headers["etag"] == f'"{sha}"'
+    import hashlib
+
+    assert hashlib.sha256(resp.content).hexdigest() == sha
+    assert httpx.get(f"{controller.url}{mods['mandelbrot']['url']}", headers={"If-None-Match": f'"{sha}"'}).status_code == 304
+    _ = time

@@ -1,0 +1,145 @@
+"""The services as real processes against a real Redis, fed by Python protocol nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from conftest import Controller
+from mandel_ref import reference_counts
+from processdistro.shared import keys
+from pynode import PyNode, flip_first_pixel
+
+SMALL = ["--width", "300", "--height", "200", "--tile", "32", "--max-iter", "200"]
+
+
+def submit(ctl: Controller, tmp: Path, *extra: str) -> subprocess.Popen[str]:
+    with open(tmp / "submit.log", "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "processdistro", "submit", "mandelbrot", *SMALL, *extra, "--wait", "-q",
+             "-o", str(tmp / "m.png"), "--raw", str(tmp / "m.npy")],
+            env=ctl.env, stdout=log, stderr=subprocess.STDOUT, text=True,
+        )
+
+
+async def run_nodes_until(proc: subprocess.Popen[str], *nodes: PyNode, timeout: float = 120) -> None:
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(n.run(stop=stop)) for n in nodes]
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    stop.set()
+    await asyncio.gather(*tasks)
+
+
+def expected_small() -> np.ndarray:
+    return reference_counts(300, 200, -2.0, 1.0, -1.5, 1.5, 200)
+
+
+def test_job_completes_exactly(controller: Controller, tmp_path: Path) -> None:
+    proc = submit(controller, tmp_path)
+    asyncio.run(run_nodes_until(proc, PyNode(controller.url, controller.join_code)))
+    assert proc.returncode == 0, (tmp_path / "submit.log").read_text() + controller.logs()
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
+
+
+def test_two_aggregators_finalize_once(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+    controller.start("aggregator-2", "aggregator")
+    controller.start("aggregator-3", "aggregator")
+    proc = submit(controller, tmp_path)
+    nodes = [PyNode(controller.url, controller.join_code) for _ in range(2)]
+    asyncio.run(run_nodes_until(proc, *nodes))
+    assert proc.returncode == 0, controller.logs()
+    job_id = r.zrange(keys.JOBS, 0, 0)[0].decode()
+    assert r.hget(keys.job(job_id), "finalized") == b"1"
+    consumers = {c["name"] for c in r.xinfo_consumers(keys.RESULTS, keys.AGGREGATORS_GROUP)}
+    assert len(consumers) >= 2, "results were not shared between aggregators"
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
+
+
+def test_lying_node_never_reaches_the_output(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+    proc = submit(controller, tmp_path)
+    liar = PyNode(controller.url, controller.join_code, corrupt=lambda out: flip_first_pixel(out[::-1]))
+    honest = PyNode(controller.url, controller.join_code)
+    asyncio.run(run_nodes_until(proc, liar, honest))
+    assert proc.returncode == 0, controller.logs()
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
+    assert liar.done > 0
+    assert int(r.hget(keys.node(liar.device_id), "rejected") or 0) == liar.done
+    assert int(r.hget(keys.STATS, "tasks_rejected") or 0) == liar.done
+
+
+def test_closed_socket_requeues_at_once(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+    proc = submit(controller, tmp_path)
+
+    async def scenario() -> float:
+        # a node that takes tasks and never answers, then its socket closes
+        quitter = PyNode(controller.url, controller.join_code, cores=4)
+        accepted = quitter.join()
+        import websockets
+
+        url = controller.url.replace("http", "ws") + f"/ws?token={accepted['token']}"
+        async with websockets.connect(url) as ws:
+            await ws.send(json.dumps({"type": "ready", "free": 4}))
+            for _ in range(4):
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                while msg["type"] != "task":
+                    msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert r.xpending(keys.TASKS, keys.NODES_GROUP)["pending"] >= 4
+        closed = time.monotonic()
+        while r.xpending(keys.TASKS, keys.NODES_GROUP)["pending"] > 0:
+            await asyncio.sleep(0.02)
+            assert time.monotonic() - closed < 5, "tasks of a closed socket were not requeued"
+        requeue_s = time.monotonic() - closed
+        await run_nodes_until(proc, PyNode(controller.url, controller.join_code))
+        return requeue_s
+
+    requeue_s = asyncio.run(scenario())
+    assert requeue_s < 1.0
+    assert proc.returncode == 0, controller.logs()
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
+
+
+def test_cancel_ends_the_job(controller: Controller, r: redis.Redis) -> None:
+    result = controller.cli("submit", "mandelbrot", *SMALL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    job_id = r.zrange(keys.JOBS, 0, 0)
+    deadline = time.monotonic() + 10
+    while not job_id and time.monotonic() < deadline:
+        time.sleep(0.1)
+        job_id = r.zrange(keys.JOBS, 0, 0)
+    cancelled = controller.cli("cancel", job_id[0].decode())
+    assert cancelled.returncode == 0, cancelled.stderr
+    deadline = time.monotonic() + 5
+    while r.hget(keys.job(job_id[0].decode()), "state") != b"cancelled":
+        assert time.monotonic() < deadline, controller.logs()
+        time.sleep(0.05)
+    jobs = controller.cli("jobs", "--json")
+    assert json.loads(jobs.stdout)[0]["state"] == "cancelled"
+
+
+def test_bad_parameters_refused_at_submit(controller: Controller, r: redis.Redis) -> None:
+    result = controller.cli("submit", "mandelbrot", "--xmin", "2", "--xmax", "1")
+    assert result.returncode == 2
+    assert "expected xmin < xmax" in result.stderr
+    result = controller.cli("submit", "mandelbrot", "--width", "0")
+    assert result.returncode == 2 and "width" in result.stderr
+    assert r.xlen(keys.COMMANDS) == 0
+
+
+@pytest.mark.parametrize("service", ["gateway", "scheduler", "aggregator"])
+def test_service_health(controller: Controller, service: str) -> None:
+    if service == "gateway":
+        import httpx
+
+        assert httpx.get(f"{controller.url}/healthz").json()["status"] == "ok"
+    else:
+        assert controller.cli("healthcheck", "--service", service).returncode == 0
