@@ -180,7 +180,7 @@ def create_app(settings: Settings, *, redis_client: aredis.Redis | None = None) 
         headers = {"Cache-Control": "public, max-age=31536000, immutable", "ETag": etag}
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
-        return Response(mod.path.read_bytes(), media_type="application/wasm", headers=headers)
+        return Response(mod.data, media_type="application/wasm", headers=headers)
 
     async def modules(request: Request) -> Response:
         return JSONResponse({m.name: {"sha256": m.sha256, "url": m.url} for m in gw.modules.by_name.values()})

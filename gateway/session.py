@@ -36,7 +36,7 @@ from ..shared.protocol import (
     Welcome,
     node_message_adapter,
 )
-from ..shared.queue import TaskFields, consumer_name
+from ..shared.queue import MAX_TASK_ATTEMPTS, TaskFields, consumer_name
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -223,12 +223,20 @@ class NodeSession:
         await pipe.execute()
 
     async def _failed(self, m: TaskFailed) -> None:
-        if self.held.pop(m.task_id, None) is None:
+        held = self.held.pop(m.task_id, None)
+        if held is None:
             await self.refuse(ErrorCode.UNKNOWN_TASK, f"task {m.task_id} is not held by this connection")
             return
-        log.warning("node %s: task %s failed: %s", self.node_id, m.task_id, m.message[:200])
-        await self.gw.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, m.task_id])
+        fields = held[0]
+        log.warning("node %s: task %s (job %s #%d) failed: %s", self.node_id, m.task_id, fields.job, fields.index, m.message[:200])
         await self.gw.r.hincrby(keys.node(self.node_id), "failed", 1)
+        if fields.attempt + 1 < MAX_TASK_ATTEMPTS:
+            await self.gw.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, m.task_id])
+            return
+        # the scheduler owns job states: ask it to fail the job
+        await self.gw.drop_task(m.task_id)
+        reason = f"subtask {fields.index} failed {MAX_TASK_ATTEMPTS} times; last error: {m.message[:500]}"
+        await self.gw.r.xadd(keys.COMMANDS, {"command": json.dumps({"type": "fail", "job_id": fields.job, "reason": reason})})
 
     # ------------------------------------------------------------------ dispatch
 

@@ -72,8 +72,10 @@ class Scheduler:
             self.submit(cmd)
         elif cmd["type"] == "cancel":
             self.cancel(cmd["job_id"], cmd.get("reason", "cancelled by user"))
+        elif cmd["type"] == "fail":
+            self.cancel(cmd["job_id"], cmd["reason"], state=JobState.FAILED)
         else:
-            raise ValueError(f"expected command type submit or cancel, got {cmd['type']!r}")
+            raise ValueError(f"expected command type submit, cancel or fail, got {cmd['type']!r}")
 
     def submit(self, cmd: dict[str, Any]) -> None:
         job_id = cmd["job_id"]
@@ -102,11 +104,13 @@ class Scheduler:
         event(self.r, "job", job_id=job_id, state="queued", total=record["total"])
         log.info("job %s: %s queued, %d subtasks", job_id, plugin.kind, record["total"])
 
-    def cancel(self, job_id: str, reason: str) -> None:
+    def cancel(self, job_id: str, reason: str, *, state: JobState = JobState.CANCELLED) -> None:
+        """End a job early (cancelled by the user, or failed); its queued and running tasks
+        are dropped by the gateways."""
         job = load_job(self.r, job_id)
         if job is None or job.state.terminal:
             return
-        self.finish(job_id, JobState.CANCELLED, error=reason)
+        self.finish(job_id, state, error=reason)
         # Gateways drop the job's tasks when they meet them and tell nodes to stop.
         self.r.publish(keys.CONTROL, json.dumps({"type": "cancel_job", "job_id": job_id}))
 

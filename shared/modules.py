@@ -20,6 +20,7 @@ class Module:
     name: str
     sha256: str
     path: Path
+    data: bytes  # held in memory: the bytes served are always the bytes hashed
 
     @property
     def url(self) -> str:
@@ -32,10 +33,10 @@ class ModuleRegistry:
         self.by_sha: dict[str, Module] = {}
         for directory in (static_dir / "wasm", *extra_dirs):
             for path in sorted(directory.glob("*.wasm")):
-                sha = hashlib.sha256(path.read_bytes()).hexdigest()
-                mod = Module(path.stem, sha, path)
+                data = path.read_bytes()
+                mod = Module(path.stem, hashlib.sha256(data).hexdigest(), path, data)
                 self.by_name[mod.name] = mod
-                self.by_sha[sha] = mod
+                self.by_sha[mod.sha256] = mod
 
     def get(self, name: str) -> Module:
         try:

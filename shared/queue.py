@@ -65,6 +65,9 @@ return 'merged'
 """
 
 
+MAX_TASK_ATTEMPTS = 5  # a subtask that fails this often fails its job
+
+
 @dataclass(frozen=True, slots=True)
 class TaskFields:
     job: str

@@ -143,3 +143,32 @@ def test_service_health(controller: Controller, service: str) -> None:
         assert httpx.get(f"{controller.url}/healthz").json()["status"] == "ok"
     else:
         assert controller.cli("healthcheck", "--service", service).returncode == 0
+
+
+def test_task_that_always_fails_fails_the_job(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+    proc = submit(controller, tmp_path)
+
+    async def failing_node() -> None:
+        import websockets
+
+        node = PyNode(controller.url, controller.join_code)
+        accepted = node.join()
+        url = controller.url.replace("http", "ws") + f"/ws?token={accepted['token']}"
+        async with websockets.connect(url) as ws:
+            await ws.send(json.dumps({"type": "ready", "free": 1}))
+            while proc.poll() is None:
+                try:
+                    msg = json.loads(await asyncio.wait_for(ws.recv(), 0.5))
+                except TimeoutError:
+                    continue
+                if msg["type"] == "task":
+                    await ws.send(json.dumps({"type": "task_failed", "task_id": msg["task_id"], "message": "CompileError: boom"}))
+                    await ws.send(json.dumps({"type": "ready", "free": 1}))
+
+    asyncio.run(asyncio.wait_for(failing_node(), 60))
+    assert proc.returncode == 1
+    log = (tmp_path / "submit.log").read_text()
+    assert "failed 5 times" in log and "CompileError: boom" in log
+    job_id = r.zrange(keys.JOBS, 0, 0)[0].decode()
+    assert r.hget(keys.job(job_id), "state") == b"failed"
+    assert b"CompileError: boom" in (r.hget(keys.job(job_id), "error") or b"")

@@ -1,0 +1,252 @@
+"""The committed Mandelbrot WASM kernel (static/wasm/mandelbrot.wasm) run in wasmtime.
+
+Checks the ABI in docs/wasm-abi.md: no imports, the exports, the host call sequence, status
+codes, bounded memory across many runs on one instance, and exact equality with an
+independent NumPy reference of the output semantics (tests/mandel_ref.py).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+import wasmtime
+from mandel_ref import reference_counts
+
+WASM_PATH = Path(__file__).resolve().parents[1] / "static" / "wasm" / "mandelbrot.wasm"
+DEFAULT_BOUNDS = (-2.0, 1.0, -1.5, 1.5)
+PAGE = 65536
+
+OK, BAD_LENGTH, BAD_PARAMS, OUT_OF_MEMORY = 0, 1, 2, 3
+
+
+def encode(
+    width: int,
+    height: int,
+    x0: int,
+    y0: int,
+    tile_w: int,
+    tile_h: int,
+    max_iter: int = 500,
+    bounds: tuple[float, float, float, float] = DEFAULT_BOUNDS,
+    reserved: int = 0,
+) -> bytes:
+    """The 64-byte input: 4 x f64 bounds, then 8 x u32, little-endian."""
+    return struct.pack("<4d8I", *bounds, width, height, x0, y0, tile_w, tile_h, max_iter, reserved)
+
+
+class Loaded(NamedTuple):
+    engine: wasmtime.Engine
+    module: wasmtime.Module
+
+
+class Kernel:
+    """One instance of the module, driven through the documented host protocol."""
+
+    def __init__(self, loaded: Loaded, memory_limit: int | None = None) -> None:
+        self.store = wasmtime.Store(loaded.engine)
+        if memory_limit is not None:
+            self.store.set_limits(memory_size=memory_limit)
+        instance = wasmtime.Instance(self.store, loaded.module, [])
+        ex = instance.exports(self.store)
+
+        def func(name: str) -> wasmtime.Func:
+            f = ex[name]
+            assert isinstance(f, wasmtime.Func), name
+            return f
+
+        memory = ex["memory"]
+        assert isinstance(memory, wasmtime.Memory)
+        self.memory = memory
+        self._alloc = func("pd_alloc")
+        self._run = func("pd_run")
+        self._out_ptr = func("pd_output_ptr")
+        self._out_len = func("pd_output_len")
+
+    def memory_bytes(self) -> int:
+        return self.memory.data_len(self.store)
+
+    def alloc(self, n: int) -> int:
+        return int(self._alloc(self.store, n))
+
+    def run_at(self, ptr: int, n: int) -> tuple[int, bytes]:
+        status = int(self._run(self.store, ptr, n))
+        out_ptr, out_len = int(self._out_ptr(self.store)), int(self._out_len(self.store))
+        if status != OK:
+            assert (out_ptr, out_len) == (0, 0), "a failed run must leave no output"
+            return status, b""
+        return status, bytes(self.memory.read(self.store, out_ptr, out_ptr + out_len))
+
+    def run(self, data: bytes) -> tuple[int, bytes]:
+        ptr = self.alloc(len(data))
+        assert ptr != 0 and ptr % 8 == 0
+        if data:
+            self.memory.write(self.store, data, ptr)
+        return self.run_at(ptr, len(data))
+
+    def tile(self, *args: object, **kw: object) -> np.ndarray:
+        data = encode(*args, **kw)  # type: ignore[arg-type]
+        tile_w, tile_h = struct.unpack_from("<2I", data, 48)
+        status, out = self.run(data)
+        assert status == OK
+        assert len(out) == 4 * tile_w * tile_h
+        return np.frombuffer(out, dtype="<u4").astype(np.uint32).reshape(tile_h, tile_w)
+
+
+@pytest.fixture(scope="module")
+def loaded() -> Loaded:
+    assert WASM_PATH.is_file(), f"{WASM_PATH} missing: run `make wasm`"
+    engine = wasmtime.Engine()
+    return Loaded(engine, wasmtime.Module(engine, WASM_PATH.read_bytes()))
+
+
+@pytest.fixture
+def kernel(loaded: Loaded) -> Kernel:
+    return Kernel(loaded)
+
+
+def test_module_has_no_imports_and_exports_the_abi(loaded: Loaded) -> None:
+    module = loaded.module
+    assert list(module.imports) == []
+    exports = {e.name: e.type for e in module.exports}
+    assert isinstance(exports["memory"], wasmtime.MemoryType)
+    signatures = {
+        "pd_alloc": (["i32"], ["i32"]),
+        "pd_run": (["i32", "i32"], ["i32"]),
+        "pd_output_ptr": ([], ["i32"]),
+        "pd_output_len": ([], ["i32"]),
+    }
+    for name, (params, results) in signatures.items():
+        ft = exports[name]
+        assert isinstance(ft, wasmtime.FuncType), name
+        assert [str(t) for t in ft.params] == params, name
+        assert [str(t) for t in ft.results] == results, name
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "tile_w", "tile_h", "max_iter", "bounds"),
+    [
+        # non-square image, tiles that leave narrower tiles on the right and bottom edges
+        (96, 64, 40, 24, 500, DEFAULT_BOUNDS),
+        (53, 71, 17, 30, 500, DEFAULT_BOUNDS),
+        # whole image as one tile
+        (120, 90, 120, 90, 500, DEFAULT_BOUNDS),
+        # a zoomed region on the boundary (long orbits), deeper cap
+        (48, 40, 16, 16, 1000, (-0.7530, -0.7460, 0.0980, 0.1040)),
+        # reversed / asymmetric bounds are just arithmetic
+        (30, 20, 7, 6, 64, (0.5, -1.5, -1.25, 0.75)),
+    ],
+)
+def test_tiles_match_numpy_reference(
+    kernel: Kernel,
+    width: int,
+    height: int,
+    tile_w: int,
+    tile_h: int,
+    max_iter: int,
+    bounds: tuple[float, float, float, float],
+) -> None:
+    want = reference_counts(width, height, *bounds, max_iter)
+    assert want.dtype == np.uint32 and want.shape == (height, width)
+    got = np.zeros_like(want)
+    for y0 in range(0, height, tile_h):
+        for x0 in range(0, width, tile_w):
+            tw, th = min(tile_w, width - x0), min(tile_h, height - y0)
+            tile = kernel.tile(width, height, x0, y0, tw, th, max_iter, bounds)
+            assert tile.dtype == np.uint32
+            np.testing.assert_array_equal(tile, want[y0 : y0 + th, x0 : x0 + tw])
+            got[y0 : y0 + th, x0 : x0 + tw] = tile
+    np.testing.assert_array_equal(got, want)
+    assert int(want.max()) <= max_iter
+
+
+def test_edge_tiles_and_single_pixels(kernel: Kernel) -> None:
+    width, height = 101, 67
+    want = reference_counts(width, height, *DEFAULT_BOUNDS, 500)
+    # bottom-right corner pixel, last column, last row
+    np.testing.assert_array_equal(kernel.tile(width, height, 100, 66, 1, 1), want[66:, 100:])
+    np.testing.assert_array_equal(kernel.tile(width, height, 100, 0, 1, 67), want[:, 100:])
+    np.testing.assert_array_equal(kernel.tile(width, height, 0, 66, 101, 1), want[66:, :])
+    assert want[0, 0] == 1  # the corner escapes after one step
+    assert want[height // 2, width // 3] == 500  # inside the main cardioid: capped
+
+
+def test_bad_input_status_codes(kernel: Kernel) -> None:
+    good = encode(16, 8, 0, 0, 16, 8)
+    assert kernel.run(good)[0] == OK
+    for data in (b"", good[:63], good + b"\0", good * 2):
+        assert kernel.run(data)[0] == BAD_LENGTH, len(data)
+    # an input range outside linear memory is refused, not read
+    size = kernel.memory_bytes()
+    assert kernel.run_at(size - 32, 64)[0] == BAD_LENGTH
+    assert kernel.run_at(0xFFFF_FFC0, 64)[0] == BAD_LENGTH
+
+    nan, inf = math.nan, math.inf
+    bad = [
+        encode(0, 8, 0, 0, 1, 1),  # W = 0
+        encode(16, 0, 0, 0, 1, 1),  # H = 0
+        encode(16, 8, 0, 0, 0, 8),  # tile_w = 0
+        encode(16, 8, 0, 0, 16, 0),  # tile_h = 0
+        encode(16, 8, 1, 0, 16, 8),  # runs past the right edge
+        encode(16, 8, 0, 8, 1, 1),  # starts below the bottom row
+        encode(16, 8, 0xFFFF_FFFF, 0, 1, 1),  # no wrap-around
+        encode(16, 8, 0, 0, 16, 8, reserved=1),
+        encode(16, 8, 0, 0, 16, 8, bounds=(nan, 1.0, -1.5, 1.5)),
+        encode(16, 8, 0, 0, 16, 8, bounds=(-2.0, inf, -1.5, 1.5)),
+        encode(16, 8, 0, 0, 16, 8, bounds=(-2.0, 1.0, -inf, 1.5)),
+        encode(16, 8, 0, 0, 16, 8, bounds=(-2.0, 1.0, -1.5, nan)),
+        encode(16, 8, 0, 0, 16, 8, bounds=(-1e308, 1e308, -1.5, 1.5)),  # dx overflows
+    ]
+    for data in bad:
+        assert kernel.run(data)[0] == BAD_PARAMS, struct.unpack("<4d8I", data)
+    # the instance is still fine afterwards
+    np.testing.assert_array_equal(
+        kernel.tile(16, 8, 0, 0, 16, 8), reference_counts(16, 8, *DEFAULT_BOUNDS, 500)
+    )
+
+
+def test_out_of_memory_status(loaded: Loaded) -> None:
+    # A tile whose byte size does not fit the 32-bit address space.
+    k = Kernel(loaded)
+    assert k.run(encode(65535, 65535, 0, 0, 65535, 65535, 1))[0] == OUT_OF_MEMORY
+    # memory.grow refused by the host's limit: 1024x1024 needs 4 MiB of output.
+    initial = Kernel(loaded).memory_bytes()
+    k = Kernel(loaded, memory_limit=initial + 4 * PAGE)
+    assert k.run(encode(1024, 1024, 0, 0, 1024, 1024, 1))[0] == OUT_OF_MEMORY
+    assert k.memory_bytes() <= initial + 4 * PAGE
+    # and the instance keeps working within its limit
+    np.testing.assert_array_equal(
+        k.tile(64, 48, 0, 0, 64, 48, 50), reference_counts(64, 48, *DEFAULT_BOUNDS, 50)
+    )
+
+
+def test_memory_stays_bounded_over_many_runs(kernel: Kernel) -> None:
+    width = height = 256
+    want = reference_counts(width, height, *DEFAULT_BOUNDS, 100)
+    initial = kernel.memory_bytes()
+    tiles = [(x0, y0) for y0 in range(0, height, 32) for x0 in range(0, width, 32)]
+    sizes: list[int] = []
+    for k in range(200):
+        x0, y0 = tiles[k % len(tiles)]
+        tw, th = (32, 32) if k % 3 else (32 - k % 7, 32 - k % 5)  # vary the output size
+        tile = kernel.tile(width, height, x0, y0, tw, th, 100)
+        np.testing.assert_array_equal(tile, want[y0 : y0 + th, x0 : x0 + tw])
+        sizes.append(kernel.memory_bytes())
+    # A 32x32 tile is 4 KiB of output: memory may grow by at most a page once, then never.
+    assert max(sizes) <= initial + PAGE
+    assert len(set(sizes[1:])) == 1
+
+    # Re-running the same input without a new pd_alloc does not grow memory either.
+    ptr = kernel.alloc(64)
+    kernel.memory.write(kernel.store, encode(width, height, 0, 0, 32, 32, 100), ptr)
+    for _ in range(50):
+        status, out = kernel.run_at(ptr, 64)
+        assert status == OK
+        np.testing.assert_array_equal(
+            np.frombuffer(out, dtype="<u4").reshape(32, 32), want[:32, :32]
+        )
+    assert kernel.memory_bytes() == sizes[-1]

@@ -1,0 +1,89 @@
+"""`processdistro up` on its own: embedded Redis, supervised children, clean Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from processdistro.shared.redis_server import free_port
+
+
+def children_of(pid: int) -> set[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return {int(x) for x in out.split()}
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> tuple[subprocess.Popen[str], dict[str, str], Path]:
+    env = {k: v for k, v in os.environ.items() if k != "PD_REDIS_URL"}
+    env.update({"PD_HOME": str(tmp_path / "home"), "PD_PORT": str(free_port()), "PD_HOST": "127.0.0.1"})
+    log = tmp_path / "up.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "processdistro", "up"], env=env, stdout=fh, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while "Join link" not in log.read_text():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    yield proc, env, log
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_up_prints_join_link_and_stops_cleanly(up: tuple[subprocess.Popen[str], dict[str, str], Path]) -> None:
+    proc, env, log = up
+    text = log.read_text()
+    assert "/agent?code=" in text
+    info = json.loads((Path(env["PD_HOME"]) / "controller.json").read_text())
+    assert info["redis_url"].startswith("redis://127.0.0.1:")
+    assert info["join_url"].endswith(text.split("/agent?code=")[1].split()[0])
+    port = env["PD_PORT"]
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+    # every other command finds the controller through controller.json
+    jobs = subprocess.run([sys.executable, "-m", "processdistro", "jobs"], env=env, capture_output=True, text=True, timeout=30)
+    assert jobs.returncode == 0 and "no jobs yet" in jobs.stdout
+    kids = children_of(proc.pid)
+    assert len(kids) == 4  # redis, gateway, scheduler, aggregator
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=15)
+    assert time.monotonic() - started < 10
+    assert proc.returncode == 0
+    time.sleep(0.2)
+    assert not [k for k in kids if alive(k)], "orphaned children"
+    assert not (Path(env["PD_HOME"]) / "controller.json").exists()
+
+
+def test_up_restarts_a_dead_service(up: tuple[subprocess.Popen[str], dict[str, str], Path]) -> None:
+    proc, env, log = up
+    kids = children_of(proc.pid)
+    scheduler = next(k for k in kids if "scheduler" in Path(f"/proc/{k}/cmdline").read_text())
+    os.kill(scheduler, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while "scheduler exited" not in log.read_text() or len(children_of(proc.pid)) < 4:
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    assert scheduler not in children_of(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=15)

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Build every WASM task kernel (each cdylib member of the wasm_tasks cargo workspace) for
+# wasm32-unknown-unknown in release mode and copy target/.../release/<name>.wasm to
+# static/wasm/<name>.wasm. `make wasm` runs this from the repo root; any cwd works.
+#
+# Routes (automatic; force one with PD_WASM_ROUTE=rustup|debian):
+#   rustup  used when `rustup target list --installed` lists wasm32-unknown-unknown:
+#             cargo build --release --target wasm32-unknown-unknown      (linker: rust-lld)
+#   debian  otherwise; needs `apt-get install rustc-web cargo-web rust-web-src lld`:
+#             RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 /usr/bin/cargo build --release \
+#                 -Z build-std=core,alloc --target wasm32-unknown-unknown   (linker: wasm-ld)
+#           -Z build-std resolves the standard library's own dependencies from crates.io. If
+#           that fails (offline machine), the build is retried with crates.io replaced by the
+#           copies Debian vendors in /usr/lib/rustlib/src/rust/library/vendor.
+#           PD_WASM_STD_VENDOR=always uses the vendored copies straight away; =never disables
+#           the fallback.
+#
+# The committed static/wasm/*.wasm files are built with the DEBIAN route (rustc 1.96.0
+# ac68faa20 2026-05-25, Debian rustc-web). The two routes use different compilers, so their
+# bytes differ; wasm_tasks/check.sh rebuilds with the Debian route and compares sha256.
+#
+# Reproducibility: absolute paths (this checkout, the target dir, CARGO_HOME, the Rust source)
+# are remapped with --remap-path-prefix, and the release profile strips symbols, debug info and
+# custom sections (strip = true). The script refuses an output that still contains a path.
+#
+# Other environment knobs:
+#   PD_WASM_OUT_DIR   where the .wasm files go (default: <repo>/static/wasm)
+#   CARGO_TARGET_DIR  cargo's target dir (default: wasm_tasks/target, gitignored)
+#   PD_WASM_LOCKED=1  pass --locked (Cargo.lock must be up to date; used by check.sh)
+#   PD_DEBIAN_RUSTC, PD_DEBIAN_CARGO, PD_DEBIAN_RUST_SRC
+#                     Debian route paths (default /usr/bin/rustc, /usr/bin/cargo,
+#                     /usr/lib/rustlib/src/rust)
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)" # .../wasm_tasks
+REPO="$(dirname "$HERE")"
+OUT_DIR="${PD_WASM_OUT_DIR:-$REPO/static/wasm}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HERE/target}"
+TARGET=wasm32-unknown-unknown
+STD_VENDOR_MODE="${PD_WASM_STD_VENDOR:-auto}"
+DEBIAN_RUSTC="${PD_DEBIAN_RUSTC:-/usr/bin/rustc}"
+DEBIAN_CARGO="${PD_DEBIAN_CARGO:-/usr/bin/cargo}"
+DEBIAN_RUST_SRC="${PD_DEBIAN_RUST_SRC:-/usr/lib/rustlib/src/rust}"
+DEBIAN_STD_VENDOR="$DEBIAN_RUST_SRC/library/vendor"
+
+die() {
+    echo "wasm build: $*" >&2
+    exit 1
+}
+
+# ---- choose the route -------------------------------------------------------------------
+route="${PD_WASM_ROUTE:-}"
+if [[ -z "$route" ]]; then
+    if command -v rustup >/dev/null 2>&1 &&
+        rustup target list --installed 2>/dev/null | grep -qx "$TARGET"; then
+        route=rustup
+    else
+        route=debian
+    fi
+fi
+
+rust_src=""
+case "$route" in
+rustup)
+    command -v rustup >/dev/null 2>&1 || die "PD_WASM_ROUTE=rustup but rustup is not on PATH"
+    rustup target list --installed 2>/dev/null | grep -qx "$TARGET" ||
+        die "the rustup toolchain lacks $TARGET; run: rustup target add $TARGET"
+    cargo_bin="$(dirname "$(command -v rustup)")/cargo" # rustup's proxy, beside rustup
+    [[ -x "$cargo_bin" ]] || cargo_bin=cargo
+    # .cargo/config.toml names wasm-ld (Debian route); rustup ships rust-lld instead.
+    export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER=rust-lld
+    rust_src="$("$(dirname "$cargo_bin")/rustc" --print sysroot 2>/dev/null || true)"
+    [[ -n "$rust_src" ]] && rust_src="$rust_src/lib/rustlib/src/rust"
+    cargo_args=(build --release --target "$TARGET")
+    ;;
+debian)
+    if [[ ! -x "$DEBIAN_RUSTC" || ! -x "$DEBIAN_CARGO" || ! -d "$DEBIAN_RUST_SRC/library" ]]; then
+        die "no wasm32 Rust toolchain found.
+  Either install the target with rustup:   rustup target add $TARGET
+  or install Debian's toolchain packages:  sudo apt-get install rustc-web cargo-web rust-web-src lld
+  (needs $DEBIAN_RUSTC, $DEBIAN_CARGO and $DEBIAN_RUST_SRC/library)"
+    fi
+    command -v wasm-ld >/dev/null 2>&1 || die "wasm-ld not found: sudo apt-get install lld"
+    cargo_bin="$DEBIAN_CARGO"
+    export RUSTC="$DEBIAN_RUSTC" RUSTC_BOOTSTRAP=1
+    rust_src="$DEBIAN_RUST_SRC"
+    cargo_args=(build --release -Z build-std=core,alloc --target "$TARGET")
+    ;;
+*)
+    die "PD_WASM_ROUTE must be rustup or debian (got '$route')"
+    ;;
+esac
+cargo_args+=(--workspace --message-format=json-render-diagnostics)
+[[ "${PD_WASM_LOCKED:-0}" == 1 ]] && cargo_args+=(--locked)
+
+# ---- reproducible flags -----------------------------------------------------------------
+# When several prefixes match, rustc applies the last one given: most specific last.
+cargo_home="${CARGO_HOME:-$HOME/.cargo}"
+flags=()
+[[ -n "$rust_src" ]] && flags+=("--remap-path-prefix=$rust_src=/rust")
+flags+=("--remap-path-prefix=$cargo_home=/cargo")
+flags+=("--remap-path-prefix=$HERE=/processdistro/wasm_tasks")
+mkdir -p "$CARGO_TARGET_DIR"
+flags+=("--remap-path-prefix=$(cd "$CARGO_TARGET_DIR" && pwd -P)=/processdistro/target")
+CARGO_ENCODED_RUSTFLAGS="$(IFS=$'\x1f'; echo "${flags[*]}")"
+export CARGO_ENCODED_RUSTFLAGS
+unset RUSTFLAGS
+
+# ---- build --------------------------------------------------------------------------------
+log="$(mktemp)"
+json="$(mktemp)"
+trap 'rm -f "$log" "$json"' EXIT
+
+run_cargo() { # extra args...; stdout (JSON) -> $json, stderr shown and kept in $log
+    { (cd "$HERE" && "$cargo_bin" "${cargo_args[@]}" "$@") >"$json"; } 2>&1 | tee "$log" >&2
+}
+
+vendor_args=(--config "source.crates-io.replace-with=\"pd-rust-std-vendor\""
+    --config "source.pd-rust-std-vendor.directory=\"$DEBIAN_STD_VENDOR\"")
+
+echo "wasm build: route=$route cargo=$cargo_bin target-dir=$CARGO_TARGET_DIR" >&2
+if [[ "$route" == debian && "$STD_VENDOR_MODE" == always ]]; then
+    run_cargo "${vendor_args[@]}"
+elif ! run_cargo; then
+    if [[ "$route" == debian && "$STD_VENDOR_MODE" == auto && -d "$DEBIAN_STD_VENDOR" ]] &&
+        grep -qiE 'crates\.io|registry|index|download|network|resolve|offline' "$log"; then
+        echo "wasm build: fetching the std library's dependencies failed;" \
+            "retrying with the vendored copies in $DEBIAN_STD_VENDOR" >&2
+        run_cargo "${vendor_args[@]}" || die "cargo build failed (vendored std dependencies)"
+    else
+        die "cargo build failed"
+    fi
+fi
+
+# ---- collect artifacts --------------------------------------------------------------------
+mapfile -t wasms < <(grep -o '"[^"]*\.wasm"' "$json" | tr -d '"' | sort -u)
+((${#wasms[@]} > 0)) || die "cargo produced no .wasm artifact (is crate-type cdylib set?)"
+
+mkdir -p "$OUT_DIR"
+for w in "${wasms[@]}"; do
+    name="$(basename "$w")"
+    # Refuse outputs that leak an absolute path (breaks reproducibility across machines).
+    if leak="$(LC_ALL=C grep -aoE '/(home|root|usr|tmp|var|opt|work|Users|build)/[[:print:]]{0,60}' "$w" | head -n 3)" &&
+        [[ -n "$leak" ]]; then
+        die "$name contains absolute paths:
+$leak"
+    fi
+    cp "$w" "$OUT_DIR/$name.tmp"
+    chmod 0644 "$OUT_DIR/$name.tmp"
+    mv -f "$OUT_DIR/$name.tmp" "$OUT_DIR/$name"
+    size="$(wc -c <"$OUT_DIR/$name" | tr -d ' ')"
+    sum="$(sha256sum "$OUT_DIR/$name" | cut -d' ' -f1)"
+    echo "wasm build: $OUT_DIR/$name  $size bytes  sha256 $sum"
+done
