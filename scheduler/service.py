@@ -32,7 +32,7 @@ from ..shared.tasks import get_plugin
 
 log = logging.getLogger(__name__)
 
-MIN_BACKLOG = 16
+MIN_BACKLOG = 32
 FEED_BATCH = 64
 
 
@@ -48,7 +48,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ commands
 
-    def handle_commands(self, block_ms: int = 100) -> int:
+    def handle_commands(self, block_ms: int = 50) -> int:
         resp = self.r.xreadgroup(
             keys.SCHEDULER_GROUP, self.name, {keys.COMMANDS: ">"}, count=32, block=block_ms
         )
@@ -133,7 +133,7 @@ class Scheduler:
         slots = 0
         for node_hash in self._live_nodes():
             slots += int(node_hash.get(b"slots", 1))
-        return max(MIN_BACKLOG, 2 * slots)
+        return max(MIN_BACKLOG, 4 * slots)
 
     def _live_nodes(self) -> list[dict[bytes, bytes]]:
         conns = self.r.zrangebyscore(keys.NODES, time.time() - self.settings.node_timeout_s, "+inf")

@@ -8,14 +8,17 @@ import base64
 import json
 import secrets
 import struct
-from collections.abc import Callable
-from typing import Any
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
 import websockets
 
 from processdistro.shared.tasks.mandelbrot import INPUT
+
+T = TypeVar("T")
 
 
 def tile_counts(payload: bytes) -> np.ndarray:
@@ -90,3 +93,23 @@ class PyNode:
 def flip_first_pixel(out: bytes) -> bytes:
     (v,) = struct.unpack_from("<I", out)
     return struct.pack("<I", v ^ 1) + out[4:]
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run in a thread of its own: Playwright's sync API keeps an event loop
+    running in the main thread once a browser test has started."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(asyncio.run(coro))
+        except BaseException as exc:  # re-raised in the caller's thread
+            error.append(exc)
+
+    t = threading.Thread(target=target, name="pynode-loop")
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]

@@ -17,7 +17,7 @@ from conftest import Controller
 from processdistro.gateway.auth import TokenSigner
 from processdistro.shared import keys
 from processdistro.shared.protocol import CloseCode
-from pynode import PyNode
+from pynode import PyNode, run_async
 from test_pipeline import expected_small, run_nodes_until, submit
 
 
@@ -85,7 +85,7 @@ def test_hostile_clients_refused_while_a_job_runs(controller: Controller, tmp_pa
     async def scenario() -> None:
         await asyncio.gather(run_nodes_until(proc, honest), attacks())
 
-    asyncio.run(scenario())
+    run_async(scenario())
     assert seen["origin"][0] == CloseCode.POLICY and "origin" in seen["origin"][1]  # type: ignore[index]
     assert seen["no_token"] == (CloseCode.BAD_TOKEN, "session token missing")
     assert seen["bad_token"] == (CloseCode.BAD_TOKEN, "session token forged")
@@ -121,7 +121,7 @@ def test_cors_only_for_own_origin(controller: Controller) -> None:
 
 def test_metrics_endpoints(controller: Controller, tmp_path: Path) -> None:
     proc = submit(controller, tmp_path)
-    asyncio.run(run_nodes_until(proc, PyNode(controller.url, controller.join_code)))
+    run_async(run_nodes_until(proc, PyNode(controller.url, controller.join_code)))
     assert proc.returncode == 0
     figures = httpx.get(f"{controller.url}/metrics.json").json()
     for name in ("nodes_connected", "avg_score", "tasks_queued", "tasks_running", "tasks_completed", "avg_latency_ms"):

@@ -16,7 +16,7 @@ import redis
 from conftest import Controller
 from mandel_ref import reference_counts
 from processdistro.shared import keys
-from pynode import PyNode, flip_first_pixel
+from pynode import PyNode, flip_first_pixel, run_async
 
 SMALL = ["--width", "300", "--height", "200", "--tile", "32", "--max-iter", "200"]
 
@@ -46,7 +46,7 @@ def expected_small() -> np.ndarray:
 
 def test_job_completes_exactly(controller: Controller, tmp_path: Path) -> None:
     proc = submit(controller, tmp_path)
-    asyncio.run(run_nodes_until(proc, PyNode(controller.url, controller.join_code)))
+    run_async(run_nodes_until(proc, PyNode(controller.url, controller.join_code)))
     assert proc.returncode == 0, (tmp_path / "submit.log").read_text() + controller.logs()
     np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
 
@@ -56,7 +56,7 @@ def test_two_aggregators_finalize_once(controller: Controller, tmp_path: Path, r
     controller.start("aggregator-3", "aggregator")
     proc = submit(controller, tmp_path)
     nodes = [PyNode(controller.url, controller.join_code) for _ in range(2)]
-    asyncio.run(run_nodes_until(proc, *nodes))
+    run_async(run_nodes_until(proc, *nodes))
     assert proc.returncode == 0, controller.logs()
     job_id = r.zrange(keys.JOBS, 0, 0)[0].decode()
     assert r.hget(keys.job(job_id), "finalized") == b"1"
@@ -69,7 +69,7 @@ def test_lying_node_never_reaches_the_output(controller: Controller, tmp_path: P
     proc = submit(controller, tmp_path)
     liar = PyNode(controller.url, controller.join_code, corrupt=lambda out: flip_first_pixel(out[::-1]))
     honest = PyNode(controller.url, controller.join_code)
-    asyncio.run(run_nodes_until(proc, liar, honest))
+    run_async(run_nodes_until(proc, liar, honest))
     assert proc.returncode == 0, controller.logs()
     np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
     assert liar.done > 0
@@ -102,7 +102,7 @@ def test_closed_socket_requeues_at_once(controller: Controller, tmp_path: Path, 
         await run_nodes_until(proc, PyNode(controller.url, controller.join_code))
         return requeue_s
 
-    requeue_s = asyncio.run(scenario())
+    requeue_s = run_async(scenario())
     assert requeue_s < 1.0
     assert proc.returncode == 0, controller.logs()
     np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
@@ -165,7 +165,7 @@ def test_task_that_always_fails_fails_the_job(controller: Controller, tmp_path: 
                     await ws.send(json.dumps({"type": "task_failed", "task_id": msg["task_id"], "message": "CompileError: boom"}))
                     await ws.send(json.dumps({"type": "ready", "free": 1}))
 
-    asyncio.run(asyncio.wait_for(failing_node(), 60))
+    run_async(asyncio.wait_for(failing_node(), 60))
     assert proc.returncode == 1
     log = (tmp_path / "submit.log").read_text()
     assert "failed 5 times" in log and "CompileError: boom" in log
