@@ -42,7 +42,9 @@ def cancel(r: redis.Redis, job_id: str) -> None:
     r.xadd(keys.COMMANDS, {"command": json.dumps({"type": "cancel", "job_id": job_id})})
 
 
-def wait(r: redis.Redis, job_id: str, *, console: Console, timeout: float | None = None, progress: bool = True) -> JobRecord:
+def wait(
+    r: redis.Redis, job_id: str, *, console: Console, timeout: float | None = None, progress: bool = True
+) -> JobRecord:
     """Poll the job until it is over, with a progress bar; return its final record."""
     deadline = time.monotonic() + timeout if timeout else None
     with Progress(

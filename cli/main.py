@@ -135,8 +135,15 @@ def cmd_nodes(args: argparse.Namespace, settings: Settings) -> int:
     table = Table("node", "live", "kind", "browser/os", "cores", "slots", "score", "done", "rejected")
     for n in nodes:
         table.add_row(
-            n["id"], n["live"], n.get("kind", ""), f"{n.get('browser', '')} {n.get('os', '')}".strip(),
-            n.get("cores", ""), n.get("slots", ""), n.get("score", "")[:10], n.get("completed", "0"), n.get("rejected", "0"),
+            n["id"],
+            n["live"],
+            n.get("kind", ""),
+            f"{n.get('browser', '')} {n.get('os', '')}".strip(),
+            n.get("cores", ""),
+            n.get("slots", ""),
+            n.get("score", "")[:10],
+            n.get("completed", "0"),
+            n.get("rejected", "0"),
         )
     console.print(table if nodes else "no nodes have joined yet")
     return 0
@@ -194,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser("submit", help="submit a job")
     kinds = submit.add_subparsers(dest="kind", required=True, metavar="KIND")
-    m = kinds.add_parser("mandelbrot", help="render the Mandelbrot set", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = kinds.add_parser(
+        "mandelbrot", help="render the Mandelbrot set", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     m.add_argument("--width", type=int, default=1024)
     m.add_argument("--height", type=int, default=1024)
     m.add_argument("--xmin", type=float, default=-2.0)

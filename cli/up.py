@@ -101,7 +101,13 @@ def run_up(settings: Settings, *, console: Console) -> int:
         redis_url = embedded.start()
         console.print(f"Started embedded Redis at {redis_url} (files in {home / 'redis'})")
 
-    env = {**os.environ, "PD_REDIS_URL": redis_url, "PD_HOME": str(home), "PD_PORT": str(settings.port), "PD_HOST": settings.host}
+    env = {
+        **os.environ,
+        "PD_REDIS_URL": redis_url,
+        "PD_HOME": str(home),
+        "PD_PORT": str(settings.port),
+        "PD_HOST": settings.host,
+    }
     argv0 = [sys.executable, "-m", "processdistro"]
     children = [Child(n, [*argv0, n], env, log_path=logs / f"{n}.log") for n in SERVICES]
 
@@ -115,14 +121,23 @@ def run_up(settings: Settings, *, console: Console) -> int:
     try:
         for c in children:
             c.start()
-        host = settings.public_url or f"http://{lan_address() if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
+        host = (
+            settings.public_url
+            or f"http://{lan_address() if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
+        )
         gateway_url = host.rstrip("/")
         join_code = _wait_for_gateway(redis_url, children[0], timeout=30)
         if join_code is None:
             console.print(f"[red]the gateway did not come up; see {children[0].log_path}[/]")
             return 1
         join_url = f"{gateway_url}/agent?code={join_code}"
-        info = {"redis_url": redis_url, "gateway_url": gateway_url, "join_url": join_url, "pid": os.getpid(), "logs": str(logs)}
+        info = {
+            "redis_url": redis_url,
+            "gateway_url": gateway_url,
+            "join_url": join_url,
+            "pid": os.getpid(),
+            "logs": str(logs),
+        }
         settings.controller_file.write_text(json.dumps(info, indent=2) + "\n")
         print_join(console, join_url, gateway_url)
         while not stopping:
@@ -132,7 +147,9 @@ def run_up(settings: Settings, *, console: Console) -> int:
                     code = c.process.returncode
                     # restart quickly, but not in a tight loop if it keeps crashing
                     c.backoff = 0.5 if time.monotonic() - c.started_at > 30 else min(c.backoff * 2, 10.0)
-                    console.print(f"[yellow]{c.name} exited with {code}; restarting in {c.backoff:.1f}s (log: {c.log_path})[/]")
+                    console.print(
+                        f"[yellow]{c.name} exited with {code}; restarting in {c.backoff:.1f}s (log: {c.log_path})[/]"
+                    )
                     time.sleep(c.backoff)
                     c.restarts += 1
                     c.start()

@@ -199,7 +199,9 @@ def create_app(settings: Settings, *, redis_client: aredis.Redis | None = None) 
             problems = [f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:10]]
             return JSONResponse({"error": "invalid node report", "problems": problems}, status_code=422)
         if not hmac.compare_digest(report.join_code.encode(), gw.join_code.encode()):
-            return JSONResponse({"error": "wrong join code: open the join link the controller printed"}, status_code=403)
+            return JSONResponse(
+                {"error": "wrong join code: open the join link the controller printed"}, status_code=403
+            )
         node_id = report.device_id
         banned = await r.hget(keys.node(node_id), "banned")
         if banned and banned != b"0":
@@ -223,7 +225,13 @@ def create_app(settings: Settings, *, redis_client: aredis.Redis | None = None) 
             },
         )
         token, expires = gw.signer.issue(node_id)
-        log.info("node %s: joined (%s, %d cores, score %s)", node_id, report.browser or report.kind, report.cores, report.benchmark_score)
+        log.info(
+            "node %s: joined (%s, %d cores, score %s)",
+            node_id,
+            report.browser or report.kind,
+            report.cores,
+            report.benchmark_score,
+        )
         return JSONResponse(
             NodeAccepted(
                 node_id=node_id,
@@ -249,7 +257,9 @@ def create_app(settings: Settings, *, redis_client: aredis.Redis | None = None) 
             return await refuse(CloseCode.POLICY, "too many connections; wait a minute", "rate")
         check = gw.signer.check(ws.query_params.get("token"))
         if check.status is not TokenStatus.VALID:
-            return await refuse(CloseCode.BAD_TOKEN, f"session token {check.status.value}", f"token_{check.status.value}")
+            return await refuse(
+                CloseCode.BAD_TOKEN, f"session token {check.status.value}", f"token_{check.status.value}"
+            )
         node = await r.hgetall(keys.node(check.node_id))
         if node.get(b"banned", b"0") != b"0":
             return await refuse(CloseCode.BANNED, "node banned", "banned")

@@ -7,11 +7,10 @@ numbers; the latency histogram is this gateway's own (Prometheus sums across gat
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import redis.asyncio as aredis
-from collections.abc import Iterator
-
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -29,7 +28,10 @@ class _ClusterCollector(Collector):
         s = self.last
         gauges = {
             "nodes_connected": ("processdistro_nodes_connected", "Nodes with a live connection"),
-            "avg_score": ("processdistro_node_score_avg", "Mean benchmark score of live nodes (Mandelbrot iterations per second per core)"),
+            "avg_score": (
+                "processdistro_node_score_avg",
+                "Mean benchmark score of live nodes (Mandelbrot iterations per second per core)",
+            ),
             "tasks_queued": ("processdistro_tasks_queued", "Subtasks not yet sent to a node"),
             "tasks_running": ("processdistro_tasks_running", "Subtasks held by nodes"),
             "jobs_active": ("processdistro_jobs_active", "Jobs not yet done, failed or cancelled"),

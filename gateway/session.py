@@ -228,7 +228,14 @@ class NodeSession:
             await self.refuse(ErrorCode.UNKNOWN_TASK, f"task {m.task_id} is not held by this connection")
             return
         fields = held[0]
-        log.warning("node %s: task %s (job %s #%d) failed: %s", self.node_id, m.task_id, fields.job, fields.index, m.message[:200])
+        log.warning(
+            "node %s: task %s (job %s #%d) failed: %s",
+            self.node_id,
+            m.task_id,
+            fields.job,
+            fields.index,
+            m.message[:200],
+        )
         await self.gw.r.hincrby(keys.node(self.node_id), "failed", 1)
         if fields.attempt + 1 < MAX_TASK_ATTEMPTS:
             await self.gw.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, m.task_id])
@@ -236,7 +243,9 @@ class NodeSession:
         # the scheduler owns job states: ask it to fail the job
         await self.gw.drop_task(m.task_id)
         reason = f"subtask {fields.index} failed {MAX_TASK_ATTEMPTS} times; last error: {m.message[:500]}"
-        await self.gw.r.xadd(keys.COMMANDS, {"command": json.dumps({"type": "fail", "job_id": fields.job, "reason": reason})})
+        await self.gw.r.xadd(
+            keys.COMMANDS, {"command": json.dumps({"type": "fail", "job_id": fields.job, "reason": reason})}
+        )
 
     # ------------------------------------------------------------------ dispatch
 

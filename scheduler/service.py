@@ -49,9 +49,7 @@ class Scheduler:
     # ------------------------------------------------------------------ commands
 
     def handle_commands(self, block_ms: int = 50) -> int:
-        resp = self.r.xreadgroup(
-            keys.SCHEDULER_GROUP, self.name, {keys.COMMANDS: ">"}, count=32, block=block_ms
-        )
+        resp = self.r.xreadgroup(keys.SCHEDULER_GROUP, self.name, {keys.COMMANDS: ">"}, count=32, block=block_ms)
         # Entries this consumer read before a crash and never ACKed come back with id 0.
         pending = self.r.xreadgroup(keys.SCHEDULER_GROUP, self.name, {keys.COMMANDS: "0"}, count=32)
         handled = 0
@@ -203,7 +201,10 @@ class Scheduler:
         return requeued
 
     def release_consumer(self, consumer: str) -> int:
-        ids = [p["message_id"] for p in self.r.xpending_range(keys.TASKS, keys.NODES_GROUP, "-", "+", 10_000, consumername=consumer)]
+        ids = [
+            p["message_id"]
+            for p in self.r.xpending_range(keys.TASKS, keys.NODES_GROUP, "-", "+", 10_000, consumername=consumer)
+        ]
         n = int(self.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, *ids])) if ids else 0
         if n:
             self.r.hincrby(keys.STATS, "tasks_requeued", n)

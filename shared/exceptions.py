@@ -1,10 +1,10 @@
 """Errors of ProcessDistro.
 
-    ProcessDistroError
-    ├── ConfigError        settings that cannot work (no Redis reachable, bad paths)
-    ├── ParamsError        a job's parameters are refused at submit time
-    ├── JobNotFound        no job with that id
-    └── ProtocolError      a peer sent something that breaks the protocol
+ProcessDistroError
+├── ConfigError        settings that cannot work (no Redis reachable, bad paths)
+├── ParamsError        a job's parameters are refused at submit time
+├── JobNotFound        no job with that id
+└── ProtocolError      a peer sent something that breaks the protocol
 """
 
 from __future__ import annotations

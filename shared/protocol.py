@@ -76,7 +76,9 @@ class Hello(_Msg):
 
     type: Literal["hello"] = "hello"
     protocol: int = PROTOCOL_VERSION
-    running: list[TaskId] = Field(default_factory=list, max_length=1024, description="tasks still running after a reconnect")
+    running: list[TaskId] = Field(
+        default_factory=list, max_length=1024, description="tasks still running after a reconnect"
+    )
 
 
 class Ready(_Msg):

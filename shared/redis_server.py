@@ -59,14 +59,22 @@ class EmbeddedRedis:
         self.directory.mkdir(parents=True, exist_ok=True)
         args = [
             find_redis_server(),
-            "--bind", "127.0.0.1",
-            "--port", str(self.port),
-            "--dir", str(self.directory),
-            "--save", "",
-            "--appendonly", "yes" if self.persist else "no",
-            "--protected-mode", "yes",
-            "--daemonize", "no",
-            "--logfile", str(self.directory / "redis.log"),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.persist else "no",
+            "--protected-mode",
+            "yes",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.directory / "redis.log"),
         ]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         client = redis.Redis.from_url(self.url)
@@ -74,13 +82,17 @@ class EmbeddedRedis:
         try:
             while True:
                 if self.process.poll() is not None:
-                    raise ConfigError(f"redis-server exited with {self.process.returncode}; see {self.directory / 'redis.log'}")
+                    raise ConfigError(
+                        f"redis-server exited with {self.process.returncode}; see {self.directory / 'redis.log'}"
+                    )
                 try:
                     client.ping()
                     break
                 except redis.ConnectionError:
                     if time.monotonic() > deadline:
-                        raise ConfigError(f"redis-server did not answer on port {self.port} within {timeout}s") from None
+                        raise ConfigError(
+                            f"redis-server did not answer on port {self.port} within {timeout}s"
+                        ) from None
                     time.sleep(0.05)
         finally:
             client.close()

@@ -22,16 +22,12 @@ def _retry() -> Retry:
 
 def _require(url: str | None) -> str:
     if not url:
-        raise ConfigError(
-            "no Redis configured: set PD_REDIS_URL or start the controller with `processdistro up`"
-        )
+        raise ConfigError("no Redis configured: set PD_REDIS_URL or start the controller with `processdistro up`")
     return url
 
 
 def sync_client(url: str | None) -> redis.Redis:
-    return redis.Redis.from_url(
-        _require(url), retry=_retry(), retry_on_error=_RETRY_ERRORS, health_check_interval=30
-    )
+    return redis.Redis.from_url(_require(url), retry=_retry(), retry_on_error=_RETRY_ERRORS, health_check_interval=30)
 
 
 def async_client(url: str | None, *, max_connections: int = 512) -> aredis.Redis:
@@ -44,7 +40,7 @@ def async_client(url: str | None, *, max_connections: int = 512) -> aredis.Redis
     )
 
 
-def backoff_delays(cap: float = 5.0) -> "list[float]":
+def backoff_delays(cap: float = 5.0) -> list[float]:
     """Delays for a service loop that lost Redis: 0.1 s doubling to `cap`."""
     delays, d = [], 0.1
     while d < cap:

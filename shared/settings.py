@@ -27,7 +27,9 @@ class Settings(BaseSettings):
     port: int = Field(default=30000, ge=1, le=65535, description="gateway port")
     public_url: str | None = Field(default=None, description="base URL printed in the join link")
     data_dir: Path | None = Field(default=None, description="job data and outputs; default $PD_HOME/data")
-    static_dir: Path | None = Field(default=None, description="agent page and WASM modules; default: the repository's static/")
+    static_dir: Path | None = Field(
+        default=None, description="agent page and WASM modules; default: the repository's static/"
+    )
     task_repo: Path | None = Field(default=None, description="directory of custom task kinds")
     max_concurrency: int = Field(default=8, ge=1, le=256, description="most slots granted to one node")
     prefetch: int = Field(default=1, ge=0, le=16, description="tasks a node may hold beyond its slots")

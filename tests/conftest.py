@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-
 from processdistro.shared import keys
 from processdistro.shared.redis_server import EmbeddedRedis, free_port
 
@@ -124,7 +123,11 @@ class Controller:
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "processdistro", *args], env=self.env, capture_output=True, text=True, timeout=timeout
+            [sys.executable, "-m", "processdistro", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     def wait_ready(self, timeout: float = 20) -> None:

@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 import httpx
 import numpy as np
 import websockets
-
 from processdistro.shared.tasks.mandelbrot import INPUT
 
 T = TypeVar("T")
@@ -47,7 +46,9 @@ def tile_counts(payload: bytes) -> np.ndarray:
 
 
 class PyNode:
-    def __init__(self, base_url: str, join_code: str, *, cores: int = 2, corrupt: Callable[[bytes], bytes] | None = None) -> None:
+    def __init__(
+        self, base_url: str, join_code: str, *, cores: int = 2, corrupt: Callable[[bytes], bytes] | None = None
+    ) -> None:
         self.base_url = base_url
         self.join_code = join_code
         self.cores = cores
@@ -59,7 +60,13 @@ class PyNode:
     def join(self) -> dict[str, Any]:
         resp = httpx.post(
             f"{self.base_url}/node-report",
-            json={"join_code": self.join_code, "device_id": self.device_id, "cores": self.cores, "kind": "native", "benchmark_score": 1e6},
+            json={
+                "join_code": self.join_code,
+                "device_id": self.device_id,
+                "cores": self.cores,
+                "kind": "native",
+                "benchmark_score": 1e6,
+            },
         )
         resp.raise_for_status()
         return dict(resp.json())
@@ -85,7 +92,16 @@ class PyNode:
                 out = tile_counts(base64.b64decode(msg["input_b64"])).astype("<u4").tobytes()
                 if self.corrupt is not None:
                     out = self.corrupt(out)
-                await ws.send(json.dumps({"type": "result", "task_id": msg["task_id"], "output_b64": base64.b64encode(out).decode(), "elapsed_ms": 1.0}))
+                await ws.send(
+                    json.dumps(
+                        {
+                            "type": "result",
+                            "task_id": msg["task_id"],
+                            "output_b64": base64.b64encode(out).decode(),
+                            "elapsed_ms": 1.0,
+                        }
+                    )
+                )
                 self.done += 1
                 await ws.send(json.dumps({"type": "ready", "free": 1}))
 

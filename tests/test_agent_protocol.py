@@ -185,9 +185,7 @@ def validate(name: str, instance: Any) -> None:
 
 def test_schema_files_match_protocol() -> None:
     for name, exported in P.export_schemas().items():
-        assert json.loads((SCHEMA / name).read_text()) == exported, (
-            f"{name} is stale: regenerate it"
-        )
+        assert json.loads((SCHEMA / name).read_text()) == exported, f"{name} is stale: regenerate it"
 
 
 BUILD_ALL = """async () => {
@@ -416,9 +414,7 @@ class Conn:
 
     async def welcome(self) -> P.Hello:
         hello = await self.recv("hello")
-        await self.send(
-            P.Welcome(node_id=self.gw.node_id, slots=2, prefetch=1, heartbeat_interval_s=0.3)
-        )
+        await self.send(P.Welcome(node_id=self.gw.node_id, slots=2, prefetch=1, heartbeat_interval_s=0.3))
         return hello
 
     def task(self, task_id: str, data: bytes) -> P.TaskAssign:
@@ -465,9 +461,7 @@ class FakeGateway:
             wasm[bench_sha] = MANDELBROT.read_bytes()
 
         async def modules(request: Request) -> Response:
-            return JSONResponse(
-                {"mandelbrot": {"sha256": bench_sha, "url": f"/modules/{bench_sha}.wasm"}}
-            )
+            return JSONResponse({"mandelbrot": {"sha256": bench_sha, "url": f"/modules/{bench_sha}.wasm"}})
 
         async def module(request: Request) -> Response:
             data = wasm.get(request.path_params["sha"])
@@ -554,9 +548,7 @@ def gateway_factory() -> Iterator[Callable[[list[Script]], tuple[FakeGateway, st
 
 
 def wait_state(page: Page, state: str, timeout_ms: int = 20_000) -> None:
-    page.wait_for_function(
-        "(s) => window.pdAgent && window.pdAgent.state === s", arg=state, timeout=timeout_ms
-    )
+    page.wait_for_function("(s) => window.pdAgent && window.pdAgent.state === s", arg=state, timeout=timeout_ms)
 
 
 @pytest.mark.browser
@@ -588,10 +580,7 @@ def test_agent_session_reconnects_and_is_banned(browser: Browser, gateway_factor
         hello = await c.welcome()
         assert hello.running == ["2-0"]
         res = await c.recv("result")
-        assert (
-            res.task_id == "2-0"
-            and base64.b64decode(res.output_b64) == spin_input(2_000_000_000)[::-1]
-        )
+        assert res.task_id == "2-0" and base64.b64decode(res.output_b64) == spin_input(2_000_000_000)[::-1]
         await c.send(c.task("3-0", spin_input(0xFFFFFFFF)))  # would run for seconds
         await c.send(c.task("3-1", b"xy"))
         res = await c.recv("result")
@@ -638,9 +627,7 @@ def test_agent_session_reconnects_and_is_banned(browser: Browser, gateway_factor
     if MANDELBROT.exists():
         assert report.benchmark_score > 1e6, "Mandelbrot iterations per second per core"
     assert snap["tasksDone"] == 6 and snap["running"] == 0 and snap["slots"] == 2
-    assert not any(getattr(f, "task_id", None) == "3-0" for f in gw.frames), (
-        "no result for a cancelled task"
-    )
+    assert not any(getattr(f, "task_id", None) == "3-0" for f in gw.frames), "no result for a cancelled task"
 
 
 @pytest.mark.browser
@@ -686,9 +673,7 @@ def test_agent_refuses_without_a_valid_join_code(browser: Browser, gateway_facto
         assert page.locator("#join").is_disabled()
         page.evaluate("window.pdAgent.join()")
         assert page.evaluate("window.pdAgent.state") == "error"
-        assert page.evaluate("localStorage.getItem('pd.device_id')") is None, (
-            "nothing runs before consent"
-        )
+        assert page.evaluate("localStorage.getItem('pd.device_id')") is None, "nothing runs before consent"
         page.goto(f"{base}/agent?code=WRONG-CODE")
         page.click("#join")
         wait_state(page, "error")

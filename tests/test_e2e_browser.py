@@ -13,10 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from PIL import Image
-
 from conftest import Controller
 from mandel_ref import reference_counts
+from PIL import Image
 from processdistro.shared import keys
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -43,10 +42,32 @@ def join(browser: Any, ctl: Controller) -> Any:
 def start_job(ctl: Controller, out: Path, tile: int) -> subprocess.Popen[str]:
     with open(out / "submit.log", "w") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "processdistro", "submit", "mandelbrot", "--width", str(W), "--height", str(H),
-             "--max-iter", str(MAX_ITER), "--tile", str(tile), "-o", str(out / "m.png"), "--raw", str(out / "counts.npy"),
-             "--wait", "--timeout", "240"],
-            env=ctl.env, stdout=log, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "processdistro",
+                "submit",
+                "mandelbrot",
+                "--width",
+                str(W),
+                "--height",
+                str(H),
+                "--max-iter",
+                str(MAX_ITER),
+                "--tile",
+                str(tile),
+                "-o",
+                str(out / "m.png"),
+                "--raw",
+                str(out / "counts.npy"),
+                "--wait",
+                "--timeout",
+                "240",
+            ],
+            env=ctl.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
 
 

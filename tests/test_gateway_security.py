@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -11,14 +12,13 @@ import httpx
 import numpy as np
 import redis
 import websockets
-from websockets.exceptions import ConnectionClosed
-
 from conftest import Controller
 from processdistro.gateway.auth import TokenSigner
 from processdistro.shared import keys
 from processdistro.shared.protocol import CloseCode
 from pynode import PyNode, run_async
 from test_pipeline import expected_small, run_nodes_until, submit
+from websockets.exceptions import ConnectionClosed
 
 
 def ws_url(ctl: Controller, token: str | None) -> str:
@@ -28,10 +28,8 @@ def ws_url(ctl: Controller, token: str | None) -> str:
 
 async def close_code(url: str, **kwargs: object) -> tuple[int, str]:
     async with websockets.connect(url, **kwargs) as ws:  # type: ignore[arg-type]
-        try:
+        with contextlib.suppress(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 5)
-        except ConnectionClosed:
-            pass
         await asyncio.wait_for(ws.wait_closed(), 5)
         assert ws.close_code is not None
         return ws.close_code, ws.close_reason or ""
@@ -76,10 +74,8 @@ def test_hostile_clients_refused_while_a_job_runs(controller: Controller, tmp_pa
             seen["binary"] = await recv_type(ws, "error")
             await ws.send(json.dumps({"type": "heartbeat", "running": 0, "done": 0}))  # still alive
             await ws.send("x" * (5 * 1024 * 1024))
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ws.wait_closed(), 5)
-            except TimeoutError:
-                pass
             seen["oversized"] = (ws.close_code, ws.close_reason)
 
     async def scenario() -> None:
@@ -106,7 +102,9 @@ def test_node_report_refusals(controller: Controller) -> None:
     assert wrong.status_code == 403 and "join code" in wrong.json()["error"]
     invalid = httpx.post(f"{controller.url}/node-report", json={**base, "join_code": controller.join_code, "cores": 0})
     assert invalid.status_code == 422 and any("cores" in p for p in invalid.json()["problems"])
-    garbage = httpx.post(f"{controller.url}/node-report", content=b"\xff\xfe", headers={"content-type": "application/json"})
+    garbage = httpx.post(
+        f"{controller.url}/node-report", content=b"\xff\xfe", headers={"content-type": "application/json"}
+    )
     assert garbage.status_code == 422
     huge = httpx.post(f"{controller.url}/node-report", content=b"{" + b" " * 100_000 + b"}")
     assert huge.status_code == 413
@@ -141,5 +139,8 @@ def test_wasm_served_by_hash(controller: Controller) -> None:
     import hashlib
 
     assert hashlib.sha256(resp.content).hexdigest() == sha
-    assert httpx.get(f"{controller.url}{mods['mandelbrot']['url']}", headers={"If-None-Match": f'"{sha}"'}).status_code == 304
+    assert (
+        httpx.get(f"{controller.url}{mods['mandelbrot']['url']}", headers={"If-None-Match": f'"{sha}"'}).status_code
+        == 304
+    )
     _ = time

@@ -204,9 +204,7 @@ def test_bad_input_status_codes(kernel: Kernel) -> None:
     for data in bad:
         assert kernel.run(data)[0] == BAD_PARAMS, struct.unpack("<4d8I", data)
     # the instance is still fine afterwards
-    np.testing.assert_array_equal(
-        kernel.tile(16, 8, 0, 0, 16, 8), reference_counts(16, 8, *DEFAULT_BOUNDS, 500)
-    )
+    np.testing.assert_array_equal(kernel.tile(16, 8, 0, 0, 16, 8), reference_counts(16, 8, *DEFAULT_BOUNDS, 500))
 
 
 def test_out_of_memory_status(loaded: Loaded) -> None:
@@ -219,9 +217,7 @@ def test_out_of_memory_status(loaded: Loaded) -> None:
     assert k.run(encode(1024, 1024, 0, 0, 1024, 1024, 1))[0] == OUT_OF_MEMORY
     assert k.memory_bytes() <= initial + 4 * PAGE
     # and the instance keeps working within its limit
-    np.testing.assert_array_equal(
-        k.tile(64, 48, 0, 0, 64, 48, 50), reference_counts(64, 48, *DEFAULT_BOUNDS, 50)
-    )
+    np.testing.assert_array_equal(k.tile(64, 48, 0, 0, 64, 48, 50), reference_counts(64, 48, *DEFAULT_BOUNDS, 50))
 
 
 def test_memory_stays_bounded_over_many_runs(kernel: Kernel) -> None:
@@ -246,7 +242,5 @@ def test_memory_stays_bounded_over_many_runs(kernel: Kernel) -> None:
     for _ in range(50):
         status, out = kernel.run_at(ptr, 64)
         assert status == OK
-        np.testing.assert_array_equal(
-            np.frombuffer(out, dtype="<u4").reshape(32, 32), want[:32, :32]
-        )
+        np.testing.assert_array_equal(np.frombuffer(out, dtype="<u4").reshape(32, 32), want[:32, :32])
     assert kernel.memory_bytes() == sizes[-1]

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-
 from conftest import Controller
 from mandel_ref import reference_counts
 from processdistro.shared import keys
@@ -24,9 +23,25 @@ SMALL = ["--width", "300", "--height", "200", "--tile", "32", "--max-iter", "200
 def submit(ctl: Controller, tmp: Path, *extra: str) -> subprocess.Popen[str]:
     with open(tmp / "submit.log", "w") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "processdistro", "submit", "mandelbrot", *SMALL, *extra, "--wait", "-q",
-             "-o", str(tmp / "m.png"), "--raw", str(tmp / "m.npy")],
-            env=ctl.env, stdout=log, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "processdistro",
+                "submit",
+                "mandelbrot",
+                *SMALL,
+                *extra,
+                "--wait",
+                "-q",
+                "-o",
+                str(tmp / "m.png"),
+                "--raw",
+                str(tmp / "m.npy"),
+            ],
+            env=ctl.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
 
 
@@ -162,7 +177,9 @@ def test_task_that_always_fails_fails_the_job(controller: Controller, tmp_path: 
                 except TimeoutError:
                     continue
                 if msg["type"] == "task":
-                    await ws.send(json.dumps({"type": "task_failed", "task_id": msg["task_id"], "message": "CompileError: boom"}))
+                    await ws.send(
+                        json.dumps({"type": "task_failed", "task_id": msg["task_id"], "message": "CompileError: boom"})
+                    )
                     await ws.send(json.dumps({"type": "ready", "free": 1}))
 
     run_async(asyncio.wait_for(failing_node(), 60))

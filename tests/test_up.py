@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from processdistro.shared.redis_server import free_port
 
 
@@ -39,7 +38,9 @@ def up(tmp_path: Path) -> tuple[subprocess.Popen[str], dict[str, str], Path]:
     env.update({"PD_HOME": str(tmp_path / "home"), "PD_PORT": str(free_port()), "PD_HOST": "127.0.0.1"})
     log = tmp_path / "up.log"
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "processdistro", "up"], env=env, stdout=fh, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "processdistro", "up"], env=env, stdout=fh, stderr=subprocess.STDOUT, text=True
+        )
     deadline = time.monotonic() + 60
     while "Join link" not in log.read_text():
         assert proc.poll() is None, log.read_text()
@@ -61,7 +62,9 @@ def test_up_prints_join_link_and_stops_cleanly(up: tuple[subprocess.Popen[str], 
     port = env["PD_PORT"]
     assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
     # every other command finds the controller through controller.json
-    jobs = subprocess.run([sys.executable, "-m", "processdistro", "jobs"], env=env, capture_output=True, text=True, timeout=30)
+    jobs = subprocess.run(
+        [sys.executable, "-m", "processdistro", "jobs"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert jobs.returncode == 0 and "no jobs yet" in jobs.stdout
     kids = children_of(proc.pid)
     assert len(kids) == 4  # redis, gateway, scheduler, aggregator

@@ -51,9 +51,7 @@ class TaskPlugin(ABC, Generic[P]):
         try:
             return self.params_model.model_validate(raw)  # type: ignore[return-value]
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors()
-            )
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors())
             raise ParamsError(f"bad {self.kind} parameters: {problems}") from None
 
     @abstractmethod

@@ -100,8 +100,18 @@ class MandelbrotPlugin(TaskPlugin[MandelbrotParams]):
     def encode(self, params: MandelbrotParams, index: int) -> bytes:
         x0, y0, w, h = params.tile_rect(index)
         return INPUT.pack(
-            params.xmin, params.xmax, params.ymin, params.ymax,
-            params.width, params.height, x0, y0, w, h, params.max_iter, 0,
+            params.xmin,
+            params.xmax,
+            params.ymin,
+            params.ymax,
+            params.width,
+            params.height,
+            x0,
+            y0,
+            w,
+            h,
+            params.max_iter,
+            0,
         )
 
     def split(self, params: MandelbrotParams, start: int = 0) -> Iterator[bytes]:
