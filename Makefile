@@ -49,10 +49,11 @@ bench: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy cli shared gateway scheduler aggregator
+	bash scripts/lint_tree.sh >/dev/null
+	MYPYPATH=.lint $(VENV)/bin/mypy -p processdistro
 
 schema: install
 	$(VENV)/bin/processdistro schema --out shared/schema
 
 clean:
-	rm -rf $(VENV) wasm_tasks/target .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) wasm_tasks/target .pytest_cache .mypy_cache .ruff_cache .lint

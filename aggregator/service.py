@@ -76,7 +76,7 @@ class Aggregator:
             retry = {k: v for k, v in f.items() if k in (b"job", b"index", b"kind", b"module", b"input")}
             retry[b"attempt"] = str(int(f.get(b"attempt", b"0")) + 1).encode()
             pipe = self.r.pipeline(transaction=True)
-            pipe.xadd(keys.TASKS, retry)  # type: ignore[arg-type]
+            pipe.xadd(keys.TASKS, retry)
             pipe.hincrby(keys.node(node), "rejected", 1)
             pipe.hincrby(keys.STATS, "tasks_rejected", 1)
             pipe.xack(keys.RESULTS, keys.AGGREGATORS_GROUP, entry_id)
