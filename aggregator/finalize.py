@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 import traceback
 from pathlib import Path
@@ -19,6 +20,7 @@ from rq.job import Job, JobStatus
 
 from ..shared import keys
 from ..shared.jobs import JobState, event, load_job
+from ..shared.service import instance_alive
 from ..shared.tasks import JobFiles, get_plugin
 
 log = logging.getLogger(__name__)
@@ -52,12 +54,31 @@ def enqueue_finalize(client: redis.Redis, job_id: str, data_dir: Path) -> None:
         existing = None
     if existing is not None:
         status = existing.get_status(refresh=True)
-        if status in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.FINISHED, JobStatus.DEFERRED):
+        if status in (JobStatus.QUEUED, JobStatus.FINISHED, JobStatus.DEFERRED):
             return
+        if status is JobStatus.STARTED and _runner_alive(client, existing):
+            return
+        # failed, stopped, or started by an aggregator that died (kill -9): run it again
+        log.warning("job %s: finalize job was %s; enqueueing it again", job_id, status)
         existing.delete()
     Queue(keys.FINALIZE_QUEUE, connection=client).enqueue_call(
         finalize_job, args=(job_id, str(data_dir)), job_id=rq_job_id(job_id), timeout=3600, result_ttl=3600, unique=True
     )
+
+
+FINALIZER_SEP = ".fin-"
+
+
+def finalizer_name(instance: str) -> str:
+    """rq worker name of an aggregator instance's finalizer: the instance can be read back."""
+    return f"{instance}{FINALIZER_SEP}{random.getrandbits(24):06x}"
+
+
+def _runner_alive(client: redis.Redis, job: Job) -> bool:
+    worker = job.worker_name or ""
+    if FINALIZER_SEP not in worker:
+        return True  # not one of ours: trust rq's own bookkeeping
+    return instance_alive(client, "aggregator", worker.split(FINALIZER_SEP, 1)[0])
 
 
 def finalize_job(job_id: str, data_dir: str) -> str:

@@ -26,14 +26,14 @@ from rq import Queue, SimpleWorker
 from ..shared import keys
 from ..shared.jobs import JobState, load_job
 from ..shared.queue import COMMIT_LUA, ensure_groups
-from ..shared.service import StopFlag, beat, captured_signals, instance_name, run_forever
+from ..shared.service import StopFlag, captured_signals, instance_name, run_forever, start_beating
 from ..shared.settings import Settings
 from ..shared.tasks import JobFiles, Verdict, get_plugin
-from .finalize import enqueue_finalize
+from .finalize import enqueue_finalize, finalizer_name
 
 log = logging.getLogger(__name__)
 
-CLAIM_IDLE_MS = 20_000
+CLAIM_IDLE_MS = 10_000  # a live aggregator merges a batch in well under this
 
 
 class Aggregator:
@@ -44,7 +44,6 @@ class Aggregator:
         self.commit = client.register_script(COMMIT_LUA)
         self.rng = random.Random()
         self.queue = Queue(keys.FINALIZE_QUEUE, connection=client)
-        self._last_beat = 0.0
         self._last_sweep = 0.0
 
     def read(self, block_ms: int = 500) -> list[tuple[bytes, dict[bytes, bytes]]]:
@@ -112,7 +111,7 @@ class Aggregator:
     def run_finalizers(self, flag: StopFlag) -> None:
         if self.queue.count == 0:
             return
-        worker = SimpleWorker([self.queue], connection=self.r, name=f"{self.name}-{random.getrandbits(24):06x}")
+        worker = SimpleWorker([self.queue], connection=self.r, name=finalizer_name(self.name))
         try:
             worker.work(burst=True, logging_level="WARNING")
         finally:
@@ -122,9 +121,6 @@ class Aggregator:
 
     def step(self, flag: StopFlag) -> None:
         now = time.monotonic()
-        if now - self._last_beat > 2:
-            beat(self.r, "aggregator", self.name)
-            self._last_beat = now
         entries = self.read()
         if now - self._last_sweep > 5:
             entries += self.claim_abandoned()
@@ -147,6 +143,10 @@ def run(settings: Settings) -> None:
     agg = Aggregator(client=client, data_dir=settings.data_path)
     flag = StopFlag()
     log.info("aggregator %s started, data in %s", agg.name, agg.data_dir)
-    with captured_signals(flag):
-        run_forever("aggregator", flag, lambda: agg.step(flag))
+    beating = start_beating(client, "aggregator", agg.name)
+    try:
+        with captured_signals(flag):
+            run_forever("aggregator", flag, lambda: agg.step(flag))
+    finally:
+        beating.set()
     log.info("aggregator %s stopped", agg.name)

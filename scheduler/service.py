@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 MIN_BACKLOG = 32
 FEED_BATCH = 64
+COMMAND_CLAIM_IDLE_MS = 3_000
 
 
 class Scheduler:
@@ -45,15 +46,22 @@ class Scheduler:
         self.requeue = client.register_script(REQUEUE_LUA)
         self._last_beat = 0.0
         self._last_reap = 0.0
+        self._last_claim = 0.0
 
     # ------------------------------------------------------------------ commands
 
     def handle_commands(self, block_ms: int = 50) -> int:
         resp = self.r.xreadgroup(keys.SCHEDULER_GROUP, self.name, {keys.COMMANDS: ">"}, count=32, block=block_ms)
-        # Entries this consumer read before a crash and never ACKed come back with id 0.
-        pending = self.r.xreadgroup(keys.SCHEDULER_GROUP, self.name, {keys.COMMANDS: "0"}, count=32)
+        batches = [entries for _stream, entries in resp or []]
+        if time.monotonic() - self._last_claim > 2:
+            # commands a killed scheduler had read but not applied (applying is idempotent)
+            reply = self.r.xautoclaim(
+                keys.COMMANDS, keys.SCHEDULER_GROUP, self.name, COMMAND_CLAIM_IDLE_MS, "0-0", count=32
+            )
+            batches.append([(eid, f) for eid, f in reply[1] if f])
+            self._last_claim = time.monotonic()
         handled = 0
-        for _stream, entries in (pending or []) + (resp or []):
+        for entries in batches:
             for entry_id, fields in entries:
                 try:
                     self.apply(fields)

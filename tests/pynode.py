@@ -56,6 +56,7 @@ class PyNode:
         self.device_id = secrets.token_urlsafe(16)
         self.done = 0
         self.received: list[dict[str, Any]] = []
+        self.reconnects = 0
 
     def join(self) -> dict[str, Any]:
         resp = httpx.post(
@@ -70,6 +71,15 @@ class PyNode:
         )
         resp.raise_for_status()
         return dict(resp.json())
+
+    async def run_reconnecting(self, stop: asyncio.Event) -> None:
+        """Like a browser agent: when the gateway goes away, join again and carry on."""
+        while not stop.is_set():
+            try:
+                await self.run(stop=stop)
+            except (OSError, httpx.HTTPError, websockets.ConnectionClosed, TimeoutError):
+                self.reconnects += 1
+                await asyncio.sleep(0.3)
 
     async def run(self, *, max_tasks: int | None = None, stop: asyncio.Event | None = None) -> None:
         accepted = self.join()
