@@ -266,6 +266,12 @@ class NodeSession:
         if await self.gw.job_is_over(fields.job):
             await self.gw.drop_task(task_id)
             return
+        if fields.backup_of and (
+            fields.backup_of == self.node_id or await self.gw.r.sismember(keys.job_done(fields.job), fields.index)
+        ):
+            # a backup is optional: never to the straggler itself, never once the original is in
+            await self.gw.drop_task(task_id)
+            return
         module = self.gw.modules.by_sha.get(fields.module)
         if module is None:
             log.error("task %s needs unknown module %s; requeueing", task_id, fields.module)

@@ -14,6 +14,8 @@ Loop (about every 100 ms):
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import logging
 import time
@@ -25,7 +27,7 @@ from ..shared import keys
 from ..shared.exceptions import ProcessDistroError
 from ..shared.jobs import JobRecord, JobState, event, load_job
 from ..shared.modules import ModuleRegistry
-from ..shared.queue import REQUEUE_LUA, TaskFields, ensure_groups
+from ..shared.queue import REQUEUE_LUA, TaskFields, ensure_groups, node_of_consumer
 from ..shared.service import StopFlag, beat, captured_signals, instance_name, run_forever
 from ..shared.settings import Settings
 from ..shared.tasks import get_plugin
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 
 MIN_BACKLOG = 32
 FEED_BATCH = 64
+BACKUP_MIN_MS = 1500  # never back up a task out for less than this
+BACKUP_FACTOR = 3.0  # ... nor one out for less than this many typical task times
 COMMAND_CLAIM_IDLE_MS = 3_000
 
 
@@ -150,18 +154,68 @@ class Scheduler:
         return [h for h in pipe.execute() if h]
 
     def feed(self) -> int:
+        """Top the backlog up. Higher priority first; jobs of equal priority share the
+        room evenly, so they progress at similar rates."""
         room = self.backlog_target() - self.backlog()
+        if room <= 0:
+            return 0
+        jobs = [load_job(self.r, j.decode()) for j in self.r.zrange(keys.ACTIVE_JOBS, 0, -1)]
+        feedable = [j for j in jobs if j is not None and j.state in (JobState.QUEUED, JobState.RUNNING)]
         added = 0
-        for job_id_b in self.r.zrange(keys.ACTIVE_JOBS, 0, -1):
+        for _priority, group in itertools.groupby(feedable, key=lambda j: j.priority):
+            hungry = [j for j in group if j.next_index < j.total or j.state is JobState.QUEUED]
+            while room > 0 and hungry:
+                share = max(1, -(-room // len(hungry)))
+                still = []
+                for job in hungry:
+                    n = self._feed_job(job, min(share, room, FEED_BATCH))
+                    room -= n
+                    added += n
+                    job.next_index += n
+                    job.state = JobState.RUNNING
+                    if job.next_index < job.total and n > 0:
+                        still.append(job)
+                hungry = still
             if room <= 0:
                 break
-            job = load_job(self.r, job_id_b.decode())
-            if job is None or job.state not in (JobState.QUEUED, JobState.RUNNING):
-                continue
-            n = self._feed_job(job, min(room, FEED_BATCH))
-            room -= n
-            added += n
         return added
+
+    def backups(self) -> int:
+        """Near a job's end (nothing left queued) idle slots take backup copies of tasks
+        that have been out much longer than tasks usually take; the first valid result
+        wins and the other is counted as a duplicate."""
+        if self.backlog() > 0:
+            return 0
+        slots = sum(int(n.get(b"slots", 1)) + self.settings.prefetch for n in self._live_nodes())
+        summary = self.r.xpending(keys.TASKS, keys.NODES_GROUP)
+        idle_slots = slots - int(summary["pending"])
+        if idle_slots <= 0 or not summary["pending"]:
+            return 0
+        latencies = sorted(float(x) for x in self.r.lrange(keys.LATENCY, 0, -1))
+        typical_ms = latencies[len(latencies) // 2] if latencies else 1000.0
+        threshold_ms = max(BACKUP_MIN_MS, BACKUP_FACTOR * typical_ms)
+        pending = self.r.xpending_range(keys.TASKS, keys.NODES_GROUP, "-", "+", 1000)
+        made = 0
+        for p in sorted(pending, key=lambda p: -int(p["time_since_delivered"])):
+            if made >= idle_slots or int(p["time_since_delivered"]) < threshold_ms:
+                break
+            entry_id = _text(p["message_id"])
+            if not self.r.set(keys.backup_marker(entry_id), 1, nx=True, ex=3600):
+                continue  # backed up already
+            entries = self.r.xrange(keys.TASKS, entry_id, entry_id)
+            if not entries:
+                continue
+            original = TaskFields.from_redis(entries[0][1])
+            holder = node_of_consumer(
+                p["consumer"].decode() if isinstance(p["consumer"], bytes) else str(p["consumer"])
+            )
+            copy = dataclasses.replace(original, backup_of=holder)
+            self.r.xadd(keys.TASKS, copy.to_redis())
+            made += 1
+        if made:
+            self.r.hincrby(keys.STATS, "tasks_backup", made)
+            log.info("backups: %d straggler copies (threshold %.0f ms)", made, threshold_ms)
+        return made
 
     def _feed_job(self, job: JobRecord, limit: int) -> int:
         if job.next_index >= job.total:
@@ -229,10 +283,15 @@ class Scheduler:
             beat(self.r, "scheduler", self.name)
             self._last_beat = now
         self.handle_commands()
-        self.feed()
+        if not self.feed():
+            self.backups()
         if now - self._last_reap > 0.5:
             self.reap()
             self._last_reap = now
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def run(settings: Settings) -> None:

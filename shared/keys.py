@@ -44,6 +44,11 @@ def job_done(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:done"
 
 
+def backup_marker(entry_id: str) -> str:
+    """Set (with a TTL) once a backup copy of task entry `entry_id` exists."""
+    return f"{PREFIX}backup:{entry_id}"
+
+
 def node(node_id: str) -> str:
     return f"{PREFIX}node:{node_id}"
 

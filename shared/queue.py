@@ -76,9 +76,10 @@ class TaskFields:
     module: str  # sha256 of the WASM module
     input: bytes
     attempt: int = 0
+    backup_of: str = ""  # a backup copy of a straggler held by this node: never give it back to that node
 
     def to_redis(self) -> dict[str, Any]:
-        return {
+        fields: dict[str, Any] = {
             "job": self.job,
             "index": self.index,
             "kind": self.kind,
@@ -86,6 +87,9 @@ class TaskFields:
             "input": self.input,
             "attempt": self.attempt,
         }
+        if self.backup_of:
+            fields["backup_of"] = self.backup_of
+        return fields
 
     @classmethod
     def from_redis(cls, fields: dict[bytes, bytes]) -> TaskFields:
@@ -96,6 +100,7 @@ class TaskFields:
             module=fields[b"module"].decode(),
             input=fields[b"input"],
             attempt=int(fields.get(b"attempt", b"0")),
+            backup_of=fields.get(b"backup_of", b"").decode(),
         )
 
 

@@ -47,12 +47,20 @@ def tile_counts(payload: bytes) -> np.ndarray:
 
 class PyNode:
     def __init__(
-        self, base_url: str, join_code: str, *, cores: int = 2, corrupt: Callable[[bytes], bytes] | None = None
+        self,
+        base_url: str,
+        join_code: str,
+        *,
+        cores: int = 2,
+        corrupt: Callable[[bytes], bytes] | None = None,
+        delay: float = 0.0,
     ) -> None:
         self.base_url = base_url
         self.join_code = join_code
         self.cores = cores
         self.corrupt = corrupt
+        self.delay = delay  # seconds per task on top of the compute: a slow device
+        self.delay = delay  # seconds per task on top of the compute: a slow device
         self.device_id = secrets.token_urlsafe(16)
         self.done = 0
         self.received: list[dict[str, Any]] = []
@@ -102,6 +110,8 @@ class PyNode:
                 out = tile_counts(base64.b64decode(msg["input_b64"])).astype("<u4").tobytes()
                 if self.corrupt is not None:
                     out = self.corrupt(out)
+                if self.delay:
+                    await asyncio.sleep(self.delay)
                 await ws.send(
                     json.dumps(
                         {

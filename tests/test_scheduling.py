@@ -1,0 +1,92 @@
+"""Scheduling: backups of stragglers, fair share between equal jobs, priorities."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from conftest import Controller
+from processdistro.shared import keys
+from pynode import PyNode, run_async
+from test_pipeline import expected_small, submit
+
+
+def job_ids(r: redis.Redis) -> list[str]:
+    return [j.decode() for j in r.zrange(keys.JOBS, 0, -1)]
+
+
+def fraction(r: redis.Redis, job_id: str) -> float:
+    done, total = r.hmget(keys.job(job_id), "done", "total")
+    return int(done or 0) / max(1, int(total or 1))
+
+
+def test_backups_rescue_a_straggler(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+    """A node 20 s per task holds a few tasks; backups let the fast node finish the job."""
+    proc = submit(controller, tmp_path, "--tile", "64")  # 5 x 4 = 20 tiles
+    slow = PyNode(controller.url, controller.join_code, delay=20.0)
+    fast = PyNode(controller.url, controller.join_code)
+
+    async def scenario() -> float:
+        stop = asyncio.Event()
+        slow_task = asyncio.create_task(slow.run(stop=stop))
+        await asyncio.sleep(0.5)  # the slow node grabs its share first
+        started = time.monotonic()
+        fast_task = asyncio.create_task(fast.run(stop=stop))
+        while proc.poll() is None and time.monotonic() - started < 60:
+            await asyncio.sleep(0.05)
+        elapsed = time.monotonic() - started
+        stop.set()
+        fast_task.cancel()
+        slow_task.cancel()
+        await asyncio.gather(fast_task, slow_task, return_exceptions=True)
+        return elapsed
+
+    elapsed = run_async(scenario())
+    assert proc.returncode == 0, (tmp_path / "submit.log").read_text() + controller.logs()
+    assert elapsed < 15, f"took {elapsed:.1f}s: stragglers were not backed up"
+    assert int(r.hget(keys.STATS, "tasks_backup") or 0) >= 1
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
+
+
+def test_equal_jobs_share_and_priority_overtakes(controller: Controller, r: redis.Redis) -> None:
+    big = ("--width", "400", "--height", "400", "--tile", "8", "--max-iter", "50")  # 2500 tiles each
+    for _ in range(2):
+        assert controller.cli("submit", "mandelbrot", *big).returncode == 0
+
+    async def scenario() -> tuple[float, float, list[str]]:
+        stop = asyncio.Event()
+        nodes = [PyNode(controller.url, controller.join_code, cores=2) for _ in range(2)]
+        tasks = [asyncio.create_task(n.run(stop=stop)) for n in nodes]
+        try:
+            while len(job_ids(r)) < 2:
+                await asyncio.sleep(0.05)
+            a, b = job_ids(r)
+            while fraction(r, a) < 0.3 and fraction(r, b) < 0.3:
+                await asyncio.sleep(0.05)
+            fa, fb = fraction(r, a), fraction(r, b)
+            # now a later, more important job
+            result = await asyncio.to_thread(controller.cli, "submit", "mandelbrot", *big, "--priority", "5")
+            assert result.returncode == 0
+            while len(job_ids(r)) < 3:
+                await asyncio.sleep(0.05)
+            urgent = job_ids(r)[2]
+            order: list[str] = []
+            deadline = time.monotonic() + 240
+            while len(order) < 3 and time.monotonic() < deadline:
+                for j in (a, b, urgent):
+                    if j not in order and r.hget(keys.job(j), "state") == b"done":
+                        order.append(j)
+                await asyncio.sleep(0.05)
+            return fa, fb, [{a: "a", b: "b", urgent: "urgent"}[j] for j in order]
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+
+    fa, fb, order = run_async(scenario())
+    assert abs(fa - fb) < 0.1, f"equal jobs progressed unequally: {fa:.2f} vs {fb:.2f}"
+    assert order and order[0] == "urgent", f"finish order {order}"
+    assert len(order) == 3
