@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-
 from conftest import Controller
 from mandel_ref import reference_counts
 from processdistro.shared import keys
