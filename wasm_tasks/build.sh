@@ -2,6 +2,8 @@
 # Build every WASM task kernel (each cdylib member of the wasm_tasks cargo workspace) for
 # wasm32-unknown-unknown in release mode and copy target/.../release/<name>.wasm to
 # static/wasm/<name>.wasm. `make wasm` runs this from the repo root; any cwd works.
+# Then it builds the VARIANTS declared below (e.g. matrix_mul with its `simd` feature and
+# -Ctarget-feature=+simd128, installed as static/wasm/matrix_mul_simd.wasm).
 #
 # Routes (automatic; force one with PD_WASM_ROUTE=rustup|debian):
 #   rustup  used when `rustup target list --installed` lists wasm32-unknown-unknown:
@@ -90,7 +92,7 @@ debian)
     die "PD_WASM_ROUTE must be rustup or debian (got '$route')"
     ;;
 esac
-cargo_args+=(--workspace --message-format=json-render-diagnostics)
+cargo_args+=(--message-format=json-render-diagnostics)
 [[ "${PD_WASM_LOCKED:-0}" == 1 ]] && cargo_args+=(--locked)
 
 # ---- reproducible flags -----------------------------------------------------------------
@@ -106,6 +108,15 @@ CARGO_ENCODED_RUSTFLAGS="$(IFS=$'\x1f'; echo "${flags[*]}")"
 export CARGO_ENCODED_RUSTFLAGS
 unset RUSTFLAGS
 
+# ---- variant declarations ---------------------------------------------------------------
+# Extra builds of one member with a cargo feature and extra rustc target features, each in its
+# own target dir (under $CARGO_TARGET_DIR, so it is remapped like the rest; with -Z build-std
+# `core` gets the same target features), installed under another name. One line each:
+#   "<output name> <package> <cargo feature> <rustc target-feature list>"
+VARIANTS=(
+    "matrix_mul_simd matrix_mul simd +simd128" # WebAssembly SIMD128 (f64x2/f32x4 mul + add)
+)
+
 # ---- build --------------------------------------------------------------------------------
 log="$(mktemp)"
 json="$(mktemp)"
@@ -118,27 +129,27 @@ run_cargo() { # extra args...; stdout (JSON) -> $json, stderr shown and kept in 
 vendor_args=(--config "source.crates-io.replace-with=\"pd-rust-std-vendor\""
     --config "source.pd-rust-std-vendor.directory=\"$DEBIAN_STD_VENDOR\"")
 
-echo "wasm build: route=$route cargo=$cargo_bin target-dir=$CARGO_TARGET_DIR" >&2
-if [[ "$route" == debian && "$STD_VENDOR_MODE" == always ]]; then
-    run_cargo "${vendor_args[@]}"
-elif ! run_cargo; then
-    if [[ "$route" == debian && "$STD_VENDOR_MODE" == auto && -d "$DEBIAN_STD_VENDOR" ]] &&
-        grep -qiE 'crates\.io|registry|index|download|network|resolve|offline' "$log"; then
-        echo "wasm build: fetching the std library's dependencies failed;" \
-            "retrying with the vendored copies in $DEBIAN_STD_VENDOR" >&2
-        run_cargo "${vendor_args[@]}" || die "cargo build failed (vendored std dependencies)"
-    else
-        die "cargo build failed"
+build() { # extra cargo args...; the JSON messages end up in $json
+    if [[ "$route" == debian && "$STD_VENDOR_MODE" == always ]]; then
+        run_cargo "$@" "${vendor_args[@]}" || die "cargo build failed (vendored std dependencies)"
+    elif ! run_cargo "$@"; then
+        if [[ "$route" == debian && "$STD_VENDOR_MODE" == auto && -d "$DEBIAN_STD_VENDOR" ]] &&
+            grep -qiE 'crates\.io|registry|index|download|network|resolve|offline' "$log"; then
+            echo "wasm build: fetching the std library's dependencies failed;" \
+                "retrying with the vendored copies in $DEBIAN_STD_VENDOR" >&2
+            run_cargo "$@" "${vendor_args[@]}" || die "cargo build failed (vendored std dependencies)"
+        else
+            die "cargo build failed"
+        fi
     fi
-fi
+}
 
-# ---- collect artifacts --------------------------------------------------------------------
-mapfile -t wasms < <(grep -o '"[^"]*\.wasm"' "$json" | tr -d '"' | sort -u)
-((${#wasms[@]} > 0)) || die "cargo produced no .wasm artifact (is crate-type cdylib set?)"
+built_wasms() { # the .wasm artifacts named in $json
+    grep -o '"[^"]*\.wasm"' "$json" | tr -d '"' | sort -u
+}
 
-mkdir -p "$OUT_DIR"
-for w in "${wasms[@]}"; do
-    name="$(basename "$w")"
+install_wasm() { # $1 = built .wasm, $2 = output name (without .wasm)
+    local w="$1" name="$2.wasm" leak size sum
     # Refuse outputs that leak an absolute path (breaks reproducibility across machines).
     if leak="$(LC_ALL=C grep -aoE '/(home|root|usr|tmp|var|opt|work|Users|build)/[[:print:]]{0,60}' "$w" | head -n 3)" &&
         [[ -n "$leak" ]]; then
@@ -151,4 +162,32 @@ $leak"
     size="$(wc -c <"$OUT_DIR/$name" | tr -d ' ')"
     sum="$(sha256sum "$OUT_DIR/$name" | cut -d' ' -f1)"
     echo "wasm build: $OUT_DIR/$name  $size bytes  sha256 $sum"
+}
+
+echo "wasm build: route=$route cargo=$cargo_bin target-dir=$CARGO_TARGET_DIR" >&2
+build --workspace
+
+# ---- collect artifacts --------------------------------------------------------------------
+mapfile -t wasms < <(built_wasms)
+((${#wasms[@]} > 0)) || die "cargo produced no .wasm artifact (is crate-type cdylib set?)"
+
+mkdir -p "$OUT_DIR"
+for w in "${wasms[@]}"; do
+    install_wasm "$w" "$(basename "$w" .wasm)"
 done
+
+# ---- variants -----------------------------------------------------------------------------
+base_rustflags="$CARGO_ENCODED_RUSTFLAGS"
+main_target_dir="$CARGO_TARGET_DIR"
+for v in "${VARIANTS[@]}"; do
+    read -r v_name v_pkg v_feature v_target_features <<<"$v"
+    export CARGO_TARGET_DIR="$main_target_dir/variant-$v_name"
+    CARGO_ENCODED_RUSTFLAGS="$base_rustflags"$'\x1f'"-Ctarget-feature=$v_target_features"
+    export CARGO_ENCODED_RUSTFLAGS
+    echo "wasm build: variant $v_name = $v_pkg --features $v_feature, -Ctarget-feature=$v_target_features" >&2
+    build -p "$v_pkg" --features "$v_feature"
+    mapfile -t wasms < <(built_wasms | grep "/$v_pkg\.wasm\$")
+    ((${#wasms[@]} == 1)) || die "variant $v_name: expected one $v_pkg.wasm artifact"
+    install_wasm "${wasms[0]}" "$v_name"
+done
+export CARGO_TARGET_DIR="$main_target_dir" CARGO_ENCODED_RUSTFLAGS="$base_rustflags"

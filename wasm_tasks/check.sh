@@ -11,6 +11,8 @@
 # builds each with its own target dir and --locked, and then requires
 #   1. both builds to be byte-identical (deterministic, path-independent), and
 #   2. every built module to equal the committed static/wasm/<name>.wasm (sha256).
+# "Every built module" includes the variants build.sh declares (matrix_mul_simd.wasm, the
+# +simd128 build of matrix_mul), since build.sh installs them into the same output directory.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)" # .../wasm_tasks
