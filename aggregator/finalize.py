@@ -19,7 +19,7 @@ from rq import Queue, get_current_job
 from rq.job import Job, JobStatus
 
 from ..shared import keys
-from ..shared.jobs import JobState, event, load_job
+from ..shared.jobs import JobState, drop_blocks, event, load_job
 from ..shared.service import instance_alive
 from ..shared.tasks import JobFiles, get_plugin
 
@@ -98,12 +98,14 @@ def finalize_job(job_id: str, data_dir: str) -> str:
             keys=[keys.job(job_id), keys.ACTIVE_JOBS],
             args=[f"finalize failed: {exc}\n{traceback.format_exc(limit=3)}", time.time(), job_id],
         )
+        drop_blocks(client, job_id)
         event(client, "job", job_id=job_id, state="failed", error=str(exc))
         return "failed"
     won = client.register_script(DONE_LUA)(
         keys=[keys.job(job_id), keys.ACTIVE_JOBS], args=[json.dumps(outputs), time.time(), job_id]
     )
     if won:
+        drop_blocks(client, job_id)
         event(client, "job", job_id=job_id, state="done", outputs=outputs)
         log.info("job %s: done in %.2fs finalize, outputs %s", job_id, time.monotonic() - started, outputs)
     return "done" if won else "lost race"

@@ -14,6 +14,7 @@ pending results are claimed by another (XAUTOCLAIM) and merged again, harmlessly
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import signal
@@ -25,7 +26,7 @@ from rq import Queue, SimpleWorker
 
 from ..shared import keys
 from ..shared.jobs import JobState, load_job
-from ..shared.queue import COMMIT_LUA, ensure_groups
+from ..shared.queue import COMMIT_LUA, TaskFields, ensure_groups
 from ..shared.service import StopFlag, captured_signals, instance_name, run_forever, start_beating
 from ..shared.settings import Settings
 from ..shared.tasks import JobFiles, Verdict, get_plugin
@@ -70,12 +71,12 @@ class Aggregator:
         if self.r.sismember(keys.job_done(job_id), index):
             outcome = self.commit(keys=self._commit_keys(job_id), args=[keys.AGGREGATORS_GROUP, entry_id, index])
             return outcome.decode() if isinstance(outcome, bytes) else str(outcome)
-        if plugin.verify(params, index, output, self.rng) is Verdict.REJECT:
+        task = TaskFields.from_redis(f)
+        if plugin.verify(params, index, task.full_input(self.r), output, self.rng) is Verdict.REJECT:
             log.warning("job %s: task %d from node %s failed verification; redoing it", job_id, index, node)
-            retry = {k: v for k, v in f.items() if k in (b"job", b"index", b"kind", b"module", b"input")}
-            retry[b"attempt"] = str(int(f.get(b"attempt", b"0")) + 1).encode()
+            retry = dataclasses.replace(task, attempt=task.attempt + 1, backup_of="")
             pipe = self.r.pipeline(transaction=True)
-            pipe.xadd(keys.TASKS, retry)
+            pipe.xadd(keys.TASKS, retry.to_redis())
             pipe.hincrby(keys.node(node), "rejected", 1)
             pipe.hincrby(keys.STATS, "tasks_rejected", 1)
             pipe.xack(keys.RESULTS, keys.AGGREGATORS_GROUP, entry_id)

@@ -14,15 +14,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .shared import keys
 from .shared.exceptions import JobNotFound, ProcessDistroError
-from .shared.jobs import JobRecord, JobState, load_job, new_job_id
+from .shared.jobs import JobRecord, JobState, load_job, new_job_id, store_blocks
 from .shared.tasks import get_plugin
 
 
 def submit(r: redis.Redis, kind: str, params: dict[str, Any], *, priority: int = 0) -> str:
     """Validate `params` here (bad ones never reach Redis) and send a submit command."""
     plugin = get_plugin(kind)
-    parsed = plugin.parse_params(params)
+    prepared = plugin.prepare(params)
+    parsed = plugin.parse_params(prepared.params)
     job_id = new_job_id()
+    store_blocks(r, job_id, prepared.blocks)
     command = {
         "type": "submit",
         "job_id": job_id,

@@ -6,6 +6,7 @@ Routes
     GET  /static/...       static files (no-cache + ETag)
     GET  /modules/<sha>.wasm  WASM modules by content hash (immutable)
     GET  /api/modules      {name: {sha256, url}}
+    GET  /blocks/<job>/<sha>  a shared task input block (session token required)
     POST /node-report      NodeReport -> NodeAccepted (join code -> session token)
     WS   /ws?token=...     a node's session (gateway/session.py)
     GET  /metrics          Prometheus text format
@@ -182,6 +183,21 @@ def create_app(settings: Settings, *, redis_client: aredis.Redis | None = None) 
             return Response(status_code=304, headers=headers)
         return Response(mod.data, media_type="application/wasm", headers=headers)
 
+    async def block(request: Request) -> Response:
+        check = gw.signer.check(request.query_params.get("token"))
+        if check.status is not TokenStatus.VALID:
+            return JSONResponse({"error": f"session token {check.status.value}"}, status_code=401)
+        sha = request.path_params["sha"]
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            return JSONResponse({"error": "expected a lowercase hex sha256"}, status_code=400)
+        data = await r.get(keys.block(request.path_params["job"], sha))
+        if data is None:
+            return JSONResponse({"error": "no such block (its job may be over)"}, status_code=404)
+        # content-addressed, so a cached copy never goes stale; private: it is job data
+        return Response(
+            data, media_type="application/octet-stream", headers={"Cache-Control": "private, max-age=86400, immutable"}
+        )
+
     async def modules(request: Request) -> Response:
         return JSONResponse({m.name: {"sha256": m.sha256, "url": m.url} for m in gw.modules.by_name.values()})
 
@@ -299,6 +315,7 @@ def create_app(settings: Settings, *, redis_client: aredis.Redis | None = None) 
             Route("/dashboard", dashboard),
             Route("/modules/{sha:str}.wasm", module),
             Route("/api/modules", modules),
+            Route("/blocks/{job:str}/{sha:str}", block),
             Route("/node-report", node_report, methods=["POST"]),
             WebSocketRoute("/ws", ws_endpoint),
             Route("/metrics", metrics),

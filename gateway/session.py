@@ -287,6 +287,7 @@ class NodeSession:
                 module_sha256=fields.module,
                 module_url=module.url,
                 input_b64=base64.b64encode(fields.input).decode(),
+                blocks=list(fields.blocks),
             )
         )
 

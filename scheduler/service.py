@@ -25,7 +25,7 @@ import redis
 
 from ..shared import keys
 from ..shared.exceptions import ProcessDistroError
-from ..shared.jobs import JobRecord, JobState, event, load_job
+from ..shared.jobs import JobRecord, JobState, drop_blocks, event, load_job
 from ..shared.modules import ModuleRegistry
 from ..shared.queue import REQUEUE_LUA, TaskFields, ensure_groups, node_of_consumer
 from ..shared.service import StopFlag, beat, captured_signals, instance_name, run_forever
@@ -129,6 +129,7 @@ class Scheduler:
         pipe.hset(keys.job(job_id), mapping={"state": state.value, "error": error, "finished": time.time()})
         pipe.zrem(keys.ACTIVE_JOBS, job_id)
         pipe.execute()
+        drop_blocks(self.r, job_id)
         event(self.r, "job", job_id=job_id, state=state.value, error=error)
         log.info("job %s: %s %s", job_id, state.value, error)
 
@@ -227,10 +228,10 @@ class Scheduler:
         module = self.r.hget(keys.job(job.id), "module").decode()
         pipe = self.r.pipeline(transaction=True)
         n = 0
-        for offset, payload in enumerate(plugin.split(params, job.next_index)):
+        for offset, sub in enumerate(plugin.split(params, job.next_index)):
             if offset >= limit:
                 break
-            fields = TaskFields(job.id, job.next_index + offset, job.kind, module, payload)
+            fields = TaskFields(job.id, job.next_index + offset, job.kind, module, sub.input, blocks=sub.blocks)
             pipe.xadd(keys.TASKS, fields.to_redis())
             n += 1
         pipe.hset(keys.job(job.id), "next_index", job.next_index + n)

@@ -96,3 +96,24 @@ def load_job(client: Any, job_id: str) -> JobRecord | None:
 def event(client: Any, kind: str, **fields: Any) -> None:
     payload = {"type": kind, "ts": time.time(), **fields}
     client.xadd(keys.EVENTS, {"event": json.dumps(payload)}, maxlen=keys.EVENTS_MAXLEN, approximate=True)
+
+
+def store_blocks(client: Any, job_id: str, blocks: dict[str, bytes]) -> None:
+    """Store a job's shared input blocks (by sha256) before its tasks refer to them."""
+    if not blocks:
+        return
+    pipe = client.pipeline(transaction=False)
+    for sha, data in blocks.items():
+        pipe.set(keys.block(job_id, sha), data)
+    pipe.sadd(keys.job_blocks(job_id), *blocks)
+    pipe.execute()
+
+
+def drop_blocks(client: Any, job_id: str) -> None:
+    """Free a finished job's blocks."""
+    shas = [s.decode() for s in client.smembers(keys.job_blocks(job_id))]
+    pipe = client.pipeline(transaction=False)
+    for sha in shas:
+        pipe.delete(keys.block(job_id, sha))
+    pipe.delete(keys.job_blocks(job_id))
+    pipe.execute()

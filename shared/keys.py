@@ -44,6 +44,17 @@ def job_done(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:done"
 
 
+def block(job_id: str, sha256: str) -> str:
+    """A shared task input (bytes) of one job, addressed by its sha256. Per job, so that
+    ending one job never deletes a block another job still needs."""
+    return f"{PREFIX}job:{job_id}:block:{sha256}"
+
+
+def job_blocks(job_id: str) -> str:
+    """Set of the block hashes a job uses (deleted with the job's blocks when it ends)."""
+    return f"{PREFIX}job:{job_id}:blocks"
+
+
 def backup_marker(entry_id: str) -> str:
     """Set (with a TTL) once a backup copy of task entry `entry_id` exists."""
     return f"{PREFIX}backup:{entry_id}"

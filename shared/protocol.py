@@ -129,7 +129,10 @@ class Welcome(_Msg):
 
 
 class TaskAssign(_Msg):
-    """Run module `module_sha256` (fetch it from `module_url`, cache by hash) on `input_b64`."""
+    """Run module `module_sha256` (fetch it from `module_url`, cache by hash) on the input:
+    the bytes of `input_b64` followed by the bytes of each block in `blocks`, in order.
+    Blocks are shared inputs (a matrix block, a batch of rows) fetched once from
+    `/blocks/<job_id>/<sha256>?token=<session token>` and cached by hash."""
 
     type: Literal["task"] = "task"
     task_id: TaskId
@@ -138,6 +141,7 @@ class TaskAssign(_Msg):
     module_sha256: Sha256
     module_url: str
     input_b64: str
+    blocks: list[Sha256] = Field(default_factory=list, max_length=64)
 
 
 class CancelTasks(_Msg):

@@ -77,6 +77,7 @@ class TaskFields:
     input: bytes
     attempt: int = 0
     backup_of: str = ""  # a backup copy of a straggler held by this node: never give it back to that node
+    blocks: tuple[str, ...] = ()  # sha256 of shared input blocks appended to `input`, in order
 
     def to_redis(self) -> dict[str, Any]:
         fields: dict[str, Any] = {
@@ -89,6 +90,8 @@ class TaskFields:
         }
         if self.backup_of:
             fields["backup_of"] = self.backup_of
+        if self.blocks:
+            fields["blocks"] = ",".join(self.blocks)
         return fields
 
     @classmethod
@@ -101,7 +104,17 @@ class TaskFields:
             input=fields[b"input"],
             attempt=int(fields.get(b"attempt", b"0")),
             backup_of=fields.get(b"backup_of", b"").decode(),
+            blocks=tuple(b for b in fields.get(b"blocks", b"").decode().split(",") if b),
         )
+
+    def full_input(self, client: Any) -> bytes:
+        """The module's input: inline bytes followed by the blocks (read from Redis)."""
+        if not self.blocks:
+            return self.input
+        parts = client.mget([keys.block(self.job, b) for b in self.blocks])
+        if any(p is None for p in parts):
+            raise KeyError(f"a block of job {self.job} task {self.index} is gone")
+        return self.input + b"".join(parts)
 
 
 def consumer_name(node_id: str, connection: str) -> str:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import redis
-
 from conftest import Controller
 from processdistro.shared import keys
 from pynode import PyNode, run_async

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from ..exceptions import ParamsError
-from .base import JobFiles, TaskPlugin, Verdict
+from .base import JobFiles, Prepared, Subtask, TaskPlugin, Verdict
 from .mandelbrot import MandelbrotPlugin
+from .matmul import MatmulPlugin
 
-PLUGINS: dict[str, TaskPlugin[Any]] = {p.kind: p for p in (MandelbrotPlugin(),)}
+PLUGINS: dict[str, TaskPlugin[Any]] = {p.kind: p for p in (MandelbrotPlugin(), MatmulPlugin())}
 
 
 def get_plugin(kind: str) -> TaskPlugin[Any]:
@@ -18,4 +19,4 @@ def get_plugin(kind: str) -> TaskPlugin[Any]:
         raise ParamsError(f"unknown task kind {kind!r}; known: {', '.join(sorted(PLUGINS))}") from None
 
 
-__all__ = ["PLUGINS", "JobFiles", "TaskPlugin", "Verdict", "get_plugin"]
+__all__ = ["PLUGINS", "JobFiles", "Prepared", "Subtask", "TaskPlugin", "Verdict", "get_plugin"]

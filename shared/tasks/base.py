@@ -7,19 +7,38 @@ A node only ever sees `(module sha256, input bytes) -> output bytes`. The schedu
 
 from __future__ import annotations
 
+import os
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, BinaryIO, ClassVar, Generic, TypeVar
 
+import numpy as np
+from numpy.lib.format import open_memmap
 from pydantic import BaseModel, ValidationError
 
 from ..exceptions import ParamsError
 
 P = TypeVar("P", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Subtask:
+    """One subtask's input: inline bytes, then shared blocks (by sha256) appended in order."""
+
+    input: bytes
+    blocks: tuple[str, ...] = ()
+
+
+@dataclass
+class Prepared:
+    """What `prepare` hands to the submit command: JSON-able params and the blocks to store."""
+
+    params: dict[str, Any]
+    blocks: dict[str, bytes]
 
 
 class Verdict(StrEnum):
@@ -54,17 +73,23 @@ class TaskPlugin(ABC, Generic[P]):
             problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors())
             raise ParamsError(f"bad {self.kind} parameters: {problems}") from None
 
+    def prepare(self, raw: dict[str, Any]) -> Prepared:
+        """Runs in the CLI, where the user's files are: read them, check them, and turn them
+        into params and shared blocks. Raise ParamsError with a clear message on bad input."""
+        return Prepared(params=raw, blocks={})
+
     @abstractmethod
     def count(self, params: P) -> int:
         """How many subtasks the job splits into."""
 
     @abstractmethod
-    def split(self, params: P, start: int = 0) -> Iterator[bytes]:
+    def split(self, params: P, start: int = 0) -> Iterator[Subtask]:
         """Subtask inputs from index `start` on, lazily."""
 
     @abstractmethod
-    def verify(self, params: P, index: int, output: bytes, rng: random.Random) -> Verdict:
-        """A cheap check that `output` is a correct result for subtask `index`."""
+    def verify(self, params: P, index: int, task_input: bytes, output: bytes, rng: random.Random) -> Verdict:
+        """A cheap check that `output` is a correct result for subtask `index`, whose whole
+        input (inline bytes and blocks) was `task_input`."""
 
     @abstractmethod
     def merge(self, files: JobFiles, params: P, index: int, output: bytes) -> None:
@@ -73,3 +98,29 @@ class TaskPlugin(ABC, Generic[P]):
     @abstractmethod
     def finalize(self, files: JobFiles, params: P) -> dict[str, str]:
         """Write the output files; return them by role (e.g. {"image": path})."""
+
+
+def shared_memmap(path: Path, shape: tuple[int, ...], dtype: Any) -> np.memmap:
+    """Open (creating it first if needed) an .npy file that several aggregators write into.
+
+    Creating races are settled by building the file aside and hard-linking it into place,
+    which fails for all but the first (a rename would clobber results already written)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{random.getrandbits(32):08x}")
+        open_memmap(tmp, mode="w+", dtype=dtype, shape=shape).flush()
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return open_memmap(path, mode="r+")
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file so that readers see either nothing or all of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        write(fh)
+    os.replace(tmp, path)

@@ -7,18 +7,15 @@ multiply-add, row 0 at the top. Input layout: docs/wasm-abi.md.
 from __future__ import annotations
 
 import math
-import os
 import random
 import struct
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
-from numpy.lib.format import open_memmap
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .base import JobFiles, TaskPlugin, Verdict
+from .base import JobFiles, Subtask, TaskPlugin, Verdict, atomic_write, shared_memmap
 
 INPUT = struct.Struct("<4d8I")  # xmin xmax ymin ymax, W H x0 y0 tile_w tile_h max_iter 0
 SAMPLES_PER_TILE = 4
@@ -114,11 +111,13 @@ class MandelbrotPlugin(TaskPlugin[MandelbrotParams]):
             0,
         )
 
-    def split(self, params: MandelbrotParams, start: int = 0) -> Iterator[bytes]:
+    def split(self, params: MandelbrotParams, start: int = 0) -> Iterator[Subtask]:
         for index in range(start, self.count(params)):
-            yield self.encode(params, index)
+            yield Subtask(self.encode(params, index))
 
-    def verify(self, params: MandelbrotParams, index: int, output: bytes, rng: random.Random) -> Verdict:
+    def verify(
+        self, params: MandelbrotParams, index: int, task_input: bytes, output: bytes, rng: random.Random
+    ) -> Verdict:
         x0, y0, w, h = params.tile_rect(index)
         if len(output) != w * h * 4:
             return Verdict.REJECT
@@ -132,20 +131,7 @@ class MandelbrotPlugin(TaskPlugin[MandelbrotParams]):
         return Verdict.ACCEPT
 
     def _canvas(self, files: JobFiles, params: MandelbrotParams) -> np.memmap:
-        path = files.path(self.PARTIAL)
-        if not path.exists():
-            files.directory.mkdir(parents=True, exist_ok=True)
-            # Several aggregators may race here: build aside, then link into place, which
-            # fails for all but the first (a rename would clobber tiles already written).
-            tmp = files.path(f".{self.PARTIAL}.{os.getpid()}.{random.getrandbits(32):08x}")
-            open_memmap(tmp, mode="w+", dtype=np.uint32, shape=(params.height, params.width)).flush()
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass
-            finally:
-                tmp.unlink()
-        return open_memmap(path, mode="r+")
+        return shared_memmap(files.path(self.PARTIAL), (params.height, params.width), np.uint32)
 
     def merge(self, files: JobFiles, params: MandelbrotParams, index: int, output: bytes) -> None:
         x0, y0, w, h = params.tile_rect(index)
@@ -157,14 +143,7 @@ class MandelbrotPlugin(TaskPlugin[MandelbrotParams]):
     def finalize(self, files: JobFiles, params: MandelbrotParams) -> dict[str, str]:
         counts = np.array(self._canvas(files, params))
         raw, image = files.path(self.RAW), files.path(self.IMAGE)
-        _atomic_write(raw, lambda p: np.save(p, counts))
-        _atomic_write(image, lambda p: Image.fromarray(colourize(counts, params.max_iter), "RGB").save(p, format="PNG"))
+        atomic_write(raw, lambda p: np.save(p, counts))
+        atomic_write(image, lambda p: Image.fromarray(colourize(counts, params.max_iter), "RGB").save(p, format="PNG"))
         files.path(self.PARTIAL).unlink(missing_ok=True)
         return {"raw": str(raw), "image": str(image)}
-
-
-def _atomic_write(path: Path, write: object) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)  # type: ignore[operator]
-    os.replace(tmp, path)

@@ -41,6 +41,7 @@ const BACKOFF_FIRST_MS = 500;
 const BACKOFF_CAP_MS = 10_000;
 const RATE_WINDOW_MS = 60_000;
 const LOG_LINES = 200;
+const BLOCK_CACHE_BYTES = 256 * 1024 * 1024; // shared input blocks kept for reuse
 
 // Benchmark: the default Mandelbrot view, cut into small tiles; the first WARMUP_MS let the
 // engine tier the module up (and are not scored), the next MEASURE_MS are scored.
@@ -238,6 +239,7 @@ export class Agent extends EventTarget {
     this.ws = null;
     this.welcomed = false;
     this.token = null;
+    this.blockCache = new Map(); // sha256 -> {bytes: Promise<Uint8Array>, size}
     this.wsPath = "/ws";
     this.needReauth = false;
     this.attempt = 0;
@@ -706,7 +708,8 @@ export class Agent extends EventTarget {
       this.#deliver(id, taskFailed(id, `input_b64 is not base64: ${err.message}`));
       return;
     }
-    this.queue.push({ id, sha256: msg.module_sha256, url: msg.module_url, input, cancelled: false });
+    const blocks = Array.isArray(msg.blocks) ? msg.blocks : [];
+    this.queue.push({ id, job: msg.job_id, sha256: msg.module_sha256, url: msg.module_url, input, blocks, cancelled: false });
     this.lastReady = -1; // the server counted this task against our last Ready
     this.#pump();
     this.#changed();
@@ -725,7 +728,9 @@ export class Agent extends EventTarget {
     this.running.set(task.id, task);
     let message = null;
     try {
-      const input = task.input.buffer; // fromBase64 gives an exactly sized buffer
+      const input = task.blocks.length
+        ? (await this.#withBlocks(task)).buffer
+        : task.input.buffer; // fromBase64 gives an exactly sized buffer
       const reply = await client.call(
         { op: WorkerOp.RUN, sha256: task.sha256, url: task.url, input },
         [input],
@@ -751,6 +756,52 @@ export class Agent extends EventTarget {
     this.#pump();
     this.#sendReady();
     this.#changed();
+  }
+
+  // Shared input blocks: fetched once per hash, kept up to BLOCK_CACHE_BYTES, oldest first out.
+  async #withBlocks(task) {
+    const parts = [task.input];
+    for (const sha of task.blocks) parts.push(await this.#block(task.job, sha));
+    const total = parts.reduce((n, p) => n + p.byteLength, 0);
+    const input = new Uint8Array(total);
+    let offset = 0;
+    for (const p of parts) {
+      input.set(p, offset);
+      offset += p.byteLength;
+    }
+    return input;
+  }
+
+  #block(job, sha) {
+    let entry = this.blockCache.get(sha);
+    if (entry) {
+      this.blockCache.delete(sha); // re-insert: most recently used last
+      this.blockCache.set(sha, entry);
+      return entry.bytes;
+    }
+    const url = new URL(`/blocks/${encodeURIComponent(job)}/${sha}`, location.href);
+    url.searchParams.set("token", this.token);
+    const bytes = fetch(url).then(async (resp) => {
+      if (!resp.ok) throw new Error(`block ${sha.slice(0, 12)}: HTTP ${resp.status}`);
+      const data = new Uint8Array(await resp.arrayBuffer());
+      entry.size = data.byteLength;
+      this.#trimBlocks();
+      return data;
+    });
+    entry = { bytes, size: 0 };
+    bytes.catch(() => this.blockCache.delete(sha));
+    this.blockCache.set(sha, entry);
+    return bytes;
+  }
+
+  #trimBlocks() {
+    let total = 0;
+    for (const e of this.blockCache.values()) total += e.size;
+    for (const [sha, e] of this.blockCache) {
+      if (total <= BLOCK_CACHE_BYTES || this.blockCache.size <= 1) break;
+      total -= e.size;
+      this.blockCache.delete(sha);
+    }
   }
 
   #deliver(id, message) {
