@@ -19,7 +19,7 @@ from rq import Queue, get_current_job
 from rq.job import Job, JobStatus
 
 from ..shared import keys
-from ..shared.jobs import JobState, drop_blocks, event, load_job
+from ..shared.jobs import JobState, block_reader, drop_blocks, event, load_job
 from ..shared.service import instance_alive
 from ..shared.tasks import JobFiles, get_plugin
 
@@ -91,7 +91,8 @@ def finalize_job(job_id: str, data_dir: str) -> str:
     started = time.monotonic()
     try:
         plugin = get_plugin(job.kind)
-        outputs = plugin.finalize(JobFiles.under(Path(data_dir), job_id), plugin.parse_params(job.params))
+        files = JobFiles.under(Path(data_dir), job_id, block_reader(client, job_id))
+        outputs = plugin.finalize(files, plugin.parse_params(job.params))
     except Exception as exc:
         log.error("job %s: finalize failed: %s", job_id, exc)
         client.register_script(FAIL_LUA)(

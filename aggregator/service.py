@@ -25,7 +25,7 @@ import redis
 from rq import Queue, SimpleWorker
 
 from ..shared import keys
-from ..shared.jobs import JobState, load_job
+from ..shared.jobs import JobState, block_reader, load_job
 from ..shared.queue import COMMIT_LUA, TaskFields, ensure_groups
 from ..shared.service import StopFlag, captured_signals, instance_name, run_forever, start_beating
 from ..shared.settings import Settings
@@ -83,7 +83,7 @@ class Aggregator:
             pipe.xdel(keys.RESULTS, entry_id)
             pipe.execute()
             return "rejected"
-        plugin.merge(JobFiles.under(self.data_dir, job_id), params, index, output)
+        plugin.merge(JobFiles.under(self.data_dir, job_id, block_reader(self.r, job_id)), params, index, output)
         outcome = self.commit(keys=self._commit_keys(job_id), args=[keys.AGGREGATORS_GROUP, entry_id, index])
         outcome = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
         self.r.hincrby(keys.node(node), "completed", 1)

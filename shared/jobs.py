@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -117,3 +118,13 @@ def drop_blocks(client: Any, job_id: str) -> None:
         pipe.delete(keys.block(job_id, sha))
     pipe.delete(keys.job_blocks(job_id))
     pipe.execute()
+
+
+def block_reader(client: Any, job_id: str) -> Callable[[str], bytes]:
+    def read(sha: str) -> bytes:
+        data = client.get(keys.block(job_id, sha))
+        if data is None:
+            raise KeyError(f"block {sha} of job {job_id} is gone")
+        return bytes(data)
+
+    return read

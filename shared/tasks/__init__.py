@@ -6,10 +6,11 @@ from typing import Any
 
 from ..exceptions import ParamsError
 from .base import JobFiles, Prepared, Subtask, TaskPlugin, Verdict
+from .hashing import HashPlugin
 from .mandelbrot import MandelbrotPlugin
 from .matmul import MatmulPlugin
 
-PLUGINS: dict[str, TaskPlugin[Any]] = {p.kind: p for p in (MandelbrotPlugin(), MatmulPlugin())}
+PLUGINS: dict[str, TaskPlugin[Any]] = {p.kind: p for p in (MandelbrotPlugin(), MatmulPlugin(), HashPlugin())}
 
 
 def get_plugin(kind: str) -> TaskPlugin[Any]:

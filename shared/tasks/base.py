@@ -46,16 +46,22 @@ class Verdict(StrEnum):
     REJECT = "reject"
 
 
+def _no_blocks(sha: str) -> bytes:
+    raise KeyError(f"block {sha} is not readable here")
+
+
 @dataclass(frozen=True)
 class JobFiles:
-    """Where one job's intermediate and final files live (under the data directory)."""
+    """Where one job's intermediate and final files live (under the data directory), and
+    how to read the job's shared blocks (for merges and finalizers that need them)."""
 
     job_id: str
     directory: Path
+    read_block: Callable[[str], bytes] = _no_blocks
 
     @classmethod
-    def under(cls, data_dir: Path, job_id: str) -> JobFiles:
-        return cls(job_id, data_dir / "jobs" / job_id)
+    def under(cls, data_dir: Path, job_id: str, read_block: Callable[[str], bytes] = _no_blocks) -> JobFiles:
+        return cls(job_id, data_dir / "jobs" / job_id, read_block)
 
     def path(self, name: str) -> Path:
         return self.directory / name

@@ -87,7 +87,7 @@ class MatmulPlugin(TaskPlugin[MatmulParams]):
                 f"shapes do not multiply: A is {m}x{k} and B is {k2}x{n}; A's columns ({k}) must equal B's rows ({k2})"
             )
         dtype = "float32" if a.dtype == np.float32 and b.dtype == np.float32 else "float64"
-        tile = int(raw.get("tile") or 256)
+        tile = 256 if raw.get("tile") is None else int(raw["tile"])
         if tile < 1:
             raise ParamsError(f"tile must be at least 1, got {tile}")
         le = DTYPES[dtype][1]

@@ -1,0 +1,207 @@
+"""Password hashing: PBKDF2-HMAC-SHA256 over the (password, salt) rows of a CSV.
+
+The CLI (`prepare`) streams the CSV, checks its columns, and cuts the rows into batches of
+about `TARGET_TASK_S` of work on a typical node. Each batch is one shared block of records
+(layout: docs/wasm-abi.md, `password_hash` mode 0) with one known-answer "ringer" row hidden
+at a random position: a node that skips work or makes up keys gets the ringer wrong, and the
+batch is never merged. The output CSV keeps the input order: `id` (or `row`), `salt`,
+`dk_hex`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import secrets
+import struct
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..exceptions import ParamsError
+from .base import JobFiles, Prepared, Subtask, TaskPlugin, Verdict, atomic_write, shared_memmap
+
+HEADER = struct.Struct("<B3xIII")  # mode, padding, iterations, dklen, count
+MODE_HASH = 0
+TARGET_TASK_S = 1.0
+WASM_SLOWDOWN = 4.0  # PBKDF2 in WASM runs ~4x slower per core than OpenSSL (docs/benchmarks.md)
+MAX_BATCH = 5000
+
+
+def encode_records(rows: list[tuple[bytes, bytes]]) -> bytes:
+    out = bytearray()
+    for password, salt in rows:
+        out += struct.pack("<I", len(password)) + password + struct.pack("<I", len(salt)) + salt
+    return bytes(out)
+
+
+def decode_records(data: bytes, count: int) -> list[tuple[bytes, bytes]]:
+    rows, pos = [], 0
+    for _ in range(count):
+        fields = []
+        for _ in range(2):
+            (n,) = struct.unpack_from("<I", data, pos)
+            fields.append(data[pos + 4 : pos + 4 + n])
+            pos += 4 + n
+        rows.append((fields[0], fields[1]))
+    return rows
+
+
+def estimate_batch(iterations: int, dklen: int) -> int:
+    """Rows per subtask: about TARGET_TASK_S on a node, from this machine's measured speed."""
+    probe = max(1, min(iterations, 20_000))
+    start = time.perf_counter()
+    hashlib.pbkdf2_hmac("sha256", b"probe-password", b"probe-salt", probe, dklen)
+    per_row_s = (time.perf_counter() - start) * iterations / probe * WASM_SLOWDOWN
+    return max(1, min(MAX_BATCH, int(TARGET_TASK_S / max(per_row_s, 1e-9))))
+
+
+def _int(raw: dict[str, Any], name: str, default: int) -> int:
+    value = raw.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ParamsError(f"{name} must be a whole number, got {value!r}") from None
+
+
+class HashParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    iterations: int = Field(default=100_000, ge=1, le=100_000_000)
+    dklen: int = Field(default=32, ge=1, le=1024)
+    rows: int = Field(ge=1)
+    has_ids: bool = False
+    # per batch: [first row, rows, records block, ids block ("" without ids), ringer position, ringer dk hex]
+    batches: list[tuple[int, int, str, str, int, str]]
+    source: str = ""
+
+
+class HashPlugin(TaskPlugin[HashParams]):
+    kind = "hash"
+    module = "password_hash"
+    params_model = HashParams
+
+    PARTIAL = "dk.partial.npy"
+    RESULT = "hashes.csv"
+
+    def prepare(self, raw: dict[str, Any]) -> Prepared:
+        path = os.path.expanduser(str(raw["input"]))
+        iterations = _int(raw, "iterations", 100_000)
+        dklen = _int(raw, "dklen", 32)
+        if not 1 <= iterations <= 100_000_000:
+            raise ParamsError(f"iterations must be between 1 and 100000000, got {iterations}")
+        if not 1 <= dklen <= 1024:
+            raise ParamsError(f"dklen must be between 1 and 1024, got {dklen}")
+        batch_rows = _int(raw, "batch", 0) or estimate_batch(iterations, dklen)
+        if batch_rows < 0:
+            raise ParamsError(f"batch must be positive, got {batch_rows}")
+        blocks: dict[str, bytes] = {}
+        batches: list[tuple[int, int, str, str, int, str]] = []
+
+        def add(data: bytes) -> str:
+            sha = hashlib.sha256(data).hexdigest()
+            blocks[sha] = data
+            return sha
+
+        def flush(start: int, rows: list[tuple[bytes, bytes]], ids: list[str] | None) -> None:
+            pos = secrets.randbelow(len(rows) + 1)
+            ringer = (secrets.token_urlsafe(12).encode(), secrets.token_bytes(max(1, len(rows[0][1]))))
+            dk = hashlib.pbkdf2_hmac("sha256", ringer[0], ringer[1], iterations, dklen)
+            records = add(encode_records(rows[:pos] + [ringer] + rows[pos:]))
+            meta = add(json.dumps(ids).encode()) if ids is not None else ""
+            batches.append((start, len(rows), records, meta, pos, dk.hex()))
+
+        try:
+            with open(path, encoding="utf-8", newline="") as fh:
+                reader = csv.DictReader(fh)
+                fields = reader.fieldnames or []
+                if "password" not in fields or "salt" not in fields:
+                    raise ParamsError(
+                        f"{path}: expected a header with columns password and salt (id optional), got {fields}"
+                    )
+                has_ids = "id" in fields
+                rows: list[tuple[bytes, bytes]] = []
+                ids: list[str] = []
+                total = 0
+                for line_no, row in enumerate(reader, start=2):
+                    if row["password"] is None or row["salt"] is None:
+                        raise ParamsError(f"{path}, line {line_no}: expected {len(fields)} columns, got fewer")
+                    rows.append((row["password"].encode(), row["salt"].encode()))
+                    ids.append(row.get("id") or "")
+                    if len(rows) == batch_rows:
+                        flush(total, rows, ids if has_ids else None)
+                        total += len(rows)
+                        rows, ids = [], []
+                if rows:
+                    flush(total, rows, ids if has_ids else None)
+                    total += len(rows)
+        except OSError as exc:
+            raise ParamsError(f"cannot read {path}: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ParamsError(f"{path} is not UTF-8 text: {exc}") from None
+        except csv.Error as exc:
+            raise ParamsError(f"{path} is not valid CSV: {exc}") from None
+        if total == 0:
+            raise ParamsError(f"{path} has a header but no rows")
+        params = {
+            "iterations": iterations,
+            "dklen": dklen,
+            "rows": total,
+            "has_ids": has_ids,
+            "batches": batches,
+            "source": path,
+        }
+        return Prepared(params=params, blocks=blocks)
+
+    def count(self, params: HashParams) -> int:
+        return len(params.batches)
+
+    def split(self, params: HashParams, start: int = 0) -> Iterator[Subtask]:
+        for _first, rows, records, _meta, _pos, _dk in params.batches[start:]:
+            yield Subtask(HEADER.pack(MODE_HASH, params.iterations, params.dklen, rows + 1), (records,))
+
+    def verify(self, params: HashParams, index: int, task_input: bytes, output: bytes, rng: random.Random) -> Verdict:
+        _first, rows, _records, _meta, pos, dk_hex = params.batches[index]
+        if len(output) != (rows + 1) * params.dklen:
+            return Verdict.REJECT
+        ringer = output[pos * params.dklen : (pos + 1) * params.dklen]
+        return Verdict.ACCEPT if ringer.hex() == dk_hex else Verdict.REJECT
+
+    def merge(self, files: JobFiles, params: HashParams, index: int, output: bytes) -> None:
+        first, rows, _records, _meta, pos, _dk = params.batches[index]
+        keys = np.frombuffer(output, dtype=np.uint8).reshape(rows + 1, params.dklen)
+        real = np.delete(keys, pos, axis=0)
+        out = shared_memmap(files.path(self.PARTIAL), (params.rows, params.dklen), np.uint8)
+        out[first : first + rows] = real
+        out.flush()
+        del out
+
+    def finalize(self, files: JobFiles, params: HashParams) -> dict[str, str]:
+        keys = shared_memmap(files.path(self.PARTIAL), (params.rows, params.dklen), np.uint8)
+        result = files.path(self.RESULT)
+
+        def write(fh: io.BufferedWriter) -> None:
+            text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
+            out = csv.writer(text)
+            out.writerow(["id" if params.has_ids else "row", "salt", "dk_hex"])
+            for first, rows, records, meta, pos, _dk in params.batches:
+                pairs = decode_records(files.read_block(records), rows + 1)
+                del pairs[pos]
+                ids = json.loads(files.read_block(meta)) if meta else None
+                for i, (_password, salt) in enumerate(pairs):
+                    label = ids[i] if ids is not None else str(first + i)
+                    out.writerow([label, salt.decode(), bytes(keys[first + i]).hex()])
+            text.flush()
+            text.detach()
+
+        atomic_write(result, write)  # type: ignore[arg-type]
+        return {"csv": str(result)}
