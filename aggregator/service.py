@@ -15,6 +15,7 @@ pending results are claimed by another (XAUTOCLAIM) and merged again, harmlessly
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import random
 import signal
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import redis
 from rq import Queue, SimpleWorker
+from rq.exceptions import StopRequested
 
 from ..shared import keys
 from ..shared.jobs import JobState, block_reader, load_job
@@ -34,6 +36,11 @@ from .finalize import enqueue_finalize, finalizer_name
 
 log = logging.getLogger(__name__)
 
+EARLY_LUA = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'finalizing')
+return 1
+"""
 CLAIM_IDLE_MS = 10_000  # a live aggregator merges a batch in well under this
 
 
@@ -43,6 +50,7 @@ class Aggregator:
         self.data_dir = data_dir
         self.name = instance_name()
         self.commit = client.register_script(COMMIT_LUA)
+        self._early = client.register_script(EARLY_LUA)
         self.rng = random.Random()
         self.queue = Queue(keys.FINALIZE_QUEUE, connection=client)
         self._last_sweep = 0.0
@@ -83,14 +91,25 @@ class Aggregator:
             pipe.xdel(keys.RESULTS, entry_id)
             pipe.execute()
             return "rejected"
-        plugin.merge(JobFiles.under(self.data_dir, job_id, block_reader(self.r, job_id)), params, index, output)
+        files = JobFiles.under(self.data_dir, job_id, block_reader(self.r, job_id))
+        plugin.merge(files, params, index, output)
         outcome = self.commit(keys=self._commit_keys(job_id), args=[keys.AGGREGATORS_GROUP, entry_id, index])
         outcome = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
         self.r.hincrby(keys.node(node), "completed", 1)
+        if outcome == "merged" and plugin.finished_early(files, params, index, output) and self.finish_early(job_id):
+            log.info("job %s: answer found by task %d; finalizing early", job_id, index)
+            outcome = "finalize"
         if outcome == "finalize":
             log.info("job %s: all %d subtasks merged; finalizing", job_id, job.total)
             enqueue_finalize(self.r, job_id, self.data_dir)
         return outcome
+
+    def finish_early(self, job_id: str) -> int:
+        """running -> finalizing once; gateways stop the job's queued and running tasks."""
+        won = int(self._early(keys=[keys.job(job_id)]))
+        if won:
+            self.r.publish(keys.CONTROL, json.dumps({"type": "cancel_job", "job_id": job_id}))
+        return won
 
     def _commit_keys(self, job_id: str) -> list[str]:
         return [keys.job(job_id), keys.job_done(job_id), keys.RESULTS, keys.STATS]
@@ -115,6 +134,10 @@ class Aggregator:
         worker = SimpleWorker([self.queue], connection=self.r, name=finalizer_name(self.name))
         try:
             worker.work(burst=True, logging_level="WARNING")
+        except StopRequested:
+            # a stop signal arrived mid-finalize: rq stopped the worker; we stop too, and the
+            # sweep of the next aggregator re-runs the finalize job if it did not finish
+            flag.stopping = True
         finally:
             # rq installs its own SIGINT/SIGTERM handlers; take ours back
             signal.signal(signal.SIGINT, flag.set)

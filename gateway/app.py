@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 mimetypes.add_type("application/wasm", ".wasm")
 MAX_REPORT_BYTES = 64 * 1024
-TERMINAL = {s.value.encode() for s in JobState if s.terminal}
+LIVE = {JobState.QUEUED.value.encode(), JobState.RUNNING.value.encode()}
 
 
 class Gateway:
@@ -85,7 +85,7 @@ class Gateway:
         if cached and now - cached[0] < 1.0:
             return cached[1]
         state = await self.r.hget(keys.job(job_id), "state")
-        over = state is None or state in TERMINAL
+        over = state not in LIVE  # finalizing too: a search that found its answer
         self._job_state[job_id] = (now, over)
         return over
 

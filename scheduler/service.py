@@ -34,8 +34,8 @@ from ..shared.tasks import get_plugin
 
 log = logging.getLogger(__name__)
 
-MIN_BACKLOG = 32
-FEED_BATCH = 64
+MIN_BACKLOG = 64
+FEED_BATCH = 256
 BACKUP_MIN_MS = 1500  # never back up a task out for less than this
 BACKUP_FACTOR = 3.0  # ... nor one out for less than this many typical task times
 COMMAND_CLAIM_IDLE_MS = 3_000
@@ -51,10 +51,13 @@ class Scheduler:
         self._last_beat = 0.0
         self._last_reap = 0.0
         self._last_claim = 0.0
+        self._fed = 0
 
     # ------------------------------------------------------------------ commands
 
-    def handle_commands(self, block_ms: int = 50) -> int:
+    def handle_commands(self, block_ms: int | None = 50) -> int:
+        """Apply pending commands; wait up to `block_ms` for one (None: do not wait; note
+        that Redis reads BLOCK 0 as "wait forever")."""
         resp = self.r.xreadgroup(keys.SCHEDULER_GROUP, self.name, {keys.COMMANDS: ">"}, count=32, block=block_ms)
         batches = [entries for _stream, entries in resp or []]
         if time.monotonic() - self._last_claim > 2:
@@ -283,8 +286,10 @@ class Scheduler:
         if now - self._last_beat > 2:
             beat(self.r, "scheduler", self.name)
             self._last_beat = now
-        self.handle_commands()
-        if not self.feed():
+        # wait on the command stream only when there is nothing to feed
+        self.handle_commands(block_ms=None if self._fed else 50)
+        self._fed = self.feed()
+        if not self._fed:
             self.backups()
         if now - self._last_reap > 0.5:
             self.reap()

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import redis
-
 from conftest import Controller
 from processdistro import client
 from processdistro.shared.exceptions import ParamsError

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-
 from conftest import Controller
 from processdistro import client
 from processdistro.shared import keys
@@ -31,7 +30,9 @@ def wait_job(r: redis.Redis, job_id: str, timeout: float = 120) -> Any:
 
 @pytest.mark.browser
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_odd_shapes_in_browsers(controller: Controller, browser: Any, tmp_path: Path, r: redis.Redis, dtype: Any) -> None:
+def test_odd_shapes_in_browsers(
+    controller: Controller, browser: Any, tmp_path: Path, r: redis.Redis, dtype: Any
+) -> None:
     rng = np.random.default_rng(7)
     a = rng.standard_normal((700, 300)).astype(dtype)
     b = rng.standard_normal((300, 500)).astype(dtype)
@@ -71,7 +72,9 @@ def test_freivalds_catches_a_wrong_tile() -> None:
     plugin = get_plugin("matmul")
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((5, 7)), rng.standard_normal((7, 3))
-    params = plugin.parse_params({"m": 5, "k": 7, "n": 3, "dtype": "float64", "tile": 8, "a_blocks": ["x"], "b_blocks": ["y"]})
+    params = plugin.parse_params(
+        {"m": 5, "k": 7, "n": 3, "dtype": "float64", "tile": 8, "a_blocks": ["x"], "b_blocks": ["y"]}
+    )
     task_input = next(plugin.split(params)).input + a.tobytes() + b.tobytes()
     good = (a @ b).tobytes()
     assert plugin.verify(params, 0, task_input, good, random.Random(0)).value == "accept"

@@ -6,11 +6,14 @@ from typing import Any
 
 from ..exceptions import ParamsError
 from .base import JobFiles, Prepared, Subtask, TaskPlugin, Verdict
+from .crack import CrackPlugin
 from .hashing import HashPlugin
 from .mandelbrot import MandelbrotPlugin
 from .matmul import MatmulPlugin
 
-PLUGINS: dict[str, TaskPlugin[Any]] = {p.kind: p for p in (MandelbrotPlugin(), MatmulPlugin(), HashPlugin())}
+PLUGINS: dict[str, TaskPlugin[Any]] = {
+    p.kind: p for p in (MandelbrotPlugin(), MatmulPlugin(), HashPlugin(), CrackPlugin())
+}
 
 
 def get_plugin(kind: str) -> TaskPlugin[Any]:

@@ -101,6 +101,11 @@ class TaskPlugin(ABC, Generic[P]):
     def merge(self, files: JobFiles, params: P, index: int, output: bytes) -> None:
         """Write one verified result into the job's files. Idempotent."""
 
+    def finished_early(self, files: JobFiles, params: P, index: int, output: bytes) -> bool:
+        """After a merge: is the job's answer known already (a search that found its
+        target)? Then the job finalizes now and its remaining work is cancelled."""
+        return False
+
     @abstractmethod
     def finalize(self, files: JobFiles, params: P) -> dict[str, str]:
         """Write the output files; return them by role (e.g. {"image": path})."""

@@ -1,0 +1,187 @@
+"""Crack: search a wordlist for the password behind one PBKDF2-HMAC-SHA256 key.
+
+The wordlist is never read whole: subtask `i` is the lines that *start* in bytes
+`[i*chunk, (i+1)*chunk)` of the file, found by a seek, so the scheduler streams any size
+and can resume at any subtask after a restart. Every claimed hit is re-hashed on the
+controller before it counts; the first one ends the job and cancels what is left. The
+scheduler reads the wordlist by path, so it must be where the scheduler runs (with compose:
+on the shared data volume).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..exceptions import ParamsError
+from .base import JobFiles, Prepared, Subtask, TaskPlugin, Verdict, atomic_write
+from .hashing import HEADER, WASM_SLOWDOWN, _int
+
+MODE_CRACK = 1
+NO_HIT = 0xFFFFFFFF
+RESULT = struct.Struct("<II")  # index of the first hit (or NO_HIT), candidates hashed
+TARGET_TASK_S = 1.0
+AVG_LINE_BYTES = 10
+
+
+class CrackParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: str = Field(description="hex of the derived key to find")
+    salt: str
+    iterations: int = Field(default=100_000, ge=1, le=100_000_000)
+    wordlist: str
+    size: int = Field(ge=1, description="wordlist size in bytes when submitted")
+    chunk: int = Field(ge=16, description="bytes of wordlist per subtask")
+
+    @field_validator("target")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        try:
+            raw = bytes.fromhex(v)
+        except ValueError:
+            raise ValueError(f"target must be hex, got {v[:40]!r}") from None
+        if not 1 <= len(raw) <= 1024:
+            raise ValueError(f"target must be 1 to 1024 bytes, got {len(raw)}")
+        return v.lower()
+
+    @property
+    def dklen(self) -> int:
+        return len(self.target) // 2
+
+
+def chunk_lines(fh: BinaryIO, index: int, chunk: int, size: int) -> list[bytes]:
+    """The lines of the wordlist that start inside chunk `index` (without line endings)."""
+    begin, end = index * chunk, min((index + 1) * chunk, size)
+    if begin == 0:
+        fh.seek(0)
+    else:
+        fh.seek(begin - 1)
+        if fh.read(1) != b"\n":
+            fh.readline()  # the rest of a line that started in the chunk before
+    lines = []
+    while fh.tell() < end:
+        line = fh.readline()
+        if not line:
+            break
+        lines.append(line.rstrip(b"\r\n"))
+    return lines
+
+
+def encode_task(params: CrackParams, candidates: list[bytes]) -> bytes:
+    salt = params.salt.encode()
+    head = HEADER.pack(MODE_CRACK, params.iterations, params.dklen, len(candidates))
+    body = b"".join(struct.pack("<I", len(c)) + c for c in candidates)
+    return head + struct.pack("<I", len(salt)) + salt + bytes.fromhex(params.target) + body
+
+
+def decode_candidates(params: CrackParams, task_input: bytes) -> list[bytes]:
+    _mode, _it, _dklen, count = HEADER.unpack_from(task_input)
+    pos = HEADER.size + 4 + len(params.salt.encode()) + params.dklen
+    out = []
+    for _ in range(count):
+        (n,) = struct.unpack_from("<I", task_input, pos)
+        out.append(task_input[pos + 4 : pos + 4 + n])
+        pos += 4 + n
+    return out
+
+
+class CrackPlugin(TaskPlugin[CrackParams]):
+    kind = "crack"
+    module = "password_hash"
+    params_model = CrackParams
+
+    RESULT = "crack.json"
+
+    def prepare(self, raw: dict[str, Any]) -> Prepared:
+        path = Path(os.path.expanduser(str(raw["wordlist"]))).resolve()
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise ParamsError(f"cannot read wordlist {path}: {exc}") from None
+        if size == 0:
+            raise ParamsError(f"wordlist {path} is empty")
+        iterations = _int(raw, "iterations", 100_000)
+        chunk = _int(raw, "chunk", 0) or self._estimate_chunk(iterations, len(str(raw.get("target", ""))) // 2 or 32)
+        params = {
+            "target": str(raw.get("target", "")),
+            "salt": str(raw.get("salt", "")),
+            "iterations": iterations,
+            "wordlist": str(path),
+            "size": size,
+            "chunk": max(16, chunk),
+        }
+        self.parse_params(params)  # refuse a bad target here, with the model's message
+        return Prepared(params=params, blocks={})
+
+    @staticmethod
+    def _estimate_chunk(iterations: int, dklen: int) -> int:
+        from .hashing import estimate_batch
+
+        return max(16, estimate_batch(iterations, min(dklen, 32)) * AVG_LINE_BYTES)
+
+    def count(self, params: CrackParams) -> int:
+        return -(-params.size // params.chunk)
+
+    def split(self, params: CrackParams, start: int = 0) -> Iterator[Subtask]:
+        with open(params.wordlist, "rb") as fh:
+            for index in range(start, self.count(params)):
+                # an empty chunk (inside one long line) still needs a well-formed task
+                lines = chunk_lines(fh, index, params.chunk, params.size) or [b""]
+                yield Subtask(encode_task(params, lines))
+
+    def verify(self, params: CrackParams, index: int, task_input: bytes, output: bytes, rng: random.Random) -> Verdict:
+        if len(output) != RESULT.size:
+            return Verdict.REJECT
+        hit, hashed = RESULT.unpack(output)
+        candidates = decode_candidates(params, task_input)
+        if hit == NO_HIT:
+            return Verdict.ACCEPT if hashed == len(candidates) else Verdict.REJECT
+        if hit >= len(candidates) or hashed != hit + 1:
+            return Verdict.REJECT
+        key = hashlib.pbkdf2_hmac("sha256", candidates[hit], params.salt.encode(), params.iterations, params.dklen)
+        return Verdict.ACCEPT if key.hex() == params.target else Verdict.REJECT
+
+    def merge(self, files: JobFiles, params: CrackParams, index: int, output: bytes) -> None:
+        hit, hashed = RESULT.unpack(output)
+        record: dict[str, Any] = {"chunk": index, "hashed": hashed}
+        if hit != NO_HIT:
+            with open(params.wordlist, "rb") as fh:
+                lines = chunk_lines(fh, index, params.chunk, params.size) or [b""]
+            record["password"] = lines[hit].decode("utf-8", errors="replace")
+            record["line_in_chunk"] = hit
+        files.directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(files.path(f"chunk-{index:09d}.json"), lambda fh: fh.write(json.dumps(record).encode()))
+
+    def finished_early(self, files: JobFiles, params: CrackParams, index: int, output: bytes) -> bool:
+        return RESULT.unpack(output)[0] != NO_HIT
+
+    def finalize(self, files: JobFiles, params: CrackParams) -> dict[str, str]:
+        records = [json.loads(p.read_text()) for p in sorted(files.directory.glob("chunk-*.json"))]
+        hits = [r for r in records if "password" in r]
+        first = min(hits, key=lambda r: (r["chunk"], r["line_in_chunk"])) if hits else None
+        summary = {
+            "found": first is not None,
+            "password": first["password"] if first else None,
+            "chunk": first["chunk"] if first else None,
+            "candidates_hashed": sum(r["hashed"] for r in records),
+            "hashed_after_hit": sum(r["hashed"] for r in records if first and r["chunk"] > first["chunk"]),
+            "chunks_done": len(records),
+            "chunks_total": self.count(params),
+        }
+        result = files.path(self.RESULT)
+        atomic_write(result, lambda fh: fh.write((json.dumps(summary, indent=2) + "\n").encode()))
+        for p in files.directory.glob("chunk-*.json"):
+            p.unlink()
+        return {"json": str(result)}
+
+
+__all__ = ["CrackPlugin", "WASM_SLOWDOWN"]
