@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import secrets
 import struct
@@ -43,6 +44,20 @@ def tile_counts(payload: bytes) -> np.ndarray:
         y = np.where(active, yn, y)
         n += active
     return n
+
+
+def hash_batch(payload: bytes) -> bytes:
+    """password_hash mode 0 (docs/wasm-abi.md) with hashlib."""
+    _mode, iterations, dklen, count = struct.unpack_from("<B3xIII", payload)
+    pos, out = 16, b""
+    for _ in range(count):
+        fields = []
+        for _ in range(2):
+            (n,) = struct.unpack_from("<I", payload, pos)
+            fields.append(payload[pos + 4 : pos + 4 + n])
+            pos += 4 + n
+        out += hashlib.pbkdf2_hmac("sha256", fields[0], fields[1], iterations, dklen)
+    return out
 
 
 class PyNode:
@@ -107,7 +122,17 @@ class PyNode:
                 self.received.append(msg)
                 if msg["type"] != "task":
                     continue
-                out = tile_counts(base64.b64decode(msg["input_b64"])).astype("<u4").tobytes()
+                payload = base64.b64decode(msg["input_b64"])
+                for sha in msg.get("blocks", []):
+                    resp = httpx.get(
+                        f"{self.base_url}/blocks/{msg['job_id']}/{sha}", params={"token": accepted["token"]}
+                    )
+                    resp.raise_for_status()
+                    payload += resp.content
+                if msg["kind"] == "hash":
+                    out = hash_batch(payload)
+                else:
+                    out = tile_counts(payload).astype("<u4").tobytes()
                 if self.corrupt is not None:
                     out = self.corrupt(out)
                 if self.delay:

@@ -12,6 +12,7 @@ import pytest
 import redis
 from conftest import Controller
 from processdistro import client
+from processdistro.shared import keys
 from processdistro.shared.exceptions import ParamsError
 from processdistro.shared.jobs import JobState
 from processdistro.shared.tasks import get_plugin
@@ -86,3 +87,34 @@ def test_refused_at_submit(tmp_path: Path) -> None:
         plugin.prepare({"input": str(tmp_path / "latin.csv"), "iterations": 1})
     with pytest.raises(ParamsError, match="iterations"):
         plugin.prepare({"input": str(tmp_path / "latin.csv"), "iterations": 0})
+
+
+def test_lying_node_never_changes_the_output(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+    """A node that makes its keys up (as one that skips the work would) gets the hidden
+    ringer row wrong: every batch it returns is rejected and redone by the honest node.
+    (A liar that garbles one row and not the ringer is a matter for replication.)"""
+    from pynode import PyNode, run_async
+    from test_pipeline import run_nodes_until
+
+    rows = write_rows(tmp_path / "rows.csv", 120, with_ids=False)
+    job_id = client.submit(r, "hash", {"input": str(tmp_path / "rows.csv"), "iterations": 50, "batch": 10})
+    liar = PyNode(
+        controller.url, controller.join_code, corrupt=lambda out: hashlib.sha256(out).digest() * (len(out) // 32)
+    )
+    honest = PyNode(controller.url, controller.join_code)
+
+    class Waiter:
+        def poll(self) -> int | None:
+            state = r.hget(keys.job(job_id), "state")
+            return 0 if state in (b"done", b"failed", b"cancelled") else None
+
+    run_async(run_nodes_until(Waiter(), liar, honest))  # type: ignore[arg-type]
+    job = wait_job(r, job_id, timeout=30)
+    assert job.state is JobState.DONE, job.error + controller.logs()
+    with open(job.outputs["csv"], encoding="utf-8", newline="") as fh:
+        out = list(csv.DictReader(fh))
+    for i, (want, got) in enumerate(zip(rows, out, strict=True)):
+        dk = hashlib.pbkdf2_hmac("sha256", want["password"].encode(), want["salt"].encode(), 50, 32)
+        assert (got["row"], got["dk_hex"]) == (str(i), dk.hex())
+    assert liar.done > 0
+    assert int(r.hget(keys.node(liar.device_id), "rejected") or 0) == liar.done
