@@ -46,6 +46,10 @@ def tile_counts(payload: bytes) -> np.ndarray:
     return n
 
 
+def mandelbrot_tile(payload: bytes) -> bytes:
+    return bytes(tile_counts(payload).astype("<u4").tobytes())
+
+
 def hash_batch(payload: bytes) -> bytes:
     """password_hash mode 0 (docs/wasm-abi.md) with hashlib."""
     _mode, iterations, dklen, count = struct.unpack_from("<B3xIII", payload)
@@ -129,10 +133,8 @@ class PyNode:
                     )
                     resp.raise_for_status()
                     payload += resp.content
-                if msg["kind"] == "hash":
-                    out = hash_batch(payload)
-                else:
-                    out = tile_counts(payload).astype("<u4").tobytes()
+                compute = hash_batch if msg["kind"] == "hash" else mandelbrot_tile
+                out = compute(payload)
                 if self.corrupt is not None:
                     out = self.corrupt(out)
                 if self.delay:
