@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+EWMA_ALPHA = 0.3  # weight of the newest task time in a node's average
+
 
 class NodeSession:
     def __init__(self, gw: Gateway, ws: WebSocket, node_id: str, slots: int) -> None:
@@ -59,6 +61,7 @@ class NodeSession:
         self.done = 0
         self.closing = False
         self._send_lock = asyncio.Lock()
+        self.ewma: dict[str, float] = {}
 
     # ------------------------------------------------------------------ frames out
 
@@ -84,6 +87,8 @@ class NodeSession:
     async def run(self) -> None:
         r = self.gw.r
         await self._touch(state="connected")
+        known = await r.hgetall(keys.node(self.node_id))  # a reconnect keeps the node's speed record
+        self.ewma = {k.decode(): float(v) for k, v in known.items() if k.startswith(b"ewma_ms:") and v}
         helpers = [
             asyncio.create_task(self._dispatch(), name=f"dispatch-{self.consumer}"),
             asyncio.create_task(self._watchdog(), name=f"watchdog-{self.consumer}"),
@@ -217,9 +222,15 @@ class NodeSession:
         await self.gw.handover(keys=[keys.TASKS, keys.RESULTS], args=[keys.NODES_GROUP, m.task_id, *flat])
         self.done += 1
         self.gw.metrics.latency.observe(elapsed)
+        # observed speed per kind: an exponentially weighted average of task time
+        field = f"ewma_ms:{fields.kind}"
+        previous = self.ewma.get(field)
+        sample = m.elapsed_ms if m.elapsed_ms > 0 else elapsed * 1000
+        self.ewma[field] = sample if previous is None else EWMA_ALPHA * sample + (1 - EWMA_ALPHA) * previous
         pipe = self.gw.r.pipeline(transaction=False)
         pipe.lpush(keys.LATENCY, round(elapsed * 1000, 2))
         pipe.ltrim(keys.LATENCY, 0, 199)
+        pipe.hset(keys.node(self.node_id), field, round(self.ewma[field], 2))
         await pipe.execute()
 
     async def _failed(self, m: TaskFailed) -> None:
