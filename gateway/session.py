@@ -62,6 +62,7 @@ class NodeSession:
         self.closing = False
         self._send_lock = asyncio.Lock()
         self.ewma: dict[str, float] = {}
+        self.simd = False
 
     # ------------------------------------------------------------------ frames out
 
@@ -88,6 +89,7 @@ class NodeSession:
         r = self.gw.r
         await self._touch(state="connected")
         known = await r.hgetall(keys.node(self.node_id))  # a reconnect keeps the node's speed record
+        self.simd = known.get(b"simd") == b"1"
         self.ewma = {k.decode(): float(v) for k, v in known.items() if k.startswith(b"ewma_ms:") and v}
         helpers = [
             asyncio.create_task(self._dispatch(), name=f"dispatch-{self.consumer}"),
@@ -284,6 +286,9 @@ class NodeSession:
             await self.gw.drop_task(task_id)
             return
         module = self.gw.modules.by_sha.get(fields.module)
+        if module is not None and self.simd:
+            # a node with SIMD128 gets the SIMD build where there is one (same bytes out)
+            module = self.gw.modules.by_name.get(f"{module.name}_simd", module)
         if module is None:
             log.error("task %s needs unknown module %s; requeueing", task_id, fields.module)
             await self.gw.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, task_id])
@@ -295,7 +300,7 @@ class NodeSession:
                 task_id=task_id,
                 job_id=fields.job,
                 kind=fields.kind,
-                module_sha256=fields.module,
+                module_sha256=module.sha256,
                 module_url=module.url,
                 input_b64=base64.b64encode(fields.input).decode(),
                 blocks=list(fields.blocks),

@@ -82,3 +82,40 @@ def test_freivalds_catches_a_wrong_tile() -> None:
     bad[2, 1] += 1e-6
     assert plugin.verify(params, 0, task_input, bad.tobytes(), random.Random(0)).value == "reject"
     assert plugin.verify(params, 0, task_input, good[:-8], random.Random(0)).value == "reject"
+
+
+def test_simd_nodes_get_the_simd_build(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+    import asyncio
+
+    import httpx
+
+    from pynode import PyNode, run_async
+
+    np.save(tmp_path / "A.npy", np.ones((4, 3)))
+    np.save(tmp_path / "B.npy", np.ones((3, 2)))
+    modules = httpx.get(f"{controller.url}/api/modules").json()
+    seen: dict[str, str] = {}
+
+    async def grab(simd: bool) -> None:
+        import json as _json
+
+        import websockets
+
+        node = PyNode(controller.url, controller.join_code)
+        resp = httpx.post(
+            f"{controller.url}/node-report",
+            json={"join_code": controller.join_code, "device_id": node.device_id, "cores": 1, "simd": simd},
+        )
+        token = resp.json()["token"]
+        async with websockets.connect(controller.url.replace("http", "ws") + f"/ws?token={token}") as ws:
+            await ws.send(_json.dumps({"type": "ready", "free": 1}))
+            while True:
+                msg = _json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if msg["type"] == "task":
+                    seen["simd" if simd else "scalar"] = msg["module_sha256"]
+                    return
+
+    for simd in (True, False):
+        client.submit(r, "matmul", {"a": str(tmp_path / "A.npy"), "b": str(tmp_path / "B.npy")})
+        run_async(grab(simd))
+    assert seen == {"simd": modules["matrix_mul_simd"]["sha256"], "scalar": modules["matrix_mul"]["sha256"]}
