@@ -47,7 +47,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from .up import run_up
 
     setup_logging("up", settings.log_level)
-    return run_up(settings, console=console)
+    return run_up(settings, console=console, workers=args.workers)
 
 
 def cmd_service(args: argparse.Namespace, settings: Settings) -> int:
@@ -59,6 +59,31 @@ def cmd_service(args: argparse.Namespace, settings: Settings) -> int:
     else:
         from .aggregator.service import run
     run(settings)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+    import os
+
+    from .shared.exceptions import ConfigError
+    from .worker.node import WorkerConfig, run_worker
+    from .worker.runtime import MIB, Limits
+
+    if args.cores is not None and not 1 <= args.cores <= 1024:
+        raise ConfigError(f"expected --cores between 1 and 1024, got {args.cores}")
+    if args.deadline <= 0 or args.memory_mb < 1:
+        raise ConfigError("expected a positive --deadline and --memory-mb")
+    setup_logging("worker", settings.log_level)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    config = WorkerConfig(
+        join_url=args.url,
+        cores=args.cores or os.cpu_count() or 1,
+        home=settings.home_dir,
+        name=args.name,
+        limits=Limits(deadline_s=args.deadline, memory_bytes=args.memory_mb * MIB),
+    )
+    run_worker(config)
     return 0
 
 
@@ -186,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start Redis, gateway, scheduler and aggregator; print the join link")
     up.add_argument("--host", help="gateway bind address (default 0.0.0.0)")
     up.add_argument("--port", type=int, help="gateway port (default 30000)")
+    up.add_argument(
+        "--workers", type=int, default=0, metavar="N", help="also start N local native workers (one core each)"
+    )
     up.set_defaults(func=cmd_up)
 
     for name, text in (
@@ -198,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--host")
             s.add_argument("--port", type=int)
         s.set_defaults(func=cmd_service)
+
+    w = sub.add_parser("worker", help="join a controller as a native worker (wasmtime, one process per core)")
+    w.add_argument("url", help="the join link the controller printed: http://HOST:PORT/agent?code=CODE")
+    w.add_argument("--cores", type=int, help="cores to offer (default: all of this machine's)")
+    w.add_argument("--name", help="identity kept across restarts (default: first free of default, default-2, ...)")
+    w.add_argument("--deadline", type=float, default=300.0, metavar="SECONDS", help="per-task time limit (default 300)")
+    w.add_argument("--memory-mb", type=int, default=1024, metavar="MIB", help="memory cap per task (default 1024)")
+    w.set_defaults(func=cmd_worker)
 
     submit = sub.add_parser("submit", help="submit a job")
     kinds = submit.add_subparsers(dest="kind", required=True, metavar="KIND")

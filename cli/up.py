@@ -89,7 +89,7 @@ def print_join(console: Console, join_url: str, gateway_url: str) -> None:
     console.print("Press Ctrl-C to stop everything.")
 
 
-def run_up(settings: Settings, *, console: Console) -> int:
+def run_up(settings: Settings, *, console: Console, workers: int = 0) -> int:
     home = settings.home_dir
     home.mkdir(parents=True, exist_ok=True)
     logs = home / "logs"
@@ -131,6 +131,15 @@ def run_up(settings: Settings, *, console: Console) -> int:
             console.print(f"[red]the gateway did not come up; see {children[0].log_path}[/]")
             return 1
         join_url = f"{gateway_url}/agent?code={join_code}"
+        # local native workers join through loopback, like any other node
+        local = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+        local = f"[{local}]" if ":" in local else local
+        for i in range(max(0, workers)):
+            name = f"worker-{i + 1}"
+            link = f"http://{local}:{settings.port}/agent?code={join_code}"
+            worker = Child(name, [*argv0, "worker", link, "--cores", "1"], env, log_path=logs / f"{name}.log")
+            worker.start()
+            children.append(worker)
         info = {
             "redis_url": redis_url,
             "gateway_url": gateway_url,
@@ -140,6 +149,8 @@ def run_up(settings: Settings, *, console: Console) -> int:
         }
         settings.controller_file.write_text(json.dumps(info, indent=2) + "\n")
         print_join(console, join_url, gateway_url)
+        if workers > 0:
+            console.print(f"Started {workers} local native worker(s); logs in {logs}/worker-*.log")
         while not stopping:
             time.sleep(0.25)
             for c in children:

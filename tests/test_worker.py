@@ -19,7 +19,9 @@ import redis
 import wasmtime
 from conftest import Controller
 from mandel_ref import reference_counts
+from processdistro import client
 from processdistro.shared import keys
+from processdistro.shared.jobs import JobState, load_job
 from processdistro.shared.redis_server import free_port
 from processdistro.worker.device import claim_identity
 from processdistro.worker.exceptions import DeadlineExceeded, MemoryCapReached, ModuleStatus
@@ -196,6 +198,27 @@ def test_worker_completes_a_job_exactly(
 
 
 @pytest.mark.slow
+def test_worker_runs_matmul_with_shared_blocks(
+    controller: Controller, tmp_path: Path, r: redis.Redis, workers: list[Worker]
+) -> None:
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((300, 200)), rng.standard_normal((200, 250))
+    np.save(tmp_path / "A.npy", a)
+    np.save(tmp_path / "B.npy", b)
+    w = Worker(controller, tmp_path / "w", "--cores", "2")
+    workers.append(w)
+    w.wait_connected()
+    job_id = client.submit(r, "matmul", {"a": str(tmp_path / "A.npy"), "b": str(tmp_path / "B.npy"), "tile": 64})
+    deadline = time.monotonic() + 120
+    while (job := load_job(r, job_id)) is None or not job.state.terminal:
+        assert time.monotonic() < deadline, w.text() + controller.logs()
+        time.sleep(0.1)
+    assert job.state is JobState.DONE, job.error + w.text()
+    expected = a @ b
+    assert np.max(np.abs(np.load(job.outputs["c"]) - expected)) <= 1e-10 * np.max(np.abs(expected))
+
+
+@pytest.mark.slow
 def test_sigkilled_worker_tasks_go_to_another(
     controller: Controller, tmp_path: Path, r: redis.Redis, workers: list[Worker]
 ) -> None:
@@ -258,6 +281,57 @@ def test_wrong_join_code_exits_with_a_clear_message(controller: Controller, tmp_
     )
     assert out.returncode == 2, out.stdout + out.stderr
     assert "join code refused" in out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_worker_reconnects_and_reports_again_after_a_gateway_restart(
+    controller: Controller, tmp_path: Path, r: redis.Redis, workers: list[Worker]
+) -> None:
+    w = Worker(controller, tmp_path / "w", "--cores", "2")
+    workers.append(w)
+    w.wait_connected()
+    proc = submit(controller, tmp_path, "--width", "512", "--height", "512", "--tile", "16", "--max-iter", "1000")
+    wait_progress(r, 40)
+    controller.kill("gateway")
+    r.delete(keys.TOKEN_SECRET)  # the new gateway signs with a new secret: the old token is refused (4001)
+    controller.start("gateway")
+    assert proc.wait(240) == 0, (tmp_path / "submit.log").read_text() + w.text() + controller.logs()
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), reference_counts(512, 512, -2.0, 1.0, -1.5, 1.5, 1000))
+    text = w.text()
+    assert "4001" in text and text.count("registered,") == 2, text
+    assert len(list(r.scan_iter(match=keys.node("*")))) == 1, "the worker changed identity"
+
+
+def test_banned_worker_exits_with_a_clear_message(
+    controller: Controller, tmp_path: Path, r: redis.Redis, workers: list[Worker]
+) -> None:
+    w = Worker(controller, tmp_path / "w", "--cores", "1")
+    workers.append(w)
+    w.wait_connected()
+    kids = children_of(w.proc.pid)
+    device_id = (tmp_path / "w" / "worker-default.id").read_text().strip()
+    r.hset(keys.node(device_id), "banned", "1")
+    controller.kill("gateway")  # the ban takes effect at the next connect
+    controller.start("gateway")
+    assert w.proc.wait(30) == 2, w.text()
+    assert "banned" in w.text()
+    assert all_dead(kids)
+
+
+def test_replaced_worker_exits_with_a_clear_message(
+    controller: Controller, tmp_path: Path, workers: list[Worker]
+) -> None:
+    first = Worker(controller, tmp_path / "a", "--cores", "1")
+    workers.append(first)
+    first.wait_connected()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "worker-default.id").write_text((tmp_path / "a" / "worker-default.id").read_text())
+    second = Worker(controller, tmp_path / "b", "--cores", "1")
+    workers.append(second)
+    second.wait_connected()
+    assert first.proc.wait(15) == 2, first.text()
+    assert "connected again elsewhere" in " ".join(first.text().split())  # rich wraps long lines
+    assert second.proc.poll() is None
 
 
 @pytest.mark.slow

@@ -1,0 +1,259 @@
+"""`ExecutorPool`: one spawned OS process per slot, each running modules with a `ModuleRunner`.
+
+Why processes of our own rather than `ProcessPoolExecutor`: a cancelled task, or one that
+blew its deadline, is stopped by killing the one process that runs it, and only that process
+is replaced; a `ProcessPoolExecutor` treats a killed process as a broken pool. The processes
+are fresh interpreters (`python -m processdistro.worker.pool FD LIMITS`, like the "spawn"
+start method) talking over a `multiprocessing` socket pair: unlike `multiprocessing.Process`
+this never re-imports the caller's `__main__` and starts no resource-tracker process.
+
+Each process serves requests from its end of a pipe, one at a time. The parent waits for the
+answer in a thread (so the event loop never blocks) and guards the wait itself: a process that
+has not answered `deadline + GUARD_GRACE_S` after the request (the epoch deadline should have
+stopped it long before) is killed. A process that hit its deadline or memory cap answers and
+then exits; the pool starts a fresh one in its place.
+
+Processes ignore SIGINT: Ctrl-C reaches the whole process group, and the parent decides how to
+stop (Leave first, then `close`). They exit when the parent goes away (EOF on the pipe, or a
+changed parent pid noticed by a watchdog thread while a long run is in progress).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from .exceptions import (
+    DeadlineExceeded,
+    ExecutorCrashed,
+    MemoryCapReached,
+    TaskError,
+    task_error,
+)
+from .runtime import Limits, ModuleRunner
+
+log = logging.getLogger(__name__)
+
+GUARD_GRACE_S = 10.0  # also covers a fresh process's start-up (interpreter, wasmtime, compile)
+STOP_GRACE_S = 2.0
+# failures after which the process that reported them exits (and is replaced)
+RETIRING = {DeadlineExceeded.__name__, MemoryCapReached.__name__, ExecutorCrashed.__name__}
+
+
+# One request on the pipe: (task id, module sha256, module file, input bytes); None = exit.
+Request = tuple[str, str, str, bytes]
+
+
+# ---------------------------------------------------------------------------- child side
+
+
+def _watch_parent(parent: int) -> None:
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            os._exit(0)  # the parent is gone: nobody will read our answer
+
+
+def _serve(conn: Connection, limits: Limits) -> None:
+    """Entry point of an executor process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), name="watch-parent", daemon=True).start()
+    runner = ModuleRunner(limits=limits)
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            return
+        if request is None:
+            return
+        _task_id, sha256, path, data = request
+        started = time.perf_counter()
+        try:
+            output = runner.run(sha256, Path(path), data)
+        except TaskError as exc:
+            name = type(exc).__name__
+            conn.send(("error", name, str(exc)))
+            if name in RETIRING:
+                return
+            continue
+        except Exception as exc:  # a bug on our side, not the module's: start afresh
+            conn.send(("error", ExecutorCrashed.__name__, f"executor error: {exc!r}"))
+            return
+        conn.send(("ok", output, (time.perf_counter() - started) * 1000.0))
+
+
+# ---------------------------------------------------------------------------- parent side
+
+
+class _Proc:
+    def __init__(self, index: int, limits: Limits) -> None:
+        ours, theirs = multiprocessing.Pipe()
+        fd = theirs.fileno()
+        self.index = index
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", __name__, str(fd), json.dumps(asdict(limits))],
+            pass_fds=(fd,),
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        self.conn: Connection = ours
+        self.task_id: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def wait(self, timeout: float) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(max(0.0, timeout))
+
+    def call(self, request: Request, timeout: float) -> tuple[Any, ...]:
+        """Blocking: send one request, wait for its answer (in a pool thread)."""
+        try:
+            self.conn.send(request)
+            if not self.conn.poll(timeout):
+                return ("timeout",)
+            return tuple(self.conn.recv())
+        except (EOFError, OSError):
+            self.wait(1.0)
+            return ("died", self.process.returncode)
+
+    def reap(self) -> None:
+        """Make sure the process is gone and its pipe closed (never while `call` runs)."""
+        if self.alive():
+            self.process.kill()
+        self.wait(STOP_GRACE_S)
+        self.conn.close()
+
+
+class ExecutorPool:
+    """Up to `size` tasks at once, each in a process of its own. Use from one event loop."""
+
+    def __init__(self, *, size: int, limits: Limits) -> None:
+        self.limits = limits
+        self._threads = ThreadPoolExecutor(max_workers=1024, thread_name_prefix="pd-exec-wait")
+        self._idle: asyncio.Queue[_Proc] = asyncio.Queue()
+        self._procs: set[_Proc] = set()
+        self._target = 0
+        self._spawned = 0
+        self._closed = False
+        self.resize(size)
+
+    @property
+    def size(self) -> int:
+        return self._target
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def resize(self, size: int) -> None:
+        """Grow at once; shrink by stopping idle processes now and busy ones when they finish."""
+        self._target = max(1, size)
+        while len(self._procs) < self._target and not self._closed:
+            self._spawn()
+        while len(self._procs) > self._target and not self._idle.empty():
+            self._drop(self._idle.get_nowait())
+
+    def _drop(self, proc: _Proc) -> None:
+        """Stop an idle process (no thread is waiting on its pipe)."""
+        self._procs.discard(proc)
+        if self._closed:
+            proc.conn.close()  # `close` terminates and reaps the process itself
+        else:
+            self._threads.submit(proc.reap)
+
+    def _spawn(self) -> None:
+        self._spawned += 1
+        proc = _Proc(self._spawned, self.limits)
+        self._procs.add(proc)
+        self._idle.put_nowait(proc)
+
+    async def run(self, task_id: str, sha256: str, path: Path, data: bytes) -> tuple[bytes, float]:
+        """Run one task: `(output, elapsed_ms)`, or a `TaskError`. Cancelling the awaiting
+        task kills the process that runs it (and starts a replacement)."""
+        if self._closed:
+            raise ExecutorCrashed("the executor pool is closed")
+        proc = await self._idle.get()
+        proc.task_id = task_id
+        timeout = self.limits.deadline_s + GUARD_GRACE_S
+        call: Future[tuple[Any, ...]] = self._threads.submit(proc.call, (task_id, sha256, str(path), data), timeout)
+        retire = True
+        try:
+            reply = await asyncio.wrap_future(call)
+            kind = reply[0]
+            if kind == "ok":
+                retire = False
+                return bytes(reply[1]), float(reply[2])
+            if kind == "error":
+                retire = reply[1] in RETIRING
+                raise task_error(reply[1], reply[2])
+            if kind == "timeout":
+                raise DeadlineExceeded(
+                    f"no answer within {timeout:g}s (deadline {self.limits.deadline_s:g}s); executor process killed"
+                )
+            raise ExecutorCrashed(f"executor process died (exit code {reply[1]}) while running the task")
+        finally:
+            proc.task_id = None
+            if retire:
+                self._retire(proc, call)
+            elif self._closed or len(self._procs) > self._target:
+                self._drop(proc)
+            else:
+                self._idle.put_nowait(proc)
+
+    def _retire(self, proc: _Proc, call: Future[tuple[Any, ...]]) -> None:
+        if proc.alive():
+            proc.process.kill()  # unblocks `call`: its pipe reaches EOF
+        self._procs.discard(proc)
+        # close the pipe only once the waiting thread is done with it
+        call.add_done_callback(lambda _f: proc.reap())
+        if not self._closed and len(self._procs) < self._target:
+            log.info("executor process %s (pid %s) replaced", proc.index, proc.pid)
+            self._spawn()
+
+    def begin_close(self) -> None:
+        """From now on, start no runs and replace no process (runs cancelled next stay dead)."""
+        self._closed = True
+
+    async def close(self) -> None:
+        """Stop every process: SIGTERM, a short grace, then SIGKILL."""
+        self._closed = True
+        procs = list(self._procs)
+        self._procs.clear()
+        for proc in procs:
+            with contextlib.suppress(OSError):
+                proc.process.terminate()
+
+        def reap_all() -> None:
+            deadline = time.monotonic() + STOP_GRACE_S
+            for proc in procs:
+                proc.wait(deadline - time.monotonic())
+                if proc.alive():
+                    proc.process.kill()
+                    proc.wait(1.0)
+
+        await asyncio.get_running_loop().run_in_executor(None, reap_all)
+        while not self._idle.empty():
+            self._idle.get_nowait().conn.close()
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+
+if __name__ == "__main__":
+    _serve(Connection(int(sys.argv[1])), Limits(**json.loads(sys.argv[2])))

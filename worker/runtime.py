@@ -1,0 +1,213 @@
+"""Running task modules in wasmtime, inside one process (docs/wasm-abi.md).
+
+A module is compiled once per process and one instance per module serves many runs, as the
+ABI allows. Two limits guard every run:
+
+- a wall-clock **deadline**, by epoch interruption: a daemon thread advances the engine's
+  epoch every `TICK_S` and each run gets `deadline_s / TICK_S` ticks. Epoch checks cost far
+  less than fuel metering, and a deadline in seconds is what an operator can reason about.
+  The thread can tick while a run is in progress because wasmtime-py calls into the engine
+  through ctypes, which releases the GIL.
+- a **memory cap**, by `Store.set_limits(memory_size=...)`: `memory.grow` past it returns -1,
+  which the kernels report as status 3 (or `pd_alloc` returning 0).
+
+After a trap the instance (and its store) is discarded, as the ABI requires.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import wasmtime
+
+from .exceptions import DeadlineExceeded, MemoryCapReached, ModuleInvalid, ModuleStatus, ModuleTrapped
+
+TICK_S = 0.05
+MIB = 1024 * 1024
+# An instance whose memory grew past this after a run is dropped, so one huge task does not
+# pin that much memory in a process for the rest of its life.
+RETAIN_MEMORY_BYTES = 256 * MIB
+ABI_FUNCTIONS = ("pd_alloc", "pd_run", "pd_output_ptr", "pd_output_len")
+STATUS_MEANING = {
+    1: "input length wrong, or the input range is not inside memory",
+    2: "bad parameters",
+    3: "out of memory",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-run limits. `deadline_s` is wall-clock time for one task; `memory_bytes` caps the
+    module's linear memory."""
+
+    deadline_s: float = 300.0
+    memory_bytes: int = 1024 * MIB
+
+    @property
+    def deadline_ticks(self) -> int:
+        return max(1, math.ceil(self.deadline_s / TICK_S)) + 1  # +1: the current tick is partial
+
+
+@dataclass
+class _Instance:
+    store: wasmtime.Store
+    memory: wasmtime.Memory
+    alloc: wasmtime.Func
+    run: wasmtime.Func
+    output_ptr: wasmtime.Func
+    output_len: wasmtime.Func
+
+
+def _u32(value: object) -> int:
+    if not isinstance(value, int):
+        raise ModuleInvalid(f"expected an i32 from the module, got {value!r}")
+    return value & 0xFFFFFFFF
+
+
+class ModuleRunner:
+    """Compiles and runs modules in this process. Not thread-safe: one run at a time."""
+
+    def __init__(self, *, limits: Limits) -> None:
+        self.limits = limits
+        config = wasmtime.Config()
+        config.epoch_interruption = True
+        self.engine = wasmtime.Engine(config)
+        self._modules: dict[str, wasmtime.Module] = {}
+        self._instances: dict[str, _Instance] = {}
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="wasm-epoch", daemon=True)
+        self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(TICK_S):
+            self.engine.increment_epoch()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._ticker.join(1.0)
+        self._instances.clear()
+        self._modules.clear()
+
+    # ------------------------------------------------------------------ modules
+
+    def module(self, sha256: str, path: Path) -> wasmtime.Module:
+        """The compiled module `sha256`, read from `path` (checked against the hash) once."""
+        module = self._modules.get(sha256)
+        if module is not None:
+            return module
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ModuleInvalid(f"module {sha256[:12]}: cannot read {path}: {exc}") from None
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            raise ModuleInvalid(f"module file {path} has sha256 {actual}, expected {sha256}")
+        try:
+            module = wasmtime.Module(self.engine, data)
+        except wasmtime.WasmtimeError as exc:
+            raise ModuleInvalid(f"module {sha256[:12]} does not compile: {_first_line(exc)}") from None
+        self._modules[sha256] = module
+        return module
+
+    def _instance(self, sha256: str, path: Path) -> _Instance:
+        inst = self._instances.get(sha256)
+        if inst is not None:
+            return inst
+        module = self.module(sha256, path)
+        store = wasmtime.Store(self.engine)
+        store.set_limits(memory_size=self.limits.memory_bytes)
+        store.set_epoch_deadline(self.limits.deadline_ticks)
+        try:
+            instance = wasmtime.Instance(store, module, [])
+        except wasmtime.Trap as exc:
+            raise ModuleTrapped(f"module {sha256[:12]} trapped while starting: {_trap_text(exc)}") from None
+        except wasmtime.WasmtimeError as exc:
+            raise ModuleInvalid(f"module {sha256[:12]} cannot be instantiated: {_first_line(exc)}") from None
+        exports = instance.exports(store)
+        memory = exports.get("memory")
+        if not isinstance(memory, wasmtime.Memory):
+            raise ModuleInvalid(f"module {sha256[:12]} does not export `memory`")
+        funcs = []
+        for name in ABI_FUNCTIONS:
+            func = exports.get(name)
+            if not isinstance(func, wasmtime.Func):
+                raise ModuleInvalid(f"module {sha256[:12]} does not export the function `{name}`")
+            funcs.append(func)
+        inst = _Instance(store, memory, *funcs)
+        self._instances[sha256] = inst
+        return inst
+
+    # ------------------------------------------------------------------ runs
+
+    def run(self, sha256: str, path: Path, data: bytes | bytearray) -> bytes:
+        """Run module `sha256` on `data` and return its output; a failure raises a TaskError."""
+        inst = self._instance(sha256, path)
+        store = inst.store
+        cap_mib = self.limits.memory_bytes / MIB
+        started = time.monotonic()
+        store.set_epoch_deadline(self.limits.deadline_ticks)
+        try:
+            ptr = _u32(inst.alloc(store, len(data)))
+            if ptr == 0:
+                mib = inst.memory.data_len(store) / MIB
+                raise MemoryCapReached(
+                    f"pd_alloc could not reserve {len(data)} input bytes "
+                    f"(linear memory at {mib:.0f} MiB; the memory cap is {cap_mib:.0f} MiB)"
+                )
+            if data:
+                inst.memory.write(store, data if isinstance(data, bytearray) else bytearray(data), ptr)
+            status = _u32(inst.run(store, ptr, len(data)))
+            if status == 3:
+                mib = inst.memory.data_len(store) / MIB
+                raise MemoryCapReached(
+                    f"module ran out of memory (status 3) with linear memory at {mib:.0f} MiB; "
+                    f"the memory cap is {cap_mib:.0f} MiB"
+                )
+            if status != 0:
+                meaning = STATUS_MEANING.get(status, "task-specific failure")
+                raise ModuleStatus(f"module returned status {status} ({meaning})", status)
+            out_ptr = _u32(inst.output_ptr(store))
+            out_len = _u32(inst.output_len(store))
+            if out_len == 0:
+                return b""
+            if out_ptr + out_len > inst.memory.data_len(store):
+                raise ModuleInvalid(f"module output range {out_ptr}+{out_len} is outside its memory")
+            return bytes(inst.memory.read(store, out_ptr, out_ptr + out_len))
+        except wasmtime.Trap as exc:
+            self._instances.pop(sha256, None)
+            elapsed = time.monotonic() - started
+            if exc.trap_code is wasmtime.TrapCode.INTERRUPT:
+                raise DeadlineExceeded(
+                    f"task ran past its {self.limits.deadline_s:g}s deadline (stopped after {elapsed:.1f}s)"
+                ) from None
+            mib = inst.memory.data_len(store) / MIB
+            note = ""
+            if mib >= cap_mib / 2:
+                note = f"; linear memory at {mib:.0f} of {cap_mib:.0f} MiB, so the memory cap may have stopped it"
+            raise ModuleTrapped(f"module trapped: {_trap_text(exc)}{note}") from None
+        except wasmtime.WasmtimeError as exc:
+            self._instances.pop(sha256, None)
+            raise ModuleInvalid(f"calling module {sha256[:12]} failed: {_first_line(exc)}") from None
+        finally:
+            current = self._instances.get(sha256)
+            if current is inst and inst.memory.data_len(store) > RETAIN_MEMORY_BYTES:
+                del self._instances[sha256]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _trap_text(exc: wasmtime.Trap) -> str:
+    # wasmtime's text is "error while executing at wasm backtrace: ... Caused by: wasm trap: X"
+    text = str(exc)
+    marker = "wasm trap:"
+    if marker in text:
+        return text[text.rindex(marker) + len(marker) :].strip().splitlines()[0]
+    return _first_line(exc)
