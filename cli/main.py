@@ -21,8 +21,9 @@ from .shared.jobs import JobState
 from .shared.logs import setup_logging
 from .shared.settings import Settings
 
-console = Console(stderr=False)
-err = Console(stderr=True)
+# soft_wrap: links and paths stay on one line, so they can be copied whole
+console = Console(stderr=False, soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -87,19 +88,30 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _submit_params(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Path | None]]:
+    """The job's raw parameters and which outputs go where, per kind."""
+    if args.kind == "mandelbrot":
+        names = ("width", "height", "xmin", "xmax", "ymin", "ymax", "max_iter", "tile")
+        return {n: getattr(args, n) for n in names}, {"image": args.output, "raw": args.raw}
+    if args.kind == "matmul":
+        return {"a": str(args.a), "b": str(args.b), "tile": args.tile}, {"c": args.output}
+    if args.kind == "hash":
+        params = {"input": str(args.input), "iterations": args.iterations, "dklen": args.dklen, "batch": args.batch}
+        return params, {"csv": args.output}
+    params = {
+        "target": args.target,
+        "salt": args.salt,
+        "iterations": args.iterations,
+        "wordlist": str(args.wordlist),
+        "chunk": args.chunk,
+    }
+    return params, {"json": args.output}
+
+
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     from . import client
 
-    params = {
-        "width": args.width,
-        "height": args.height,
-        "xmin": args.xmin,
-        "xmax": args.xmax,
-        "ymin": args.ymin,
-        "ymax": args.ymax,
-        "max_iter": args.max_iter,
-        "tile": args.tile,
-    }
+    params, targets = _submit_params(args)
     r = _redis(settings)
     job_id = client.submit(r, args.kind, params, priority=args.priority)
     console.print(f"submitted job [bold]{job_id}[/] ({args.kind})")
@@ -110,9 +122,17 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     if job.state is not JobState.DONE:
         err.print(f"[red]{client.describe_failure(job)}[/]")
         return 1
-    copied = client.copy_outputs(job, {"image": args.output, "raw": args.raw})
-    for role, path in copied.items():
+    for role, path in client.copy_outputs(job, targets).items():
         console.print(f"{role}: {path}")
+    if args.kind == "crack":
+        summary = json.loads(Path(job.outputs["json"]).read_text())
+        if summary["found"]:
+            console.print(f"password found: [bold]{summary['password']}[/]")
+        else:
+            console.print("not found: no word of the list matches")
+        console.print(
+            f"{summary['candidates_hashed']} candidates hashed, {summary['hashed_after_hit']} of them after the hit"
+        )
     console.print(f"job {job_id} done in {(job.finished or time.time()) - job.created:.1f}s")
     return 0
 
@@ -157,8 +177,11 @@ def cmd_nodes(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         console.print_json(json.dumps(nodes))
         return 0
-    table = Table("node", "live", "kind", "browser/os", "cores", "slots", "score", "done", "rejected")
+    table = Table("node", "live", "kind", "browser/os", "cores", "slots", "score", "avg task ms", "done", "rejected")
     for n in nodes:
+        ewma = sorted((k.split(":", 1)[1], float(v)) for k, v in n.items() if k.startswith("ewma_ms:"))
+        speeds = ", ".join(f"{kind} {ms:.0f}" for kind, ms in ewma)
+        score = f"{float(n['score']):.3g}" if n.get("score") else ""
         table.add_row(
             n["id"],
             n["live"],
@@ -166,7 +189,8 @@ def cmd_nodes(args: argparse.Namespace, settings: Settings) -> int:
             f"{n.get('browser', '')} {n.get('os', '')}".strip(),
             n.get("cores", ""),
             n.get("slots", ""),
-            n.get("score", "")[:10],
+            score,
+            speeds,
             n.get("completed", "0"),
             n.get("rejected", "0"),
         )
@@ -250,7 +274,38 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tile", type=int, default=128, help="tile edge in pixels (one subtask per tile)")
     m.add_argument("-o", "--output", type=Path, help="PNG to write when done (with --wait)")
     m.add_argument("--raw", type=Path, help="raw uint32 counts .npy to write when done (with --wait)")
-    for sp in (m,):
+    mm = kinds.add_parser(
+        "matmul", help="multiply two matrices (.npy)", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    mm.add_argument("--a", type=Path, required=True, help="left matrix A (.npy, 2-D)")
+    mm.add_argument("--b", type=Path, required=True, help="right matrix B (.npy, 2-D)")
+    mm.add_argument("--tile", type=int, default=256, help="rows of A / columns of B per subtask")
+    mm.add_argument("-o", "--output", type=Path, help="C = A @ B as .npy (with --wait)")
+
+    h = kinds.add_parser(
+        "hash",
+        help="PBKDF2-HMAC-SHA256 over a CSV of password,salt rows",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    h.add_argument("--input", type=Path, required=True, help="CSV with a header: password, salt, optional id")
+    h.add_argument("--iterations", type=int, default=100_000)
+    h.add_argument("--dklen", type=int, default=32)
+    h.add_argument("--batch", type=int, help="rows per subtask (default: about 1 s of work per subtask)")
+    h.add_argument("-o", "--output", type=Path, help="output CSV: id (or row), salt, dk_hex (with --wait)")
+
+    c = kinds.add_parser(
+        "crack",
+        help="search a wordlist for the password behind a PBKDF2 key",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    c.add_argument("--target", required=True, help="the derived key, hex")
+    c.add_argument("--salt", required=True)
+    c.add_argument("--iterations", type=int, default=100_000)
+    c.add_argument("--wordlist", type=Path, required=True, help="one candidate per line, any size")
+    c.add_argument("--chunk", type=int, help="wordlist bytes per subtask (default: about 1 s of work)")
+    c.add_argument("-o", "--output", type=Path, help="the result summary as JSON (with --wait)")
+
+    for sp in (m, mm, h, c):
         sp.add_argument("--priority", type=int, default=0, help="higher runs first")
         sp.add_argument("--wait", action="store_true", help="show progress and wait for the result")
         sp.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
@@ -272,9 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     nodes.add_argument("--json", action="store_true")
     nodes.set_defaults(func=cmd_nodes)
 
-    c = sub.add_parser("cancel", help="cancel a job")
-    c.add_argument("job")
-    c.set_defaults(func=cmd_cancel)
+    cancel = sub.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("job")
+    cancel.set_defaults(func=cmd_cancel)
 
     sc = sub.add_parser("schema", help="export the protocol's JSON Schemas")
     sc.add_argument("--out", type=Path, default=Path("shared/schema"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -82,10 +83,12 @@ def print_join(console: Console, join_url: str, gateway_url: str) -> None:
     console.print()
     console.print("[bold green]ProcessDistro is up.[/]")
     console.print(f"Join link (open it on any device on this network): [bold]{join_url}[/]")
-    if sys.stdout.isatty():
-        qr.print_ascii(out=sys.stdout, invert=True)
+    sys.stdout.flush()
+    qr.print_ascii(out=sys.stdout, invert=True)
+    sys.stdout.flush()
     console.print(f"Dashboard: {gateway_url}/dashboard   Metrics: {gateway_url}/metrics")
-    console.print("Submit work from another terminal, e.g.  processdistro submit mandelbrot -o m.png --wait")
+    cli = shutil.which("processdistro") or str(Path(sys.executable).parent / "processdistro")
+    console.print(f"Submit work from another terminal, e.g.  {cli} submit mandelbrot -o m.png --wait")
     console.print("Press Ctrl-C to stop everything.")
 
 
@@ -193,7 +196,7 @@ def _wait_for_gateway(redis_url: str, gateway: Child, timeout: float) -> str | N
                 return None
             code = client.get(keys.JOIN_CODE)
             if code:
-                return code.decode()
+                return str(code.decode())
             time.sleep(0.1)
         return None
     finally:

@@ -270,7 +270,7 @@ def create_app(settings: Settings, *, redis_client: aredis.Redis | None = None) 
         if not origin_allowed(ws.headers.get("origin"), ws.headers.get("host"), settings.allowed_origins):
             return await refuse(CloseCode.POLICY, f"origin {ws.headers.get('origin')} not allowed", "origin")
         if not await within_rate(r, "connect", _client_ip(ws), settings.connect_rate_per_min):
-            return await refuse(CloseCode.POLICY, "too many connections; wait a minute", "rate")
+            return await refuse(CloseCode.RATE_LIMITED, "too many connections; wait a minute", "rate")
         check = gw.signer.check(ws.query_params.get("token"))
         if check.status is not TokenStatus.VALID:
             return await refuse(

@@ -186,6 +186,7 @@ class CloseCode:
     REPLACED = 4002  # the same node connected again elsewhere
     SILENT = 4003  # no heartbeat within the deadline
     BANNED = 4004
+    RATE_LIMITED = 4005  # too many connects from this address: retry later
 
 
 def export_schemas() -> dict[str, dict[str, object]]:

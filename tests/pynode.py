@@ -79,7 +79,6 @@ class PyNode:
         self.cores = cores
         self.corrupt = corrupt
         self.delay = delay  # seconds per task on top of the compute: a slow device
-        self.delay = delay  # seconds per task on top of the compute: a slow device
         self.device_id = secrets.token_urlsafe(16)
         self.done = 0
         self.received: list[dict[str, Any]] = []

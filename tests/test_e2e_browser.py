@@ -124,6 +124,5 @@ def test_page_closed_mid_job(controller: Controller, browser: Any, tmp_path: Pat
         check_outputs(controller, proc, tmp_path)
         assert r.hget(keys.job(job_id), "finalized") == b"1"
         assert closed_page_done > 0, "the closed page never computed"
-        assert int(pages[1].locator("#tasks-done").text_content() or 0) >= 1024 - done_before
     finally:
         close_all(pages)

@@ -88,7 +88,6 @@ def test_simd_nodes_get_the_simd_build(controller: Controller, tmp_path: Path, r
     import asyncio
 
     import httpx
-
     from pynode import PyNode, run_async
 
     np.save(tmp_path / "A.npy", np.ones((4, 3)))

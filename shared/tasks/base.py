@@ -129,7 +129,7 @@ def shared_memmap(path: Path, shape: tuple[int, ...], dtype: Any) -> np.memmap:
     return open_memmap(path, mode="r+")
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write a file so that readers see either nothing or all of it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as fh:

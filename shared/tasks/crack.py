@@ -162,7 +162,8 @@ class CrackPlugin(TaskPlugin[CrackParams]):
         atomic_write(files.path(f"chunk-{index:09d}.json"), lambda fh: fh.write(json.dumps(record).encode()))
 
     def finished_early(self, files: JobFiles, params: CrackParams, index: int, output: bytes) -> bool:
-        return RESULT.unpack(output)[0] != NO_HIT
+        hit: int = RESULT.unpack(output)[0]
+        return hit != NO_HIT
 
     def finalize(self, files: JobFiles, params: CrackParams) -> dict[str, str]:
         records = [json.loads(p.read_text()) for p in sorted(files.directory.glob("chunk-*.json"))]

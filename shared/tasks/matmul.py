@@ -68,7 +68,8 @@ def _load(path: str, name: str) -> np.ndarray:
         raise ParamsError(f"{name} must hold real numbers, got dtype {arr.dtype}")
     if 0 in arr.shape:
         raise ParamsError(f"{name} is empty (shape {arr.shape})")
-    return arr
+    result: np.ndarray = arr
+    return result
 
 
 class MatmulPlugin(TaskPlugin[MatmulParams]):

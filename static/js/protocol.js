@@ -44,6 +44,7 @@ export const CloseCode = Object.freeze({
   REPLACED: 4002, // the same node connected again elsewhere: stop
   SILENT: 4003, // no heartbeat within the deadline: reconnect
   BANNED: 4004, // stop
+  RATE_LIMITED: 4005, // too many connects from this address: reconnect with backoff
 });
 
 /** Operations between agent.js and wasm_worker.js (`{id, op, ...}` requests, `{id, ok, ...}` replies). */
