@@ -112,3 +112,26 @@ def test_hit_is_rehashed_on_the_controller(tmp_path: Path) -> None:
     assert (
         plugin.verify(params, 0, task, struct.pack("<II", 0xFFFFFFFF, 1), rnd.Random()).value == "reject"
     )  # skipped work
+
+
+def test_ringers_catch_a_node_that_skips_work(tmp_path: Path) -> None:
+    import random as rnd
+    import struct
+
+    plugin = get_plugin("crack")
+    (tmp_path / "w.txt").write_text("".join(f"word{i}\n" for i in range(400)))
+    target = hashlib.pbkdf2_hmac("sha256", b"absent", b"s", 2, 32).hex()
+    raw = {"target": target, "salt": "s", "iterations": 2, "wordlist": str(tmp_path / "w.txt"), "chunk": 64}
+    params = plugin.parse_params(plugin.prepare(raw).params)
+    tasks = list(plugin.split(params))
+    assert len(tasks) == params.chunks + params.ringers and params.ringers >= 2
+    for index in range(params.chunks, len(tasks)):
+        task = tasks[index].input
+        lazy = struct.pack("<II", 0xFFFFFFFF, len(tasks[index].input))  # "searched it all, nothing"
+        assert plugin.verify(params, index, task, lazy, rnd.Random()).value == "reject"
+        from processdistro.shared.tasks.crack import decode_candidates, ringer_answer
+
+        position, key = ringer_answer(params, index, decode_candidates(params, task))
+        honest = struct.pack("<II", position, position + 1)
+        assert plugin.verify(params, index, task, honest, rnd.Random()).value == "accept"
+        assert not plugin.finished_early(None, params, index, honest)  # type: ignore[arg-type]

@@ -41,6 +41,8 @@ class CrackParams(BaseModel):
     wordlist: str
     size: int = Field(ge=1, description="wordlist size in bytes when submitted")
     chunk: int = Field(ge=16, description="bytes of wordlist per subtask")
+    ringer_every: int = Field(default=20, ge=0, description="one known-answer task per this many chunks (0: none)")
+    ringer_seed: int = 0
 
     @field_validator("target")
     @classmethod
@@ -56,6 +58,21 @@ class CrackParams(BaseModel):
     @property
     def dklen(self) -> int:
         return len(self.target) // 2
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.size // self.chunk)
+
+    @property
+    def ringers(self) -> int:
+        return -(-self.chunks // self.ringer_every) if self.ringer_every else 0
+
+    def ringer(self, index: int) -> tuple[int, random.Random] | None:
+        """For a ringer task (the indexes after the chunks): its chunk and its chooser."""
+        k = index - self.chunks
+        if k < 0:
+            return None
+        return k * self.ringer_every, random.Random(self.ringer_seed * 1_000_003 + k)
 
 
 def chunk_lines(fh: BinaryIO, index: int, chunk: int, size: int) -> list[bytes]:
@@ -76,11 +93,21 @@ def chunk_lines(fh: BinaryIO, index: int, chunk: int, size: int) -> list[bytes]:
     return lines
 
 
-def encode_task(params: CrackParams, candidates: list[bytes]) -> bytes:
+def encode_task(params: CrackParams, candidates: list[bytes], target: bytes | None = None) -> bytes:
     salt = params.salt.encode()
     head = HEADER.pack(MODE_CRACK, params.iterations, params.dklen, len(candidates))
     body = b"".join(struct.pack("<I", len(c)) + c for c in candidates)
-    return head + struct.pack("<I", len(salt)) + salt + bytes.fromhex(params.target) + body
+    return head + struct.pack("<I", len(salt)) + salt + (target or bytes.fromhex(params.target)) + body
+
+
+def ringer_answer(params: CrackParams, index: int, candidates: list[bytes]) -> tuple[int, bytes]:
+    """The hidden word of ringer task `index`: (first position it appears at, its key)."""
+    found = params.ringer(index)
+    assert found is not None
+    _chunk, chooser = found
+    word = candidates[chooser.randrange(len(candidates))]
+    key = hashlib.pbkdf2_hmac("sha256", word, params.salt.encode(), params.iterations, params.dklen)
+    return candidates.index(word), key
 
 
 def decode_candidates(params: CrackParams, task_input: bytes) -> list[bytes]:
@@ -118,6 +145,7 @@ class CrackPlugin(TaskPlugin[CrackParams]):
             "wordlist": str(path),
             "size": size,
             "chunk": max(16, chunk),
+            "ringer_seed": random.SystemRandom().getrandbits(48),
         }
         self.parse_params(params)  # refuse a bad target here, with the model's message
         return Prepared(params=params, blocks={})
@@ -129,20 +157,28 @@ class CrackPlugin(TaskPlugin[CrackParams]):
         return max(16, estimate_batch(iterations, min(dklen, 32)) * AVG_LINE_BYTES)
 
     def count(self, params: CrackParams) -> int:
-        return -(-params.size // params.chunk)
+        # the chunks, then the known-answer "ringer" tasks: a chunk searched for one of its
+        # own words, so a node that claims "no hit" without doing the work is caught
+        return params.chunks + params.ringers
 
     def split(self, params: CrackParams, start: int = 0) -> Iterator[Subtask]:
         with open(params.wordlist, "rb") as fh:
             for index in range(start, self.count(params)):
+                ringer = params.ringer(index)
+                chunk = ringer[0] if ringer else index
                 # an empty chunk (inside one long line) still needs a well-formed task
-                lines = chunk_lines(fh, index, params.chunk, params.size) or [b""]
-                yield Subtask(encode_task(params, lines))
+                lines = chunk_lines(fh, chunk, params.chunk, params.size) or [b""]
+                target = ringer_answer(params, index, lines)[1] if ringer else None
+                yield Subtask(encode_task(params, lines, target))
 
     def verify(self, params: CrackParams, index: int, task_input: bytes, output: bytes, rng: random.Random) -> Verdict:
         if len(output) != RESULT.size:
             return Verdict.REJECT
         hit, hashed = RESULT.unpack(output)
         candidates = decode_candidates(params, task_input)
+        if params.ringer(index) is not None:
+            position, _key = ringer_answer(params, index, candidates)
+            return Verdict.ACCEPT if (hit, hashed) == (position, position + 1) else Verdict.REJECT
         if hit == NO_HIT:
             return Verdict.ACCEPT if hashed == len(candidates) else Verdict.REJECT
         if hit >= len(candidates) or hashed != hit + 1:
@@ -151,6 +187,8 @@ class CrackPlugin(TaskPlugin[CrackParams]):
         return Verdict.ACCEPT if key.hex() == params.target else Verdict.REJECT
 
     def merge(self, files: JobFiles, params: CrackParams, index: int, output: bytes) -> None:
+        if params.ringer(index) is not None:
+            return  # verified; its hit is ours, not the user's
         hit, hashed = RESULT.unpack(output)
         record: dict[str, Any] = {"chunk": index, "hashed": hashed}
         if hit != NO_HIT:
@@ -163,7 +201,7 @@ class CrackPlugin(TaskPlugin[CrackParams]):
 
     def finished_early(self, files: JobFiles, params: CrackParams, index: int, output: bytes) -> bool:
         hit: int = RESULT.unpack(output)[0]
-        return hit != NO_HIT
+        return hit != NO_HIT and params.ringer(index) is None
 
     def finalize(self, files: JobFiles, params: CrackParams) -> dict[str, str]:
         records = [json.loads(p.read_text()) for p in sorted(files.directory.glob("chunk-*.json"))]
@@ -176,7 +214,7 @@ class CrackPlugin(TaskPlugin[CrackParams]):
             "candidates_hashed": sum(r["hashed"] for r in records),
             "hashed_after_hit": sum(r["hashed"] for r in records if first and r["chunk"] > first["chunk"]),
             "chunks_done": len(records),
-            "chunks_total": self.count(params),
+            "chunks_total": params.chunks,
         }
         result = files.path(self.RESULT)
         atomic_write(result, lambda fh: fh.write((json.dumps(summary, indent=2) + "\n").encode()))
