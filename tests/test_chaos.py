@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import redis
-
 from conftest import Controller
 from mandel_ref import reference_counts
 from processdistro import client
