@@ -94,6 +94,5 @@ def test_chaos(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
     assert got == [hashlib.pbkdf2_hmac("sha256", p.encode(), s.encode(), 200, 32).hex() for p, s in rows]
     merged = int(r.hget(keys.STATS, "tasks_completed") or 0)
     assert merged == sum(load_job(r, j).total for j in jobs.values()), "a subtask was merged twice"  # type: ignore[union-attr]
-    print(
-        f"\nchaos: {len(kills)} kills ({', '.join(kills)}); duplicates discarded: {int(r.hget(keys.STATS, 'tasks_duplicate') or 0)}"
-    )
+    duplicates = int(r.hget(keys.STATS, "tasks_duplicate") or 0)
+    print(f"\nchaos: {len(kills)} kills ({', '.join(kills)}); duplicates discarded: {duplicates}")
