@@ -141,7 +141,7 @@ class NodeSession:
         refresh_every = self.gw.settings.token_ttl_s / 2
         next_refresh = time.monotonic() + refresh_every
         while True:
-            await asyncio.sleep(min(1.0, timeout / 4))
+            await asyncio.sleep(min(0.25, timeout / 8))
             now = time.monotonic()
             if now - self.last_seen > timeout:
                 log.warning("node %s: silent for %.1fs; closing", self.node_id, now - self.last_seen)

@@ -289,7 +289,7 @@ class Scheduler:
         # wait on the command stream only when there is nothing to feed
         self.handle_commands(block_ms=None if self._fed else 50)
         self._fed = self.feed()
-        if not self._fed:
+        if not self._fed and self.settings.backups:
             self.backups()
         if now - self._last_reap > 0.5:
             self.reap()
