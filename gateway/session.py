@@ -140,6 +140,7 @@ class NodeSession:
         timeout = self.gw.settings.node_timeout_s
         refresh_every = self.gw.settings.token_ttl_s / 2
         next_refresh = time.monotonic() + refresh_every
+        last_touch = 0.0
         while True:
             await asyncio.sleep(min(0.25, timeout / 8))
             now = time.monotonic()
@@ -147,7 +148,11 @@ class NodeSession:
                 log.warning("node %s: silent for %.1fs; closing", self.node_id, now - self.last_seen)
                 await self.close(CloseCode.SILENT, "no heartbeat")
                 return
-            await self._touch()
+            if now - last_touch >= 1.0:
+                # the connection's liveness in Redis: the scheduler's reaper acts on it only
+                # if this gateway itself dies (we close silent nodes ourselves)
+                await self._touch()
+                last_touch = now
             if now > next_refresh:
                 token, expires = self.gw.signer.issue(self.node_id)
                 await self.send(TokenRefresh(token=token, token_expires_at=expires))

@@ -189,3 +189,32 @@ def test_task_that_always_fails_fails_the_job(controller: Controller, tmp_path: 
     job_id = r.zrange(keys.JOBS, 0, 0)[0].decode()
     assert r.hget(keys.job(job_id), "state") == b"failed"
     assert b"CompileError: boom" in (r.hget(keys.job(job_id), "error") or b"")
+
+
+def test_silent_node_requeued_within_five_seconds(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+    proc = submit(controller, tmp_path)
+
+    async def scenario() -> float:
+        import websockets
+
+        mute = PyNode(controller.url, controller.join_code, cores=2)
+        accepted = mute.join()
+        url = controller.url.replace("http", "ws") + f"/ws?token={accepted['token']}"
+        async with websockets.connect(url) as ws:
+            await ws.send(json.dumps({"type": "ready", "free": 3}))
+            got = 0
+            while got < 3:
+                if json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "task":
+                    got += 1
+            went_silent = time.monotonic()  # from now on: not a frame, socket left open
+            while r.xpending(keys.TASKS, keys.NODES_GROUP)["pending"] > 0:
+                await asyncio.sleep(0.05)
+                assert time.monotonic() - went_silent < 10, "a silent node kept its tasks"
+            requeue_s = time.monotonic() - went_silent
+        await run_nodes_until(proc, PyNode(controller.url, controller.join_code))
+        return requeue_s
+
+    requeue_s = run_async(scenario())
+    assert requeue_s < 5.0, f"silent node's tasks requeued after {requeue_s:.1f}s"
+    assert proc.returncode == 0, controller.logs()
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
