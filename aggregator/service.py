@@ -41,16 +41,26 @@ if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'finalizing')
 return 1
 """
+# Take a merged index back (its node was banned): it is computed again and merged anew.
+UNMERGE_LUA = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+if redis.call('SREM', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[1], 'done', -1)
+return 1
+"""
+MERGED_MEMORY = 10_000  # merged results remembered per node, for recomputation after a ban
 CLAIM_IDLE_MS = 10_000  # a live aggregator merges a batch in well under this
 
 
 class Aggregator:
-    def __init__(self, *, client: redis.Redis, data_dir: Path) -> None:
+    def __init__(self, *, client: redis.Redis, data_dir: Path, ban_after: int = 3) -> None:
         self.r = client
         self.data_dir = data_dir
         self.name = instance_name()
         self.commit = client.register_script(COMMIT_LUA)
         self._early = client.register_script(EARLY_LUA)
+        self._unmerge = client.register_script(UNMERGE_LUA)
+        self.ban_after = ban_after
         self.rng = random.Random()
         self.queue = Queue(keys.FINALIZE_QUEUE, connection=client)
         self._last_sweep = 0.0
@@ -89,13 +99,20 @@ class Aggregator:
             pipe.hincrby(keys.STATS, "tasks_rejected", 1)
             pipe.xack(keys.RESULTS, keys.AGGREGATORS_GROUP, entry_id)
             pipe.xdel(keys.RESULTS, entry_id)
-            pipe.execute()
+            _added, rejected, *_ = pipe.execute()
+            if int(rejected) >= self.ban_after and node != "?":
+                self.ban(node, int(rejected))
             return "rejected"
         files = JobFiles.under(self.data_dir, job_id, block_reader(self.r, job_id))
         plugin.merge(files, params, index, output)
         outcome = self.commit(keys=self._commit_keys(job_id), args=[keys.AGGREGATORS_GROUP, entry_id, index])
         outcome = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
-        self.r.hincrby(keys.node(node), "completed", 1)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hincrby(keys.node(node), "completed", 1)
+        # what this node merged, so that a later ban can have it recomputed
+        pipe.lpush(keys.node_merged(node), f"{job_id}:{index}")
+        pipe.ltrim(keys.node_merged(node), 0, MERGED_MEMORY - 1)
+        pipe.execute()
         if outcome == "merged" and plugin.finished_early(files, params, index, output) and self.finish_early(job_id):
             log.info("job %s: answer found by task %d; finalizing early", job_id, index)
             outcome = "finalize"
@@ -103,6 +120,29 @@ class Aggregator:
             log.info("job %s: all %d subtasks merged; finalizing", job_id, job.total)
             enqueue_finalize(self.r, job_id, self.data_dir)
         return outcome
+
+    def ban(self, node: str, rejected: int) -> None:
+        """Ban a node that keeps failing checks, and recompute what it merged into jobs
+        still running: its results that passed a spot check may still be wrong."""
+        if not self.r.hsetnx(keys.node(node), "banned_at", time.time()):
+            return
+        self.r.hset(keys.node(node), "banned", 1)
+        self.r.publish(keys.CONTROL, json.dumps({"type": "ban", "node_id": node}))
+        redone = 0
+        for item in self.r.lrange(keys.node_merged(node), 0, -1):
+            job_id, _, index = item.decode().rpartition(":")
+            job = load_job(self.r, job_id)
+            if job is None or job.state is not JobState.RUNNING:
+                continue  # finished jobs keep their output; see ARCHITECTURE.md
+            plugin = get_plugin(job.kind)
+            sub = next(plugin.split(plugin.parse_params(job.params), int(index)))
+            module = (self.r.hget(keys.job(job_id), "module") or b"").decode()
+            task = TaskFields(job_id, int(index), job.kind, module, sub.input, blocks=sub.blocks)
+            if int(self._unmerge(keys=[keys.job(job_id), keys.job_done(job_id)], args=[index])):
+                self.r.xadd(keys.TASKS, task.to_redis())
+                redone += 1
+        self.r.delete(keys.node_merged(node))
+        log.warning("node %s: banned after %d rejected results; %d merged results redone", node, rejected, redone)
 
     def finish_early(self, job_id: str) -> int:
         """running -> finalizing once; gateways stop the job's queued and running tasks."""
@@ -164,7 +204,7 @@ def run(settings: Settings) -> None:
 
     client = sync_client(settings.resolved_redis_url())
     ensure_groups(client)
-    agg = Aggregator(client=client, data_dir=settings.data_path)
+    agg = Aggregator(client=client, data_dir=settings.data_path, ban_after=settings.ban_after)
     flag = StopFlag()
     log.info("aggregator %s started, data in %s", agg.name, agg.data_dir)
     beating = start_beating(client, "aggregator", agg.name)

@@ -105,6 +105,10 @@ class Gateway:
                     if msg.get("type") != "message":
                         continue
                     data = json.loads(msg["data"])
+                    if data.get("type") == "ban":
+                        session = self.sessions.get(data["node_id"])
+                        if session is not None:
+                            await session.close(CloseCode.BANNED, "banned: too many wrong results")
                     if data.get("type") == "cancel_job":
                         self._job_state.pop(data["job_id"], None)
                         for s in list(self.sessions.values()):

@@ -64,6 +64,11 @@ def node(node_id: str) -> str:
     return f"{PREFIX}node:{node_id}"
 
 
+def node_merged(node_id: str) -> str:
+    """List of "job:index" results a node merged (recent first), for recomputing after a ban."""
+    return f"{PREFIX}merged:{node_id}"
+
+
 def service_heartbeat(service: str, instance: str) -> str:
     return f"{PREFIX}service:{service}:{instance}"
 

@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     prefetch: int = Field(default=1, ge=0, le=16, description="tasks a node may hold beyond its slots")
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     node_timeout_s: float = Field(default=4.0, gt=0, description="a node silent this long is dead")
+    ban_after: int = Field(default=3, ge=1, description="rejected results after which a node is banned")
     backups: bool = Field(default=True, description="back up stragglers near a job's end (work stealing)")
     token_ttl_s: float = Field(default=600.0, gt=0, description="lifetime of a node session token")
     max_message_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, description="cap on one inbound frame")

@@ -83,6 +83,7 @@ class PyNode:
         self.done = 0
         self.received: list[dict[str, Any]] = []
         self.reconnects = 0
+        self.closed_with: int | None = None
 
     def join(self) -> dict[str, Any]:
         resp = httpx.post(
@@ -108,6 +109,14 @@ class PyNode:
                 await asyncio.sleep(0.3)
 
     async def run(self, *, max_tasks: int | None = None, stop: asyncio.Event | None = None) -> None:
+        try:
+            await self._session(max_tasks=max_tasks, stop=stop)
+        except websockets.ConnectionClosed as exc:
+            if exc.rcvd is None or exc.rcvd.code != 4004:
+                raise
+            self.closed_with = exc.rcvd.code  # banned: stop, as the agent does
+
+    async def _session(self, *, max_tasks: int | None, stop: asyncio.Event | None) -> None:
         accepted = self.join()
         ws_url = self.base_url.replace("http", "ws", 1) + f"/ws?token={accepted['token']}"
         async with websockets.connect(ws_url, max_size=None) as ws:
