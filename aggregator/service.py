@@ -45,8 +45,20 @@ return 1
 UNMERGE_LUA = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
 if redis.call('SREM', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'done', -1)
 return 1
+"""
+# The first valid result for an index claims it (by its result entry id); a claim by the
+# same entry (redelivered after a crash) still counts as ours.
+CLAIM_LUA = """
+local owner = redis.call('HGET', KEYS[1], ARGV[1])
+if not owner then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return 1
+end
+if owner == ARGV[2] then return 1 end
+return 0
 """
 MERGED_MEMORY = 10_000  # merged results remembered per node, for recomputation after a ban
 CLAIM_IDLE_MS = 10_000  # a live aggregator merges a batch in well under this
@@ -60,6 +72,7 @@ class Aggregator:
         self.commit = client.register_script(COMMIT_LUA)
         self._early = client.register_script(EARLY_LUA)
         self._unmerge = client.register_script(UNMERGE_LUA)
+        self._claim = client.register_script(CLAIM_LUA)
         self.ban_after = ban_after
         self.rng = random.Random()
         self.queue = Queue(keys.FINALIZE_QUEUE, connection=client)
@@ -86,9 +99,12 @@ class Aggregator:
         params = plugin.parse_params(job.params)
         output = f[b"output"]
         node = f.get(b"node", b"?").decode()
+        if self.r.hget(keys.node(node), "banned") == b"1":
+            # a banned node's late results are not trusted, even if they pass a check
+            self._redo(TaskFields.from_redis(f), entry_id)
+            return "rejected"
         if self.r.sismember(keys.job_done(job_id), index):
-            outcome = self.commit(keys=self._commit_keys(job_id), args=[keys.AGGREGATORS_GROUP, entry_id, index])
-            return outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+            return self._duplicate(entry_id)
         task = TaskFields.from_redis(f)
         if plugin.verify(params, index, task.full_input(self.r), output, self.rng) is Verdict.REJECT:
             log.warning("job %s: task %d from node %s failed verification; redoing it", job_id, index, node)
@@ -103,6 +119,11 @@ class Aggregator:
             if int(rejected) >= self.ban_after and node != "?":
                 self.ban(node, int(rejected))
             return "rejected"
+        # Claim the index before writing: only the first valid result may touch the files
+        # (a later one could differ: a subtle liar's). The claim names this result entry, so
+        # if we die here, whoever claims the entry next may finish the write.
+        if self._claim(keys=[keys.job_claims(job_id)], args=[index, entry_id]) != 1:
+            return self._duplicate(entry_id)
         files = JobFiles.under(self.data_dir, job_id, block_reader(self.r, job_id))
         plugin.merge(files, params, index, output)
         outcome = self.commit(keys=self._commit_keys(job_id), args=[keys.AGGREGATORS_GROUP, entry_id, index])
@@ -113,6 +134,12 @@ class Aggregator:
         pipe.lpush(keys.node_merged(node), f"{job_id}:{index}")
         pipe.ltrim(keys.node_merged(node), 0, MERGED_MEMORY - 1)
         pipe.execute()
+        if self.r.hget(keys.node(node), "banned") == b"1" and self._unmerge(
+            keys=[keys.job(job_id), keys.job_done(job_id), keys.job_claims(job_id)], args=[index]
+        ):
+            # banned while we merged: take it back, like the ban does for earlier ones
+            self.r.xadd(keys.TASKS, dataclasses.replace(task, attempt=task.attempt + 1, backup_of="").to_redis())
+            return "rejected"
         if outcome == "merged" and plugin.finished_early(files, params, index, output) and self.finish_early(job_id):
             log.info("job %s: answer found by task %d; finalizing early", job_id, index)
             outcome = "finalize"
@@ -138,7 +165,9 @@ class Aggregator:
             sub = next(plugin.split(plugin.parse_params(job.params), int(index)))
             module = (self.r.hget(keys.job(job_id), "module") or b"").decode()
             task = TaskFields(job_id, int(index), job.kind, module, sub.input, blocks=sub.blocks)
-            if int(self._unmerge(keys=[keys.job(job_id), keys.job_done(job_id)], args=[index])):
+            if int(
+                self._unmerge(keys=[keys.job(job_id), keys.job_done(job_id), keys.job_claims(job_id)], args=[index])
+            ):
                 self.r.xadd(keys.TASKS, task.to_redis())
                 redone += 1
         self.r.delete(keys.node_merged(node))
@@ -150,6 +179,21 @@ class Aggregator:
         if won:
             self.r.publish(keys.CONTROL, json.dumps({"type": "cancel_job", "job_id": job_id}))
         return won
+
+    def _duplicate(self, entry_id: bytes) -> str:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hincrby(keys.STATS, "tasks_duplicate", 1)
+        pipe.xack(keys.RESULTS, keys.AGGREGATORS_GROUP, entry_id)
+        pipe.xdel(keys.RESULTS, entry_id)
+        pipe.execute()
+        return "duplicate"
+
+    def _redo(self, task: TaskFields, entry_id: bytes) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xadd(keys.TASKS, dataclasses.replace(task, attempt=task.attempt + 1, backup_of="").to_redis())
+        pipe.xack(keys.RESULTS, keys.AGGREGATORS_GROUP, entry_id)
+        pipe.xdel(keys.RESULTS, entry_id)
+        pipe.execute()
 
     def _commit_keys(self, job_id: str) -> list[str]:
         return [keys.job(job_id), keys.job_done(job_id), keys.RESULTS, keys.STATS]

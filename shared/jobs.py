@@ -111,12 +111,13 @@ def store_blocks(client: Any, job_id: str, blocks: dict[str, bytes]) -> None:
 
 
 def drop_blocks(client: Any, job_id: str) -> None:
-    """Free a finished job's blocks."""
+    """Free what a finished job kept in Redis for its subtasks: blocks and merge claims."""
     shas = [s.decode() for s in client.smembers(keys.job_blocks(job_id))]
     pipe = client.pipeline(transaction=False)
     for sha in shas:
         pipe.delete(keys.block(job_id, sha))
     pipe.delete(keys.job_blocks(job_id))
+    pipe.delete(keys.job_claims(job_id))
     pipe.execute()
 
 

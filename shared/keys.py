@@ -50,6 +50,11 @@ def block(job_id: str, sha256: str) -> str:
     return f"{PREFIX}job:{job_id}:block:{sha256}"
 
 
+def job_claims(job_id: str) -> str:
+    """Hash index -> result entry id that won the right to merge that index."""
+    return f"{PREFIX}job:{job_id}:claims"
+
+
 def job_blocks(job_id: str) -> str:
     """Set of the block hashes a job uses (deleted with the job's blocks when it ends)."""
     return f"{PREFIX}job:{job_id}:blocks"

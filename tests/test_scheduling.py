@@ -89,3 +89,30 @@ def test_equal_jobs_share_and_priority_overtakes(controller: Controller, r: redi
     assert abs(fa - fb) < 0.1, f"equal jobs progressed unequally: {fa:.2f} vs {fb:.2f}"
     assert order and order[0] == "urgent", f"finish order {order}"
     assert len(order) == 3
+
+
+def test_cancel_frees_nodes_within_a_second(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+    proc = submit(controller, tmp_path, "--tile", "16")
+    node = PyNode(controller.url, controller.join_code, delay=30.0)  # holds its tasks a long time
+
+    async def scenario() -> float:
+        stop = asyncio.Event()
+        task = asyncio.create_task(node.run(stop=stop))
+        while not any(m["type"] == "task" for m in node.received):
+            await asyncio.sleep(0.05)
+        job_id = job_ids(r)[0]
+        started = time.monotonic()
+        await asyncio.to_thread(controller.cli, "cancel", job_id)
+        while r.xpending(keys.TASKS, keys.NODES_GROUP)["pending"] > 0:
+            await asyncio.sleep(0.02)
+            assert time.monotonic() - started < 5
+        freed = time.monotonic() - started
+        stop.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return freed
+
+    freed = run_async(scenario())
+    proc.wait(30)
+    assert proc.returncode == 1 and "cancelled" in (tmp_path / "submit.log").read_text()
+    assert freed < 1.0, f"nodes freed {freed:.2f}s after cancel"
