@@ -75,6 +75,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(f"expected --cores between 1 and 1024, got {args.cores}")
     if args.deadline <= 0 or args.memory_mb < 1:
         raise ConfigError("expected a positive --deadline and --memory-mb")
+    if not args.throttle >= 1:
+        raise ConfigError(f"expected --throttle of 1 or more, got {args.throttle}")
     setup_logging("worker", settings.log_level)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     config = WorkerConfig(
@@ -83,6 +85,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         home=settings.home_dir,
         name=args.name,
         limits=Limits(deadline_s=args.deadline, memory_bytes=args.memory_mb * MIB),
+        throttle=args.throttle,
     )
     run_worker(config)
     return 0
@@ -257,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--name", help="identity kept across restarts (default: first free of default, default-2, ...)")
     w.add_argument("--deadline", type=float, default=300.0, metavar="SECONDS", help="per-task time limit (default 300)")
     w.add_argument("--memory-mb", type=int, default=1024, metavar="MIB", help="memory cap per task (default 1024)")
+    w.add_argument(
+        "--throttle",
+        type=float,
+        default=1.0,
+        metavar="FACTOR",
+        help="act like a device FACTOR times slower (>= 1): after each task sleep (FACTOR - 1) x its run time "
+        "before reporting it, and report FACTOR x the run time; for tests and benchmarks (default 1)",
+    )
     w.set_defaults(func=cmd_worker)
 
     submit = sub.add_parser("submit", help="submit a job")

@@ -13,7 +13,10 @@ from test_worker import Worker, submit, workers  # noqa: F401 - `workers` is a f
 
 
 def test_throttled_worker_takes_a_smaller_share_of_a_shared_job(
-    controller: Controller, tmp_path: Path, r: redis.Redis, workers: list[Worker]  # noqa: F811
+    controller: Controller,
+    tmp_path: Path,
+    r: redis.Redis,
+    workers: list[Worker],  # noqa: F811
 ) -> None:
     refused = subprocess.run(
         [sys.executable, "-m", "processdistro", "worker", controller.join_url, "--throttle", "0.5"],
@@ -31,7 +34,9 @@ def test_throttled_worker_takes_a_smaller_share_of_a_shared_job(
     slow.wait_connected()
     # 32 tiles inside the set: every tile costs the same (64*64*5000 iterations, ~0.1 s)
     view = ("--xmin", "-0.3", "--xmax", "-0.1", "--ymin", "-0.1", "--ymax", "0.1")
-    proc = submit(controller, tmp_path, "--width", "512", "--height", "256", "--tile", "64", "--max-iter", "5000", *view)
+    proc = submit(
+        controller, tmp_path, "--width", "512", "--height", "256", "--tile", "64", "--max-iter", "5000", *view
+    )
     assert proc.wait(240) == 0, (tmp_path / "submit.log").read_text() + controller.logs()
 
     def completed(w: Worker) -> int:

@@ -81,6 +81,7 @@ class WorkerConfig:
     name: str | None = None
     limits: Limits = field(default_factory=Limits)
     run_benchmark: bool = True
+    throttle: float = 1.0  # >= 1: after each task sleep (throttle - 1) x its run time (a slower device)
 
 
 def parse_join_url(url: str) -> tuple[str, str]:
@@ -480,6 +481,9 @@ class WorkerNode:
                 assign.job_id, base64.b64decode(assign.input_b64, validate=True), assign.blocks
             )
             output, elapsed_ms = await self.pool.run(task_id, assign.module_sha256, path, data)
+            if self.config.throttle > 1:  # act like a device `throttle` times slower
+                await asyncio.sleep((self.config.throttle - 1) * elapsed_ms / 1000)
+                elapsed_ms *= self.config.throttle
             message = TaskResult(task_id=task_id, output_b64=base64.b64encode(output).decode(), elapsed_ms=elapsed_ms)
             self.done += 1
         except (TaskError, OSError, httpx.HTTPError, binascii.Error) as exc:
