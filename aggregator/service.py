@@ -14,7 +14,6 @@ pending results are claimed by another (XAUTOCLAIM) and merged again, harmlessly
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import random
@@ -31,7 +30,7 @@ from ..shared.jobs import JobState, block_reader, load_job
 from ..shared.queue import COMMIT_LUA, TaskFields, ensure_groups
 from ..shared.service import StopFlag, captured_signals, instance_name, run_forever, start_beating
 from ..shared.settings import Settings
-from ..shared.tasks import JobFiles, Verdict, get_plugin
+from ..shared.tasks import JobFiles, Verdict, plugin_and_params
 from .finalize import enqueue_finalize, finalizer_name
 
 log = logging.getLogger(__name__)
@@ -95,8 +94,7 @@ class Aggregator:
         if job is None or job.state is not JobState.RUNNING:
             self._drop(entry_id)
             return "dropped"
-        plugin = get_plugin(job.kind)
-        params = plugin.parse_params(job.params)
+        plugin, params = plugin_and_params(job_id, job.kind, job.params)
         output = f[b"output"]
         node = f.get(b"node", b"?").decode()
         if self.r.hget(keys.node(node), "banned") == b"1":
@@ -108,9 +106,8 @@ class Aggregator:
         task = TaskFields.from_redis(f)
         if plugin.verify(params, index, task.full_input(self.r), output, self.rng) is Verdict.REJECT:
             log.warning("job %s: task %d from node %s failed verification; redoing it", job_id, index, node)
-            retry = dataclasses.replace(task, attempt=task.attempt + 1, backup_of="")
             pipe = self.r.pipeline(transaction=True)
-            pipe.xadd(keys.TASKS, retry.to_redis())
+            pipe.xadd(keys.TASKS, task.retry().to_redis())
             pipe.hincrby(keys.node(node), "rejected", 1)
             pipe.hincrby(keys.STATS, "tasks_rejected", 1)
             pipe.xack(keys.RESULTS, keys.AGGREGATORS_GROUP, entry_id)
@@ -138,7 +135,7 @@ class Aggregator:
             keys=[keys.job(job_id), keys.job_done(job_id), keys.job_claims(job_id)], args=[index]
         ):
             # banned while we merged: take it back, like the ban does for earlier ones
-            self.r.xadd(keys.TASKS, dataclasses.replace(task, attempt=task.attempt + 1, backup_of="").to_redis())
+            self.r.xadd(keys.TASKS, task.retry().to_redis())
             return "rejected"
         if outcome == "merged" and plugin.finished_early(files, params, index, output) and self.finish_early(job_id):
             log.info("job %s: answer found by task %d; finalizing early", job_id, index)
@@ -161,10 +158,9 @@ class Aggregator:
             job = load_job(self.r, job_id)
             if job is None or job.state is not JobState.RUNNING:
                 continue  # finished jobs keep their output; see ARCHITECTURE.md
-            plugin = get_plugin(job.kind)
-            sub = next(plugin.split(plugin.parse_params(job.params), int(index)))
-            module = (self.r.hget(keys.job(job_id), "module") or b"").decode()
-            task = TaskFields(job_id, int(index), job.kind, module, sub.input, blocks=sub.blocks)
+            plugin, params = plugin_and_params(job_id, job.kind, job.params)
+            sub = next(plugin.split(params, int(index)))
+            task = TaskFields(job_id, int(index), job.kind, job.module, sub.input, blocks=sub.blocks)
             if int(
                 self._unmerge(keys=[keys.job(job_id), keys.job_done(job_id), keys.job_claims(job_id)], args=[index])
             ):
@@ -190,7 +186,7 @@ class Aggregator:
 
     def _redo(self, task: TaskFields, entry_id: bytes) -> None:
         pipe = self.r.pipeline(transaction=True)
-        pipe.xadd(keys.TASKS, dataclasses.replace(task, attempt=task.attempt + 1, backup_of="").to_redis())
+        pipe.xadd(keys.TASKS, task.retry().to_redis())
         pipe.xack(keys.RESULTS, keys.AGGREGATORS_GROUP, entry_id)
         pipe.xdel(keys.RESULTS, entry_id)
         pipe.execute()

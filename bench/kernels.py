@@ -46,6 +46,7 @@ import numpy as np
 from rich.console import Console
 
 from . import Report, Table
+from .pipeline import _test_helpers
 
 REPO = Path(__file__).resolve().parent.parent
 STATIC = REPO / "static"
@@ -55,15 +56,6 @@ CARGO = Path.home() / ".cargo" / "bin" / "cargo"
 TARGET_DIR = Path("/tmp/pd-bench-native-target")
 PLOT = REPO / "docs" / "benchmarks.png"
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 # Native builds: name -> (label, extra RUSTFLAGS). "native" is the baseline.
 NATIVE_BUILDS = {
@@ -299,7 +291,10 @@ class ChromiumRunner:
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.pw = sync_playwright().start()
-        self.browser = self.pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        _test_helpers()  # puts tests/ on the path: the suite's Chromium settings, not a copy
+        from conftest import CHROMIUM, CHROMIUM_ARGS
+
+        self.browser = self.pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         self.page = self.browser.new_page()
         self.page.goto(f"http://127.0.0.1:{self.server.server_address[1]}/bench-kernels.html")
         self.version = self.browser.version

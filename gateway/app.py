@@ -45,7 +45,7 @@ from ..shared import keys
 from ..shared.jobs import JobState
 from ..shared.modules import ModuleRegistry
 from ..shared.protocol import CloseCode, NodeAccepted, NodeReport
-from ..shared.queue import HANDOVER_LUA, REQUEUE_LUA
+from ..shared.queue import HANDOVER_LUA, REQUEUE_LUA, ensure_groups_async
 from ..shared.settings import Settings
 from .auth import TokenSigner, TokenStatus, ensure_join_code, ensure_secret, origin_allowed, within_rate
 from .metrics import GatewayMetrics
@@ -75,7 +75,7 @@ class Gateway:
         self._job_state: dict[str, tuple[float, bool]] = {}
 
     async def start(self) -> None:
-        await _create_groups(self.r)
+        await ensure_groups_async(self.r)
         self.signer = TokenSigner(secret=await ensure_secret(self.r), ttl_s=self.settings.token_ttl_s)
         self.join_code = await ensure_join_code(self.r)
 
@@ -118,21 +118,6 @@ class Gateway:
             except Exception as exc:
                 log.warning("control channel lost (%s); resubscribing in 1s", exc)
                 await asyncio.sleep(1)
-
-
-async def _create_groups(r: aredis.Redis) -> None:
-    import redis
-
-    for stream, group in (
-        (keys.COMMANDS, keys.SCHEDULER_GROUP),
-        (keys.TASKS, keys.NODES_GROUP),
-        (keys.RESULTS, keys.AGGREGATORS_GROUP),
-    ):
-        try:
-            await r.xgroup_create(stream, group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
 
 
 class _RevalidatedStatic(StaticFiles):

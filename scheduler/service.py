@@ -30,7 +30,7 @@ from ..shared.modules import ModuleRegistry
 from ..shared.queue import REQUEUE_LUA, TaskFields, ensure_groups, node_of_consumer
 from ..shared.service import StopFlag, beat, captured_signals, instance_name, run_forever
 from ..shared.settings import Settings
-from ..shared.tasks import get_plugin
+from ..shared.tasks import get_plugin, plugin_and_params
 
 log = logging.getLogger(__name__)
 
@@ -226,9 +226,8 @@ class Scheduler:
             if job.state is JobState.QUEUED:  # a job of zero subtasks cannot exist, but be safe
                 self.r.hset(keys.job(job.id), "state", JobState.RUNNING.value)
             return 0
-        plugin = get_plugin(job.kind)
-        params = plugin.parse_params(job.params)
-        module = self.r.hget(keys.job(job.id), "module").decode()
+        plugin, params = plugin_and_params(job.id, job.kind, job.params)
+        module = job.module
         pipe = self.r.pipeline(transaction=True)
         n = 0
         for offset, sub in enumerate(plugin.split(params, job.next_index)):

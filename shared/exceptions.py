@@ -26,7 +26,3 @@ class JobNotFound(ProcessDistroError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no job {job_id!r}")
         self.job_id = job_id
-
-
-class ProtocolError(ProcessDistroError):
-    pass

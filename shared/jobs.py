@@ -53,6 +53,7 @@ class JobRecord:
     outputs: dict[str, str] = field(default_factory=dict)
     finished: float | None = None
     finalized: int = 0
+    module: str = ""  # sha256 of the WASM module its subtasks run
 
     @classmethod
     def from_hash(cls, h: dict[bytes, bytes]) -> JobRecord:
@@ -71,6 +72,7 @@ class JobRecord:
             outputs=json.loads(s.get("outputs", "{}")),
             finished=float(s["finished"]) if s.get("finished") else None,
             finalized=int(s.get("finalized", 0)),
+            module=s.get("module", ""),
         )
 
     def to_public(self) -> dict[str, Any]:

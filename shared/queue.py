@@ -9,6 +9,7 @@ requeued as a fresh entry (node gone, failed, result rejected), or its job is ov
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +108,10 @@ class TaskFields:
             blocks=tuple(b for b in fields.get(b"blocks", b"").decode().split(",") if b),
         )
 
+    def retry(self) -> TaskFields:
+        """A fresh copy to queue again after a failed or rejected attempt."""
+        return dataclasses.replace(self, attempt=self.attempt + 1, backup_of="")
+
     def full_input(self, client: Any) -> bytes:
         """The module's input: inline bytes followed by the blocks (read from Redis)."""
         if not self.blocks:
@@ -127,17 +132,37 @@ def node_of_consumer(consumer: str) -> str:
     return consumer.split("~", 1)[0]
 
 
+# Every consumer group, with the stream it reads.
+GROUPS = (
+    (keys.COMMANDS, keys.SCHEDULER_GROUP),
+    (keys.TASKS, keys.NODES_GROUP),
+    (keys.RESULTS, keys.AGGREGATORS_GROUP),
+)
+
+
+def _exists_already(exc: Exception) -> bool:
+    return "BUSYGROUP" in str(exc)
+
+
 def ensure_groups(client: Any) -> None:
-    """Create the consumer groups (idempotent). Works with the sync client."""
+    """Create the consumer groups (idempotent), with a sync client."""
     import redis
 
-    for stream, group in (
-        (keys.COMMANDS, keys.SCHEDULER_GROUP),
-        (keys.TASKS, keys.NODES_GROUP),
-        (keys.RESULTS, keys.AGGREGATORS_GROUP),
-    ):
+    for stream, group in GROUPS:
         try:
             client.xgroup_create(stream, group, id="0", mkstream=True)
         except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
+            if not _exists_already(exc):
+                raise
+
+
+async def ensure_groups_async(client: Any) -> None:
+    """The same with an asyncio client (the gateway)."""
+    import redis
+
+    for stream, group in GROUPS:
+        try:
+            await client.xgroup_create(stream, group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if not _exists_already(exc):
                 raise

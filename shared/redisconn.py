@@ -38,12 +38,3 @@ def async_client(url: str | None, *, max_connections: int = 512) -> aredis.Redis
         health_check_interval=30,
         max_connections=max_connections,
     )
-
-
-def backoff_delays(cap: float = 5.0) -> list[float]:
-    """Delays for a service loop that lost Redis: 0.1 s doubling to `cap`."""
-    delays, d = [], 0.1
-    while d < cap:
-        delays.append(d)
-        d *= 2
-    return delays + [cap]

@@ -130,6 +130,19 @@ class Controller:
             timeout=timeout,
         )
 
+    def submit_mandelbrot(self, out: Path, *args: str) -> subprocess.Popen[str]:
+        """`submit mandelbrot ARGS --wait` in the background, writing out/m.png, out/m.npy and
+        its own output to out/submit.log."""
+        with open(out / "submit.log", "w") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "processdistro", "submit", "mandelbrot", *args, "--wait", "-q"]
+                + ["-o", str(out / "m.png"), "--raw", str(out / "m.npy")],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+
     def wait_ready(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
         client = redis.Redis.from_url(self.redis_url)

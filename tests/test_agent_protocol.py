@@ -27,22 +27,13 @@ from typing import Any
 import jsonschema
 import pytest
 import wasmtime
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 from processdistro.shared import protocol as P
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STATIC = ROOT / "static"
 SCHEMA = ROOT / "shared" / "schema"
 MANDELBROT = STATIC / "wasm" / "mandelbrot.wasm"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 # A module following the ABI: output = input reversed. First byte 0xFF: status 7; 0xFE: trap;
 # 0xFD: spin for the u32 count in bytes 1..4, then reverse. Memory grows on large inputs, so the
@@ -148,16 +139,6 @@ def static_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st
         server.shutdown()
         server.server_close()
         thread.join(5)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture

@@ -10,12 +10,11 @@ from __future__ import annotations
 import math
 import struct
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pytest
-import wasmtime
 from mandel_ref import reference_counts
+from wasm_kernel import Loaded, WasmKernel, assert_abi, load
 
 WASM_PATH = Path(__file__).resolve().parents[1] / "static" / "wasm" / "mandelbrot.wasm"
 DEFAULT_BOUNDS = (-2.0, 1.0, -1.5, 1.5)
@@ -39,54 +38,8 @@ def encode(
     return struct.pack("<4d8I", *bounds, width, height, x0, y0, tile_w, tile_h, max_iter, reserved)
 
 
-class Loaded(NamedTuple):
-    engine: wasmtime.Engine
-    module: wasmtime.Module
-
-
-class Kernel:
-    """One instance of the module, driven through the documented host protocol."""
-
-    def __init__(self, loaded: Loaded, memory_limit: int | None = None) -> None:
-        self.store = wasmtime.Store(loaded.engine)
-        if memory_limit is not None:
-            self.store.set_limits(memory_size=memory_limit)
-        instance = wasmtime.Instance(self.store, loaded.module, [])
-        ex = instance.exports(self.store)
-
-        def func(name: str) -> wasmtime.Func:
-            f = ex[name]
-            assert isinstance(f, wasmtime.Func), name
-            return f
-
-        memory = ex["memory"]
-        assert isinstance(memory, wasmtime.Memory)
-        self.memory = memory
-        self._alloc = func("pd_alloc")
-        self._run = func("pd_run")
-        self._out_ptr = func("pd_output_ptr")
-        self._out_len = func("pd_output_len")
-
-    def memory_bytes(self) -> int:
-        return self.memory.data_len(self.store)
-
-    def alloc(self, n: int) -> int:
-        return int(self._alloc(self.store, n))
-
-    def run_at(self, ptr: int, n: int) -> tuple[int, bytes]:
-        status = int(self._run(self.store, ptr, n))
-        out_ptr, out_len = int(self._out_ptr(self.store)), int(self._out_len(self.store))
-        if status != OK:
-            assert (out_ptr, out_len) == (0, 0), "a failed run must leave no output"
-            return status, b""
-        return status, bytes(self.memory.read(self.store, out_ptr, out_ptr + out_len))
-
-    def run(self, data: bytes) -> tuple[int, bytes]:
-        ptr = self.alloc(len(data))
-        assert ptr != 0 and ptr % 8 == 0
-        if data:
-            self.memory.write(self.store, data, ptr)
-        return self.run_at(ptr, len(data))
+class Kernel(WasmKernel):
+    """The shared harness plus this kernel's encoders."""
 
     def tile(self, *args: object, **kw: object) -> np.ndarray:
         data = encode(*args, **kw)  # type: ignore[arg-type]
@@ -99,9 +52,7 @@ class Kernel:
 
 @pytest.fixture(scope="module")
 def loaded() -> Loaded:
-    assert WASM_PATH.is_file(), f"{WASM_PATH} missing: run `make wasm`"
-    engine = wasmtime.Engine()
-    return Loaded(engine, wasmtime.Module(engine, WASM_PATH.read_bytes()))
+    return load(WASM_PATH)
 
 
 @pytest.fixture
@@ -110,21 +61,7 @@ def kernel(loaded: Loaded) -> Kernel:
 
 
 def test_module_has_no_imports_and_exports_the_abi(loaded: Loaded) -> None:
-    module = loaded.module
-    assert list(module.imports) == []
-    exports = {e.name: e.type for e in module.exports}
-    assert isinstance(exports["memory"], wasmtime.MemoryType)
-    signatures = {
-        "pd_alloc": (["i32"], ["i32"]),
-        "pd_run": (["i32", "i32"], ["i32"]),
-        "pd_output_ptr": ([], ["i32"]),
-        "pd_output_len": ([], ["i32"]),
-    }
-    for name, (params, results) in signatures.items():
-        ft = exports[name]
-        assert isinstance(ft, wasmtime.FuncType), name
-        assert [str(t) for t in ft.params] == params, name
-        assert [str(t) for t in ft.results] == results, name
+    assert_abi(loaded.module)
 
 
 @pytest.mark.parametrize(

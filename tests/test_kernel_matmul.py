@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pytest
 import wasmtime
+from wasm_kernel import Loaded, WasmKernel, assert_abi, load
 
 WASM_DIR = Path(__file__).resolve().parents[1] / "static" / "wasm"
 VARIANTS = ("matrix_mul", "matrix_mul_simd")
@@ -39,46 +39,8 @@ def encode(a: np.ndarray, b: np.ndarray) -> bytes:
     )
 
 
-class Loaded(NamedTuple):
-    engine: wasmtime.Engine
-    module: wasmtime.Module
-
-
-class Kernel:
-    """One instance of a module, driven through the documented host protocol."""
-
-    def __init__(self, loaded: Loaded, memory_limit: int | None = None) -> None:
-        self.store = wasmtime.Store(loaded.engine)
-        if memory_limit is not None:
-            self.store.set_limits(memory_size=memory_limit)
-        ex = wasmtime.Instance(self.store, loaded.module, []).exports(self.store)
-        memory = ex["memory"]
-        assert isinstance(memory, wasmtime.Memory)
-        self.memory = memory
-        self._f = {name: ex[name] for name in ("pd_alloc", "pd_run", "pd_output_ptr", "pd_output_len")}
-
-    def call(self, name: str, *args: int) -> int:
-        f = self._f[name]
-        assert isinstance(f, wasmtime.Func)
-        return int(f(self.store, *args))
-
-    def memory_bytes(self) -> int:
-        return self.memory.data_len(self.store)
-
-    def run_at(self, ptr: int, n: int) -> tuple[int, bytes]:
-        status = self.call("pd_run", ptr, n)
-        out_ptr, out_len = self.call("pd_output_ptr"), self.call("pd_output_len")
-        if status != OK:
-            assert (out_ptr, out_len) == (0, 0), "a failed run must leave no output"
-            return status, b""
-        return status, bytes(self.memory.read(self.store, out_ptr, out_ptr + out_len))
-
-    def run(self, data: bytes) -> tuple[int, bytes]:
-        ptr = self.call("pd_alloc", len(data))
-        assert ptr != 0 and ptr % 8 == 0
-        if data:
-            self.memory.write(self.store, data, ptr)
-        return self.run_at(ptr, len(data))
+class Kernel(WasmKernel):
+    """The shared harness plus this kernel's encoders."""
 
     def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         status, out = self.run(encode(a, b))
@@ -94,9 +56,7 @@ def engine() -> wasmtime.Engine:
 
 @pytest.fixture(scope="module", params=VARIANTS)
 def loaded(request: pytest.FixtureRequest, engine: wasmtime.Engine) -> Loaded:
-    path = WASM_DIR / f"{request.param}.wasm"
-    assert path.is_file(), f"{path} missing: run `make wasm`"
-    return Loaded(engine, wasmtime.Module(engine, path.read_bytes()))
+    return load(WASM_DIR / f"{request.param}.wasm", engine)
 
 
 @pytest.fixture
@@ -117,21 +77,7 @@ def exact_k_order(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_module_has_no_imports_and_exports_the_abi(loaded: Loaded) -> None:
-    module = loaded.module
-    assert list(module.imports) == []
-    exports = {e.name: e.type for e in module.exports}
-    assert isinstance(exports["memory"], wasmtime.MemoryType)
-    signatures = {
-        "pd_alloc": (["i32"], ["i32"]),
-        "pd_run": (["i32", "i32"], ["i32"]),
-        "pd_output_ptr": ([], ["i32"]),
-        "pd_output_len": ([], ["i32"]),
-    }
-    for name, (params, results) in signatures.items():
-        ft = exports[name]
-        assert isinstance(ft, wasmtime.FuncType), name
-        assert [str(t) for t in ft.params] == params, name
-        assert [str(t) for t in ft.results] == results, name
+    assert_abi(loaded.module)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -190,7 +136,7 @@ def test_known_small_product_and_special_values(kernel: Kernel) -> None:
 
 
 def test_simd_and_scalar_builds_agree_bit_for_bit(engine: wasmtime.Engine) -> None:
-    kernels = [Kernel(Loaded(engine, wasmtime.Module(engine, (WASM_DIR / f"{v}.wasm").read_bytes()))) for v in VARIANTS]
+    kernels = [Kernel(load(WASM_DIR / f"{v}.wasm", engine)) for v in VARIANTS]
     rng = np.random.default_rng(3)
     for dtype in (np.float64, np.float32):
         for m, k, n in [(17, 33, 29), (8, 256, 300), (1, 5, 3)]:

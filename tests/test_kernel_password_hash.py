@@ -11,10 +11,9 @@ from __future__ import annotations
 import hashlib
 import struct
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
-import wasmtime
+from wasm_kernel import Loaded, WasmKernel, assert_abi, load
 
 WASM_PATH = Path(__file__).resolve().parents[1] / "static" / "wasm" / "password_hash.wasm"
 PAGE = 65536
@@ -50,46 +49,8 @@ def crack_input(iterations: int, salt: bytes, target: bytes, candidates: list[by
     )
 
 
-class Loaded(NamedTuple):
-    engine: wasmtime.Engine
-    module: wasmtime.Module
-
-
-class Kernel:
-    """One instance of the module, driven through the documented host protocol."""
-
-    def __init__(self, loaded: Loaded, memory_limit: int | None = None) -> None:
-        self.store = wasmtime.Store(loaded.engine)
-        if memory_limit is not None:
-            self.store.set_limits(memory_size=memory_limit)
-        ex = wasmtime.Instance(self.store, loaded.module, []).exports(self.store)
-        memory = ex["memory"]
-        assert isinstance(memory, wasmtime.Memory)
-        self.memory = memory
-        self._f = {name: ex[name] for name in ("pd_alloc", "pd_run", "pd_output_ptr", "pd_output_len")}
-
-    def call(self, name: str, *args: int) -> int:
-        f = self._f[name]
-        assert isinstance(f, wasmtime.Func)
-        return int(f(self.store, *args))
-
-    def memory_bytes(self) -> int:
-        return self.memory.data_len(self.store)
-
-    def run_at(self, ptr: int, n: int) -> tuple[int, bytes]:
-        status = self.call("pd_run", ptr, n)
-        out_ptr, out_len = self.call("pd_output_ptr"), self.call("pd_output_len")
-        if status != OK:
-            assert (out_ptr, out_len) == (0, 0), "a failed run must leave no output"
-            return status, b""
-        return status, bytes(self.memory.read(self.store, out_ptr, out_ptr + out_len))
-
-    def run(self, data: bytes) -> tuple[int, bytes]:
-        ptr = self.call("pd_alloc", len(data))
-        assert ptr != 0 and ptr % 8 == 0
-        if data:
-            self.memory.write(self.store, data, ptr)
-        return self.run_at(ptr, len(data))
+class Kernel(WasmKernel):
+    """The shared harness plus this kernel's encoders."""
 
     def hash(self, iterations: int, dklen: int, rows: list[tuple[bytes, bytes]]) -> list[bytes]:
         status, out = self.run(hash_input(iterations, dklen, rows))
@@ -106,9 +67,7 @@ class Kernel:
 
 @pytest.fixture(scope="module")
 def loaded() -> Loaded:
-    assert WASM_PATH.is_file(), f"{WASM_PATH} missing: run `make wasm`"
-    engine = wasmtime.Engine()
-    return Loaded(engine, wasmtime.Module(engine, WASM_PATH.read_bytes()))
+    return load(WASM_PATH)
 
 
 @pytest.fixture
@@ -117,21 +76,7 @@ def kernel(loaded: Loaded) -> Kernel:
 
 
 def test_module_has_no_imports_and_exports_the_abi(loaded: Loaded) -> None:
-    module = loaded.module
-    assert list(module.imports) == []
-    exports = {e.name: e.type for e in module.exports}
-    assert isinstance(exports["memory"], wasmtime.MemoryType)
-    signatures = {
-        "pd_alloc": (["i32"], ["i32"]),
-        "pd_run": (["i32", "i32"], ["i32"]),
-        "pd_output_ptr": ([], ["i32"]),
-        "pd_output_len": ([], ["i32"]),
-    }
-    for name, (params, results) in signatures.items():
-        ft = exports[name]
-        assert isinstance(ft, wasmtime.FuncType), name
-        assert [str(t) for t in ft.params] == params, name
-        assert [str(t) for t in ft.results] == results, name
+    assert_abi(loaded.module)
 
 
 def test_no_panic_path_reaches_the_module() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,28 +21,7 @@ SMALL = ["--width", "300", "--height", "200", "--tile", "32", "--max-iter", "200
 
 
 def submit(ctl: Controller, tmp: Path, *extra: str) -> subprocess.Popen[str]:
-    with open(tmp / "submit.log", "w") as log:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "processdistro",
-                "submit",
-                "mandelbrot",
-                *SMALL,
-                *extra,
-                "--wait",
-                "-q",
-                "-o",
-                str(tmp / "m.png"),
-                "--raw",
-                str(tmp / "m.npy"),
-            ],
-            env=ctl.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    return ctl.submit_mandelbrot(tmp, *SMALL, *extra)
 
 
 async def run_nodes_until(proc: subprocess.Popen[str], *nodes: PyNode, timeout: float = 120) -> None:

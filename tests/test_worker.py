@@ -106,29 +106,7 @@ def workers() -> Iterator[list[Worker]]:
 
 
 def submit(ctl: Controller, tmp: Path, *params: str) -> subprocess.Popen[str]:
-    with open(tmp / "submit.log", "w") as log:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "processdistro",
-                "submit",
-                "mandelbrot",
-                *params,
-                "--wait",
-                "-q",
-                "--timeout",
-                "240",
-                "-o",
-                str(tmp / "m.png"),
-                "--raw",
-                str(tmp / "m.npy"),
-            ],
-            env=ctl.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    return ctl.submit_mandelbrot(tmp, *params, "--timeout", "240")
 
 
 def wait_progress(r: redis.Redis, at_least: int, timeout: float = 60) -> str:

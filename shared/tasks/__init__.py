@@ -16,6 +16,23 @@ PLUGINS: dict[str, TaskPlugin[Any]] = {
 }
 
 
+_PARSED: dict[str, tuple[TaskPlugin[Any], Any]] = {}
+_PARSED_MAX = 256
+
+
+def plugin_and_params(job_id: str, kind: str, raw: dict[str, Any]) -> tuple[TaskPlugin[Any], Any]:
+    """A job's plugin and validated params. A job's params never change after submit, so
+    they are validated once per process, not on every result (some hold long block lists)."""
+    cached = _PARSED.get(job_id)
+    if cached is None:
+        plugin = get_plugin(kind)
+        cached = (plugin, plugin.parse_params(raw))
+        if len(_PARSED) >= _PARSED_MAX:
+            del _PARSED[next(iter(_PARSED))]  # the oldest job first
+        _PARSED[job_id] = cached
+    return cached
+
+
 def get_plugin(kind: str) -> TaskPlugin[Any]:
     try:
         return PLUGINS[kind]
@@ -23,4 +40,4 @@ def get_plugin(kind: str) -> TaskPlugin[Any]:
         raise ParamsError(f"unknown task kind {kind!r}; known: {', '.join(sorted(PLUGINS))}") from None
 
 
-__all__ = ["PLUGINS", "JobFiles", "Prepared", "Subtask", "TaskPlugin", "Verdict", "get_plugin"]
+__all__ = ["plugin_and_params", "PLUGINS", "JobFiles", "Prepared", "Subtask", "TaskPlugin", "Verdict", "get_plugin"]
