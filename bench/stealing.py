@@ -9,8 +9,9 @@
    every pixel costs `max_iter` iterations (a view inside the main cardioid, 16 tiles of the
    same size), as the steady rate from its first to its last merged subtask; the median of
    the two is used. Makespan is the job record's `created` -> `finished`, so it includes the
-   controller's own latency (feed, dispatch, finalize). With straggler backups ON
-   (`PD_BACKUPS=true` for the scheduler) and OFF, twice each, interleaved; median.
+   controller's own latency (feed, dispatch, finalize). With stealing and straggler backups
+   ON (`PD_STEALING=true PD_BACKUPS=true` for the scheduler) and OFF, twice each,
+   interleaved; median.
    Target (the issue): makespan <= 1.15 x ideal with backups on.
 
 2. Dead node -> reassignment, median of 3 each, while a long job runs:
@@ -104,6 +105,7 @@ def restart_scheduler(ctl: Any, r: redis.Redis, backups: bool) -> None:
         proc.terminate()
         proc.wait(15)
     ctl.env["PD_BACKUPS"] = "true" if backups else "false"
+    ctl.env["PD_STEALING"] = "true" if backups else "false"
     proc = ctl.start("scheduler")
     deadline = time.monotonic() + 20
     while not any(
@@ -378,7 +380,18 @@ def _report(
         f"{width}x{height} Mandelbrot, tile {TILE}, max_iter {max_iter} on 2 native workers (1 core each, "
         f"one --throttle "
         f"{THROTTLE:g}); ideal {ideal:.1f} s",
-        ["backups", "makespan s", "x ideal", "runs x ideal", "tail s", "tasks fast/slow", "backups", "duplicates"],
+        [
+            "stealing + backups",
+            "makespan s",
+            "x ideal",
+            "runs x ideal",
+            "tail s",
+            "tasks fast/slow",
+            "stolen",
+            "backups",
+            "copies stopped",
+            "duplicates",
+        ],
     )
     data_runs = []
     for backups in (True, False):
@@ -392,7 +405,9 @@ def _report(
                 ", ".join(f"{x.makespan_s / ideal:.2f}" for x in rs),
                 ", ".join(f"{x.tail_s:.1f}" for x in rs),
                 ", ".join("/".join(map(str, x.completed.values())) for x in rs),
+                ", ".join(str(x.stats.get("tasks_stolen", 0)) for x in rs),
                 ", ".join(str(x.stats.get("tasks_backup", 0)) for x in rs),
+                ", ".join(str(x.stats.get("copies_cancelled", 0)) for x in rs),
                 ", ".join(str(x.stats.get("tasks_duplicate", 0)) for x in rs),
             ]
         )
@@ -442,9 +457,11 @@ def _report(
         f"({fast_alone / ideal:.2f} x ideal)",
         "makespan: job record created -> finished (includes feed, dispatch and finalize); per-run columns in run "
         "order; tail s: 90 % merged -> finished; tasks: subtasks merged from the fast / the throttled worker; "
-        "backups: straggler copies the scheduler made; duplicates: results that arrived second",
-        f"target makespan <= {TARGET_MAKESPAN} x ideal with backups on: {'met' if on <= TARGET_MAKESPAN else 'MISSED'} "
-        f"({on:.2f})",
+        "stolen: queued, unstarted tasks a slower node gave back for an idle one; backups: straggler copies the "
+        "scheduler made; copies stopped: the losing copies cancelled when the first result came in; duplicates: "
+        "results that arrived second anyway",
+        f"target makespan <= {TARGET_MAKESPAN} x ideal with stealing and backups on: "
+        f"{'met' if on <= TARGET_MAKESPAN else 'MISSED'} ({on:.2f})",
         "SIGKILL: kill -> no pending entry left for the worker's consumers (gateway requeues on socket close); "
         "silent: the node's last frame -> same (gateway watchdog, node_timeout_s 4 s)",
     ]

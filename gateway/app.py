@@ -42,10 +42,11 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from ..shared import keys
+from ..shared.capacity import plan_slots
 from ..shared.jobs import JobState
 from ..shared.modules import ModuleRegistry
 from ..shared.protocol import CloseCode, NodeAccepted, NodeReport
-from ..shared.queue import HANDOVER_LUA, REQUEUE_LUA, ensure_groups_async
+from ..shared.queue import HANDOVER_LUA, REQUEUE_LUA, ensure_groups_async, node_of_consumer
 from ..shared.settings import Settings
 from .auth import TokenSigner, TokenStatus, ensure_join_code, ensure_secret, origin_allowed, within_rate
 from .metrics import GatewayMetrics
@@ -96,7 +97,9 @@ class Gateway:
         await pipe.execute()
 
     async def listen_control(self) -> None:
-        """Cancel messages from the scheduler: stop the job's tasks on our nodes."""
+        """Control messages: `cancel_job` (stop the job's tasks on our nodes), `ban`, `steal`
+        (give back a connection's unstarted tasks), `drop_copies` (the other copies of a task
+        whose first result is in)."""
         while True:
             try:
                 pubsub = self.r.pubsub()
@@ -113,6 +116,13 @@ class Gateway:
                         self._job_state.pop(data["job_id"], None)
                         for s in list(self.sessions.values()):
                             await s.cancel_job(data["job_id"])
+                    if data.get("type") == "steal":
+                        session = self.sessions.get(node_of_consumer(data["consumer"]))
+                        if session is not None and session.consumer == data["consumer"]:
+                            await session.give_back(int(data["count"]))
+                    if data.get("type") == "drop_copies":
+                        for s in list(self.sessions.values()):
+                            await s.drop_copies(data["job_id"], int(data["index"]), data["winner"])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -211,7 +221,9 @@ def create_app(settings: Settings, *, redis_client: aredis.Redis | None = None) 
         banned = await r.hget(keys.node(node_id), "banned")
         if banned and banned != b"0":
             return JSONResponse({"error": "this node is banned"}, status_code=403)
-        slots = max(1, min(report.cores, settings.max_concurrency))
+        slots = plan_slots(
+            cores=report.cores, memory_gb=report.memory_gb, kind=report.kind, max_concurrency=settings.max_concurrency
+        )
         await r.hset(
             keys.node(node_id),
             mapping={

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EWMA_ALPHA = 0.3  # weight of the newest task time in a node's average
+GIVEN_BACK_KEPT = 4096  # task ids taken back from a node that it may still answer
 
 
 class NodeSession:
@@ -63,6 +64,7 @@ class NodeSession:
         self._send_lock = asyncio.Lock()
         self.ewma: dict[str, float] = {}
         self.simd = False
+        self.given_back: dict[str, None] = {}  # recent tasks taken back (stolen, or another copy won)
 
     # ------------------------------------------------------------------ frames out
 
@@ -121,7 +123,7 @@ class NodeSession:
             pending = await r.xpending_range(keys.TASKS, keys.NODES_GROUP, "-", "+", 10_000, consumername=self.consumer)
             ids = [p["message_id"] for p in pending]
             if ids:
-                n = await self.gw.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, *ids])
+                n = await self.gw.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, 1, *ids])
                 await r.hincrby(keys.STATS, "tasks_requeued", int(n))
                 log.info("node %s: requeued %d tasks at once", self.node_id, int(n))
             await r.xgroup_delconsumer(keys.TASKS, keys.NODES_GROUP, self.consumer)
@@ -215,6 +217,8 @@ class NodeSession:
     async def _result(self, m: TaskResult) -> None:
         held = self.held.pop(m.task_id, None)
         if held is None:
+            if m.task_id in self.given_back:  # it had started after all: another node has it now
+                return
             await self.refuse(ErrorCode.UNKNOWN_TASK, f"task {m.task_id} is not held by this connection")
             return
         fields, sent = held
@@ -228,6 +232,10 @@ class NodeSession:
         flat: list[object] = [x for kv in entry.items() for x in kv]
         await self.gw.handover(keys=[keys.TASKS, keys.RESULTS], args=[keys.NODES_GROUP, m.task_id, *flat])
         self.done += 1
+        if fields.backup_of or await self.gw.r.exists(keys.backup_marker(m.task_id)):
+            # a task with a backup copy: whichever copy is first, the others stop
+            control = {"type": "drop_copies", "job_id": fields.job, "index": fields.index, "winner": m.task_id}
+            await self.gw.r.publish(keys.CONTROL, json.dumps(control))
         self.gw.metrics.latency.observe(elapsed)
         # observed speed per kind: an exponentially weighted average of task time
         field = f"ewma_ms:{fields.kind}"
@@ -243,7 +251,8 @@ class NodeSession:
     async def _failed(self, m: TaskFailed) -> None:
         held = self.held.pop(m.task_id, None)
         if held is None:
-            await self.refuse(ErrorCode.UNKNOWN_TASK, f"task {m.task_id} is not held by this connection")
+            if m.task_id not in self.given_back:
+                await self.refuse(ErrorCode.UNKNOWN_TASK, f"task {m.task_id} is not held by this connection")
             return
         fields = held[0]
         log.warning(
@@ -256,7 +265,7 @@ class NodeSession:
         )
         await self.gw.r.hincrby(keys.node(self.node_id), "failed", 1)
         if fields.attempt + 1 < MAX_TASK_ATTEMPTS:
-            await self.gw.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, m.task_id])
+            await self.gw.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, 1, m.task_id])
             return
         # the scheduler owns job states: ask it to fail the job
         await self.gw.drop_task(m.task_id)
@@ -296,7 +305,7 @@ class NodeSession:
             module = self.gw.modules.by_name.get(f"{module.name}_simd", module)
         if module is None:
             log.error("task %s needs unknown module %s; requeueing", task_id, fields.module)
-            await self.gw.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, task_id])
+            await self.gw.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, 1, task_id])
             return
         self.held[task_id] = (fields, time.monotonic())
         self.want -= 1
@@ -311,6 +320,37 @@ class NodeSession:
                 blocks=list(fields.blocks),
             )
         )
+
+    async def give_back(self, count: int) -> None:
+        """Requeue up to `count` of the tasks this node has queued but not started (it runs
+        them in the order sent, and the ones beyond its slots wait), for idle nodes to take."""
+        by_age = sorted(self.held.items(), key=lambda kv: kv[1][1])
+        ids = [tid for tid, _ in by_age[self.slots :]][-count:] if count > 0 else []
+        if not ids:
+            return
+        for tid in ids:
+            self.held.pop(tid, None)
+            self._forget(tid)
+        await self.send(CancelTasks(task_ids=ids))
+        n = await self.gw.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, 0, *ids])
+        await self.gw.r.hincrby(keys.STATS, "tasks_stolen", int(n))
+        log.info("node %s: gave back %d queued tasks for idle nodes", self.node_id, int(n))
+
+    def _forget(self, task_id: str) -> None:
+        self.given_back[task_id] = None
+        while len(self.given_back) > GIVEN_BACK_KEPT:
+            del self.given_back[next(iter(self.given_back))]
+
+    async def drop_copies(self, job_id: str, index: int, winner: str) -> None:
+        """Another copy of task `index` delivered its result first: stop ours."""
+        ids = [tid for tid, (f, _) in self.held.items() if f.job == job_id and f.index == index and tid != winner]
+        for tid in ids:
+            self.held.pop(tid, None)
+            self._forget(tid)
+            await self.gw.drop_task(tid)
+        if ids:
+            await self.gw.r.hincrby(keys.STATS, "copies_cancelled", len(ids))
+            await self.send(CancelTasks(task_ids=ids))
 
     async def cancel_job(self, job_id: str) -> None:
         ids = [tid for tid, (f, _) in self.held.items() if f.job == job_id]

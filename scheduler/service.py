@@ -24,6 +24,7 @@ from typing import Any
 import redis
 
 from ..shared import keys
+from ..shared.capacity import NodeView, worth_moving
 from ..shared.exceptions import ProcessDistroError
 from ..shared.jobs import JobRecord, JobState, drop_blocks, event, load_job
 from ..shared.modules import ModuleRegistry
@@ -36,8 +37,11 @@ log = logging.getLogger(__name__)
 
 MIN_BACKLOG = 64
 FEED_BATCH = 256
-BACKUP_MIN_MS = 1500  # never back up a task out for less than this
-BACKUP_FACTOR = 3.0  # ... nor one out for less than this many typical task times
+STEAL_FACTOR = 1.5  # steal a queued task for an idle node up to this many times slower per task
+BACKUP_MIN_MS = 250  # never back up a task out for less than this
+BACKUP_SPEEDUP = 0.67  # back up a running task for an idle node at least this much faster per task ...
+BACKUP_STUCK_MIN_MS = 1500  # ... or one out for longer than this and than
+BACKUP_FACTOR = 3.0  # this many typical task times (a node that stalled)
 COMMAND_CLAIM_IDLE_MS = 3_000
 
 
@@ -144,18 +148,16 @@ class Scheduler:
         return int(length) - int(pending)
 
     def backlog_target(self) -> int:
-        slots = 0
-        for node_hash in self._live_nodes():
-            slots += int(node_hash.get(b"slots", 1))
+        slots = sum(n.slots for n in self._live_nodes().values())
         return max(MIN_BACKLOG, 4 * slots)
 
-    def _live_nodes(self) -> list[dict[bytes, bytes]]:
+    def _live_nodes(self) -> dict[str, NodeView]:
         conns = self.r.zrangebyscore(keys.NODES, time.time() - self.settings.node_timeout_s, "+inf")
-        node_ids = {c.decode().split("~", 1)[0] for c in conns}
+        node_ids = sorted({node_of_consumer(c.decode()) for c in conns})
         pipe = self.r.pipeline(transaction=False)
         for node_id in node_ids:
             pipe.hgetall(keys.node(node_id))
-        return [h for h in pipe.execute() if h]
+        return {n: NodeView.of(n, h) for n, h in zip(node_ids, pipe.execute(), strict=True) if h}
 
     def feed(self) -> int:
         """Top the backlog up. Higher priority first; jobs of equal priority share the
@@ -184,41 +186,88 @@ class Scheduler:
                 break
         return added
 
-    def backups(self) -> int:
-        """Near a job's end (nothing left queued) idle slots take backup copies of tasks
-        that have been out much longer than tasks usually take; the first valid result
-        wins and the other is counted as a duplicate."""
+    def tail(self) -> tuple[int, int]:
+        """Near the end of the work (nothing undelivered in the stream) idle slots get work
+        that would otherwise wait on a slower node. Returns (tasks stolen, backups made).
+
+        1. Stealing: a node holding more tasks than it has slots has not started the extra
+           ones (prefetch); if an idle node is not much slower for that kind, the holder's
+           gateway gives them back (`steal` on the control channel) and an idle node takes them.
+        2. Backups: a task still running on a node clearly slower than an idle one, or out
+           far longer than tasks usually take, gets a copy for the idle node; the first valid
+           result wins, the other copy is cancelled and counted as a duplicate.
+        """
         if self.backlog() > 0:
-            return 0
-        slots = sum(int(n.get(b"slots", 1)) + self.settings.prefetch for n in self._live_nodes())
+            return 0, 0
+        nodes = self._live_nodes()
         summary = self.r.xpending(keys.TASKS, keys.NODES_GROUP)
-        idle_slots = slots - int(summary["pending"])
-        if idle_slots <= 0 or not summary["pending"]:
+        held = {_text(c["name"]): int(c["pending"]) for c in summary.get("consumers") or []}
+        idle: list[NodeView] = []
+        busy: list[NodeView] = []
+        for node in nodes.values():
+            count = held.get(node.consumer, 0)
+            (idle if count < node.slots else busy).append(node)
+            node.held = count
+        idle_slots = sum(n.slots - n.held for n in idle)
+        if idle_slots <= 0 or not held:
+            return 0, 0
+        kinds: dict[str, str] = {}  # entry id -> kind, read lazily
+
+        def kind_of(entry_id: str) -> str:
+            if entry_id not in kinds:
+                entries = self.r.xrange(keys.TASKS, entry_id, entry_id)
+                kinds[entry_id] = entries[0][1][b"kind"].decode() if entries else ""
+            return kinds[entry_id]
+
+        stolen = 0
+        for holder in sorted(busy, key=lambda n: -n.held):
+            queued = holder.held - holder.slots
+            if queued <= 0 or idle_slots <= 0 or not self.settings.stealing:
+                continue
+            newest = self.r.xpending_range(keys.TASKS, keys.NODES_GROUP, "-", "+", 10_000, consumername=holder.consumer)
+            kind = kind_of(_text(newest[-1]["message_id"])) if newest else ""
+            if not kind or not worth_moving(holder, idle, kind, STEAL_FACTOR, list(nodes.values())):
+                continue
+            n = min(queued, idle_slots)
+            self.r.publish(keys.CONTROL, json.dumps({"type": "steal", "consumer": holder.consumer, "count": n}))
+            idle_slots -= n
+            stolen += n
+        made = self._backups(nodes, idle, idle_slots, kind_of) if self.settings.backups else 0
+        if stolen:
+            log.info("stealing: %d queued tasks asked back from slower nodes", stolen)
+        return stolen, made
+
+    def _backups(self, nodes: dict[str, NodeView], idle: list[NodeView], idle_slots: int, kind_of: Any) -> int:
+        if idle_slots <= 0:
             return 0
         latencies = sorted(float(x) for x in self.r.lrange(keys.LATENCY, 0, -1))
         typical_ms = latencies[len(latencies) // 2] if latencies else 1000.0
-        threshold_ms = max(BACKUP_MIN_MS, BACKUP_FACTOR * typical_ms)
+        stuck_ms = max(BACKUP_STUCK_MIN_MS, BACKUP_FACTOR * typical_ms)
         pending = self.r.xpending_range(keys.TASKS, keys.NODES_GROUP, "-", "+", 1000)
         made = 0
         for p in sorted(pending, key=lambda p: -int(p["time_since_delivered"])):
-            if made >= idle_slots or int(p["time_since_delivered"]) < threshold_ms:
+            out_ms = int(p["time_since_delivered"])
+            if made >= idle_slots or out_ms < BACKUP_MIN_MS:
                 break
             entry_id = _text(p["message_id"])
+            holder = nodes.get(node_of_consumer(_text(p["consumer"])))
+            slower = holder is not None and worth_moving(
+                holder, idle, kind_of(entry_id), BACKUP_SPEEDUP, list(nodes.values())
+            )
+            if not (slower or out_ms >= stuck_ms):
+                continue
             if not self.r.set(keys.backup_marker(entry_id), 1, nx=True, ex=3600):
                 continue  # backed up already
             entries = self.r.xrange(keys.TASKS, entry_id, entry_id)
             if not entries:
                 continue
             original = TaskFields.from_redis(entries[0][1])
-            holder = node_of_consumer(
-                p["consumer"].decode() if isinstance(p["consumer"], bytes) else str(p["consumer"])
-            )
-            copy = dataclasses.replace(original, backup_of=holder)
+            copy = dataclasses.replace(original, backup_of=node_of_consumer(_text(p["consumer"])))
             self.r.xadd(keys.TASKS, copy.to_redis())
             made += 1
         if made:
             self.r.hincrby(keys.STATS, "tasks_backup", made)
-            log.info("backups: %d straggler copies (threshold %.0f ms)", made, threshold_ms)
+            log.info("backups: %d straggler copies for idle nodes", made)
         return made
 
     def _feed_job(self, job: JobRecord, limit: int) -> int:
@@ -270,7 +319,7 @@ class Scheduler:
             p["message_id"]
             for p in self.r.xpending_range(keys.TASKS, keys.NODES_GROUP, "-", "+", 10_000, consumername=consumer)
         ]
-        n = int(self.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, *ids])) if ids else 0
+        n = int(self.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, 1, *ids])) if ids else 0
         if n:
             self.r.hincrby(keys.STATS, "tasks_requeued", n)
         # DELCONSUMER drops pending entries silently: only once they are requeued
@@ -288,8 +337,8 @@ class Scheduler:
         # wait on the command stream only when there is nothing to feed
         self.handle_commands(block_ms=None if self._fed else 50)
         self._fed = self.feed()
-        if not self._fed and self.settings.backups:
-            self.backups()
+        if not self._fed:
+            self.tail()
         if now - self._last_reap > 0.5:
             self.reap()
             self._last_reap = now

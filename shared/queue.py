@@ -17,16 +17,17 @@ from . import keys
 
 # Requeue entries: ACK wins once, so two processes racing to requeue the same entry
 # (a gateway on socket close, the scheduler's reaper) add only one copy.
+# ARGV: group, bump ("1": the copy counts one more attempt; "0": a task given back unstarted), ids...
 REQUEUE_LUA = """
 local n = 0
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local id = ARGV[i]
   if redis.call('XACK', KEYS[1], ARGV[1], id) == 1 then
     local e = redis.call('XRANGE', KEYS[1], id, id)
     if #e > 0 then
       local f = e[1][2]
       for j = 1, #f, 2 do
-        if f[j] == 'attempt' then f[j + 1] = tostring(tonumber(f[j + 1]) + 1) end
+        if f[j] == 'attempt' then f[j + 1] = tostring(tonumber(f[j + 1]) + tonumber(ARGV[2])) end
       end
       redis.call('XADD', KEYS[1], '*', unpack(f))
       n = n + 1

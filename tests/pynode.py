@@ -10,6 +10,8 @@ import json
 import secrets
 import struct
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -121,44 +123,55 @@ class PyNode:
         ws_url = self.base_url.replace("http", "ws", 1) + f"/ws?token={accepted['token']}"
         async with websockets.connect(ws_url, max_size=None) as ws:
             await ws.send(json.dumps({"type": "hello", "running": []}))
-            await ws.send(json.dumps({"type": "ready", "free": accepted["slots"]}))
+            await ws.send(json.dumps({"type": "ready", "free": accepted["slots"] + accepted["prefetch"]}))
+            queue: deque[dict[str, Any]] = deque()  # tasks received, not started (one runs at a time)
             while max_tasks is None or self.done < max_tasks:
                 if stop is not None and stop.is_set():
                     return
-                try:
-                    raw = await asyncio.wait_for(ws.recv(), timeout=0.5)
+                try:  # take in what has arrived; wait only when there is nothing to run
+                    raw = await asyncio.wait_for(ws.recv(), timeout=0.001 if queue else 0.5)
                 except TimeoutError:
-                    await ws.send(json.dumps({"type": "heartbeat", "running": 0, "done": self.done}))
+                    if not queue:
+                        await ws.send(json.dumps({"type": "heartbeat", "running": 0, "done": self.done}))
+                        continue
+                else:
+                    msg = json.loads(raw)
+                    self.received.append(msg)
+                    if msg["type"] == "task":
+                        queue.append(msg)
+                    elif msg["type"] == "cancel":
+                        dropped = set(msg["task_ids"])
+                        queue = deque(t for t in queue if t["task_id"] not in dropped)
                     continue
-                msg = json.loads(raw)
-                self.received.append(msg)
-                if msg["type"] != "task":
-                    continue
-                payload = base64.b64decode(msg["input_b64"])
-                for sha in msg.get("blocks", []):
-                    resp = httpx.get(
-                        f"{self.base_url}/blocks/{msg['job_id']}/{sha}", params={"token": accepted["token"]}
-                    )
-                    resp.raise_for_status()
-                    payload += resp.content
-                compute = hash_batch if msg["kind"] == "hash" else mandelbrot_tile
-                out = compute(payload)
-                if self.corrupt is not None:
-                    out = self.corrupt(out)
-                if self.delay:
-                    await asyncio.sleep(self.delay)
+                msg = queue.popleft()
+                started = time.monotonic()
+                out = self._compute(msg, accepted["token"])
+                while time.monotonic() - started < self.delay:  # a slow device, heartbeating as it works
+                    await asyncio.sleep(min(0.5, self.delay))
+                    await ws.send(json.dumps({"type": "heartbeat", "running": 1, "done": self.done}))
+                elapsed_ms = (time.monotonic() - started) * 1000
                 await ws.send(
                     json.dumps(
                         {
                             "type": "result",
                             "task_id": msg["task_id"],
                             "output_b64": base64.b64encode(out).decode(),
-                            "elapsed_ms": 1.0,
+                            "elapsed_ms": elapsed_ms,
                         }
                     )
                 )
                 self.done += 1
                 await ws.send(json.dumps({"type": "ready", "free": 1}))
+
+    def _compute(self, msg: dict[str, Any], token: str) -> bytes:
+        payload = base64.b64decode(msg["input_b64"])
+        for sha in msg.get("blocks", []):
+            resp = httpx.get(f"{self.base_url}/blocks/{msg['job_id']}/{sha}", params={"token": token})
+            resp.raise_for_status()
+            payload += resp.content
+        compute = hash_batch if msg["kind"] == "hash" else mandelbrot_tile
+        out = compute(payload)
+        return self.corrupt(out) if self.corrupt is not None else out
 
 
 def flip_first_pixel(out: bytes) -> bytes:

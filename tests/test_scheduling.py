@@ -1,4 +1,4 @@
-"""Scheduling: backups of stragglers, fair share between equal jobs, priorities."""
+"""Scheduling: stealing and backups of stragglers, fair share between equal jobs, priorities."""
 
 from __future__ import annotations
 
@@ -48,6 +48,41 @@ def test_backups_rescue_a_straggler(controller: Controller, tmp_path: Path, r: r
     assert proc.returncode == 0, (tmp_path / "submit.log").read_text() + controller.logs()
     assert elapsed < 15, f"took {elapsed:.1f}s: stragglers were not backed up"
     assert int(r.hget(keys.STATS, "tasks_backup") or 0) >= 1
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
+
+
+def test_slow_node_gives_back_queued_work_and_loses_its_copy(
+    controller: Controller, tmp_path: Path, r: redis.Redis
+) -> None:
+    """One slot each; the slow node (1.5 s a task) holds a queued task when the fast one runs
+    dry: the queued task is stolen, the running one backed up, and the slow copy cancelled."""
+    before = {k.decode(): int(v) for k, v in r.hgetall(keys.STATS).items()}
+    proc = submit(controller, tmp_path, "--tile", "64")  # 20 tiles
+    slow = PyNode(controller.url, controller.join_code, cores=1, delay=1.5)
+    fast = PyNode(controller.url, controller.join_code, cores=1)
+
+    async def scenario() -> float:
+        stop = asyncio.Event()
+        slow_task = asyncio.create_task(slow.run(stop=stop))
+        while slow.done < 1:  # the slow node has a speed record and holds two tasks
+            await asyncio.sleep(0.05)
+        started = time.monotonic()
+        fast_task = asyncio.create_task(fast.run(stop=stop))
+        while proc.poll() is None and time.monotonic() - started < 60:
+            await asyncio.sleep(0.05)
+        elapsed = time.monotonic() - started
+        stop.set()
+        await asyncio.gather(fast_task, slow_task, return_exceptions=True)
+        return elapsed
+
+    elapsed = run_async(scenario())
+    assert proc.returncode == 0, (tmp_path / "submit.log").read_text() + controller.logs()
+    after = {k.decode(): int(v) for k, v in r.hgetall(keys.STATS).items()}
+    gained = {k: after.get(k, 0) - before.get(k, 0) for k in ("tasks_stolen", "tasks_backup", "copies_cancelled")}
+    assert gained["tasks_stolen"] >= 1, (gained, controller.logs())
+    # the slow node's last running task: its backup on the fast node wins and the original stops
+    assert gained["tasks_backup"] >= 1 and gained["copies_cancelled"] >= 1, gained
+    assert elapsed < 1.5 + 1.0, f"took {elapsed:.1f}s: the fast node waited for the slow one"
     np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
 
 

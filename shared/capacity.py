@@ -1,0 +1,71 @@
+"""Node capacity: how many tasks a node runs at once, and how long a task takes it.
+
+The resource optimizer is deliberately simple and explainable:
+
+- **Slots** come from what the device reports when it joins: its cores, less one on a
+  browser with four or more (the page, the socket and the phone's own UI need a core), no
+  more than its memory holds at `SLOT_MEMORY_GB` per running module, and no more than
+  `max_concurrency`.
+- **Speed** starts from the join benchmark (Mandelbrot iterations per second per core) and
+  is refined by what the node actually does: the gateway keeps an exponentially weighted
+  average of task time per node and task kind (`ewma_ms:<kind>` in the node's hash). Where a
+  node has not run a kind yet, its time is estimated from a peer that has, scaled by the
+  ratio of their benchmark scores.
+
+The scheduler uses these speeds to decide whether moving work to an idle node pays off.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+SLOT_MEMORY_GB = 0.25  # a module instance's memory cap and its worker's overhead, roughly
+EWMA_PREFIX = b"ewma_ms:"
+
+
+def plan_slots(*, cores: int, memory_gb: float | None, kind: str, max_concurrency: int) -> int:
+    slots = cores - 1 if kind == "browser" and cores >= 4 else cores
+    if memory_gb:  # browsers report deviceMemory rounded down (and capped at 8)
+        slots = min(slots, max(1, math.floor(memory_gb / SLOT_MEMORY_GB)))
+    return max(1, min(slots, max_concurrency))
+
+
+@dataclass
+class NodeView:
+    """What the scheduler reads of a live node: its connection's consumer, slots and speed."""
+
+    node_id: str
+    consumer: str
+    slots: int
+    score: float | None = None  # benchmark, iterations/s per core
+    ewma_ms: dict[str, float] = field(default_factory=dict)  # observed task time per kind
+    held: int = 0  # tasks it holds now (pending entries of its consumer)
+
+    @classmethod
+    def of(cls, node_id: str, h: dict[bytes, bytes]) -> NodeView:
+        ewma = {k[len(EWMA_PREFIX) :].decode(): float(v) for k, v in h.items() if k.startswith(EWMA_PREFIX) and v}
+        score = float(h[b"score"]) if h.get(b"score") else None
+        consumer = f"{node_id}~{h.get(b'connection', b'').decode()}"
+        return cls(node_id, consumer, int(h.get(b"slots", 1)), score or None, ewma)
+
+    def task_ms(self, kind: str, peers: Iterable[NodeView]) -> float | None:
+        """Expected time of one task of `kind` here: observed, or estimated from a peer that
+        ran the kind (scaled by benchmark scores); None when nothing is known."""
+        if kind in self.ewma_ms:
+            return self.ewma_ms[kind]
+        if not self.score:
+            return None
+        estimates = [p.ewma_ms[kind] * p.score / self.score for p in peers if kind in p.ewma_ms and p.score]
+        return min(estimates) if estimates else None
+
+
+def worth_moving(holder: NodeView, idle: list[NodeView], kind: str, factor: float, peers: list[NodeView]) -> bool:
+    """Would some idle node run a task of `kind` in at most `factor` x the holder's
+    expected time? Unknown speeds never count as faster."""
+    mine = holder.task_ms(kind, peers)
+    if mine is None:
+        return False
+    theirs = [t for n in idle if n.node_id != holder.node_id and (t := n.task_ms(kind, peers)) is not None]
+    return bool(theirs) and min(theirs) <= factor * mine
