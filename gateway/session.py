@@ -10,17 +10,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import itertools
 import json
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ..shared import keys
+from ..shared.capacity import parts_per_task
 from ..shared.protocol import (
+    MULTIPART_SINCE,
     CancelTasks,
     CloseCode,
     ErrorCode,
@@ -31,12 +35,14 @@ from ..shared.protocol import (
     Ready,
     TaskAssign,
     TaskFailed,
+    TaskPart,
     TaskResult,
     TokenRefresh,
     Welcome,
     node_message_adapter,
 )
 from ..shared.queue import MAX_TASK_ATTEMPTS, TaskFields, consumer_name
+from ..shared.tasks import PLUGINS
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -47,6 +53,15 @@ EWMA_ALPHA = 0.3  # weight of the newest task time in a node's average
 GIVEN_BACK_KEPT = 4096  # task ids taken back from a node that it may still answer
 
 
+@dataclass(slots=True)
+class Held:
+    """A task entry this connection holds: sent at `sent` as part of assignment `group`."""
+
+    fields: TaskFields
+    sent: float
+    group: int
+
+
 class NodeSession:
     def __init__(self, gw: Gateway, ws: WebSocket, node_id: str, slots: int) -> None:
         self.gw = gw
@@ -55,7 +70,8 @@ class NodeSession:
         self.connection = secrets.token_hex(4)
         self.consumer = consumer_name(node_id, self.connection)
         self.slots = slots
-        self.held: dict[str, tuple[TaskFields, float]] = {}
+        self.held: dict[str, Held] = {}  # task entry id -> what and when (insertion order = part order)
+        self._groups = itertools.count()
         self.want = 0
         self.wake = asyncio.Event()
         self.last_seen = time.monotonic()
@@ -64,6 +80,7 @@ class NodeSession:
         self._send_lock = asyncio.Lock()
         self.ewma: dict[str, float] = {}
         self.simd = False
+        self.multipart = False
         self.given_back: dict[str, None] = {}  # recent tasks taken back (stolen, or another copy won)
 
     # ------------------------------------------------------------------ frames out
@@ -198,7 +215,7 @@ class NodeSession:
 
     async def _handle(self, m: object) -> None:
         if isinstance(m, Ready):
-            self.want = max(0, min(m.free, self.slots + self.gw.settings.prefetch - len(self.held)))
+            self.want = max(0, min(m.free, self.slots + self.gw.settings.prefetch - self.assignments()))
             if self.want:
                 self.wake.set()
         elif isinstance(m, TaskResult):
@@ -208,6 +225,7 @@ class NodeSession:
         elif isinstance(m, TaskFailed):
             await self._failed(m)
         elif isinstance(m, Hello):
+            self.multipart = m.protocol >= MULTIPART_SINCE  # an older agent gets one part per task
             unknown = [t for t in m.running if t not in self.held]
             if unknown:  # requeued when the old connection closed: results would be duplicates
                 await self.send(CancelTasks(task_ids=unknown))
@@ -221,7 +239,7 @@ class NodeSession:
                 return
             await self.refuse(ErrorCode.UNKNOWN_TASK, f"task {m.task_id} is not held by this connection")
             return
-        fields, sent = held
+        fields, sent = held.fields, held.sent
         try:
             output = base64.b64decode(m.output_b64, validate=True)
         except (binascii.Error, ValueError):  # the model validated it; belt and braces
@@ -240,10 +258,10 @@ class NodeSession:
         # observed speed per kind: an exponentially weighted average of task time
         field = f"ewma_ms:{fields.kind}"
         previous = self.ewma.get(field)
-        sample = m.elapsed_ms if m.elapsed_ms > 0 else elapsed * 1000
+        sample = m.elapsed_ms if m.elapsed_ms > 0 else elapsed * 1000  # a part's own run time
         self.ewma[field] = sample if previous is None else EWMA_ALPHA * sample + (1 - EWMA_ALPHA) * previous
         pipe = self.gw.r.pipeline(transaction=False)
-        pipe.lpush(keys.LATENCY, round(elapsed * 1000, 2))
+        pipe.lpush(keys.LATENCY, round(sample, 2))
         pipe.ltrim(keys.LATENCY, 0, 199)
         pipe.hset(keys.node(self.node_id), field, round(self.ewma[field], 2))
         await pipe.execute()
@@ -254,7 +272,7 @@ class NodeSession:
             if m.task_id not in self.given_back:
                 await self.refuse(ErrorCode.UNKNOWN_TASK, f"task {m.task_id} is not held by this connection")
             return
-        fields = held[0]
+        fields = held.fields
         log.warning(
             "node %s: task %s (job %s #%d) failed: %s",
             self.node_id,
@@ -276,6 +294,13 @@ class NodeSession:
 
     # ------------------------------------------------------------------ dispatch
 
+    def assignments(self) -> int:
+        """Tasks this node holds, a task of several parts counting once (as in `ready.free`)."""
+        return len({h.group for h in self.held.values()})
+
+    def parts_for(self, kind: str) -> int:
+        return parts_per_task(self.ewma.get(f"ewma_ms:{kind}"), self.gw.settings.target_task_s)
+
     async def _dispatch(self) -> None:
         r = self.gw.r
         while True:
@@ -284,20 +309,26 @@ class NodeSession:
                 resp = await r.xreadgroup(
                     keys.NODES_GROUP, self.consumer, {keys.TASKS: ">"}, count=self.want, block=1000
                 )
-                for _stream, entries in resp or []:
-                    for entry_id, raw in entries:
-                        await self._assign(entry_id.decode(), TaskFields.from_redis(raw))
+                entries = [(eid.decode(), TaskFields.from_redis(raw)) for _s, es in resp or [] for eid, raw in es]
+                for task_id, fields in entries:
+                    await self._assign(task_id, fields)
             self.wake.clear()
 
-    async def _assign(self, task_id: str, fields: TaskFields) -> None:
+    async def _usable(self, task_id: str, fields: TaskFields) -> bool:
+        """Drop what must not run here (job over; a backup for its own straggler, or whose
+        original is in); False if the task is not to be sent."""
         if await self.gw.job_is_over(fields.job):
             await self.gw.drop_task(task_id)
-            return
+            return False
         if fields.backup_of and (
             fields.backup_of == self.node_id or await self.gw.r.sismember(keys.job_done(fields.job), fields.index)
         ):
-            # a backup is optional: never to the straggler itself, never once the original is in
             await self.gw.drop_task(task_id)
+            return False
+        return True
+
+    async def _assign(self, task_id: str, fields: TaskFields) -> None:
+        if not await self._usable(task_id, fields):
             return
         module = self.gw.modules.by_sha.get(fields.module)
         if module is not None and self.simd:
@@ -307,25 +338,61 @@ class NodeSession:
             log.error("task %s needs unknown module %s; requeueing", task_id, fields.module)
             await self.gw.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, 1, task_id])
             return
-        self.held[task_id] = (fields, time.monotonic())
+        parts = [(task_id, fields)]
+        others: list[tuple[str, TaskFields]] = []
+        plugin = PLUGINS.get(fields.kind)
+        adaptive = plugin is not None and plugin.adaptive and self.multipart and not fields.backup_of
+        wanted = self.parts_for(fields.kind) if adaptive else 1
+        if wanted > 1:
+            # the next entries of the same job become further parts of this task
+            resp = await self.gw.r.xreadgroup(
+                keys.NODES_GROUP, self.consumer, {keys.TASKS: ">"}, count=wanted - 1, block=None
+            )
+            for _s, es in resp or []:
+                for eid, raw in es:
+                    extra = TaskFields.from_redis(raw)
+                    same = extra.job == fields.job and extra.module == fields.module and not extra.backup_of
+                    (parts if same else others).append((eid.decode(), extra))
+        group = next(self._groups)
+        now = time.monotonic()
+        for tid, f in parts:
+            self.held[tid] = Held(f, now, group)
         self.want -= 1
+        (first_id, first), rest = parts[0], parts[1:]
         await self.send(
             TaskAssign(
-                task_id=task_id,
-                job_id=fields.job,
-                kind=fields.kind,
+                task_id=first_id,
+                job_id=first.job,
+                kind=first.kind,
                 module_sha256=module.sha256,
                 module_url=module.url,
-                input_b64=base64.b64encode(fields.input).decode(),
-                blocks=list(fields.blocks),
+                input_b64=base64.b64encode(first.input).decode(),
+                blocks=list(first.blocks),
+                more=[
+                    TaskPart(task_id=tid, input_b64=base64.b64encode(f.input).decode(), blocks=list(f.blocks))
+                    for tid, f in rest
+                ],
             )
         )
+        for tid, f in others:  # read along with the parts but of another job
+            if self.want > 0:
+                await self._assign(tid, f)
+            else:
+                await self.gw.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, 0, tid])
 
     async def give_back(self, count: int) -> None:
-        """Requeue up to `count` of the tasks this node has queued but not started (it runs
-        them in the order sent, and the ones beyond its slots wait), for idle nodes to take."""
-        by_age = sorted(self.held.items(), key=lambda kv: kv[1][1])
-        ids = [tid for tid, _ in by_age[self.slots :]][-count:] if count > 0 else []
+        """Requeue up to `count` of the task entries this node has not started, for idle
+        nodes: it runs its tasks in the order sent, `slots` at a time, and a task's parts one
+        after the other, so all but the first unreported part of its first `slots` tasks
+        and everything of later tasks is still waiting."""
+        groups: dict[int, list[str]] = {}
+        for tid, h in self.held.items():
+            groups.setdefault(h.group, []).append(tid)
+        waiting: list[str] = []
+        for n, group in enumerate(sorted(groups)):
+            ids = groups[group]
+            waiting += ids if n >= self.slots else ids[1:]
+        ids = waiting[-count:] if count > 0 else []
         if not ids:
             return
         for tid in ids:
@@ -334,7 +401,7 @@ class NodeSession:
         await self.send(CancelTasks(task_ids=ids))
         n = await self.gw.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, 0, *ids])
         await self.gw.r.hincrby(keys.STATS, "tasks_stolen", int(n))
-        log.info("node %s: gave back %d queued tasks for idle nodes", self.node_id, int(n))
+        log.info("node %s: gave back %d waiting tasks for idle nodes", self.node_id, int(n))
 
     def _forget(self, task_id: str) -> None:
         self.given_back[task_id] = None
@@ -343,7 +410,9 @@ class NodeSession:
 
     async def drop_copies(self, job_id: str, index: int, winner: str) -> None:
         """Another copy of task `index` delivered its result first: stop ours."""
-        ids = [tid for tid, (f, _) in self.held.items() if f.job == job_id and f.index == index and tid != winner]
+        ids = [
+            tid for tid, h in self.held.items() if h.fields.job == job_id and h.fields.index == index and tid != winner
+        ]
         for tid in ids:
             self.held.pop(tid, None)
             self._forget(tid)
@@ -353,7 +422,7 @@ class NodeSession:
             await self.send(CancelTasks(task_ids=ids))
 
     async def cancel_job(self, job_id: str) -> None:
-        ids = [tid for tid, (f, _) in self.held.items() if f.job == job_id]
+        ids = [tid for tid, h in self.held.items() if h.fields.job == job_id]
         for tid in ids:
             self.held.pop(tid, None)
             await self.gw.drop_task(tid)

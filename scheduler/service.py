@@ -24,14 +24,14 @@ from typing import Any
 import redis
 
 from ..shared import keys
-from ..shared.capacity import NodeView, worth_moving
+from ..shared.capacity import NodeView, parts_per_task, worth_moving
 from ..shared.exceptions import ProcessDistroError
 from ..shared.jobs import JobRecord, JobState, drop_blocks, event, load_job
 from ..shared.modules import ModuleRegistry
 from ..shared.queue import REQUEUE_LUA, TaskFields, ensure_groups, node_of_consumer
 from ..shared.service import StopFlag, beat, captured_signals, instance_name, run_forever
 from ..shared.settings import Settings
-from ..shared.tasks import get_plugin, plugin_and_params
+from ..shared.tasks import PLUGINS, get_plugin, plugin_and_params
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +148,14 @@ class Scheduler:
         return int(length) - int(pending)
 
     def backlog_target(self) -> int:
-        slots = sum(n.slots for n in self._live_nodes().values())
-        return max(MIN_BACKLOG, 4 * slots)
+        """Enough undelivered entries for every live slot to take a few tasks, at the parts
+        per task a node gets for the adaptive kinds (hash, crack)."""
+        adaptive = {k for k, p in PLUGINS.items() if p.adaptive}
+        room = 0
+        for node in self._live_nodes().values():
+            parts = [parts_per_task(ms, self.settings.target_task_s) for k, ms in node.ewma_ms.items() if k in adaptive]
+            room += node.slots * max([1, *parts])
+        return max(MIN_BACKLOG, 4 * room)
 
     def _live_nodes(self) -> dict[str, NodeView]:
         conns = self.r.zrangebyscore(keys.NODES, time.time() - self.settings.node_timeout_s, "+inf")
@@ -243,9 +249,17 @@ class Scheduler:
         latencies = sorted(float(x) for x in self.r.lrange(keys.LATENCY, 0, -1))
         typical_ms = latencies[len(latencies) // 2] if latencies else 1000.0
         stuck_ms = max(BACKUP_STUCK_MIN_MS, BACKUP_FACTOR * typical_ms)
-        pending = self.r.xpending_range(keys.TASKS, keys.NODES_GROUP, "-", "+", 1000)
+        # a node runs its oldest entries (in stream order) first: only those may be running
+        running: list[dict[str, Any]] = []
+        per_consumer: dict[str, int] = {}
+        for p in self.r.xpending_range(keys.TASKS, keys.NODES_GROUP, "-", "+", 1000):
+            consumer = _text(p["consumer"])
+            per_consumer[consumer] = per_consumer.get(consumer, 0) + 1
+            node = nodes.get(node_of_consumer(consumer))
+            if per_consumer[consumer] <= (node.slots if node else 1):
+                running.append(p)
         made = 0
-        for p in sorted(pending, key=lambda p: -int(p["time_since_delivered"])):
+        for p in sorted(running, key=lambda p: -int(p["time_since_delivered"])):
             out_ms = int(p["time_since_delivered"])
             if made >= idle_slots or out_ms < BACKUP_MIN_MS:
                 break
@@ -254,7 +268,10 @@ class Scheduler:
             slower = holder is not None and worth_moving(
                 holder, idle, kind_of(entry_id), BACKUP_SPEEDUP, list(nodes.values())
             )
-            if not (slower or out_ms >= stuck_ms):
+            kind = PLUGINS.get(kind_of(entry_id))
+            # a later part of a task waits for the parts before it: allow a whole task's time
+            stuck = max(stuck_ms, 1.5 * self.settings.target_task_s * 1000) if kind and kind.adaptive else stuck_ms
+            if not (slower or out_ms >= stuck):
                 continue
             if not self.r.set(keys.backup_marker(entry_id), 1, nx=True, ex=3600):
                 continue  # backed up already

@@ -12,6 +12,9 @@ The resource optimizer is deliberately simple and explainable:
   node has not run a kind yet, its time is estimated from a peer that has, scaled by the
   ratio of their benchmark scores.
 
+- **Chunk size** for the adaptive kinds (hash, crack): a task is as many parts as fit
+  `target_task_s` at the node's observed part time (`parts_per_task`).
+
 The scheduler uses these speeds to decide whether moving work to an idle node pays off.
 """
 
@@ -21,8 +24,19 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .protocol import MAX_PARTS
+
 SLOT_MEMORY_GB = 0.25  # a module instance's memory cap and its worker's overhead, roughly
 EWMA_PREFIX = b"ewma_ms:"
+
+
+def parts_per_task(part_ms: float | None, target_task_s: float) -> int:
+    """Adaptive chunk size: how many parts (consecutive subtasks of a hash or crack job) make
+    one task of about `target_task_s` on a node whose parts take `part_ms` (one until the
+    node has been measured)."""
+    if not part_ms:
+        return 1
+    return max(1, min(MAX_PARTS, int(target_task_s * 1000 / part_ms)))
 
 
 def plan_slots(*, cores: int, memory_gb: float | None, kind: str, max_concurrency: int) -> int:

@@ -19,7 +19,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: tasks of several parts (TaskAssign.more)
+MULTIPART_SINCE = 2
 
 NodeId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")]
 TaskId = Annotated[str, Field(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$", description="task stream entry id")]
@@ -128,11 +129,29 @@ class Welcome(_Msg):
     heartbeat_interval_s: float
 
 
+MAX_PARTS = 32  # parts in one task, the first included
+
+
+class TaskPart(_Msg):
+    """A further part of a task (`TaskAssign.more`): same job and module, its own input."""
+
+    task_id: TaskId
+    input_b64: str
+    blocks: list[Sha256] = Field(default_factory=list, max_length=64)
+
+    _b64 = field_validator("input_b64")(_check_b64)
+
+
 class TaskAssign(_Msg):
     """Run module `module_sha256` (fetch it from `module_url`, cache by hash) on the input:
     the bytes of `input_b64` followed by the bytes of each block in `blocks`, in order.
     Blocks are shared inputs (a matrix block, a batch of rows) fetched once from
-    `/blocks/<job_id>/<sha256>?token=<session token>` and cached by hash."""
+    `/blocks/<job_id>/<sha256>?token=<session token>` and cached by hash.
+
+    A longer task has parts (`more`): the node runs them after the first, one after the
+    other in the same slot, and sends each part's `result` as soon as it is done. Those
+    results are the task's checkpoints: if the node goes away, only the parts it has not
+    reported are handed out again. The whole task counts as one against `ready.free`."""
 
     type: Literal["task"] = "task"
     task_id: TaskId
@@ -142,6 +161,7 @@ class TaskAssign(_Msg):
     module_url: str
     input_b64: str
     blocks: list[Sha256] = Field(default_factory=list, max_length=64)
+    more: list[TaskPart] = Field(default_factory=list, max_length=MAX_PARTS - 1)
 
 
 class CancelTasks(_Msg):

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     task_repo: Path | None = Field(default=None, description="directory of custom task kinds")
     max_concurrency: int = Field(default=8, ge=1, le=256, description="most slots granted to one node")
     prefetch: int = Field(default=1, ge=0, le=16, description="tasks a node may hold beyond its slots")
+    target_task_s: float = Field(
+        default=4.0, gt=0, le=3600, description="aim for tasks this long on every node (hash and crack: parts per task)"
+    )
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     node_timeout_s: float = Field(default=4.0, gt=0, description="a node silent this long is dead")
     ban_after: int = Field(default=3, ge=1, description="rejected results after which a node is banned")

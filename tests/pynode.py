@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import httpx
 import numpy as np
 import websockets
+from processdistro.shared.protocol import PROTOCOL_VERSION
 from processdistro.shared.tasks.mandelbrot import INPUT
 
 T = TypeVar("T")
@@ -122,9 +123,11 @@ class PyNode:
         accepted = self.join()
         ws_url = self.base_url.replace("http", "ws", 1) + f"/ws?token={accepted['token']}"
         async with websockets.connect(ws_url, max_size=None) as ws:
-            await ws.send(json.dumps({"type": "hello", "running": []}))
-            await ws.send(json.dumps({"type": "ready", "free": accepted["slots"] + accepted["prefetch"]}))
-            queue: deque[dict[str, Any]] = deque()  # tasks received, not started (one runs at a time)
+            await ws.send(json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION, "running": []}))
+            capacity = accepted["slots"] + accepted["prefetch"]
+            await ws.send(json.dumps({"type": "ready", "free": capacity}))
+            # tasks received, each a list of parts not yet run; one part runs at a time
+            queue: deque[list[dict[str, Any]]] = deque()
             while max_tasks is None or self.done < max_tasks:
                 if stop is not None and stop.is_set():
                     return
@@ -138,14 +141,19 @@ class PyNode:
                     msg = json.loads(raw)
                     self.received.append(msg)
                     if msg["type"] == "task":
-                        queue.append(msg)
+                        common = {"job_id": msg["job_id"], "kind": msg["kind"]}
+                        first = {"task_id": msg["task_id"], "input_b64": msg["input_b64"], "blocks": msg["blocks"]}
+                        queue.append([{**common, **part} for part in (first, *msg.get("more", []))])
                     elif msg["type"] == "cancel":
                         dropped = set(msg["task_ids"])
-                        queue = deque(t for t in queue if t["task_id"] not in dropped)
+                        before = len(queue)
+                        queue = deque(kept for t in queue if (kept := [p for p in t if p["task_id"] not in dropped]))
+                        if len(queue) < before:
+                            await ws.send(json.dumps({"type": "ready", "free": capacity - len(queue)}))
                     continue
-                msg = queue.popleft()
+                part = queue[0].pop(0)
                 started = time.monotonic()
-                out = self._compute(msg, accepted["token"])
+                out = self._compute(part, accepted["token"])
                 while time.monotonic() - started < self.delay:  # a slow device, heartbeating as it works
                     await asyncio.sleep(min(0.5, self.delay))
                     await ws.send(json.dumps({"type": "heartbeat", "running": 1, "done": self.done}))
@@ -154,14 +162,16 @@ class PyNode:
                     json.dumps(
                         {
                             "type": "result",
-                            "task_id": msg["task_id"],
+                            "task_id": part["task_id"],
                             "output_b64": base64.b64encode(out).decode(),
                             "elapsed_ms": elapsed_ms,
                         }
                     )
                 )
                 self.done += 1
-                await ws.send(json.dumps({"type": "ready", "free": 1}))
+                if not queue[0]:  # the task's last part
+                    queue.popleft()
+                    await ws.send(json.dumps({"type": "ready", "free": capacity - len(queue)}))
 
     def _compute(self, msg: dict[str, Any], token: str) -> bytes:
         payload = base64.b64decode(msg["input_b64"])

@@ -5,13 +5,16 @@
 - wasm_worker.js runs modules by the ABI (a hand-written module here; the real Mandelbrot module
   once it exists, against tests/mandel_ref.py), caches them by hash and reports errors.
 - agent.js joins a scripted fake gateway: benchmark, node report, Hello/Welcome/Ready, tasks,
-  TokenRefresh, a result carried across a reconnect, CancelTasks, 4001 re-registration, ban, Leave.
+  TokenRefresh, a result carried across a reconnect, CancelTasks, 4001 re-registration, ban, Leave;
+  tasks of several parts (one slot, a result per part, parts cancelled one by one, Hello after a
+  reconnect); and against the real controller, a hash job whose tasks come in parts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import csv
 import functools
 import hashlib
 import http.server
@@ -22,13 +25,16 @@ import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 import wasmtime
+from conftest import Controller
 from playwright.sync_api import Browser, Page
 from processdistro.shared import protocol as P
+from test_e2e_browser import close_all, join
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STATIC = ROOT / "static"
@@ -189,6 +195,7 @@ BUILD_ALL = """async () => {
     closeCodes: m.CloseCode,
     errorCodes: Object.values(m.ErrorCode),
     version: m.PROTOCOL_VERSION,
+    maxParts: m.Limits.MAX_PARTS,
   };
 }"""
 
@@ -218,6 +225,7 @@ def test_builders_validate_against_schemas(page: Page) -> None:
     assert built["reports"][1]["cores"] == 1 and built["reports"][1]["memory_gb"] is None
     assert built["frozen"]
     assert built["version"] == P.PROTOCOL_VERSION
+    assert built["maxParts"] == P.MAX_PARTS
     assert set(built["nodeTypes"]) == _consts(schema("node_message.json"))
     assert set(built["serverTypes"]) == _consts(schema("server_message.json"))
     assert set(built["errorCodes"]) == {c.value for c in P.ErrorCode}
@@ -398,7 +406,8 @@ class Conn:
         await self.send(P.Welcome(node_id=self.gw.node_id, slots=2, prefetch=1, heartbeat_interval_s=0.3))
         return hello
 
-    def task(self, task_id: str, data: bytes) -> P.TaskAssign:
+    def task(self, task_id: str, data: bytes, more: dict[str, bytes] | None = None) -> P.TaskAssign:
+        """A task of the ABI module; `more` are its further parts, by id, in order."""
         return P.TaskAssign(
             task_id=task_id,
             job_id="j1",
@@ -406,6 +415,7 @@ class Conn:
             module_sha256=ABI_SHA,
             module_url=f"/modules/{ABI_SHA}.wasm",
             input_b64=base64.b64encode(data).decode(),
+            more=[P.TaskPart(task_id=t, input_b64=base64.b64encode(d).decode()) for t, d in (more or {}).items()],
         )
 
 
@@ -663,3 +673,109 @@ def test_agent_refuses_without_a_valid_join_code(browser: Browser, gateway_facto
     finally:
         page.close()
     assert gw.reports == [] and gw.tokens == []
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(90)
+def test_agent_runs_tasks_of_several_parts(browser: Browser, gateway_factory: Any) -> None:
+    long_spin = spin_input(0xFFFFFFFF)  # runs for seconds: only a cancel ends it
+
+    async def first(c: Conn) -> None:
+        hello = await c.welcome()
+        assert hello.protocol == P.PROTOCOL_VERSION
+        assert (await c.recv("ready")).free == 3
+        more = {"1-1": b"\xff", "1-2": long_spin, "1-3": b"next", "1-4": b"skipped"}
+        await c.send(c.task("1-0", b"abc", more))
+        res = await c.recv("result")
+        assert res.task_id == "1-0" and base64.b64decode(res.output_b64) == b"cba" and res.elapsed_ms >= 0
+        failed = await c.recv("task_failed")  # a failed part has its own failure; the task goes on
+        assert failed.task_id == "1-1" and "status 7" in failed.message
+        beat = await c.recv("heartbeat")
+        assert beat.running == 1, "a task of five parts is one running task"
+        await c.send(P.CancelTasks(task_ids=["1-4"]))  # not started: skipped
+        frame = await c.recv("ready")
+        assert frame.free == 2, "the task holds one slot, whatever its parts"
+        await c.send(P.CancelTasks(task_ids=["1-2"]))  # running: its worker is replaced
+        res = await c.recv("result")
+        assert res.task_id == "1-3" and base64.b64decode(res.output_b64) == b"txen"
+        frame = await c.recv("ready")
+        assert frame.free == 3, "the task ended after its last part"
+
+        await c.send(c.task("2-0", long_spin, {"2-1": long_spin}))  # every part cancelled: it ends
+        beat = await c.recv("heartbeat")
+        while beat.running != 1:
+            beat = await c.recv("heartbeat")
+        await c.send(P.CancelTasks(task_ids=["2-1", "2-0"]))
+        frame = await c.recv("ready", "result", "task_failed")
+        assert frame == P.Ready(free=3), "cancelling all its parts frees the task's slot"
+
+        # the socket drops while the first part runs: the next connection's Hello lists every part
+        await c.send(c.task("3-0", spin_input(2_000_000_000), {"3-1": b"one", "3-2": b"two"}))
+        await asyncio.sleep(0.05)
+        await c.ws.close(1011)
+
+    async def second(c: Conn) -> None:
+        hello = await c.welcome()
+        assert hello.running == ["3-0", "3-1", "3-2"]
+        for task_id in hello.running:  # in order, parked in the outbox or computed now
+            res = await c.recv("result")
+            assert res.task_id == task_id
+        assert base64.b64decode(res.output_b64) == b"owt"
+        await c.ws.close(P.CloseCode.BANNED, "test over")
+
+    gw, base = gateway_factory([first, second])
+    page = browser.new_page()
+    try:
+        page.goto(f"{base}/agent?code=JOIN-1234")
+        page.click("#join")
+        wait_state(page, "banned", 60_000)
+        snap = page.evaluate("window.pdAgent.snapshot()")
+        assert gw.errors == [], page.evaluate("window.pdAgent.logLines")
+    finally:
+        page.close()
+    sent = {getattr(f, "task_id", None) for f in gw.frames}
+    assert not sent & {"1-2", "1-4", "2-0", "2-1"}, "nothing is reported for a cancelled part"
+    assert (snap["tasksReceived"], snap["partsReceived"]) == (3, 10)
+    assert (snap["tasksDone"], snap["tasksFailed"], snap["running"], snap["queued"]) == (5, 1, 0, 0)
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_hash_job_in_parts_on_a_real_gateway(controller: Controller, browser: Any, tmp_path: Path) -> None:
+    """Once the gateway has timed the page on hash batches, it sends several batches per task;
+    the page runs them as parts and the job's output is exact."""
+    rows = [(f"pw{i}", f"salt{i % 13}" if i % 5 else "") for i in range(400)]
+    with open(tmp_path / "rows.csv", "w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["password", "salt"])
+        w.writerows(rows)
+    out = tmp_path / "out.csv"
+    page = join(browser, controller)
+    try:
+        result = controller.cli(
+            "submit",
+            "hash",
+            "--input",
+            str(tmp_path / "rows.csv"),
+            "--iterations",
+            "2000",
+            "--batch",
+            "4",
+            "-o",
+            str(out),
+            "--wait",
+            "-q",
+            timeout=240,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr + controller.logs()
+        snap = page.evaluate("window.pdAgent.snapshot()")
+    finally:
+        close_all([page])
+    with open(out, encoding="utf-8", newline="") as fh:
+        got = list(csv.DictReader(fh))
+    assert [g["dk_hex"] for g in got] == [
+        hashlib.pbkdf2_hmac("sha256", p.encode(), s.encode(), 2000, 32).hex() for p, s in rows
+    ]
+    assert snap["partsReceived"] > snap["tasksReceived"], f"no task came in parts: {snap}"
+    assert snap["tasksDone"] >= 100 and snap["tasksFailed"] == 0, snap

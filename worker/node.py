@@ -10,8 +10,11 @@ Welcome -> Ready{free} / TaskAssign / TaskResult ... Heartbeats every `heartbeat
   identity; close code 4001 (token refused) first re-reports with the join code.
 - 4004 (banned) and 4002 (replaced by a newer connection of the same identity) stop the
   worker for good: `Banned` / `Replaced` are raised to `main`.
-- Tasks survive a reconnect on this side (Hello lists them; the gateway cancels those it
-  already gave away). CancelTasks drops tasks: a running one by killing its process.
+- A task may have parts (`TaskAssign.more`): they run one after the other in the task's
+  slot and each part's result is sent as soon as it is done (the task's checkpoints).
+- Tasks survive a reconnect on this side (Hello lists their unreported parts; the gateway
+  cancels those it already gave away). CancelTasks drops parts: a waiting one is skipped, a
+  running one is stopped by killing its process, and the task's other parts carry on.
 - SIGINT/SIGTERM: Leave, close 1000, stop the executor processes, return.
 """
 
@@ -49,6 +52,7 @@ from ..shared.protocol import (
     Ready,
     TaskAssign,
     TaskFailed,
+    TaskPart,
     TaskResult,
     TokenRefresh,
     Welcome,
@@ -124,8 +128,8 @@ class WorkerNode:
         self._blocks: BlockCache | None = None
         self._ws: Any = None
         self._welcomed = False
-        self._queue: deque[TaskAssign] = deque()
-        self._running: dict[str, asyncio.Task[None]] = {}
+        self._queue: deque[Work] = deque()
+        self._running: dict[Work, asyncio.Task[None]] = {}
         self._outbox: dict[str, TaskResult | TaskFailed] = {}
         self._last_ready = -1
         self._stop = asyncio.Event()
@@ -427,13 +431,9 @@ class WorkerNode:
             self._pump()
             await self._send_ready()
         elif isinstance(m, TaskAssign):
-            if (
-                m.task_id in self._running
-                or m.task_id in self._outbox
-                or any(t.task_id == m.task_id for t in self._queue)
-            ):
+            if m.task_id in self._outbox or m.task_id in self._held():
                 return
-            self._queue.append(m)
+            self._queue.append(Work.of(m))
             self._last_ready = -1  # the gateway counted this task against our last Ready
             self._pump()
         elif isinstance(m, CancelTasks):
@@ -455,32 +455,57 @@ class WorkerNode:
     # ------------------------------------------------------------------ tasks
 
     def _held(self) -> list[str]:
-        ids = [*self._running, *(t.task_id for t in self._queue), *self._outbox]
-        return list(dict.fromkeys(ids))[:1024]
+        ids = [tid for w in (*self._running, *self._queue) for tid in w.unreported()]
+        return list(dict.fromkeys([*ids, *self._outbox]))[:1024]
 
     def _pump(self) -> None:
         while self._queue and len(self._running) < self.slots and not self._stop.is_set():
-            assign = self._queue.popleft()
-            self._running[assign.task_id] = asyncio.create_task(self._execute(assign), name=f"task-{assign.task_id}")
+            work = self._queue.popleft()
+            self._running[work] = asyncio.create_task(self._execute(work), name=f"task-{work.key}")
 
     def _cancel(self, task_id: str) -> None:
-        self._queue = deque(t for t in self._queue if t.task_id != task_id)
         self._outbox.pop(task_id, None)
-        task = self._running.pop(task_id, None)
-        if task is not None:
-            task.cancel()  # kills its executor process if it is running there
-            log.info("node %s: task %s cancelled", self.node_id, task_id)
+        for work in (*self._running, *self._queue):
+            work.waiting = deque(p for p in work.waiting if p.task_id != task_id)
+            if work.current == task_id and work.current_run is not None:
+                work.current_run.cancel()  # kills its executor process
+                log.info("node %s: task %s cancelled", self.node_id, task_id)
+        self._queue = deque(w for w in self._queue if w.waiting)
 
-    async def _execute(self, assign: TaskAssign) -> None:
+    async def _execute(self, work: Work) -> None:
+        """Run a task's parts in order, reporting each as it finishes."""
+        me = asyncio.current_task()
+        try:
+            while work.waiting and not self._stop.is_set():
+                part = work.waiting.popleft()
+                work.current = part.task_id
+                work.current_run = asyncio.create_task(self._run_part(work, part))
+                try:
+                    message = await work.current_run
+                except asyncio.CancelledError:
+                    if me is not None and me.cancelling():
+                        raise  # the worker is stopping
+                    continue  # this part was cancelled; the task's other parts carry on
+                finally:
+                    work.current, work.current_run = None, None
+                if not await self._send(message):
+                    self._outbox[part.task_id] = message
+        finally:
+            if self._running.get(work) is me:
+                del self._running[work]
+        self._pump()
+        await self._send_ready()
+
+    async def _run_part(self, work: Work, part: TaskPart) -> TaskResult | TaskFailed:
         assert self._modules is not None and self._blocks is not None and self.pool is not None
-        task_id = assign.task_id
+        task_id = part.task_id
         message: TaskResult | TaskFailed
         try:
-            path = await self._modules.get(assign.module_sha256, assign.module_url)
+            path = await self._modules.get(work.module_sha256, work.module_url)
             data = await self._blocks.assemble(
-                assign.job_id, base64.b64decode(assign.input_b64, validate=True), assign.blocks
+                work.job_id, base64.b64decode(part.input_b64, validate=True), part.blocks
             )
-            output, elapsed_ms = await self.pool.run(task_id, assign.module_sha256, path, data)
+            output, elapsed_ms = await self.pool.run(task_id, work.module_sha256, path, data)
             if self.config.throttle > 1:  # act like a device `throttle` times slower
                 await asyncio.sleep((self.config.throttle - 1) * elapsed_ms / 1000)
                 elapsed_ms *= self.config.throttle
@@ -493,14 +518,29 @@ class WorkerNode:
                 text = f"could not assemble the task's input: {type(exc).__name__}: {exc}"
             message = TaskFailed(task_id=task_id, message=text[:2000])
             self.failed += 1
-            log.warning("node %s: task %s (job %s) failed: %s", self.node_id, task_id, assign.job_id, text)
-        finally:
-            if self._running.get(task_id) is asyncio.current_task():
-                del self._running[task_id]
-        if not await self._send(message):
-            self._outbox[task_id] = message
-        self._pump()
-        await self._send_ready()
+            log.warning("node %s: task %s (job %s) failed: %s", self.node_id, task_id, work.job_id, text)
+        return message
+
+
+@dataclass(eq=False)
+class Work:
+    """One task on this node: its parts not yet started, and the one running."""
+
+    key: str  # the first part's id
+    job_id: str
+    module_sha256: str
+    module_url: str
+    waiting: deque[TaskPart]
+    current: str | None = None
+    current_run: asyncio.Task[TaskResult | TaskFailed] | None = None
+
+    @classmethod
+    def of(cls, m: TaskAssign) -> Work:
+        first = TaskPart(task_id=m.task_id, input_b64=m.input_b64, blocks=m.blocks)
+        return cls(m.task_id, m.job_id, m.module_sha256, m.module_url, deque([first, *m.more]))
+
+    def unreported(self) -> list[str]:
+        return ([self.current] if self.current else []) + [p.task_id for p in self.waiting]
 
 
 def run_worker(config: WorkerConfig) -> None:

@@ -71,6 +71,9 @@ class TaskPlugin(ABC, Generic[P]):
     kind: ClassVar[str]
     module: ClassVar[str]  # name of the WASM module in the module registry
     params_model: ClassVar[type[BaseModel]]
+    # Subtasks are small, uniform slices of a range (hash batches, wordlist chunks): the
+    # gateway hands a node as many consecutive ones per task as fit its target task time.
+    adaptive: ClassVar[bool] = False
 
     def parse_params(self, raw: dict[str, Any]) -> P:
         try:

@@ -125,6 +125,7 @@ class CrackPlugin(TaskPlugin[CrackParams]):
     kind = "crack"
     module = "password_hash"
     params_model = CrackParams
+    adaptive = True
 
     RESULT = "crack.json"
 

@@ -89,6 +89,7 @@ class HashPlugin(TaskPlugin[HashParams]):
     kind = "hash"
     module = "password_hash"
     params_model = HashParams
+    adaptive = True
 
     PARTIAL = "dk.partial.npy"
     RESULT = "hashes.csv"

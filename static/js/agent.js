@@ -6,6 +6,11 @@
 // Task life cycle on the node: assigned -> `queue` -> `running` (one per worker) -> result
 // sent, or parked in `outbox` while the socket is down (and listed in Hello.running after the
 // reconnect). A task survives reconnects; only CancelTasks, Leave or a stop drops it.
+//
+// A task may have several parts (protocol 2: the `more` of a `task` frame). It takes one
+// slot; its parts run one after the other in its worker, and each part's result is sent as
+// soon as it is done (the task's checkpoints). `parts` maps every part id not yet reported
+// to its task; CancelTasks names parts, and a task ends when none of its parts is left.
 
 import {
   CloseCode,
@@ -224,8 +229,10 @@ export class Agent extends EventTarget {
     this.slots = 0;
     this.prefetch = 0;
     this.heartbeatIntervalS = 15;
-    this.tasksDone = 0;
+    this.tasksDone = 0; // results sent: one per part
     this.tasksFailed = 0;
+    this.tasksReceived = 0;
+    this.partsReceived = 0;
     this.reconnects = 0;
     this.logLines = [];
     this.generation = 0; // bumped by every join and stop, so a stale async step knows it
@@ -249,8 +256,9 @@ export class Agent extends EventTarget {
     this.workers = [];
     this.modules = new Map(); // sha256 -> WebAssembly.Module, preloaded into new workers
     this.queue = []; // assigned tasks waiting for a worker
-    this.running = new Map(); // task id -> task
-    this.outbox = new Map(); // task id -> result/failure message not yet sent
+    this.running = new Map(); // task id (its first part's) -> task
+    this.parts = new Map(); // part id -> its task, for every part held and not reported
+    this.outbox = new Map(); // part id -> result/failure message not yet sent
     this.completions = []; // timestamps for the rate
     this.connectedSince = null;
     this.wakeLock = null;
@@ -281,6 +289,8 @@ export class Agent extends EventTarget {
       prefetch: this.prefetch,
       tasksDone: this.tasksDone,
       tasksFailed: this.tasksFailed,
+      tasksReceived: this.tasksReceived,
+      partsReceived: this.partsReceived,
       running: this.running.size,
       queued: this.queue.length,
       unsent: this.outbox.size,
@@ -388,6 +398,7 @@ export class Agent extends EventTarget {
     this.workers = [];
     this.queue = [];
     this.running.clear();
+    this.parts.clear();
     this.outbox.clear();
     this.connectedSince = null;
     if (this.wakeLock) this.wakeLock.release().catch(() => {});
@@ -563,7 +574,7 @@ export class Agent extends EventTarget {
     this.welcomed = false;
     ws.onopen = () => {
       if (ws !== this.ws) return;
-      const held = [...this.running.keys(), ...this.queue.map((t) => t.id), ...this.outbox.keys()];
+      const held = [...this.parts.keys(), ...this.outbox.keys()];
       ws.send(JSON.stringify(hello(held)));
     };
     ws.onmessage = (event) => {
@@ -699,18 +710,34 @@ export class Agent extends EventTarget {
   // -------------------------------------------------------------- tasks
 
   #onTask(msg) {
-    const id = msg.task_id;
-    if (this.running.has(id) || this.outbox.has(id) || this.queue.some((t) => t.id === id)) return;
-    let input;
-    try {
-      input = fromBase64(msg.input_b64);
-    } catch (err) {
-      this.#deliver(id, taskFailed(id, `input_b64 is not base64: ${err.message}`));
+    this.lastReady = -1; // the server counted this task against our last Ready
+    const parts = [];
+    for (const p of [msg, ...(Array.isArray(msg.more) ? msg.more : [])]) {
+      const id = p.task_id;
+      if (this.parts.has(id) || this.outbox.has(id) || parts.some((q) => q.id === id)) continue;
+      let input;
+      try {
+        input = fromBase64(p.input_b64);
+      } catch (err) {
+        this.#deliver(id, taskFailed(id, `input_b64 is not base64: ${err.message}`));
+        continue;
+      }
+      parts.push({ id, input, blocks: Array.isArray(p.blocks) ? p.blocks : [], cancelled: false });
+    }
+    if (!parts.length) {
+      this.#sendReady();
       return;
     }
-    const blocks = Array.isArray(msg.blocks) ? msg.blocks : [];
-    this.queue.push({ id, job: msg.job_id, sha256: msg.module_sha256, url: msg.module_url, input, blocks, cancelled: false });
-    this.lastReady = -1; // the server counted this task against our last Ready
+    const task = {
+      id: parts[0].id, job: msg.job_id, sha256: msg.module_sha256, url: msg.module_url,
+      parts, // not started yet, in order
+      part: null, // the part running now
+      client: null, // its worker
+    };
+    for (const part of parts) this.parts.set(part.id, task);
+    this.tasksReceived++;
+    this.partsReceived += parts.length;
+    this.queue.push(task);
     this.#pump();
     this.#changed();
   }
@@ -724,44 +751,59 @@ export class Agent extends EventTarget {
   }
 
   async #runTask(client, task) {
+    const gen = this.generation;
     client.task = task;
+    task.client = client; // #replaceWorker hands the task on to a fresh worker
     this.running.set(task.id, task);
-    let message = null;
-    try {
-      const input = task.blocks.length
-        ? (await this.#withBlocks(task)).buffer
-        : task.input.buffer; // fromBase64 gives an exactly sized buffer
-      const reply = await client.call(
-        { op: WorkerOp.RUN, sha256: task.sha256, url: task.url, input },
-        [input],
-      );
-      message = result(task.id, toBase64(new Uint8Array(reply.output)), reply.elapsedMs);
-      this.tasksDone++;
-      this.completions.push(performance.now());
-    } catch (err) {
-      if (!task.cancelled && !this.stopped) {
-        const status = err.status !== undefined ? ` (status ${err.status})` : "";
-        message = taskFailed(task.id, `${err.name}: ${err.message}${status}`);
-        this.tasksFailed++;
-        this.log(`task ${task.id} failed: ${err.name}: ${err.message}`);
-        if (err instanceof WorkerStopped) this.#replaceWorker(client);
-      }
-    } finally {
-      if (client.task === task) client.task = null;
-      if (this.running.get(task.id) === task) this.running.delete(task.id);
+    while (task.parts.length) {
+      const part = task.parts.shift();
+      task.part = part;
+      const message = await this.#runPart(task, part);
+      task.part = null;
+      if (this.#stale(gen)) return;
+      if (part.cancelled) continue;
+      this.parts.delete(part.id);
+      this.#deliver(part.id, message);
+      this.#changed();
     }
-    if (this.stopped || task.cancelled) return;
+    client = task.client;
+    if (client.task === task) client.task = null;
+    if (this.running.get(task.id) === task) this.running.delete(task.id);
     if (client.retire) this.#retire(client);
-    this.#deliver(task.id, message);
     this.#pump();
     this.#sendReady();
     this.#changed();
   }
 
+  /** Runs one part in its task's worker: the result or failure to send, null if cancelled. */
+  async #runPart(task, part) {
+    try {
+      const input = part.blocks.length
+        ? (await this.#withBlocks(task.job, part)).buffer
+        : part.input.buffer; // fromBase64 gives an exactly sized buffer
+      if (part.cancelled || this.stopped) return null;
+      const reply = await task.client.call(
+        { op: WorkerOp.RUN, sha256: task.sha256, url: task.url, input },
+        [input],
+      );
+      if (part.cancelled) return null;
+      this.tasksDone++;
+      this.completions.push(performance.now());
+      return result(part.id, toBase64(new Uint8Array(reply.output)), reply.elapsedMs);
+    } catch (err) {
+      if (part.cancelled || this.stopped) return null;
+      const status = err.status !== undefined ? ` (status ${err.status})` : "";
+      this.tasksFailed++;
+      this.log(`task ${part.id} failed: ${err.name}: ${err.message}`);
+      if (err instanceof WorkerStopped) this.#replaceWorker(task.client);
+      return taskFailed(part.id, `${err.name}: ${err.message}${status}`);
+    }
+  }
+
   // Shared input blocks: fetched once per hash, kept up to BLOCK_CACHE_BYTES, oldest first out.
-  async #withBlocks(task) {
-    const parts = [task.input];
-    for (const sha of task.blocks) parts.push(await this.#block(task.job, sha));
+  async #withBlocks(job, part) {
+    const parts = [part.input];
+    for (const sha of part.blocks) parts.push(await this.#block(job, sha));
     const total = parts.reduce((n, p) => n + p.byteLength, 0);
     const input = new Uint8Array(total);
     let offset = 0;
@@ -809,16 +851,24 @@ export class Agent extends EventTarget {
   }
 
   #cancel(id) {
-    this.queue = this.queue.filter((t) => t.id !== id);
     this.outbox.delete(id);
-    const task = this.running.get(id);
+    const task = this.parts.get(id);
     if (!task) return;
-    task.cancelled = true;
-    this.running.delete(id);
-    // The module may loop for a long time: the only way to stop it is to end its worker.
-    const client = this.workers.find((w) => w.task === task);
-    if (client) this.#replaceWorker(client);
-    this.log(`task ${id} cancelled`);
+    this.parts.delete(id);
+    task.parts = task.parts.filter((p) => p.id !== id); // not started yet: skipped
+    const running = task.part !== null && task.part.id === id;
+    if (running) {
+      task.part.cancelled = true;
+      // The module may loop for a long time: the only way to stop it is to end its worker.
+      // The task's other parts go on in the fresh one.
+      this.#replaceWorker(task.client);
+      this.log(`task ${id} cancelled`);
+    }
+    if (task.parts.length === 0 && (running || task.part === null)) {
+      // nothing of the task is left to run: it ends and frees its slot
+      this.queue = this.queue.filter((t) => t !== task);
+      if (this.running.get(task.id) === task) this.running.delete(task.id);
+    }
   }
 
   // -------------------------------------------------------------- pool
@@ -866,8 +916,17 @@ export class Agent extends EventTarget {
     client.terminate("replaced");
     const index = this.workers.indexOf(client);
     if (index < 0) return;
-    if (client.retire) this.workers.splice(index, 1);
-    else this.workers[index] = this.#spawnWorker(index);
+    // A task with parts left keeps its slot: they run in the fresh worker.
+    const task = client.task && client.task.parts.length ? client.task : null;
+    if (client.retire && !task) {
+      this.workers.splice(index, 1);
+      return;
+    }
+    const fresh = this.#spawnWorker(index);
+    fresh.retire = client.retire;
+    fresh.task = task;
+    if (task) task.client = fresh;
+    this.workers[index] = fresh;
   }
 }
 

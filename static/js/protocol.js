@@ -4,7 +4,7 @@
 // `JSON.stringify(builder(...))` validates against shared/schema/*.json (tests check this).
 // Binary payloads travel base64-encoded; the helpers below work for multi-megabyte arrays.
 
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2; // 2: tasks of several parts (`more` on a `task` frame)
 
 /** `type` of the frames a node sends. */
 export const NodeType = Object.freeze({
@@ -57,6 +57,7 @@ export const WorkerOp = Object.freeze({
 /** Wire limits from shared/protocol.py. */
 export const Limits = Object.freeze({
   MAX_RUNNING_IDS: 1024,
+  MAX_PARTS: 32, // parts in one task, the first included
   MAX_FREE: 1024,
   MAX_FAILURE_MESSAGE: 2000,
   MAX_DEVICE_TEXT: 200,
@@ -66,7 +67,7 @@ const clampInt = (value, lo, hi) => Math.min(hi, Math.max(lo, Math.trunc(Number(
 
 // ------------------------------------------------------------------ node -> server
 
-/** First frame after connecting; `running` lists tasks still held after a reconnect. */
+/** First frame after connecting; `running` lists the task parts still held after a reconnect. */
 export function hello(running = []) {
   return {
     type: NodeType.HELLO,
