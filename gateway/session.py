@@ -374,6 +374,8 @@ class NodeSession:
                 ],
             )
         )
+        if rest:
+            await self.gw.r.hincrby(keys.STATS, "parts_bundled", len(rest))
         for tid, f in others:  # read along with the parts but of another job
             if self.want > 0:
                 await self._assign(tid, f)

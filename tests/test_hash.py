@@ -118,3 +118,41 @@ def test_lying_node_never_changes_the_output(controller: Controller, tmp_path: P
         assert (got["row"], got["dk_hex"]) == (str(i), dk.hex())
     rejected = int(r.hget(keys.node(liar.device_id), "rejected") or 0)
     assert 1 <= rejected <= liar.done and int(r.hget(keys.node(liar.device_id), "completed") or 0) == 0
+
+
+def test_parts_are_checkpoints(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+    """A node gets tasks of many parts once timed; it leaves after 12 part results, in the
+    middle of a task: those 12 are kept, and only its unreported parts are computed again."""
+    import asyncio
+
+    from pynode import PyNode, run_async
+
+    rows = write_rows(tmp_path / "rows.csv", 400, with_ids=False)
+    job_id = client.submit(r, "hash", {"input": str(tmp_path / "rows.csv"), "iterations": 50, "batch": 5})
+    first = PyNode(controller.url, controller.join_code, cores=1)
+    later = PyNode(controller.url, controller.join_code, cores=1)
+    duplicates_before = int(r.hget(keys.STATS, "tasks_duplicate") or 0)
+
+    async def scenario() -> None:
+        await first.run(max_tasks=12)  # returns mid-task: its socket closes
+        stop = asyncio.Event()
+        runner = asyncio.create_task(later.run(stop=stop))
+        while r.hget(keys.job(job_id), "state") not in (b"done", b"failed", b"cancelled"):
+            await asyncio.sleep(0.05)
+        stop.set()
+        await runner
+
+    run_async(scenario())
+    job = wait_job(r, job_id, timeout=30)
+    assert job.state is JobState.DONE, job.error + controller.logs()
+    parts = [1 + len(m["more"]) for m in first.received if m["type"] == "task"]
+    assert max(parts) > 12, parts  # timed after its first part: a task of many parts
+    assert first.done == 12 and first.done + later.done == job.total, (first.done, later.done, job.total)
+    assert int(r.hget(keys.STATS, "tasks_duplicate") or 0) == duplicates_before
+    with open(job.outputs["csv"], encoding="utf-8", newline="") as fh:
+        out = list(csv.DictReader(fh))
+    for want, got in zip(rows, out, strict=True):
+        assert (
+            got["dk_hex"]
+            == hashlib.pbkdf2_hmac("sha256", want["password"].encode(), want["salt"].encode(), 50, 32).hex()
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import csv
 import hashlib
 import os
 import signal
@@ -29,6 +30,7 @@ from processdistro.worker.node import parse_join_url
 from processdistro.worker.pool import ExecutorPool
 from processdistro.worker.runtime import MIB, Limits
 from pynode import run_async
+from test_matmul import wait_job
 from test_up import alive, children_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,6 +196,28 @@ def test_worker_runs_matmul_with_shared_blocks(
     assert job.state is JobState.DONE, job.error + w.text()
     expected = a @ b
     assert np.max(np.abs(np.load(job.outputs["c"]) - expected)) <= 1e-10 * np.max(np.abs(expected))
+
+
+def test_worker_runs_hash_tasks_in_parts(
+    controller: Controller, tmp_path: Path, r: redis.Redis, workers: list[Worker]
+) -> None:
+    """Once timed, the worker gets tasks of several parts (adaptive size) and runs them exactly."""
+    from test_hash import write_rows
+
+    rows = write_rows(tmp_path / "rows.csv", 300, with_ids=True)
+    w = Worker(controller, tmp_path / "w", "--cores", "2")
+    workers.append(w)
+    w.wait_connected()
+    bundled = int(r.hget(keys.STATS, "parts_bundled") or 0)
+    job_id = client.submit(r, "hash", {"input": str(tmp_path / "rows.csv"), "iterations": 200, "batch": 3})
+    job = wait_job(r, job_id, timeout=120)
+    assert job.state is JobState.DONE, job.error + w.text() + controller.logs()
+    assert int(r.hget(keys.STATS, "parts_bundled") or 0) > bundled, "no task of several parts was sent"
+    with open(job.outputs["csv"], encoding="utf-8", newline="") as fh:
+        out = list(csv.DictReader(fh))
+    for want, got in zip(rows, out, strict=True):
+        dk = hashlib.pbkdf2_hmac("sha256", want["password"].encode(), want["salt"].encode(), 200, 32)
+        assert (got["id"], got["dk_hex"]) == (want["id"], dk.hex())
 
 
 @pytest.mark.slow
