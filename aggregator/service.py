@@ -14,6 +14,7 @@ pending results are claimed by another (XAUTOCLAIM) and merged again, harmlessly
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -26,8 +27,8 @@ from rq import Queue, SimpleWorker
 from rq.exceptions import StopRequested
 
 from ..shared import keys
-from ..shared.jobs import JobState, block_reader, load_job
-from ..shared.queue import COMMIT_LUA, TaskFields, ensure_groups
+from ..shared.jobs import JobRecord, JobState, block_reader, load_job
+from ..shared.queue import COMMIT_LUA, TaskFields, ensure_groups, node_of_consumer
 from ..shared.service import StopFlag, captured_signals, instance_name, run_forever, start_beating
 from ..shared.settings import Settings
 from ..shared.tasks import JobFiles, Verdict, plugin_and_params
@@ -59,12 +60,26 @@ end
 if owner == ARGV[2] then return 1 end
 return 0
 """
+# One node's vote on a replicated subtask: node -> sha256 of its result. Returns
+# {1 if the node had not voted yet, number of votes, votes equal to this one}.
+VOTE_LUA = """
+local fresh = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+local all = redis.call('HVALS', KEYS[1])
+local same = 0
+for i = 1, #all do
+  if all[i] == ARGV[2] then same = same + 1 end
+end
+return {fresh, #all, same}
+"""
+MAX_VOTES = 5  # distinct results for one replicated subtask before its job fails
+VOTES_TTL_S = 86_400
 MERGED_MEMORY = 10_000  # merged results remembered per node, for recomputation after a ban
 CLAIM_IDLE_MS = 10_000  # a live aggregator merges a batch in well under this
 
 
 class Aggregator:
-    def __init__(self, *, client: redis.Redis, data_dir: Path, ban_after: int = 3) -> None:
+    def __init__(self, *, client: redis.Redis, data_dir: Path, ban_after: int = 3, node_timeout_s: float = 4.0) -> None:
         self.r = client
         self.data_dir = data_dir
         self.name = instance_name()
@@ -72,7 +87,9 @@ class Aggregator:
         self._early = client.register_script(EARLY_LUA)
         self._unmerge = client.register_script(UNMERGE_LUA)
         self._claim = client.register_script(CLAIM_LUA)
+        self._vote_lua = client.register_script(VOTE_LUA)
         self.ban_after = ban_after
+        self.node_timeout_s = node_timeout_s
         self.rng = random.Random()
         self.queue = Queue(keys.FINALIZE_QUEUE, connection=client)
         self._last_sweep = 0.0
@@ -104,18 +121,28 @@ class Aggregator:
         if self.r.sismember(keys.job_done(job_id), index):
             return self._duplicate(entry_id)
         task = TaskFields.from_redis(f)
+        if f.get(b"decide") == b"1":
+            return self._decide(job, task, entry_id)
         if plugin.verify(params, index, task.full_input(self.r), output, self.rng) is Verdict.REJECT:
             log.warning("job %s: task %d from node %s failed verification; redoing it", job_id, index, node)
-            pipe = self.r.pipeline(transaction=True)
-            pipe.xadd(keys.TASKS, task.retry().to_redis())
-            pipe.hincrby(keys.node(node), "rejected", 1)
-            pipe.hincrby(keys.STATS, "tasks_rejected", 1)
-            pipe.xack(keys.RESULTS, keys.AGGREGATORS_GROUP, entry_id)
-            pipe.xdel(keys.RESULTS, entry_id)
-            _added, rejected, *_ = pipe.execute()
-            if int(rejected) >= self.ban_after and node != "?":
-                self.ban(node, int(rejected))
+            self._redo(task, entry_id)
+            self._reject(node)
             return "rejected"
+        dissenters: list[str] = []
+        if task.replicated:
+            agreed = self._vote(job, task, entry_id, node, output)
+            if isinstance(agreed, str):
+                return agreed
+            dissenters = agreed
+        outcome = self._merge(job, task, entry_id, node, output)
+        for other in dissenters:  # outvoted: a wrong result that passed the cheap check
+            log.warning("job %s: node %s was outvoted on task %d", job_id, other, index)
+            self._reject(other)
+        return outcome
+
+    def _merge(self, job: JobRecord, task: TaskFields, entry_id: bytes, node: str, output: bytes) -> str:
+        job_id, index = job.id, task.index
+        plugin, params = plugin_and_params(job_id, job.kind, job.params)
         # Claim the index before writing: only the first valid result may touch the files
         # (a later one could differ: a subtle liar's). The claim names this result entry, so
         # if we die here, whoever claims the entry next may finish the write.
@@ -144,6 +171,67 @@ class Aggregator:
             log.info("job %s: all %d subtasks merged; finalizing", job_id, job.total)
             enqueue_finalize(self.r, job_id, self.data_dir)
         return outcome
+
+    def _reject(self, node: str) -> None:
+        """Count a wrong result against its node; ban it after `ban_after`."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hincrby(keys.node(node), "rejected", 1)
+        pipe.hincrby(keys.STATS, "tasks_rejected", 1)
+        rejected = int(pipe.execute()[0])
+        if rejected >= self.ban_after and node != "?":
+            self.ban(node, rejected)
+
+    # ------------------------------------------------------------------ replication
+
+    def _vote(self, job: JobRecord, task: TaskFields, entry_id: bytes, node: str, output: bytes) -> list[str] | str:
+        """Record a replicated subtask's result. Returns the nodes outvoted when two nodes
+        now agree (this result is then merged), else what happened ("awaiting", "quorum")."""
+        votes_key = keys.job_votes(job.id, task.index)
+        digest = hashlib.sha256(output).hexdigest()
+        fresh, count, same = (int(x) for x in self._vote_lua(keys=[votes_key], args=[node, digest, VOTES_TTL_S]))
+        if same >= 2:
+            self.r.hincrby(keys.STATS, "replicas_confirmed", 1)
+            self.r.delete(keys.job_first_vote(job.id, task.index))
+            votes = self.r.hgetall(votes_key)
+            return [n.decode() for n, d in votes.items() if d.decode() != digest]
+        if count == 1:
+            self.r.set(keys.job_first_vote(job.id, task.index), node.encode() + b"\n" + output, ex=VOTES_TTL_S)
+            if not fresh:  # the same node again (its copy came back to it): another node must confirm
+                self.r.xadd(keys.TASKS, task.retry().to_redis())
+            if not self._confirmers(job.id, task.index):
+                # nobody else to ask: the cheap check passed, and that is what we have
+                self.r.hincrby(keys.STATS, "replicas_unconfirmed", 1)
+                return []
+            self._drop(entry_id)
+            return "awaiting"
+        if count >= MAX_VOTES:
+            reason = f"subtask {task.index}: {count} nodes returned {count} different results; no two agree"
+            self.r.xadd(keys.COMMANDS, {"command": json.dumps({"type": "fail", "job_id": job.id, "reason": reason})})
+            self._drop(entry_id)
+            return "no quorum"
+        # a mismatch: one more node breaks the tie
+        log.warning("job %s: task %d results differ (%d votes); asking one more node", job.id, task.index, count)
+        self.r.hincrby(keys.STATS, "replicas_disputed", 1)
+        self.r.xadd(keys.TASKS, task.retry().to_redis())
+        self._drop(entry_id)
+        return "quorum"
+
+    def _confirmers(self, job_id: str, index: int) -> set[str]:
+        """Live nodes that have not returned a result for this replicated subtask."""
+        since = time.time() - self.node_timeout_s
+        live = {node_of_consumer(c.decode()) for c in self.r.zrangebyscore(keys.NODES, since, "+inf")}
+        return live - {v.decode() for v in self.r.hkeys(keys.job_votes(job_id, index))}
+
+    def _decide(self, job: JobRecord, task: TaskFields, entry_id: bytes) -> str:
+        """A gateway found no other node for a replicated subtask's copy: accept the one
+        result in, if there is one (if not, that result will decide when it comes)."""
+        first = self.r.get(keys.job_first_vote(job.id, task.index))
+        if first is None:
+            self._drop(entry_id)
+            return "dropped"
+        node, _, output = first.partition(b"\n")
+        self.r.hincrby(keys.STATS, "replicas_unconfirmed", 1)
+        return self._merge(job, task, entry_id, node.decode(), output)
 
     def ban(self, node: str, rejected: int) -> None:
         """Ban a node that keeps failing checks, and recompute what it merged into jobs
@@ -244,7 +332,9 @@ def run(settings: Settings) -> None:
 
     client = sync_client(settings.resolved_redis_url())
     ensure_groups(client)
-    agg = Aggregator(client=client, data_dir=settings.data_path, ban_after=settings.ban_after)
+    agg = Aggregator(
+        client=client, data_dir=settings.data_path, ban_after=settings.ban_after, node_timeout_s=settings.node_timeout_s
+    )
     flag = StopFlag()
     log.info("aggregator %s started, data in %s", agg.name, agg.data_dir)
     beating = start_beating(client, "aggregator", agg.name)

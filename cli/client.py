@@ -18,7 +18,9 @@ from .shared.jobs import JobRecord, JobState, load_job, new_job_id, store_blocks
 from .shared.tasks import get_plugin
 
 
-def submit(r: redis.Redis, kind: str, params: dict[str, Any], *, priority: int = 0) -> str:
+def submit(
+    r: redis.Redis, kind: str, params: dict[str, Any], *, priority: int = 0, replicate: float | None = None
+) -> str:
     """Validate `params` here (bad ones never reach Redis) and send a submit command."""
     plugin = get_plugin(kind)
     prepared = plugin.prepare(params)
@@ -31,6 +33,7 @@ def submit(r: redis.Redis, kind: str, params: dict[str, Any], *, priority: int =
         "kind": kind,
         "params": json.loads(parsed.model_dump_json()),
         "priority": priority,
+        **({"replicate": replicate} if replicate is not None else {}),
         "created": time.time(),
     }
     r.xadd(keys.COMMANDS, {"command": json.dumps(command)})

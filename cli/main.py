@@ -91,6 +91,16 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value}")
+    return value
+
+
 def _submit_params(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Path | None]]:
     """The job's raw parameters and which outputs go where, per kind."""
     if args.kind == "mandelbrot":
@@ -116,7 +126,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 
     params, targets = _submit_params(args)
     r = _redis(settings)
-    job_id = client.submit(r, args.kind, params, priority=args.priority)
+    job_id = client.submit(r, args.kind, params, priority=args.priority, replicate=args.replicate)
     console.print(f"submitted job [bold]{job_id}[/] ({args.kind})")
     if not args.wait:
         console.print(f"follow it with: processdistro jobs   fetch it with: processdistro result {job_id} -o FILE")
@@ -318,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     for sp in (m, mm, h, c):
         sp.add_argument("--priority", type=int, default=0, help="higher runs first")
+        sp.add_argument(
+            "--replicate",
+            type=_share,
+            metavar="SHARE",
+            help="share of subtasks (0 to 1) computed on two distinct nodes and compared (default: PD_REPLICATE, 0.05)",
+        )
         sp.add_argument("--wait", action="store_true", help="show progress and wait for the result")
         sp.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

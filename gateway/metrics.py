@@ -43,9 +43,33 @@ class _ClusterCollector(Collector):
             "tasks_duplicate": ("processdistro_tasks_duplicate", "Duplicate results discarded"),
             "tasks_rejected": ("processdistro_tasks_rejected", "Results that failed verification"),
             "tasks_requeued": ("processdistro_tasks_requeued", "Subtasks requeued from gone or failing nodes"),
+            "tasks_stolen": (
+                "processdistro_tasks_stolen",
+                "Unstarted subtasks moved from slower to idle nodes",
+            ),
+            "tasks_backup": ("processdistro_tasks_backup", "Backup copies of stragglers' subtasks"),
+            "copies_cancelled": ("processdistro_copies_cancelled", "Losing copies stopped when the first result came"),
+            "parts_bundled": ("processdistro_parts_bundled", "Subtasks sent as further parts of a longer task"),
+            "replicas_confirmed": ("processdistro_replicas_confirmed", "Replicated subtasks two nodes agreed on"),
+            "replicas_disputed": ("processdistro_replicas_disputed", "Replicated subtasks whose results differed"),
+            "replicas_unconfirmed": (
+                "processdistro_replicas_unconfirmed",
+                "Replicated subtasks accepted on one checked result (no other node to ask)",
+            ),
         }
         for field, (name, doc) in counters.items():
             yield CounterMetricFamily(name, doc, value=float(s.get(field, 0)))
+
+
+SCHEDULING_COUNTERS = (
+    "tasks_stolen",
+    "tasks_backup",
+    "copies_cancelled",
+    "parts_bundled",
+    "replicas_confirmed",
+    "replicas_disputed",
+    "replicas_unconfirmed",
+)
 
 
 class GatewayMetrics:
@@ -97,6 +121,7 @@ class GatewayMetrics:
             "tasks_duplicate": st.get("tasks_duplicate", 0),
             "tasks_rejected": st.get("tasks_rejected", 0),
             "tasks_requeued": st.get("tasks_requeued", 0),
+            **{name: st.get(name, 0) for name in SCHEDULING_COUNTERS},
             "jobs_active": int(active),
         }
 

@@ -41,7 +41,7 @@ from ..shared.protocol import (
     Welcome,
     node_message_adapter,
 )
-from ..shared.queue import MAX_TASK_ATTEMPTS, TaskFields, consumer_name
+from ..shared.queue import MAX_TASK_ATTEMPTS, TaskFields, consumer_name, node_of_consumer
 from ..shared.tasks import PLUGINS
 
 if TYPE_CHECKING:
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EWMA_ALPHA = 0.3  # weight of the newest task time in a node's average
+REPLICA_PAUSE_S = 0.3  # after handing back a copy meant for another node
 GIVEN_BACK_KEPT = 4096  # task ids taken back from a node that it may still answer
 
 
@@ -81,6 +82,7 @@ class NodeSession:
         self.ewma: dict[str, float] = {}
         self.simd = False
         self.multipart = False
+        self.pause = 0.0  # seconds to wait before reading tasks again
         self.given_back: dict[str, None] = {}  # recent tasks taken back (stolen, or another copy won)
 
     # ------------------------------------------------------------------ frames out
@@ -312,6 +314,9 @@ class NodeSession:
                 entries = [(eid.decode(), TaskFields.from_redis(raw)) for _s, es in resp or [] for eid, raw in es]
                 for task_id, fields in entries:
                     await self._assign(task_id, fields)
+                if self.pause:
+                    await asyncio.sleep(self.pause)
+                    self.pause = 0.0
             self.wake.clear()
 
     async def _usable(self, task_id: str, fields: TaskFields) -> bool:
@@ -325,7 +330,32 @@ class NodeSession:
         ):
             await self.gw.drop_task(task_id)
             return False
+        if fields.replicated:
+            return await self._may_replicate(task_id, fields)
         return True
+
+    async def _may_replicate(self, task_id: str, fields: TaskFields) -> bool:
+        """A copy of a replicated subtask goes only to a node that has neither returned nor
+        holds a copy of it. If no other live node could take it: with at most one result in,
+        the aggregator is told to accept that one (`decide`); with a tie, it waits for a node."""
+        r = self.gw.r
+        if await r.sismember(keys.job_done(fields.job), fields.index):
+            await self.gw.drop_task(task_id)
+            return False
+        voters = {v.decode() for v in await r.hkeys(keys.job_votes(fields.job, fields.index))}
+        mine = any(h.fields.job == fields.job and h.fields.index == fields.index for h in self.held.values())
+        if not mine and self.node_id not in voters:
+            return True
+        since = time.time() - self.gw.settings.node_timeout_s
+        live = {node_of_consumer(c.decode()) for c in await r.zrangebyscore(keys.NODES, since, "+inf")}
+        if live - voters - {self.node_id} or len(voters) >= 2:
+            await self.gw.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, 0, task_id])
+            self.pause = REPLICA_PAUSE_S  # do not spin on a copy meant for another node
+            return False
+        entry = {**fields.to_redis(), "node": self.node_id, "output": b"", "elapsed_ms": 0, "decide": 1}
+        flat: list[object] = [x for kv in entry.items() for x in kv]
+        await self.gw.handover(keys=[keys.TASKS, keys.RESULTS], args=[keys.NODES_GROUP, task_id, *flat])
+        return False
 
     async def _assign(self, task_id: str, fields: TaskFields) -> None:
         if not await self._usable(task_id, fields):
@@ -341,7 +371,9 @@ class NodeSession:
         parts = [(task_id, fields)]
         others: list[tuple[str, TaskFields]] = []
         plugin = PLUGINS.get(fields.kind)
-        adaptive = plugin is not None and plugin.adaptive and self.multipart and not fields.backup_of
+        adaptive = (
+            plugin is not None and plugin.adaptive and self.multipart and not fields.backup_of and not fields.replicated
+        )
         wanted = self.parts_for(fields.kind) if adaptive else 1
         if wanted > 1:
             # the next entries of the same job become further parts of this task
@@ -351,7 +383,11 @@ class NodeSession:
             for _s, es in resp or []:
                 for eid, raw in es:
                     extra = TaskFields.from_redis(raw)
-                    same = extra.job == fields.job and extra.module == fields.module and not extra.backup_of
+                    same = (
+                        extra.job == fields.job
+                        and extra.module == fields.module
+                        and not (extra.backup_of or extra.replicated)
+                    )
                     (parts if same else others).append((eid.decode(), extra))
         group = next(self._groups)
         now = time.monotonic()

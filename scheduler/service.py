@@ -15,6 +15,7 @@ Loop (about every 100 ms):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import logging
@@ -43,6 +44,7 @@ BACKUP_SPEEDUP = 0.67  # back up a running task for an idle node at least this m
 BACKUP_STUCK_MIN_MS = 1500  # ... or one out for longer than this and than
 BACKUP_FACTOR = 3.0  # this many typical task times (a node that stalled)
 COMMAND_CLAIM_IDLE_MS = 3_000
+REPLICA_FREE_TAIL = 0.1  # the share of a job's last subtasks never replicated (unless --replicate 1)
 
 
 class Scheduler:
@@ -111,6 +113,7 @@ class Scheduler:
             "next_index": 0,
             "created": cmd.get("created", now),
             "priority": int(cmd.get("priority", 0)),
+            "replicate": float(cmd.get("replicate", self.settings.replicate)),
             "module": self.modules.get(plugin.module).sha256,
         }
         pipe = self.r.pipeline(transaction=True)
@@ -146,6 +149,17 @@ class Scheduler:
         length = self.r.xlen(keys.TASKS)
         pending = self.r.xpending(keys.TASKS, keys.NODES_GROUP)["pending"]
         return int(length) - int(pending)
+
+    def _open_backlog(self) -> int:
+        """Undelivered entries that an idle node could take. A replicated subtask's second
+        copy may wait for one particular node (the others ran the first): it does not count."""
+        n = self.backlog()
+        if n <= 0 or n > MIN_BACKLOG:
+            return n
+        groups = [g for g in self.r.xinfo_groups(keys.TASKS) if _text(g["name"]) == keys.NODES_GROUP]
+        last = _text(groups[0]["last-delivered-id"]) if groups else "0-0"
+        entries = self.r.xrange(keys.TASKS, f"({last}", "+", count=n)
+        return sum(1 for _id, f in entries if f.get(b"replicated") != b"1")
 
     def backlog_target(self) -> int:
         """Enough undelivered entries for every live slot to take a few tasks, at the parts
@@ -203,7 +217,7 @@ class Scheduler:
            far longer than tasks usually take, gets a copy for the idle node; the first valid
            result wins, the other copy is cancelled and counted as a duplicate.
         """
-        if self.backlog() > 0:
+        if self._open_backlog() > 0:
             return 0, 0
         nodes = self._live_nodes()
         summary = self.r.xpending(keys.TASKS, keys.NODES_GROUP)
@@ -234,9 +248,19 @@ class Scheduler:
             kind = kind_of(_text(newest[-1]["message_id"])) if newest else ""
             if not kind or not worth_moving(holder, idle, kind, STEAL_FACTOR, list(nodes.values())):
                 continue
-            n = min(queued, idle_slots)
+            plugin = PLUGINS.get(kind)
+            if plugin is not None and plugin.adaptive:
+                # parts of one long task: the idle nodes take their share by speed
+                peers = list(nodes.values())
+                mine = holder.task_ms(kind, peers) or 1.0
+                theirs = [t for i in idle if (t := i.task_ms(kind, peers)) is not None]
+                share = mine / (mine + min(theirs)) if theirs else 0.5
+                n = min(queued, max(1, round(queued * share)))
+                idle_slots -= 1
+            else:
+                n = min(queued, idle_slots)
+                idle_slots -= n
             self.r.publish(keys.CONTROL, json.dumps({"type": "steal", "consumer": holder.consumer, "count": n}))
-            idle_slots -= n
             stolen += n
         made = self._backups(nodes, idle, idle_slots, kind_of) if self.settings.backups else 0
         if stolen:
@@ -296,12 +320,19 @@ class Scheduler:
         module = job.module
         pipe = self.r.pipeline(transaction=True)
         n = 0
+        replicas = []
         for offset, sub in enumerate(plugin.split(params, job.next_index)):
             if offset >= limit:
                 break
-            fields = TaskFields(job.id, job.next_index + offset, job.kind, module, sub.input, blocks=sub.blocks)
+            index = job.next_index + offset
+            fields = TaskFields(job.id, index, job.kind, module, sub.input, blocks=sub.blocks)
+            if _sampled(job.id, index, job.total, job.replicate):
+                fields = dataclasses.replace(fields, replicated=True)
+                replicas.append(fields)
             pipe.xadd(keys.TASKS, fields.to_redis())
             n += 1
+        for fields in replicas:  # the second copies after the batch, so one node rarely reads both
+            pipe.xadd(keys.TASKS, fields.to_redis())
         pipe.hset(keys.job(job.id), "next_index", job.next_index + n)
         if job.state is JobState.QUEUED:
             pipe.hset(keys.job(job.id), "state", JobState.RUNNING.value)
@@ -359,6 +390,16 @@ class Scheduler:
         if now - self._last_reap > 0.5:
             self.reap()
             self._last_reap = now
+
+
+def _sampled(job_id: str, index: int, total: int, share: float) -> bool:
+    """Is subtask `index` one of the job's replicated share? Stable across restarts. Below
+    a share of 1 the last tenth of a job is left out: a confirmation that only a slow node
+    can give would hold up the job's end."""
+    if share <= 0 or (share < 1 and index >= total * (1 - REPLICA_FREE_TAIL)):
+        return False
+    digest = hashlib.sha256(f"{job_id}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < share * 2**64
 
 
 def _text(value: bytes | str) -> str:

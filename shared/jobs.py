@@ -49,6 +49,7 @@ class JobRecord:
     next_index: int
     created: float
     priority: int = 0
+    replicate: float = 0.0  # share of subtasks computed on two distinct nodes
     error: str = ""
     outputs: dict[str, str] = field(default_factory=dict)
     finished: float | None = None
@@ -68,6 +69,7 @@ class JobRecord:
             next_index=int(s.get("next_index", 0)),
             created=float(s.get("created", 0)),
             priority=int(s.get("priority", 0)),
+            replicate=float(s.get("replicate", 0) or 0),
             error=s.get("error", ""),
             outputs=json.loads(s.get("outputs", "{}")),
             finished=float(s["finished"]) if s.get("finished") else None,
@@ -83,6 +85,7 @@ class JobRecord:
             "done": self.done,
             "total": self.total,
             "priority": self.priority,
+            "replicate": self.replicate,
             "created": self.created,
             "finished": self.finished,
             "error": self.error,

@@ -60,6 +60,16 @@ def job_blocks(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:blocks"
 
 
+def job_votes(job_id: str, index: int) -> str:
+    """Hash node id -> sha256 of the result it returned, for a replicated subtask (TTL 1 day)."""
+    return f"{PREFIX}job:{job_id}:votes:{index}"
+
+
+def job_first_vote(job_id: str, index: int) -> str:
+    """The first result of a replicated subtask, kept until a second node confirms it (TTL 1 day)."""
+    return f"{PREFIX}job:{job_id}:vote:{index}"
+
+
 def backup_marker(entry_id: str) -> str:
     """Set (with a TTL) once a backup copy of task entry `entry_id` exists."""
     return f"{PREFIX}backup:{entry_id}"

@@ -80,6 +80,7 @@ class TaskFields:
     attempt: int = 0
     backup_of: str = ""  # a backup copy of a straggler held by this node: never give it back to that node
     blocks: tuple[str, ...] = ()  # sha256 of shared input blocks appended to `input`, in order
+    replicated: bool = False  # computed on distinct nodes until two results agree (aggregator votes)
 
     def to_redis(self) -> dict[str, Any]:
         fields: dict[str, Any] = {
@@ -94,6 +95,8 @@ class TaskFields:
             fields["backup_of"] = self.backup_of
         if self.blocks:
             fields["blocks"] = ",".join(self.blocks)
+        if self.replicated:
+            fields["replicated"] = 1
         return fields
 
     @classmethod
@@ -107,6 +110,7 @@ class TaskFields:
             attempt=int(fields.get(b"attempt", b"0")),
             backup_of=fields.get(b"backup_of", b"").decode(),
             blocks=tuple(b for b in fields.get(b"blocks", b"").decode().split(",") if b),
+            replicated=fields.get(b"replicated") == b"1",
         )
 
     def retry(self) -> TaskFields:

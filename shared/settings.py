@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     )
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     node_timeout_s: float = Field(default=4.0, gt=0, description="a node silent this long is dead")
+    replicate: float = Field(
+        default=0.05, ge=0, le=1, description="share of subtasks computed on two distinct nodes (per job: --replicate)"
+    )
     ban_after: int = Field(default=3, ge=1, description="rejected results after which a node is banned")
     stealing: bool = Field(default=True, description="move queued, unstarted tasks from slower nodes to idle ones")
     backups: bool = Field(default=True, description="back up stragglers near a job's end for idle, faster nodes")

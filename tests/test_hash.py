@@ -128,7 +128,8 @@ def test_parts_are_checkpoints(controller: Controller, tmp_path: Path, r: redis.
     from pynode import PyNode, run_async
 
     rows = write_rows(tmp_path / "rows.csv", 400, with_ids=False)
-    job_id = client.submit(r, "hash", {"input": str(tmp_path / "rows.csv"), "iterations": 50, "batch": 5})
+    params = {"input": str(tmp_path / "rows.csv"), "iterations": 50, "batch": 5}
+    job_id = client.submit(r, "hash", params, replicate=0)  # no second copies to count
     first = PyNode(controller.url, controller.join_code, cores=1)
     later = PyNode(controller.url, controller.join_code, cores=1)
     duplicates_before = int(r.hget(keys.STATS, "tasks_duplicate") or 0)

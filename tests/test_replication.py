@@ -1,0 +1,72 @@
+"""Replication: a share of subtasks runs on two distinct nodes; a mismatch goes to a quorum.
+
+The liar here returns tiles with one pixel off, which a spot check of a few random pixels
+almost always lets through: only a second, independent result catches it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+import redis
+from conftest import Controller
+from processdistro.shared import keys
+from pynode import PyNode, flip_first_pixel, run_async
+from test_pipeline import expected_small, run_nodes_until, submit
+
+
+def stats(r: redis.Redis) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in r.hgetall(keys.STATS).items()}
+
+
+def gained(before: dict[str, int], after: dict[str, int], name: str) -> int:
+    return after.get(name, 0) - before.get(name, 0)
+
+
+def test_a_subtle_liar_is_outvoted_and_the_output_stays_exact(
+    controller: Controller, tmp_path: Path, r: redis.Redis
+) -> None:
+    before = stats(r)
+    proc = submit(controller, tmp_path, "--tile", "64", "--replicate", "1")  # 20 tiles, every one twice
+    liar = PyNode(controller.url, controller.join_code, cores=1, corrupt=flip_first_pixel)
+    honest = [PyNode(controller.url, controller.join_code, cores=1) for _ in range(2)]
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        runs = [asyncio.create_task(n.run(stop=stop)) for n in honest]
+        ids = {n.device_id for n in honest}
+        # a result is accepted unconfirmed only when no other node is there
+        while len({c.decode().split("~")[0] for c in r.zrange(keys.NODES, 0, -1)} & ids) < 2:
+            await asyncio.sleep(0.02)
+        runs.append(asyncio.create_task(liar.run(stop=stop)))
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        stop.set()
+        await asyncio.gather(*runs)
+
+    run_async(scenario())
+    assert proc.returncode == 0, (tmp_path / "submit.log").read_text() + controller.logs()
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
+    after = stats(r)
+    assert liar.done >= 1 and int(r.hget(keys.node(liar.device_id), "rejected") or 0) >= 1
+    assert gained(before, after, "replicas_disputed") >= 1, after
+    assert gained(before, after, "replicas_confirmed") >= 15, after  # two honest results agreed
+    # every tile the liar computed and nobody else had the chance to check was redone
+    assert int(r.hget(keys.node(liar.device_id), "completed") or 0) == 0
+
+
+def test_one_node_alone_still_finishes_a_replicated_job(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+    before = stats(r)
+    proc = submit(controller, tmp_path, "--tile", "64", "--replicate", "1")
+    run_async(run_nodes_until(proc, PyNode(controller.url, controller.join_code), timeout=60))
+    assert proc.returncode == 0, (tmp_path / "submit.log").read_text() + controller.logs()
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
+    assert gained(before, stats(r), "replicas_unconfirmed") >= 20 - 1
+
+
+def test_replicate_share_is_checked_at_submit(controller: Controller, tmp_path: Path) -> None:
+    result = controller.cli("submit", "mandelbrot", "--replicate", "1.5")
+    assert result.returncode != 0 and "expected a number from 0 to 1" in result.stderr
