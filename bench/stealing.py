@@ -10,7 +10,7 @@
    same size), as the steady rate from its first to its last merged subtask; the median of
    the two is used. Makespan is the job record's `created` -> `finished`, so it includes the
    controller's own latency (feed, dispatch, finalize). With stealing and straggler backups
-   ON (`PD_STEALING=true PD_BACKUPS=true` for the scheduler) and OFF, twice each,
+   ON (`PD_STEALING=true PD_BACKUPS=true` for the scheduler) and OFF, three times each,
    interleaved; median.
    Target (the issue): makespan <= 1.15 x ideal with backups on.
 
@@ -54,7 +54,7 @@ TILE = 64
 MAIN = {False: (1024, 768, 40000), True: (512, 384, 20000)}
 CALIBRATION = {False: (256, 256, 8000), True: (256, 256, 3000)}
 CAL_VIEW = ("-0.3", "-0.1", "-0.1", "0.1")  # inside the main cardioid: every pixel runs max_iter
-REPS = {False: 2, True: 1}
+REPS = {False: 3, True: 1}
 DEAD_REPS = {False: 3, True: 2}
 JOB_TIMEOUT_S = 300
 SAMPLE_EVERY_S = 0.02

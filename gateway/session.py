@@ -83,6 +83,7 @@ class NodeSession:
         self.simd = False
         self.multipart = False
         self.pause = 0.0  # seconds to wait before reading tasks again
+        self.bounced: dict[tuple[str, int], float] = {}  # replicated copies handed back, when
         self.given_back: dict[str, None] = {}  # recent tasks taken back (stolen, or another copy won)
 
     # ------------------------------------------------------------------ frames out
@@ -350,7 +351,12 @@ class NodeSession:
         live = {node_of_consumer(c.decode()) for c in await r.zrangebyscore(keys.NODES, since, "+inf")}
         if live - voters - {self.node_id} or len(voters) >= 2:
             await self.gw.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, 0, task_id])
-            self.pause = REPLICA_PAUSE_S  # do not spin on a copy meant for another node
+            key, now = (fields.job, fields.index), time.monotonic()
+            if now - self.bounced.get(key, -REPLICA_PAUSE_S) < REPLICA_PAUSE_S:
+                self.pause = REPLICA_PAUSE_S  # the same copy came straight back: nothing else to read
+            self.bounced[key] = now
+            if len(self.bounced) > GIVEN_BACK_KEPT:
+                del self.bounced[next(iter(self.bounced))]
             return False
         entry = {**fields.to_redis(), "node": self.node_id, "output": b"", "elapsed_ms": 0, "decide": 1}
         flat: list[object] = [x for kv in entry.items() for x in kv]

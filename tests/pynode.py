@@ -128,50 +128,74 @@ class PyNode:
             await ws.send(json.dumps({"type": "ready", "free": capacity}))
             # tasks received, each a list of parts not yet run; one part runs at a time
             queue: deque[list[dict[str, Any]]] = deque()
-            while max_tasks is None or self.done < max_tasks:
-                if stop is not None and stop.is_set():
-                    return
-                try:  # take in what has arrived; wait only when there is nothing to run
-                    raw = await asyncio.wait_for(ws.recv(), timeout=0.001 if queue else 0.5)
-                except TimeoutError:
-                    if not queue:
-                        await ws.send(json.dumps({"type": "heartbeat", "running": 0, "done": self.done}))
-                        continue
-                else:
-                    msg = json.loads(raw)
-                    self.received.append(msg)
-                    if msg["type"] == "task":
-                        common = {"job_id": msg["job_id"], "kind": msg["kind"]}
-                        first = {"task_id": msg["task_id"], "input_b64": msg["input_b64"], "blocks": msg["blocks"]}
-                        queue.append([{**common, **part} for part in (first, *msg.get("more", []))])
-                    elif msg["type"] == "cancel":
-                        dropped = set(msg["task_ids"])
-                        before = len(queue)
-                        queue = deque(kept for t in queue if (kept := [p for p in t if p["task_id"] not in dropped]))
-                        if len(queue) < before:
-                            await ws.send(json.dumps({"type": "ready", "free": capacity - len(queue)}))
-                    continue
-                part = queue[0].pop(0)
-                started = time.monotonic()
-                out = self._compute(part, accepted["token"])
-                while time.monotonic() - started < self.delay:  # a slow device, heartbeating as it works
-                    await asyncio.sleep(min(0.5, self.delay))
-                    await ws.send(json.dumps({"type": "heartbeat", "running": 1, "done": self.done}))
-                elapsed_ms = (time.monotonic() - started) * 1000
-                await ws.send(
-                    json.dumps(
-                        {
-                            "type": "result",
-                            "task_id": part["task_id"],
-                            "output_b64": base64.b64encode(out).decode(),
-                            "elapsed_ms": elapsed_ms,
-                        }
-                    )
-                )
-                self.done += 1
-                if not queue[0]:  # the task's last part
-                    queue.popleft()
-                    await ws.send(json.dumps({"type": "ready", "free": capacity - len(queue)}))
+            inbox: asyncio.Queue[str | bytes | websockets.ConnectionClosed] = asyncio.Queue()
+
+            async def read() -> None:
+                try:
+                    while True:
+                        inbox.put_nowait(await ws.recv())
+                except websockets.ConnectionClosed as exc:
+                    inbox.put_nowait(exc)
+
+            reader = asyncio.create_task(read())
+            try:
+                while max_tasks is None or self.done < max_tasks:
+                    if stop is not None and stop.is_set():
+                        return
+                    if inbox.empty() and not queue:
+                        try:
+                            inbox.put_nowait(await asyncio.wait_for(inbox.get(), timeout=0.5))
+                        except TimeoutError:
+                            await ws.send(json.dumps({"type": "heartbeat", "running": 0, "done": self.done}))
+                            continue
+                    while not inbox.empty():  # take in what has arrived
+                        item = inbox.get_nowait()
+                        if isinstance(item, websockets.ConnectionClosed):
+                            raise item
+                        queue = await self._take_in(ws, json.loads(item), queue, capacity)
+                    if queue:
+                        await self._run_part(ws, queue, accepted["token"], capacity)
+            finally:
+                reader.cancel()
+
+    async def _take_in(
+        self, ws: Any, msg: dict[str, Any], queue: deque[list[dict[str, Any]]], capacity: int
+    ) -> deque[list[dict[str, Any]]]:
+        self.received.append(msg)
+        if msg["type"] == "task":
+            common = {"job_id": msg["job_id"], "kind": msg["kind"]}
+            first = {"task_id": msg["task_id"], "input_b64": msg["input_b64"], "blocks": msg["blocks"]}
+            queue.append([{**common, **part} for part in (first, *msg.get("more", []))])
+        elif msg["type"] == "cancel":
+            dropped = set(msg["task_ids"])
+            before = len(queue)
+            queue = deque(kept for t in queue if (kept := [p for p in t if p["task_id"] not in dropped]))
+            if len(queue) < before:
+                await ws.send(json.dumps({"type": "ready", "free": capacity - len(queue)}))
+        return queue
+
+    async def _run_part(self, ws: Any, queue: deque[list[dict[str, Any]]], token: str, capacity: int) -> None:
+        part = queue[0].pop(0)
+        started = time.monotonic()
+        out = self._compute(part, token)
+        while time.monotonic() - started < self.delay:  # a slow device, heartbeating as it works
+            await asyncio.sleep(min(0.5, self.delay))
+            await ws.send(json.dumps({"type": "heartbeat", "running": 1, "done": self.done}))
+        elapsed_ms = (time.monotonic() - started) * 1000
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "result",
+                    "task_id": part["task_id"],
+                    "output_b64": base64.b64encode(out).decode(),
+                    "elapsed_ms": elapsed_ms,
+                }
+            )
+        )
+        self.done += 1
+        if not queue[0]:  # the task's last part
+            queue.popleft()
+            await ws.send(json.dumps({"type": "ready", "free": capacity - len(queue)}))
 
     def _compute(self, msg: dict[str, Any], token: str) -> bytes:
         payload = base64.b64decode(msg["input_b64"])
