@@ -222,13 +222,13 @@ class Scheduler:
         nodes = self._live_nodes()
         summary = self.r.xpending(keys.TASKS, keys.NODES_GROUP)
         held = {_text(c["name"]): int(c["pending"]) for c in summary.get("consumers") or []}
-        idle: list[NodeView] = []
-        busy: list[NodeView] = []
+        # a node with room in its slots or its prefetch queue can take more: a fast node
+        # working on a stolen task may queue a straggler's backup behind it
+        room = self.settings.prefetch
         for node in nodes.values():
-            count = held.get(node.consumer, 0)
-            (idle if count < node.slots else busy).append(node)
-            node.held = count
-        idle_slots = sum(n.slots - n.held for n in idle)
+            node.held = held.get(node.consumer, 0)
+        idle = [n for n in nodes.values() if n.held < n.slots + room]
+        idle_slots = sum(n.slots + room - n.held for n in idle)
         if idle_slots <= 0 or not held:
             return 0, 0
         kinds: dict[str, str] = {}  # entry id -> kind, read lazily
@@ -240,7 +240,7 @@ class Scheduler:
             return kinds[entry_id]
 
         stolen = 0
-        for holder in sorted(busy, key=lambda n: -n.held):
+        for holder in sorted(nodes.values(), key=lambda n: -n.held):
             queued = holder.held - holder.slots
             if queued <= 0 or idle_slots <= 0 or not self.settings.stealing:
                 continue
