@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 EWMA_ALPHA = 0.3  # weight of the newest task time in a node's average
 UNPARK_LOOK = 16  # parked copies a dispatch looks at
 GIVEN_BACK_KEPT = 4096  # task ids taken back from a node that it may still answer
+RETURNED_TTL_S = 86_400  # how long a replicated subtask remembers who returned it
 
 
 @dataclass(slots=True)
@@ -234,6 +235,14 @@ class NodeSession:
             await self.close(CloseCode.NORMAL, "left")
 
     async def _result(self, m: TaskResult) -> None:
+        peek = self.held.get(m.task_id)
+        if peek is not None and peek.fields.replicated:
+            # before the copy leaves `held`: this node must not take the other copy meanwhile
+            returned = keys.job_returned(peek.fields.job, peek.fields.index)
+            pipe = self.gw.r.pipeline(transaction=False)
+            pipe.sadd(returned, self.node_id)
+            pipe.expire(returned, RETURNED_TTL_S)
+            await pipe.execute()
         held = self.held.pop(m.task_id, None)
         if held is None:
             if m.task_id in self.given_back:  # it had started after all: another node has it now
@@ -331,17 +340,17 @@ class NodeSession:
                 await r.srem(keys.PARKED, task_id)
                 continue
             fields = TaskFields.from_redis(entries[0][1])
-            if await self._holds_or_voted(fields):
+            if await self._holds_or_returned(fields):
                 continue
             if await r.srem(keys.PARKED, task_id) != 1:
                 continue  # another node took it first
             if await r.xclaim(keys.TASKS, keys.NODES_GROUP, self.consumer, 0, [task_id]):
                 await self._assign(task_id, fields)
 
-    async def _holds_or_voted(self, fields: TaskFields) -> bool:
+    async def _holds_or_returned(self, fields: TaskFields) -> bool:
         if any(h.fields.job == fields.job and h.fields.index == fields.index for h in self.held.values()):
             return True
-        return bool(await self.gw.r.hexists(keys.job_votes(fields.job, fields.index), self.node_id))
+        return bool(await self.gw.r.sismember(keys.job_returned(fields.job, fields.index), self.node_id))
 
     async def _usable(self, task_id: str, fields: TaskFields) -> bool:
         """Drop what must not run here (job over; a backup for its own straggler, or whose
@@ -366,9 +375,9 @@ class NodeSession:
         if await r.sismember(keys.job_done(fields.job), fields.index):
             await self.gw.drop_task(task_id)
             return False
-        if not await self._holds_or_voted(fields):
+        if not await self._holds_or_returned(fields):
             return True
-        voters = {v.decode() for v in await r.hkeys(keys.job_votes(fields.job, fields.index))}
+        voters = {v.decode() for v in await r.smembers(keys.job_returned(fields.job, fields.index))}
         since = time.time() - self.gw.settings.node_timeout_s
         live = {node_of_consumer(c.decode()) for c in await r.zrangebyscore(keys.NODES, since, "+inf")}
         if live - voters - {self.node_id} or len(voters) >= 2:

@@ -222,14 +222,14 @@ class Scheduler:
         nodes = self._live_nodes()
         summary = self.r.xpending(keys.TASKS, keys.NODES_GROUP)
         held = {_text(c["name"]): int(c["pending"]) for c in summary.get("consumers") or []}
-        # a node with room in its slots or its prefetch queue can take more: a fast node
-        # working on a stolen task may queue a straggler's backup behind it
-        room = self.settings.prefetch
         for node in nodes.values():
             node.held = held.get(node.consumer, 0)
-        idle = [n for n in nodes.values() if n.held < n.slots + room]
-        idle_slots = sum(n.slots + room - n.held for n in idle)
-        if idle_slots <= 0 or not held:
+        # stealing feeds nodes that ran out of work; a backup may also wait in the prefetch
+        # queue of a node much faster than the holder (behind the task it just stole)
+        idle = [n for n in nodes.values() if n.held < n.slots]
+        idle_slots = sum(n.slots - n.held for n in idle)
+        room = [n for n in nodes.values() if n.held < n.slots + self.settings.prefetch]
+        if not room or not held:
             return 0, 0
         kinds: dict[str, str] = {}  # entry id -> kind, read lazily
 
@@ -262,7 +262,8 @@ class Scheduler:
                 idle_slots -= n
             self.r.publish(keys.CONTROL, json.dumps({"type": "steal", "consumer": holder.consumer, "count": n}))
             stolen += n
-        made = self._backups(nodes, idle, idle_slots, kind_of) if self.settings.backups else 0
+        backup_slots = sum(n.slots + self.settings.prefetch - n.held for n in room) - stolen
+        made = self._backups(nodes, room, backup_slots, kind_of) if self.settings.backups else 0
         if stolen:
             log.info("stealing: %d queued tasks asked back from slower nodes", stolen)
         return stolen, made
@@ -385,7 +386,7 @@ class Scheduler:
             if self.r.sismember(keys.job_done(task.job), task.index):
                 self._drop_parked(entry_id)
                 continue
-            voters = {_text(v) for v in self.r.hkeys(keys.job_votes(task.job, task.index))}
+            voters = {_text(v) for v in self.r.smembers(keys.job_returned(task.job, task.index))}
             if not live - voters and len(voters) < 2 and self.r.srem(keys.PARKED, entry_id):
                 moved += int(self.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, 0, entry_id]))
         return moved

@@ -67,6 +67,12 @@ def job_votes(job_id: str, index: int) -> str:
     return f"{PREFIX}job:{job_id}:votes:{index}"
 
 
+def job_returned(job_id: str, index: int) -> str:
+    """Set of the node ids that handed in a result for a replicated subtask (TTL 1 day),
+    written by the gateway as the result leaves it: the aggregator's votes may lag behind."""
+    return f"{PREFIX}job:{job_id}:returned:{index}"
+
+
 def job_first_vote(job_id: str, index: int) -> str:
     """The first result of a replicated subtask, kept until a second node confirms it (TTL 1 day)."""
     return f"{PREFIX}job:{job_id}:vote:{index}"

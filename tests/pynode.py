@@ -177,7 +177,15 @@ class PyNode:
     async def _run_part(self, ws: Any, queue: deque[list[dict[str, Any]]], token: str, capacity: int) -> None:
         part = queue[0].pop(0)
         started = time.monotonic()
-        out = self._compute(part, token)
+        try:
+            out = self._compute(part, token)
+        except httpx.HTTPStatusError as exc:  # e.g. the job ended and its blocks are gone
+            failed = {"type": "task_failed", "task_id": part["task_id"], "message": f"input: {exc}"[:2000]}
+            await ws.send(json.dumps(failed))
+            if not queue[0]:
+                queue.popleft()
+                await ws.send(json.dumps({"type": "ready", "free": capacity - len(queue)}))
+            return
         while time.monotonic() - started < self.delay:  # a slow device, heartbeating as it works
             await asyncio.sleep(min(0.5, self.delay))
             await ws.send(json.dumps({"type": "heartbeat", "running": 1, "done": self.done}))

@@ -102,3 +102,20 @@ def test_copies_parked_for_a_node_that_leaves_are_not_lost(
     np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
     assert gained(before, stats(r), "replicas_unconfirmed") >= 1
     assert r.scard(keys.PARKED) == 0
+
+
+def test_no_node_runs_both_copies_while_the_aggregator_lags(
+    controller: Controller, tmp_path: Path, r: redis.Redis
+) -> None:
+    """Thousands of tiny replicated tiles: the nodes outrun the aggregator, so a node's vote
+    is recorded seconds after it returned the copy. The gateway's own record of who returned
+    what still keeps the second copy off that node (it used to run it again, and the
+    confirmation went to the stream's end)."""
+    proc = submit(controller, tmp_path, "--width", "400", "--height", "400", "--tile", "8", "--replicate", "1")
+    nodes = [PyNode(controller.url, controller.join_code, cores=2) for _ in range(2)]
+    run_async(run_nodes_until(proc, *nodes, timeout=120))
+    assert proc.returncode == 0, (tmp_path / "submit.log").read_text() + controller.logs()
+    for node in nodes:
+        inputs = [m["input_b64"] for m in node.received if m["type"] == "task"]
+        assert len(inputs) > 100  # both nodes did a share
+        assert len(set(inputs)) == len(inputs), f"node ran {len(inputs) - len(set(inputs))} subtasks twice"
