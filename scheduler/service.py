@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 MIN_BACKLOG = 64
 FEED_BATCH = 256
 STEAL_FACTOR = 1.5  # steal a queued task for an idle node up to this many times slower per task
+BUSY_STEAL_FACTOR = 0.5  # ... and for a busy node with prefetch room at least twice as fast
 BACKUP_MIN_MS = 250  # never back up a task out for less than this
 BACKUP_SPEEDUP = 0.67  # back up a running task for an idle node at least this much faster per task ...
 BACKUP_STUCK_MIN_MS = 1500  # ... or one out for longer than this and than
@@ -211,8 +212,9 @@ class Scheduler:
         that would otherwise wait on a slower node. Returns (tasks stolen, backups made).
 
         1. Stealing: a node holding more tasks than it has slots has not started the extra
-           ones (prefetch); if an idle node is not much slower for that kind, the holder's
-           gateway gives them back (`steal` on the control channel) and an idle node takes them.
+           ones (prefetch); if an idle node is not much slower for that kind, or a busy one
+           with prefetch room is at least twice as fast, the holder's gateway gives them back
+           (`steal` on the control channel) and that node takes them.
         2. Backups: a task still running on a node clearly slower than an idle one, or out
            far longer than tasks usually take, gets a copy for the idle node; the first valid
            result wins, the other copy is cancelled and counted as a duplicate.
@@ -239,27 +241,39 @@ class Scheduler:
                 kinds[entry_id] = entries[0][1][b"kind"].decode() if entries else ""
             return kinds[entry_id]
 
+        # a busy node with prefetch room, much faster than a holder, may queue its task: it
+        # starts sooner there (never between nodes of like speed, which would ping-pong)
+        busy = [n for n in room if n.held >= n.slots]
+        busy_slots = sum(n.slots + self.settings.prefetch - n.held for n in busy)
+        peers = list(nodes.values())
         stolen = 0
         for holder in sorted(nodes.values(), key=lambda n: -n.held):
             queued = holder.held - holder.slots
-            if queued <= 0 or idle_slots <= 0 or not self.settings.stealing:
+            if queued <= 0 or not self.settings.stealing or idle_slots + busy_slots <= 0:
                 continue
             newest = self.r.xpending_range(keys.TASKS, keys.NODES_GROUP, "-", "+", 10_000, consumername=holder.consumer)
             kind = kind_of(_text(newest[-1]["message_id"])) if newest else ""
-            if not kind or not worth_moving(holder, idle, kind, STEAL_FACTOR, list(nodes.values())):
+            if not kind:
+                continue
+            if idle_slots > 0 and worth_moving(holder, idle, kind, STEAL_FACTOR, peers):
+                takers, free = idle, idle_slots
+            elif busy_slots > 0 and worth_moving(holder, busy, kind, BUSY_STEAL_FACTOR, peers):
+                takers, free = busy, busy_slots
+            else:
                 continue
             plugin = PLUGINS.get(kind)
             if plugin is not None and plugin.adaptive:
-                # parts of one long task: the idle nodes take their share by speed
-                peers = list(nodes.values())
+                # parts of one long task: the takers get their share by speed
                 mine = holder.task_ms(kind, peers) or 1.0
-                theirs = [t for i in idle if (t := i.task_ms(kind, peers)) is not None]
+                theirs = [t for i in takers if (t := i.task_ms(kind, peers)) is not None]
                 share = mine / (mine + min(theirs)) if theirs else 0.5
-                n = min(queued, max(1, round(queued * share)))
-                idle_slots -= 1
+                n, used = min(queued, max(1, round(queued * share))), 1
             else:
-                n = min(queued, idle_slots)
-                idle_slots -= n
+                n = used = min(queued, free)
+            if takers is idle:
+                idle_slots -= used
+            else:
+                busy_slots -= used
             self.r.publish(keys.CONTROL, json.dumps({"type": "steal", "consumer": holder.consumer, "count": n}))
             stolen += n
         backup_slots = sum(n.slots + self.settings.prefetch - n.held for n in room) - stolen
