@@ -235,15 +235,7 @@ class NodeSession:
             await self.close(CloseCode.NORMAL, "left")
 
     async def _result(self, m: TaskResult) -> None:
-        peek = self.held.get(m.task_id)
-        if peek is not None and peek.fields.replicated:
-            # before the copy leaves `held`: this node must not take the other copy meanwhile
-            returned = keys.job_returned(peek.fields.job, peek.fields.index)
-            pipe = self.gw.r.pipeline(transaction=False)
-            pipe.sadd(returned, self.node_id)
-            pipe.expire(returned, RETURNED_TTL_S)
-            await pipe.execute()
-        held = self.held.pop(m.task_id, None)
+        held = self.held.get(m.task_id)
         if held is None:
             if m.task_id in self.given_back:  # it had started after all: another node has it now
                 return
@@ -258,7 +250,15 @@ class NodeSession:
         elapsed = time.monotonic() - sent
         entry = {**fields.to_redis(), "node": self.node_id, "output": output, "elapsed_ms": m.elapsed_ms}
         flat: list[object] = [x for kv in entry.items() for x in kv]
-        await self.gw.handover(keys=[keys.TASKS, keys.RESULTS], args=[keys.NODES_GROUP, m.task_id, *flat])
+        # a replicated copy stays in `held` until the handover has also recorded that this
+        # node returned it, so the node never takes the other copy in between
+        returned = keys.job_returned(fields.job, fields.index)
+        marker = self.node_id if fields.replicated else ""
+        await self.gw.handover(
+            keys=[keys.TASKS, keys.RESULTS, returned],
+            args=[keys.NODES_GROUP, m.task_id, marker, RETURNED_TTL_S, *flat],
+        )
+        self.held.pop(m.task_id, None)
         self.done += 1
         if fields.backup_of or await self.gw.r.exists(keys.backup_marker(m.task_id)):
             # a task with a backup copy: whichever copy is first, the others stop
@@ -388,7 +388,7 @@ class NodeSession:
             return False
         entry = {**fields.to_redis(), "node": self.node_id, "output": b"", "elapsed_ms": 0, "decide": 1}
         flat: list[object] = [x for kv in entry.items() for x in kv]
-        await self.gw.handover(keys=[keys.TASKS, keys.RESULTS], args=[keys.NODES_GROUP, task_id, *flat])
+        await self.gw.handover(keys=[keys.TASKS, keys.RESULTS], args=[keys.NODES_GROUP, task_id, "", 0, *flat])
         return False
 
     async def _assign(self, task_id: str, fields: TaskFields) -> None:

@@ -39,10 +39,17 @@ return n
 """
 
 # Hand a result over: add it to the results stream and drop the task entry, in one step.
+# ARGV: group, task entry id, node id to add to set KEYS[3] ('' for none), that set's TTL
+# in seconds, the result's fields. The set (`keys.job_returned`) names the nodes whose
+# result for a replicated subtask is on its way: never marked unless the result is in.
 HANDOVER_LUA = """
-redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
+if ARGV[3] ~= '' then
+  redis.call('SADD', KEYS[3], ARGV[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
+end
 return 1
 """
 
