@@ -28,7 +28,7 @@ from rq.exceptions import StopRequested
 
 from ..shared import keys
 from ..shared.jobs import JobRecord, JobState, block_reader, load_job
-from ..shared.queue import COMMIT_LUA, TaskFields, ensure_groups, node_of_consumer
+from ..shared.queue import COMMIT_LUA, TaskFields, ensure_groups, live_node_ids
 from ..shared.service import StopFlag, captured_signals, instance_name, run_forever, start_beating
 from ..shared.settings import Settings
 from ..shared.tasks import JobFiles, Verdict, plugin_and_params
@@ -198,7 +198,7 @@ class Aggregator:
             self.r.set(keys.job_first_vote(job.id, task.index), node.encode() + b"\n" + output, ex=VOTES_TTL_S)
             if not fresh:  # the same node again (its copy came back to it): another node must confirm
                 self.r.xadd(keys.TASKS, task.retry().to_redis())
-            if not self._confirmers(job.id, task.index):
+            if not self._confirmers(job.id, task.index) or self.r.exists(keys.job_decided(job.id, task.index)):
                 # nobody else to ask: the cheap check passed, and that is what we have
                 self.r.hincrby(keys.STATS, "replicas_unconfirmed", 1)
                 return []
@@ -212,21 +212,21 @@ class Aggregator:
         # a mismatch: one more node breaks the tie
         log.warning("job %s: task %d results differ (%d votes); asking one more node", job.id, task.index, count)
         self.r.hincrby(keys.STATS, "replicas_disputed", 1)
-        self.r.xadd(keys.TASKS, task.retry().to_redis())
-        self._drop(entry_id)
+        self._redo(task, entry_id)
         return "quorum"
 
     def _confirmers(self, job_id: str, index: int) -> set[str]:
         """Live nodes that have not returned a result for this replicated subtask."""
-        since = time.time() - self.node_timeout_s
-        live = {node_of_consumer(c.decode()) for c in self.r.zrangebyscore(keys.NODES, since, "+inf")}
+        live = live_node_ids(self.r, self.node_timeout_s)
         return live - {v.decode() for v in self.r.hkeys(keys.job_votes(job_id, index))}
 
     def _decide(self, job: JobRecord, task: TaskFields, entry_id: bytes) -> str:
         """A gateway found no other node for a replicated subtask's copy: accept the one
-        result in, if there is one (if not, that result will decide when it comes)."""
+        result in, if there is one (if not, that result decides when it comes: its node may
+        still be live and so count as a confirmer)."""
         first = self.r.get(keys.job_first_vote(job.id, task.index))
         if first is None:
+            self.r.set(keys.job_decided(job.id, task.index), 1, ex=VOTES_TTL_S)
             self._drop(entry_id)
             return "dropped"
         node, _, output = first.partition(b"\n")

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .shared import keys
 from .shared.exceptions import JobNotFound, ProcessDistroError
 from .shared.jobs import JobRecord, JobState, load_job, new_job_id, store_blocks
+from .shared.queue import live_node_ids
 from .shared.tasks import get_plugin
 
 
@@ -106,7 +107,7 @@ def list_jobs(r: redis.Redis, limit: int = 50) -> list[JobRecord]:
 
 
 def list_nodes(r: redis.Redis, node_timeout_s: float) -> list[dict[str, str]]:
-    live = {c.decode().split("~", 1)[0] for c in r.zrangebyscore(keys.NODES, time.time() - node_timeout_s, "+inf")}
+    live = live_node_ids(r, node_timeout_s)
     nodes = []
     for key in r.scan_iter(match=keys.node("*"), count=500):
         h = {k.decode(): v.decode() for k, v in r.hgetall(key).items()}

@@ -41,7 +41,7 @@ from ..shared.protocol import (
     Welcome,
     node_message_adapter,
 )
-from ..shared.queue import MAX_TASK_ATTEMPTS, TaskFields, consumer_name, node_of_consumer
+from ..shared.queue import MAX_TASK_ATTEMPTS, TaskFields, consumer_name, live_since, node_ids
 from ..shared.tasks import PLUGINS
 
 if TYPE_CHECKING:
@@ -260,10 +260,6 @@ class NodeSession:
         )
         self.held.pop(m.task_id, None)
         self.done += 1
-        if fields.backup_of or await self.gw.r.exists(keys.backup_marker(m.task_id)):
-            # a task with a backup copy: whichever copy is first, the others stop
-            control = {"type": "drop_copies", "job_id": fields.job, "index": fields.index, "winner": m.task_id}
-            await self.gw.r.publish(keys.CONTROL, json.dumps(control))
         self.gw.metrics.latency.observe(elapsed)
         # observed speed per kind: an exponentially weighted average of task time
         field = f"ewma_ms:{fields.kind}"
@@ -274,7 +270,12 @@ class NodeSession:
         pipe.lpush(keys.LATENCY, round(sample, 2))
         pipe.ltrim(keys.LATENCY, 0, 199)
         pipe.hset(keys.node(self.node_id), field, round(self.ewma[field], 2))
-        await pipe.execute()
+        pipe.exists(keys.backup_marker(m.task_id))
+        backed_up = (await pipe.execute())[-1]
+        if fields.backup_of or backed_up:
+            # a task with a backup copy: whichever copy is first, the others stop
+            control = {"type": "drop_copies", "job_id": fields.job, "index": fields.index, "winner": m.task_id}
+            await self.gw.r.publish(keys.CONTROL, json.dumps(control))
 
     async def _failed(self, m: TaskFailed) -> None:
         held = self.held.pop(m.task_id, None)
@@ -331,24 +332,36 @@ class NodeSession:
         """Take parked replicated copies this node may run (it has neither run nor holds
         their subtask): they go before the stream."""
         r = self.gw.r
-        for raw_id in await r.srandmember(keys.PARKED, UNPARK_LOOK) or []:
+        ids = [i.decode() for i in await r.srandmember(keys.PARKED, UNPARK_LOOK) or []]
+        if not ids:
+            return
+        pipe = r.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.xrange(keys.TASKS, task_id, task_id)
+        found = [
+            (tid, TaskFields.from_redis(es[0][1])) for tid, es in zip(ids, await pipe.execute(), strict=True) if es
+        ]
+        if gone := set(ids) - {tid for tid, _ in found}:
+            await r.srem(keys.PARKED, *gone)
+        pipe = r.pipeline(transaction=False)
+        for _tid, fields in found:
+            pipe.sismember(keys.job_returned(fields.job, fields.index), self.node_id)
+        returned = await pipe.execute() if found else []
+        for (task_id, fields), ran in zip(found, returned, strict=True):
             if self.want <= 0:
                 return
-            task_id = raw_id.decode()
-            entries = await r.xrange(keys.TASKS, task_id, task_id)
-            if not entries:
-                await r.srem(keys.PARKED, task_id)
-                continue
-            fields = TaskFields.from_redis(entries[0][1])
-            if await self._holds_or_returned(fields):
+            if ran or self._holds(fields):
                 continue
             if await r.srem(keys.PARKED, task_id) != 1:
                 continue  # another node took it first
             if await r.xclaim(keys.TASKS, keys.NODES_GROUP, self.consumer, 0, [task_id]):
                 await self._assign(task_id, fields)
 
+    def _holds(self, fields: TaskFields) -> bool:
+        return any(h.fields.job == fields.job and h.fields.index == fields.index for h in self.held.values())
+
     async def _holds_or_returned(self, fields: TaskFields) -> bool:
-        if any(h.fields.job == fields.job and h.fields.index == fields.index for h in self.held.values()):
+        if self._holds(fields):
             return True
         return bool(await self.gw.r.sismember(keys.job_returned(fields.job, fields.index), self.node_id))
 
@@ -369,18 +382,21 @@ class NodeSession:
 
     async def _may_replicate(self, task_id: str, fields: TaskFields) -> bool:
         """A copy of a replicated subtask goes only to a node that has neither returned nor
-        holds a copy of it. If no other live node could take it: with at most one result in,
-        the aggregator is told to accept that one (`decide`); with a tie, it waits for a node."""
+        holds a copy of it. If no other live node could take it: with at most one valid
+        result (vote), the aggregator is told to accept that one (`decide`); with a tie, the
+        copy waits for a node. A rejected result leaves its node returned, but not a voter."""
         r = self.gw.r
         if await r.sismember(keys.job_done(fields.job), fields.index):
             await self.gw.drop_task(task_id)
             return False
         if not await self._holds_or_returned(fields):
             return True
-        voters = {v.decode() for v in await r.smembers(keys.job_returned(fields.job, fields.index))}
-        since = time.time() - self.gw.settings.node_timeout_s
-        live = {node_of_consumer(c.decode()) for c in await r.zrangebyscore(keys.NODES, since, "+inf")}
-        if live - voters - {self.node_id} or len(voters) >= 2:
+        pipe = r.pipeline(transaction=False)
+        pipe.smembers(keys.job_returned(fields.job, fields.index))
+        pipe.hlen(keys.job_votes(fields.job, fields.index))
+        pipe.zrangebyscore(keys.NODES, live_since(self.gw.settings.node_timeout_s), "+inf")
+        returned, votes, conns = await pipe.execute()
+        if node_ids(conns) - {n.decode() for n in returned} - {self.node_id} or votes >= 2:
             # park it (pending for a consumer that never reads) until a node that may run it
             # asks for work: at the stream's end it would wait for everything else
             await r.xclaim(keys.TASKS, keys.NODES_GROUP, keys.PARKED_CONSUMER, 0, [task_id])

@@ -29,7 +29,7 @@ from ..shared.capacity import NodeView, parts_per_task, worth_moving
 from ..shared.exceptions import ProcessDistroError
 from ..shared.jobs import JobRecord, JobState, drop_blocks, event, load_job
 from ..shared.modules import ModuleRegistry
-from ..shared.queue import REQUEUE_LUA, TaskFields, ensure_groups, node_of_consumer
+from ..shared.queue import REQUEUE_LUA, TaskFields, ensure_groups, live_node_ids, node_of_consumer
 from ..shared.service import StopFlag, beat, captured_signals, instance_name, run_forever
 from ..shared.settings import Settings
 from ..shared.tasks import PLUGINS, get_plugin, plugin_and_params
@@ -173,12 +173,11 @@ class Scheduler:
         return max(MIN_BACKLOG, 4 * room)
 
     def _live_nodes(self) -> dict[str, NodeView]:
-        conns = self.r.zrangebyscore(keys.NODES, time.time() - self.settings.node_timeout_s, "+inf")
-        node_ids = sorted({node_of_consumer(c.decode()) for c in conns})
+        ids = sorted(live_node_ids(self.r, self.settings.node_timeout_s))
         pipe = self.r.pipeline(transaction=False)
-        for node_id in node_ids:
+        for node_id in ids:
             pipe.hgetall(keys.node(node_id))
-        return {n: NodeView.of(n, h) for n, h in zip(node_ids, pipe.execute(), strict=True) if h}
+        return {n: NodeView.of(n, h) for n, h in zip(ids, pipe.execute(), strict=True) if h}
 
     def feed(self) -> int:
         """Top the backlog up. Higher priority first; jobs of equal priority share the
@@ -387,8 +386,7 @@ class Scheduler:
         ids = [_text(i) for i in self.r.smembers(keys.PARKED)]
         if not ids:
             return 0
-        conns = self.r.zrangebyscore(keys.NODES, time.time() - self.settings.node_timeout_s, "+inf")
-        live = {node_of_consumer(_text(c)) for c in conns}
+        live = live_node_ids(self.r, self.settings.node_timeout_s)
         moved = 0
         for entry_id in ids:
             entries = self.r.xrange(keys.TASKS, entry_id, entry_id)
@@ -400,8 +398,9 @@ class Scheduler:
             if self.r.sismember(keys.job_done(task.job), task.index):
                 self._drop_parked(entry_id)
                 continue
-            voters = {_text(v) for v in self.r.smembers(keys.job_returned(task.job, task.index))}
-            if not live - voters and len(voters) < 2 and self.r.srem(keys.PARKED, entry_id):
+            returned = {_text(v) for v in self.r.smembers(keys.job_returned(task.job, task.index))}
+            votes = self.r.hlen(keys.job_votes(task.job, task.index))
+            if not live - returned and votes < 2 and self.r.srem(keys.PARKED, entry_id):
                 moved += int(self.requeue(keys=[keys.TASKS], args=[keys.NODES_GROUP, 0, entry_id]))
         return moved
 

@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .protocol import MAX_PARTS
+from .queue import consumer_name
 
 SLOT_MEMORY_GB = 0.25  # a module instance's memory cap and its worker's overhead, roughly
 EWMA_PREFIX = b"ewma_ms:"
@@ -61,7 +62,7 @@ class NodeView:
     def of(cls, node_id: str, h: dict[bytes, bytes]) -> NodeView:
         ewma = {k[len(EWMA_PREFIX) :].decode(): float(v) for k, v in h.items() if k.startswith(EWMA_PREFIX) and v}
         score = float(h[b"score"]) if h.get(b"score") else None
-        consumer = f"{node_id}~{h.get(b'connection', b'').decode()}"
+        consumer = consumer_name(node_id, h.get(b"connection", b"").decode())
         return cls(node_id, consumer, int(h.get(b"slots", 1)), score or None, ewma)
 
     def task_ms(self, kind: str, peers: Iterable[NodeView]) -> float | None:

@@ -73,6 +73,12 @@ def job_returned(job_id: str, index: int) -> str:
     return f"{PREFIX}job:{job_id}:returned:{index}"
 
 
+def job_decided(job_id: str, index: int) -> str:
+    """Set (TTL 1 day) when no other node could confirm a replicated subtask before its one
+    result reached the aggregator: that result is accepted when it comes."""
+    return f"{PREFIX}job:{job_id}:decided:{index}"
+
+
 def job_first_vote(job_id: str, index: int) -> str:
     """The first result of a replicated subtask, kept until a second node confirms it (TTL 1 day)."""
     return f"{PREFIX}job:{job_id}:vote:{index}"

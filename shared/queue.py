@@ -10,8 +10,12 @@ requeued as a fresh entry (node gone, failed, result rejected), or its job is ov
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+import redis
 
 from . import keys
 
@@ -142,6 +146,21 @@ def consumer_name(node_id: str, connection: str) -> str:
 
 def node_of_consumer(consumer: str) -> str:
     return consumer.split("~", 1)[0]
+
+
+def live_since(node_timeout_s: float) -> float:
+    """The lowest `keys.NODES` score (last heartbeat) of a live connection."""
+    return time.time() - node_timeout_s
+
+
+def node_ids(connections: Iterable[bytes | str]) -> set[str]:
+    """The node ids behind `keys.NODES` members (connection consumer names)."""
+    return {node_of_consumer(c.decode() if isinstance(c, bytes) else c) for c in connections}
+
+
+def live_node_ids(r: redis.Redis, node_timeout_s: float) -> set[str]:
+    """Nodes with a connection that has sent a frame within `node_timeout_s`."""
+    return node_ids(r.zrangebyscore(keys.NODES, live_since(node_timeout_s), "+inf"))
 
 
 # Every consumer group, with the stream it reads.

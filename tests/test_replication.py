@@ -119,3 +119,16 @@ def test_no_node_runs_both_copies_while_the_aggregator_lags(
         inputs = [m["input_b64"] for m in node.received if m["type"] == "task"]
         assert len(inputs) > 100  # both nodes did a share
         assert len(set(inputs)) == len(inputs), f"node ran {len(inputs) - len(set(inputs))} subtasks twice"
+
+
+def test_a_rejected_copy_does_not_count_as_a_vote(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+    """Every tile replicated; a liar the cheap check always catches. Its rejected copies make
+    it a node that returned the tile but not a voter: the remaining copy is not left waiting
+    for a tie-breaker that can never come, and the job finishes exactly."""
+    proc = submit(controller, tmp_path, "--tile", "64", "--replicate", "1")
+    liar = PyNode(controller.url, controller.join_code, corrupt=lambda out: flip_first_pixel(out[::-1]))
+    honest = PyNode(controller.url, controller.join_code)
+    run_async(run_nodes_until(proc, liar, honest, timeout=60))
+    assert proc.returncode == 0, (tmp_path / "submit.log").read_text() + controller.logs()
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
+    assert liar.closed_with == 4004 and int(r.hget(keys.node(liar.device_id), "completed") or 0) == 0
