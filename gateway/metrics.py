@@ -6,7 +6,6 @@ numbers; the latency histogram is this gateway's own (Prometheus sums across gat
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +15,27 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ..shared import keys
+from ..shared.queue import live_since, node_ids
+
+COUNTERS = {  # STATS field -> (metric name, help)
+    "tasks_completed": ("processdistro_tasks_completed", "Subtask results merged"),
+    "tasks_duplicate": ("processdistro_tasks_duplicate", "Duplicate results discarded"),
+    "tasks_rejected": ("processdistro_tasks_rejected", "Results that failed verification"),
+    "tasks_requeued": ("processdistro_tasks_requeued", "Subtasks requeued from gone or failing nodes"),
+    "tasks_stolen": (
+        "processdistro_tasks_stolen",
+        "Unstarted subtasks moved from slower to idle nodes",
+    ),
+    "tasks_backup": ("processdistro_tasks_backup", "Backup copies of stragglers' subtasks"),
+    "copies_cancelled": ("processdistro_copies_cancelled", "Losing copies stopped when the first result came"),
+    "parts_bundled": ("processdistro_parts_bundled", "Subtasks sent as further parts of a longer task"),
+    "replicas_confirmed": ("processdistro_replicas_confirmed", "Replicated subtasks two nodes agreed on"),
+    "replicas_disputed": ("processdistro_replicas_disputed", "Replicated subtasks whose results differed"),
+    "replicas_unconfirmed": (
+        "processdistro_replicas_unconfirmed",
+        "Replicated subtasks accepted on one checked result (no other node to ask)",
+    ),
+}
 
 
 class _ClusterCollector(Collector):
@@ -38,38 +58,8 @@ class _ClusterCollector(Collector):
         }
         for field, (name, doc) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=float(s.get(field, 0)))
-        counters = {
-            "tasks_completed": ("processdistro_tasks_completed", "Subtask results merged"),
-            "tasks_duplicate": ("processdistro_tasks_duplicate", "Duplicate results discarded"),
-            "tasks_rejected": ("processdistro_tasks_rejected", "Results that failed verification"),
-            "tasks_requeued": ("processdistro_tasks_requeued", "Subtasks requeued from gone or failing nodes"),
-            "tasks_stolen": (
-                "processdistro_tasks_stolen",
-                "Unstarted subtasks moved from slower to idle nodes",
-            ),
-            "tasks_backup": ("processdistro_tasks_backup", "Backup copies of stragglers' subtasks"),
-            "copies_cancelled": ("processdistro_copies_cancelled", "Losing copies stopped when the first result came"),
-            "parts_bundled": ("processdistro_parts_bundled", "Subtasks sent as further parts of a longer task"),
-            "replicas_confirmed": ("processdistro_replicas_confirmed", "Replicated subtasks two nodes agreed on"),
-            "replicas_disputed": ("processdistro_replicas_disputed", "Replicated subtasks whose results differed"),
-            "replicas_unconfirmed": (
-                "processdistro_replicas_unconfirmed",
-                "Replicated subtasks accepted on one checked result (no other node to ask)",
-            ),
-        }
-        for field, (name, doc) in counters.items():
+        for field, (name, doc) in COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=float(s.get(field, 0)))
-
-
-SCHEDULING_COUNTERS = (
-    "tasks_stolen",
-    "tasks_backup",
-    "copies_cancelled",
-    "parts_bundled",
-    "replicas_confirmed",
-    "replicas_disputed",
-    "replicas_unconfirmed",
-)
 
 
 class GatewayMetrics:
@@ -92,36 +82,31 @@ class GatewayMetrics:
         )
 
     async def snapshot(self, r: aredis.Redis, node_timeout_s: float) -> dict[str, Any]:
-        now = time.time()
         pipe = r.pipeline(transaction=False)
-        pipe.zrangebyscore(keys.NODES, now - node_timeout_s, "+inf")
+        pipe.zrangebyscore(keys.NODES, live_since(node_timeout_s), "+inf")
         pipe.xlen(keys.TASKS)
         pipe.xpending(keys.TASKS, keys.NODES_GROUP)
         pipe.hgetall(keys.STATS)
         pipe.zcard(keys.ACTIVE_JOBS)
         pipe.lrange(keys.LATENCY, 0, -1)
         conns, length, pending, stats, active, lat = await pipe.execute()
-        node_ids = sorted({c.decode().split("~", 1)[0] for c in conns})
+        live = sorted(node_ids(conns))
         scores: list[float] = []
-        if node_ids:
+        if live:
             pipe = r.pipeline(transaction=False)
-            for n in node_ids:
+            for n in live:
                 pipe.hget(keys.node(n), "score")
             scores = [float(s) for s in await pipe.execute() if s]
         running = int(pending["pending"]) if pending else 0
         st = {k.decode(): int(v) for k, v in stats.items()}
         latencies = [float(x) for x in lat]
         return {
-            "nodes_connected": len(node_ids),
+            "nodes_connected": len(live),
             "avg_score": round(sum(scores) / len(scores), 1) if scores else 0.0,
             "tasks_queued": max(0, int(length) - running),
             "tasks_running": running,
-            "tasks_completed": st.get("tasks_completed", 0),
             "avg_latency_ms": round(sum(latencies) / len(latencies), 1) if latencies else 0.0,
-            "tasks_duplicate": st.get("tasks_duplicate", 0),
-            "tasks_rejected": st.get("tasks_rejected", 0),
-            "tasks_requeued": st.get("tasks_requeued", 0),
-            **{name: st.get(name, 0) for name in SCHEDULING_COUNTERS},
+            **{field: st.get(field, 0) for field in COUNTERS},
             "jobs_active": int(active),
         }
 

@@ -248,16 +248,9 @@ class NodeSession:
             await self.refuse(ErrorCode.INVALID, "output_b64 is not base64")
             return
         elapsed = time.monotonic() - sent
-        entry = {**fields.to_redis(), "node": self.node_id, "output": output, "elapsed_ms": m.elapsed_ms}
-        flat: list[object] = [x for kv in entry.items() for x in kv]
         # a replicated copy stays in `held` until the handover has also recorded that this
         # node returned it, so the node never takes the other copy in between
-        returned = keys.job_returned(fields.job, fields.index)
-        marker = self.node_id if fields.replicated else ""
-        await self.gw.handover(
-            keys=[keys.TASKS, keys.RESULTS, returned],
-            args=[keys.NODES_GROUP, m.task_id, marker, RETURNED_TTL_S, *flat],
-        )
+        await self._hand_over(m.task_id, fields, output, m.elapsed_ms, returned=fields.replicated)
         self.held.pop(m.task_id, None)
         self.done += 1
         self.gw.metrics.latency.observe(elapsed)
@@ -402,10 +395,28 @@ class NodeSession:
             await r.xclaim(keys.TASKS, keys.NODES_GROUP, keys.PARKED_CONSUMER, 0, [task_id])
             await r.sadd(keys.PARKED, task_id)
             return False
-        entry = {**fields.to_redis(), "node": self.node_id, "output": b"", "elapsed_ms": 0, "decide": 1}
-        flat: list[object] = [x for kv in entry.items() for x in kv]
-        await self.gw.handover(keys=[keys.TASKS, keys.RESULTS], args=[keys.NODES_GROUP, task_id, "", 0, *flat])
+        await self._hand_over(task_id, fields, b"", 0, decide=1)
         return False
+
+    async def _hand_over(
+        self,
+        task_id: str,
+        fields: TaskFields,
+        output: bytes,
+        elapsed_ms: float,
+        *,
+        returned: bool = False,
+        **extra: object,
+    ) -> None:
+        """Move a task entry into the results stream as this node's result (HANDOVER_LUA);
+        `returned` also records the node in the subtask's `keys.job_returned`."""
+        entry = {**fields.to_redis(), "node": self.node_id, "output": output, "elapsed_ms": elapsed_ms, **extra}
+        flat: list[object] = [x for kv in entry.items() for x in kv]
+        marker = self.node_id if returned else ""
+        await self.gw.handover(
+            keys=[keys.TASKS, keys.RESULTS, keys.job_returned(fields.job, fields.index)],
+            args=[keys.NODES_GROUP, task_id, marker, RETURNED_TTL_S, *flat],
+        )
 
     async def _assign(self, task_id: str, fields: TaskFields) -> None:
         if not await self._usable(task_id, fields):

@@ -299,15 +299,14 @@ class Scheduler:
             if per_consumer[consumer] <= (node.slots if node else 1):
                 running.append(p)
         made = 0
+        peers = list(nodes.values())
         for p in sorted(running, key=lambda p: -int(p["time_since_delivered"])):
             out_ms = int(p["time_since_delivered"])
             if made >= idle_slots or out_ms < BACKUP_MIN_MS:
                 break
             entry_id = _text(p["message_id"])
             holder = nodes.get(node_of_consumer(_text(p["consumer"])))
-            slower = holder is not None and worth_moving(
-                holder, idle, kind_of(entry_id), BACKUP_SPEEDUP, list(nodes.values())
-            )
+            slower = holder is not None and worth_moving(holder, idle, kind_of(entry_id), BACKUP_SPEEDUP, peers)
             kind = PLUGINS.get(kind_of(entry_id))
             # a later part of a task waits for the parts before it: allow a whole task's time
             stuck = max(stuck_ms, 1.5 * self.settings.target_task_s * 1000) if kind and kind.adaptive else stuck_ms
@@ -390,11 +389,11 @@ class Scheduler:
         moved = 0
         for entry_id in ids:
             entries = self.r.xrange(keys.TASKS, entry_id, entry_id)
-            job = load_job(self.r, TaskFields.from_redis(entries[0][1]).job) if entries else None
-            if not entries or job is None or job.state not in (JobState.QUEUED, JobState.RUNNING):
+            task = TaskFields.from_redis(entries[0][1]) if entries else None
+            job = load_job(self.r, task.job) if task else None
+            if task is None or job is None or job.state not in (JobState.QUEUED, JobState.RUNNING):
                 self._drop_parked(entry_id)
                 continue
-            task = TaskFields.from_redis(entries[0][1])
             if self.r.sismember(keys.job_done(task.job), task.index):
                 self._drop_parked(entry_id)
                 continue

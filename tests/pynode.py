@@ -182,9 +182,7 @@ class PyNode:
         except httpx.HTTPStatusError as exc:  # e.g. the job ended and its blocks are gone
             failed = {"type": "task_failed", "task_id": part["task_id"], "message": f"input: {exc}"[:2000]}
             await ws.send(json.dumps(failed))
-            if not queue[0]:
-                queue.popleft()
-                await ws.send(json.dumps({"type": "ready", "free": capacity - len(queue)}))
+            await self._part_done(ws, queue, capacity)
             return
         while time.monotonic() - started < self.delay:  # a slow device, heartbeating as it works
             await asyncio.sleep(min(0.5, self.delay))
@@ -201,7 +199,11 @@ class PyNode:
             )
         )
         self.done += 1
-        if not queue[0]:  # the task's last part
+        await self._part_done(ws, queue, capacity)
+
+    @staticmethod
+    async def _part_done(ws: Any, queue: deque[list[dict[str, Any]]], capacity: int) -> None:
+        if not queue[0]:  # the task's last part: a slot is free
             queue.popleft()
             await ws.send(json.dumps({"type": "ready", "free": capacity - len(queue)}))
 
