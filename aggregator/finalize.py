@@ -19,26 +19,12 @@ from rq import Queue, get_current_job
 from rq.job import Job, JobStatus
 
 from ..shared import keys
-from ..shared.jobs import JobState, block_reader, drop_blocks, event, load_job
+from ..shared.jobs import JobState
 from ..shared.service import instance_alive
+from ..shared.store.jobs import JobStore, block_reader, drop_blocks, event, load_job
 from ..shared.tasks import JobFiles, get_plugin
 
 log = logging.getLogger(__name__)
-
-DONE_LUA = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'finalizing' then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'done', 'outputs', ARGV[1], 'finished', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'finalized', 1)
-redis.call('ZREM', KEYS[2], ARGV[3])
-return 1
-"""
-
-FAIL_LUA = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'finalizing' then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[1], 'finished', ARGV[2])
-redis.call('ZREM', KEYS[2], ARGV[3])
-return 1
-"""
 
 
 def rq_job_id(job_id: str) -> str:
@@ -95,15 +81,18 @@ def finalize_job(job_id: str, data_dir: str) -> str:
         outputs = plugin.finalize(files, plugin.parse_params(job.params))
     except Exception as exc:
         log.error("job %s: finalize failed: %s", job_id, exc)
-        client.register_script(FAIL_LUA)(
-            keys=[keys.job(job_id), keys.ACTIVE_JOBS],
-            args=[f"finalize failed: {exc}\n{traceback.format_exc(limit=3)}", time.time(), job_id],
+        JobStore(client).transition(
+            job_id,
+            JobState.FINALIZING,
+            JobState.FAILED,
+            error=f"finalize failed: {exc}\n{traceback.format_exc(limit=3)}",
+            finished=time.time(),
         )
         drop_blocks(client, job_id)
         event(client, "job", job_id=job_id, state="failed", error=str(exc))
         return "failed"
-    won = client.register_script(DONE_LUA)(
-        keys=[keys.job(job_id), keys.ACTIVE_JOBS], args=[json.dumps(outputs), time.time(), job_id]
+    won = JobStore(client).transition(
+        job_id, JobState.FINALIZING, JobState.DONE, outputs=json.dumps(outputs), finished=time.time()
     )
     if won:
         drop_blocks(client, job_id)

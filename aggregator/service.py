@@ -27,51 +27,18 @@ from rq import Queue, SimpleWorker
 from rq.exceptions import StopRequested
 
 from ..shared import keys
-from ..shared.jobs import JobRecord, JobState, block_reader, load_job
-from ..shared.queue import COMMIT_LUA, TaskFields, ensure_groups, live_node_ids
+from ..shared.jobs import JobRecord, JobState
+from ..shared.queue import TaskFields
 from ..shared.service import StopFlag, captured_signals, instance_name, run_forever, start_beating
 from ..shared.settings import Settings
+from ..shared.store.jobs import block_reader, load_job
+from ..shared.store.scripts import CLAIM_LUA, COMMIT_LUA, EARLY_LUA, UNMERGE_LUA, VOTE_LUA
+from ..shared.store.streams import ensure_groups, full_input, live_node_ids
 from ..shared.tasks import JobFiles, Verdict, plugin_and_params
 from .finalize import enqueue_finalize, finalizer_name
 
 log = logging.getLogger(__name__)
 
-EARLY_LUA = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'finalizing')
-return 1
-"""
-# Take a merged index back (its node was banned): it is computed again and merged anew.
-UNMERGE_LUA = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
-if redis.call('SREM', KEYS[2], ARGV[1]) == 0 then return 0 end
-redis.call('HDEL', KEYS[3], ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'done', -1)
-return 1
-"""
-# The first valid result for an index claims it (by its result entry id); a claim by the
-# same entry (redelivered after a crash) still counts as ours.
-CLAIM_LUA = """
-local owner = redis.call('HGET', KEYS[1], ARGV[1])
-if not owner then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  return 1
-end
-if owner == ARGV[2] then return 1 end
-return 0
-"""
-# One node's vote on a replicated subtask: node -> sha256 of its result. Returns
-# {1 if the node had not voted yet, number of votes, votes equal to this one}.
-VOTE_LUA = """
-local fresh = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-local all = redis.call('HVALS', KEYS[1])
-local same = 0
-for i = 1, #all do
-  if all[i] == ARGV[2] then same = same + 1 end
-end
-return {fresh, #all, same}
-"""
 MAX_VOTES = 5  # distinct results for one replicated subtask before its job fails
 VOTES_TTL_S = 86_400
 MERGED_MEMORY = 10_000  # merged results remembered per node, for recomputation after a ban
@@ -123,7 +90,7 @@ class Aggregator:
         task = TaskFields.from_redis(f)
         if f.get(b"decide") == b"1":
             return self._decide(job, task, entry_id)
-        if plugin.verify(params, index, task.full_input(self.r), output, self.rng) is Verdict.REJECT:
+        if plugin.verify(params, index, full_input(self.r, task), output, self.rng) is Verdict.REJECT:
             log.warning("job %s: task %d from node %s failed verification; redoing it", job_id, index, node)
             self._redo(task, entry_id)
             self._reject(node)
@@ -150,7 +117,7 @@ class Aggregator:
             return self._duplicate(entry_id)
         files = JobFiles.under(self.data_dir, job_id, block_reader(self.r, job_id))
         plugin.merge(files, params, index, output)
-        outcome = self.commit(keys=self._commit_keys(job_id), args=[keys.AGGREGATORS_GROUP, entry_id, index])
+        outcome = self.commit(keys=self._commit_keys(job_id), args=[keys.AGGREGATORS_GROUP, entry_id, index, job_id])
         outcome = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
         pipe = self.r.pipeline(transaction=False)
         pipe.hincrby(keys.node(node), "completed", 1)
@@ -259,7 +226,7 @@ class Aggregator:
 
     def finish_early(self, job_id: str) -> int:
         """running -> finalizing once; gateways stop the job's queued and running tasks."""
-        won = int(self._early(keys=[keys.job(job_id)]))
+        won = int(self._early(keys=[keys.job(job_id)], args=[job_id]))
         if won:
             self.r.publish(keys.CONTROL, json.dumps({"type": "cancel_job", "job_id": job_id}))
         return won
@@ -328,7 +295,7 @@ class Aggregator:
 
 
 def run(settings: Settings) -> None:
-    from ..shared.redisconn import sync_client
+    from ..shared.store.connection import sync_client
 
     client = sync_client(settings.resolved_redis_url())
     ensure_groups(client)

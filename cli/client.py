@@ -14,8 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .shared import keys
 from .shared.exceptions import JobNotFound, ProcessDistroError
-from .shared.jobs import JobRecord, JobState, load_job, new_job_id, store_blocks
-from .shared.queue import live_node_ids
+from .shared.jobs import JobRecord, JobState, new_job_id
+from .shared.store.jobs import load_job, store_blocks
+from .shared.store.streams import live_node_ids
 from .shared.tasks import get_plugin
 
 

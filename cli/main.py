@@ -36,7 +36,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _redis(settings: Settings) -> Any:
-    from .shared.redisconn import sync_client
+    from .shared.store.connection import sync_client
 
     return sync_client(settings.resolved_redis_url())
 
@@ -152,7 +152,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_result(args: argparse.Namespace, settings: Settings) -> int:
     from . import client
-    from .shared.jobs import load_job
+    from .shared.store.jobs import load_job
 
     r = _redis(settings)
     job = load_job(r, args.job)

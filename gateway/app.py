@@ -46,8 +46,10 @@ from ..shared.capacity import plan_slots
 from ..shared.jobs import JobState
 from ..shared.modules import ModuleRegistry
 from ..shared.protocol import CloseCode, NodeAccepted, NodeReport
-from ..shared.queue import HANDOVER_LUA, REQUEUE_LUA, ensure_groups_async, node_of_consumer
+from ..shared.queue import node_of_consumer
 from ..shared.settings import Settings
+from ..shared.store.scripts import HANDOVER_LUA, REQUEUE_LUA
+from ..shared.store.streams import ensure_groups_async
 from .auth import TokenSigner, TokenStatus, ensure_join_code, ensure_secret, origin_allowed, within_rate
 from .metrics import GatewayMetrics
 from .session import NodeSession
@@ -145,7 +147,7 @@ def _client_ip(request: Request | WebSocket) -> str:
 
 
 def create_app(settings: Settings, *, redis_client: aredis.Redis | None = None) -> Starlette:
-    from ..shared.redisconn import async_client
+    from ..shared.store.connection import async_client
 
     r = redis_client or async_client(settings.resolved_redis_url())
     static_dir = settings.static_path

@@ -15,7 +15,6 @@ Loop (about every 100 ms):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import logging
@@ -26,12 +25,16 @@ import redis
 
 from ..shared import keys
 from ..shared.capacity import NodeView, parts_per_task, worth_moving
+from ..shared.core.replication import sampled
 from ..shared.exceptions import ProcessDistroError
-from ..shared.jobs import JobRecord, JobState, drop_blocks, event, load_job
+from ..shared.jobs import JobRecord, JobState
 from ..shared.modules import ModuleRegistry
-from ..shared.queue import REQUEUE_LUA, TaskFields, ensure_groups, live_node_ids, node_of_consumer
+from ..shared.queue import TaskFields, node_of_consumer
 from ..shared.service import StopFlag, beat, captured_signals, instance_name, run_forever
 from ..shared.settings import Settings
+from ..shared.store.jobs import drop_blocks, event, load_job
+from ..shared.store.scripts import REQUEUE_LUA
+from ..shared.store.streams import ensure_groups, live_node_ids
 from ..shared.tasks import PLUGINS, get_plugin, plugin_and_params
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,6 @@ BACKUP_SPEEDUP = 0.67  # back up a running task for an idle node at least this m
 BACKUP_STUCK_MIN_MS = 1500  # ... or one out for longer than this and than
 BACKUP_FACTOR = 3.0  # this many typical task times (a node that stalled)
 COMMAND_CLAIM_IDLE_MS = 3_000
-REPLICA_FREE_TAIL = 0.1  # the share of a job's last subtasks never replicated (unless --replicate 1)
 
 
 class Scheduler:
@@ -341,7 +343,7 @@ class Scheduler:
                 break
             index = job.next_index + offset
             fields = TaskFields(job.id, index, job.kind, module, sub.input, blocks=sub.blocks)
-            if _sampled(job.id, index, job.total, job.replicate):
+            if sampled(job.id, index, job.total, job.replicate):
                 fields = dataclasses.replace(fields, replicated=True)
                 replicas.append(fields)
             pipe.xadd(keys.TASKS, fields.to_redis())
@@ -440,16 +442,6 @@ class Scheduler:
             self._last_reap = now
 
 
-def _sampled(job_id: str, index: int, total: int, share: float) -> bool:
-    """Is subtask `index` one of the job's replicated share? Stable across restarts. Below
-    a share of 1 the last tenth of a job is left out: a confirmation that only a slow node
-    can give would hold up the job's end."""
-    if share <= 0 or (share < 1 and index >= total * (1 - REPLICA_FREE_TAIL)):
-        return False
-    digest = hashlib.sha256(f"{job_id}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") < share * 2**64
-
-
 PARKED_CONSUMER_B = keys.PARKED_CONSUMER.encode()
 
 
@@ -458,7 +450,7 @@ def _text(value: bytes | str) -> str:
 
 
 def run(settings: Settings) -> None:
-    from ..shared.redisconn import sync_client
+    from ..shared.store.connection import sync_client
 
     client = sync_client(settings.resolved_redis_url())
     ensure_groups(client)

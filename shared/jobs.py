@@ -4,8 +4,10 @@
        \\         \\            \\
         `---------`------------`--> failed | cancelled
 
-Each job is a hash at `keys.job(id)`; `keys.JOBS` orders all jobs by submit time and
-`keys.ACTIVE_JOBS` holds the ones not yet terminal (what the scheduler feeds).
+`TRANSITIONS` is the table of allowed moves; every write of a job's state goes through
+`store.jobs.JobStore.transition` (or the same compare-and-set inside a store script), which
+refuses a move not in it. Each job is a hash at `keys.job(id)`; `keys.JOBS` orders all jobs
+by submit time and `keys.ACTIVE_JOBS` holds the ones not yet terminal (what the scheduler feeds).
 """
 
 from __future__ import annotations
@@ -13,12 +15,9 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
-
-from . import keys
 
 
 class JobState(StrEnum):
@@ -31,7 +30,39 @@ class JobState(StrEnum):
 
     @property
     def terminal(self) -> bool:
-        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+        return self in TERMINAL
+
+    @property
+    def live(self) -> bool:
+        """Its tasks may still run: queued or running (not finalizing: a search that found
+        its answer stops its other tasks)."""
+        return self in LIVE
+
+
+LIVE = frozenset({JobState.QUEUED, JobState.RUNNING})
+TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
+
+# (from, to) -> who makes the move. Anything else is refused.
+TRANSITIONS: dict[tuple[JobState, JobState], str] = {
+    (JobState.QUEUED, JobState.RUNNING): "scheduler: first subtasks fed",
+    (JobState.RUNNING, JobState.FINALIZING): "aggregator: last index merged, or the answer found early",
+    (JobState.FINALIZING, JobState.DONE): "finalizer: output files written",
+    (JobState.FINALIZING, JobState.FAILED): "finalizer: output files could not be written",
+    (JobState.QUEUED, JobState.CANCELLED): "scheduler: cancel command",
+    (JobState.RUNNING, JobState.CANCELLED): "scheduler: cancel command",
+    (JobState.FINALIZING, JobState.CANCELLED): "scheduler: cancel command",
+    (JobState.QUEUED, JobState.FAILED): "scheduler: fail command",
+    (JobState.RUNNING, JobState.FAILED): "scheduler: fail command",
+}
+
+
+def allowed(frm: JobState, to: JobState) -> bool:
+    return (frm, to) in TRANSITIONS
+
+
+def sources(to: JobState) -> frozenset[JobState]:
+    """The states a job may move to `to` from."""
+    return frozenset(f for f, t in TRANSITIONS if t is to)
 
 
 def new_job_id() -> str:
@@ -92,45 +123,3 @@ class JobRecord:
             "outputs": self.outputs,
             "params": self.params,
         }
-
-
-def load_job(client: Any, job_id: str) -> JobRecord | None:
-    h = client.hgetall(keys.job(job_id))
-    return JobRecord.from_hash(h) if h else None
-
-
-def event(client: Any, kind: str, **fields: Any) -> None:
-    payload = {"type": kind, "ts": time.time(), **fields}
-    client.xadd(keys.EVENTS, {"event": json.dumps(payload)}, maxlen=keys.EVENTS_MAXLEN, approximate=True)
-
-
-def store_blocks(client: Any, job_id: str, blocks: dict[str, bytes]) -> None:
-    """Store a job's shared input blocks (by sha256) before its tasks refer to them."""
-    if not blocks:
-        return
-    pipe = client.pipeline(transaction=False)
-    for sha, data in blocks.items():
-        pipe.set(keys.block(job_id, sha), data)
-    pipe.sadd(keys.job_blocks(job_id), *blocks)
-    pipe.execute()
-
-
-def drop_blocks(client: Any, job_id: str) -> None:
-    """Free what a finished job kept in Redis for its subtasks: blocks and merge claims."""
-    shas = [s.decode() for s in client.smembers(keys.job_blocks(job_id))]
-    pipe = client.pipeline(transaction=False)
-    for sha in shas:
-        pipe.delete(keys.block(job_id, sha))
-    pipe.delete(keys.job_blocks(job_id))
-    pipe.delete(keys.job_claims(job_id))
-    pipe.execute()
-
-
-def block_reader(client: Any, job_id: str) -> Callable[[str], bytes]:
-    def read(sha: str) -> bytes:
-        data = client.get(keys.block(job_id, sha))
-        if data is None:
-            raise KeyError(f"block {sha} of job {job_id} is gone")
-        return bytes(data)
-
-    return read

@@ -16,7 +16,8 @@ from conftest import Controller
 from mandel_ref import reference_counts
 from processdistro import client
 from processdistro.shared import keys
-from processdistro.shared.jobs import JobState, load_job
+from processdistro.shared.jobs import JobState
+from processdistro.shared.store.jobs import load_job
 from pynode import PyNode, run_async
 
 CHAOS_S = 40  # how long the killing goes on (jobs are sized to outlast it)

@@ -13,7 +13,8 @@ from conftest import Controller
 from processdistro import client
 from processdistro.shared import keys
 from processdistro.shared.exceptions import ParamsError
-from processdistro.shared.jobs import JobState, load_job
+from processdistro.shared.jobs import JobState
+from processdistro.shared.store.jobs import load_job
 from processdistro.shared.tasks import get_plugin
 from test_e2e_browser import close_all, join
 

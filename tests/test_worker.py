@@ -22,8 +22,9 @@ from conftest import Controller
 from mandel_ref import reference_counts
 from processdistro import client
 from processdistro.shared import keys
-from processdistro.shared.jobs import JobState, load_job
+from processdistro.shared.jobs import JobState
 from processdistro.shared.redis_server import free_port
+from processdistro.shared.store.jobs import load_job
 from processdistro.worker.device import claim_identity
 from processdistro.worker.exceptions import DeadlineExceeded, MemoryCapReached, ModuleStatus
 from processdistro.worker.node import parse_join_url

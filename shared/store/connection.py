@@ -9,7 +9,7 @@ import redis.asyncio as aredis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from .exceptions import ConfigError
+from ..exceptions import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,89 @@
+"""Jobs in Redis: the record, its state moves, its shared input blocks, the events stream.
+
+`JobStore.transition` is the only way a job's state is written outside the two store
+scripts that move `running -> finalizing` inside a larger atomic step (`COMMIT_LUA`,
+`EARLY_LUA`): both go through the same Lua `move`, a compare-and-set checked against
+`jobs.TRANSITIONS`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import redis
+
+from .. import keys
+from ..jobs import JobRecord, JobState, allowed
+from .scripts import TRANSITION_LUA
+
+
+def load_job(client: redis.Redis, job_id: str) -> JobRecord | None:
+    h = client.hgetall(keys.job(job_id))
+    return JobRecord.from_hash(h) if h else None
+
+
+def event(client: redis.Redis, kind: str, **fields: Any) -> None:
+    payload = {"type": kind, "ts": time.time(), **fields}
+    client.xadd(keys.EVENTS, {"event": json.dumps(payload)}, maxlen=keys.EVENTS_MAXLEN, approximate=True)
+
+
+class JobStore:
+    """A job's record and its state machine, with a sync client (scheduler, aggregator, CLI)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+        self._transition = client.register_script(TRANSITION_LUA)
+
+    def load(self, job_id: str) -> JobRecord | None:
+        return load_job(self.r, job_id)
+
+    def transition(
+        self, job_id: str, frm: JobState | Iterable[JobState], to: JobState, **fields: str | float | int
+    ) -> bool:
+        """Move the job to `to` if it is in (one of) `frm`, writing `fields` with the move, in
+        one compare-and-set. False if its state was another one by then. Raises ValueError
+        for a move `jobs.TRANSITIONS` does not allow."""
+        sources = [frm] if isinstance(frm, JobState) else list(frm)
+        for f in sources:
+            if not allowed(f, to):
+                raise ValueError(f"a job may not move from {f.value} to {to.value}")
+        if not sources:
+            return False
+        flat = [x for kv in fields.items() for x in kv]
+        args = [job_id, to.value, ",".join(s.value for s in sources), *flat]
+        return bool(self._transition(keys=[keys.job(job_id), keys.ACTIVE_JOBS], args=args))
+
+
+def store_blocks(client: redis.Redis, job_id: str, blocks: dict[str, bytes]) -> None:
+    """Store a job's shared input blocks (by sha256) before its tasks refer to them."""
+    if not blocks:
+        return
+    pipe = client.pipeline(transaction=False)
+    for sha, data in blocks.items():
+        pipe.set(keys.block(job_id, sha), data)
+    pipe.sadd(keys.job_blocks(job_id), *blocks)
+    pipe.execute()
+
+
+def drop_blocks(client: redis.Redis, job_id: str) -> None:
+    """Free what a finished job kept in Redis for its subtasks: blocks and merge claims."""
+    shas = [s.decode() for s in client.smembers(keys.job_blocks(job_id))]
+    pipe = client.pipeline(transaction=False)
+    for sha in shas:
+        pipe.delete(keys.block(job_id, sha))
+    pipe.delete(keys.job_blocks(job_id))
+    pipe.delete(keys.job_claims(job_id))
+    pipe.execute()
+
+
+def block_reader(client: redis.Redis, job_id: str) -> Callable[[str], bytes]:
+    def read(sha: str) -> bytes:
+        data = client.get(keys.block(job_id, sha))
+        if data is None:
+            raise KeyError(f"block {sha} of job {job_id} is gone")
+        return bytes(data)
+
+    return read

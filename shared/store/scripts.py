@@ -1,0 +1,166 @@
+"""Every Lua script ProcessDistro runs, each naming its KEYS and ARGV at the top.
+
+A script is what must happen atomically: a task entry leaving the stream with its result,
+a requeue that two processes may race, the first result claiming an index, a job's state
+changing. Every change of a job's state goes through the one Lua function `MOVE_FN`, which
+is a compare-and-set against the table `jobs.TRANSITIONS`: `TRANSITION_LUA` calls it for a
+single move, and `COMMIT_LUA`/`EARLY_LUA` call it inside their larger steps.
+"""
+
+from __future__ import annotations
+
+from ..jobs import TERMINAL, JobState, allowed
+
+assert allowed(JobState.RUNNING, JobState.FINALIZING)  # what COMMIT_LUA and EARLY_LUA do
+
+_TERMINAL_LUA = ", ".join(f"['{s.value}'] = true" for s in sorted(TERMINAL))
+
+# move(job_key, active_key, job_id, to, from_csv) -> true if the job was in one of the
+# states of `from_csv` and is now `to`. A terminal state leaves `keys.ACTIVE_JOBS`;
+# `done` counts `finalized` (a job is finalized once: tests read the count).
+MOVE_FN = f"""
+local TERMINAL = {{{_TERMINAL_LUA}}}
+local function move(job_key, active_key, job_id, to, from_csv)
+  local state = redis.call('HGET', job_key, 'state')
+  if not state then return false end
+  local ok = false
+  for s in string.gmatch(from_csv, '[^,]+') do
+    if s == state then ok = true end
+  end
+  if not ok then return false end
+  redis.call('HSET', job_key, 'state', to)
+  if TERMINAL[to] then redis.call('ZREM', active_key, job_id) end
+  if to == 'done' then redis.call('HINCRBY', job_key, 'finalized', 1) end
+  return true
+end
+"""
+
+TRANSITION_LUA = (
+    MOVE_FN
+    + """
+local job_key, active_key = KEYS[1], KEYS[2]
+local job_id, to, from_csv = ARGV[1], ARGV[2], ARGV[3]
+-- ARGV[4..]: field, value pairs written with the move (error, finished, outputs...)
+if not move(job_key, active_key, job_id, to, from_csv) then return 0 end
+if #ARGV >= 5 then redis.call('HSET', job_key, unpack(ARGV, 4)) end
+return 1
+"""
+)
+
+# Requeue entries: ACK wins once, so two processes racing to requeue the same entry
+# (a gateway on socket close, the scheduler's reaper) add only one copy.
+REQUEUE_LUA = """
+local tasks = KEYS[1]
+local group, bump = ARGV[1], tonumber(ARGV[2])
+-- bump 1: the copy counts one more attempt; 0: a task given back unstarted
+-- ARGV[3..]: the entry ids
+local n = 0
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  if redis.call('XACK', tasks, group, id) == 1 then
+    local e = redis.call('XRANGE', tasks, id, id)
+    if #e > 0 then
+      local f = e[1][2]
+      for j = 1, #f, 2 do
+        if f[j] == 'attempt' then f[j + 1] = tostring(tonumber(f[j + 1]) + bump) end
+      end
+      redis.call('XADD', tasks, '*', unpack(f))
+      n = n + 1
+    end
+    redis.call('XDEL', tasks, id)
+  end
+end
+return n
+"""
+
+# Hand a result over: add it to the results stream and drop the task entry, in one step.
+# The set `returned` (`keys.job_returned`) names the nodes whose result for a replicated
+# subtask is on its way: never marked unless the result is in.
+HANDOVER_LUA = """
+local tasks, results, returned = KEYS[1], KEYS[2], KEYS[3]
+local group, entry, node, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+-- node: '' to mark nobody; ARGV[5..]: the result entry's field, value pairs
+redis.call('XADD', results, '*', unpack(ARGV, 5))
+redis.call('XACK', tasks, group, entry)
+redis.call('XDEL', tasks, entry)
+if node ~= '' then
+  redis.call('SADD', returned, node)
+  redis.call('EXPIRE', returned, ttl)
+end
+return 1
+"""
+
+# Record a merged result: first valid result per index wins; the job moves to
+# `finalizing` exactly once, when the last index is merged.
+COMMIT_LUA = (
+    MOVE_FN
+    + """
+local job_key, done_set, results, stats = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local group, entry, index, job_id = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local added = redis.call('SADD', done_set, index)
+redis.call('XACK', results, group, entry)
+redis.call('XDEL', results, entry)
+if added == 0 then
+  redis.call('HINCRBY', stats, 'tasks_duplicate', 1)
+  return 'duplicate'
+end
+redis.call('HINCRBY', stats, 'tasks_completed', 1)
+local done = redis.call('HINCRBY', job_key, 'done', 1)
+local total = tonumber(redis.call('HGET', job_key, 'total'))
+if total and done >= total and move(job_key, nil, job_id, 'finalizing', 'running') then
+  return 'finalize'
+end
+return 'merged'
+"""
+)
+
+# A job that knows its answer early (a crack hit): running -> finalizing.
+EARLY_LUA = (
+    MOVE_FN
+    + """
+local job_key = KEYS[1]
+local job_id = ARGV[1]
+if move(job_key, nil, job_id, 'finalizing', 'running') then return 1 end
+return 0
+"""
+)
+
+# Take a merged index back (its node was banned): it is computed again and merged anew.
+UNMERGE_LUA = """
+local job_key, done_set, claims = KEYS[1], KEYS[2], KEYS[3]
+local index = ARGV[1]
+if redis.call('HGET', job_key, 'state') ~= 'running' then return 0 end
+if redis.call('SREM', done_set, index) == 0 then return 0 end
+redis.call('HDEL', claims, index)
+redis.call('HINCRBY', job_key, 'done', -1)
+return 1
+"""
+
+# The first valid result for an index claims it (by its result entry id); a claim by the
+# same entry (redelivered after a crash) still counts as ours.
+CLAIM_LUA = """
+local claims = KEYS[1]
+local index, entry = ARGV[1], ARGV[2]
+local owner = redis.call('HGET', claims, index)
+if not owner then
+  redis.call('HSET', claims, index, entry)
+  return 1
+end
+if owner == entry then return 1 end
+return 0
+"""
+
+# One node's vote on a replicated subtask: node -> sha256 of its result. Returns
+# {1 if the node had not voted yet, number of votes, votes equal to this one}.
+VOTE_LUA = """
+local votes = KEYS[1]
+local node, digest, ttl = ARGV[1], ARGV[2], ARGV[3]
+local fresh = redis.call('HSET', votes, node, digest)
+redis.call('EXPIRE', votes, ttl)
+local all = redis.call('HVALS', votes)
+local same = 0
+for i = 1, #all do
+  if all[i] == digest then same = same + 1 end
+end
+return {fresh, #all, same}
+"""
