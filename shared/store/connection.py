@@ -38,3 +38,14 @@ def async_client(url: str | None, *, max_connections: int = 512) -> aredis.Redis
         health_check_interval=30,
         max_connections=max_connections,
     )
+
+
+# What the rest of the code (and the tests) call a client: they name the type through the
+# store and never import redis themselves.
+Client = redis.Redis
+AsyncClient = aredis.Redis
+
+
+def plain_client(url: str) -> Client:
+    """A client without retries, for tests and tools that want a failure to show at once."""
+    return redis.Redis.from_url(url)
