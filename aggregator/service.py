@@ -178,6 +178,7 @@ class Aggregator:
             self.results.fail_job(job.id, decision.reason)
             self.results.drop(entry_id)
             return Handled.NO_QUORUM
+        # QUORUM: the results differ; one more node breaks the tie
         log.warning(
             "job %s: task %d results differ (%d votes); asking one more node", job.id, task.index, vote.ballot.count
         )
