@@ -14,7 +14,6 @@ import time
 import traceback
 from pathlib import Path
 
-import redis
 from rq import Queue, get_current_job
 from rq.job import Job, JobStatus
 
@@ -22,6 +21,7 @@ from ..shared import keys
 from ..shared.jobs import JobState
 from ..shared.service import instance_alive
 from ..shared.store.jobs import JobStore, block_reader, drop_blocks, event, load_job
+from ..shared.store.results import Client
 from ..shared.tasks import JobFiles, get_plugin
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def rq_job_id(job_id: str) -> str:
     return f"finalize-{job_id}"
 
 
-def enqueue_finalize(client: redis.Redis, job_id: str, data_dir: Path) -> None:
+def enqueue_finalize(client: Client, job_id: str, data_dir: Path) -> None:
     """Enqueue the finalize job unless one is queued, running or finished already."""
     existing = None
     try:
@@ -60,7 +60,7 @@ def finalizer_name(instance: str) -> str:
     return f"{instance}{FINALIZER_SEP}{random.getrandbits(24):06x}"
 
 
-def _runner_alive(client: redis.Redis, job: Job) -> bool:
+def _runner_alive(client: Client, job: Job) -> bool:
     worker = job.worker_name or ""
     if FINALIZER_SEP not in worker:
         return True  # not one of ours: trust rq's own bookkeeping
@@ -70,7 +70,7 @@ def _runner_alive(client: redis.Redis, job: Job) -> bool:
 def finalize_job(job_id: str, data_dir: str) -> str:
     current = get_current_job()
     assert current is not None, "finalize_job runs inside an rq worker"
-    client: redis.Redis = current.connection
+    client: Client = current.connection
     job = load_job(client, job_id)
     if job is None or job.state is not JobState.FINALIZING:
         return f"skipped ({job.state.value if job else 'missing'})"

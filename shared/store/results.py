@@ -1,0 +1,260 @@
+"""The results stream and what the aggregator keeps beside it, with a sync client.
+
+`ResultStream` is every Redis operation an aggregator makes on a result: read and claim
+entries of `keys.RESULTS` (group `keys.AGGREGATORS_GROUP`), claim an index (`CLAIM_LUA`),
+commit a merge (`COMMIT_LUA`), votes on replicated subtasks (`VOTE_LUA`, the first vote,
+the decided marker), node reputation (rejected counts, bans, what each node merged, taken
+back with `UNMERGE_LUA`), requeued copies, the early finish (`EARLY_LUA`) and the jobs left
+in `finalizing`. Job state moves only inside COMMIT_LUA and EARLY_LUA (the Lua `move`).
+
+A result entry is ACKed and deleted in the same step that disposes of it (commit, drop,
+requeue), never before: an aggregator killed in between leaves it pending, and another
+claims it (`claim_abandoned`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TypeAlias
+
+import redis
+
+from .. import keys
+from ..core.replication import Ballot
+from ..jobs import JobState
+from ..messages import Ban, CancelJob, Command, Control, Fail
+from ..queue import TaskFields, live_since, node_ids
+from .scripts import CLAIM_LUA, COMMIT_LUA, EARLY_LUA, UNMERGE_LUA, VOTE_LUA
+
+#: The sync client type, for code outside the store that passes one along (rq's queue and
+#: worker, `store.jobs` functions) without importing redis itself.
+Client: TypeAlias = redis.Redis
+
+#: One result entry: its stream id and its fields (`TaskFields` plus `output`, `node`, `decide`).
+Entry: TypeAlias = tuple[bytes, dict[bytes, bytes]]
+
+VOTES_TTL_S = 86_400
+MERGED_MEMORY = 10_000  # merged results remembered per node, for recomputation after a ban
+CLAIM_IDLE_MS = 10_000  # a live aggregator merges a batch in well under this
+BATCH = 64  # result entries per read
+
+
+class Commit(StrEnum):
+    """What COMMIT_LUA did with a merged result."""
+
+    MERGED = "merged"
+    DUPLICATE = "duplicate"  # the index was in the done set already
+    FINALIZE = "finalize"  # the last index: the job moved running -> finalizing
+
+
+@dataclass(frozen=True)
+class Vote:
+    """A vote on a replicated subtask, with what the decision needs, read right after it."""
+
+    ballot: Ballot
+    #: sha256 (hex) of the voted result
+    digest: str
+    #: node -> digest of every vote on the subtask, this one included
+    votes: dict[str, str]
+    #: a gateway decided to accept the one result (`keys.job_decided`)
+    decided: bool
+    #: live node ids
+    live: set[str]
+
+
+# These two are what `store.commands` offers (`send_command`, `publish_control`); switch to
+# it once both are on one branch.
+def _send_command(client: Client, command: Command) -> None:
+    client.xadd(keys.COMMANDS, {"command": command.encode()})
+
+
+def _publish_control(client: Client, message: Control) -> None:
+    client.publish(keys.CONTROL, message.encode())
+
+
+class ResultStream:
+    """An aggregator's view of `keys.RESULTS` and of the replication and reputation records."""
+
+    def __init__(self, client: Client, *, consumer: str, node_timeout_s: float) -> None:
+        self.r = client
+        self.consumer = consumer
+        self.node_timeout_s = node_timeout_s
+        self._commit = client.register_script(COMMIT_LUA)
+        self._early = client.register_script(EARLY_LUA)
+        self._unmerge = client.register_script(UNMERGE_LUA)
+        self._claim = client.register_script(CLAIM_LUA)
+        self._vote = client.register_script(VOTE_LUA)
+
+    # ------------------------------------------------------------ entries
+
+    def read(self, block_ms: int = 500) -> list[Entry]:
+        """New result entries for this consumer (they stay pending until disposed of)."""
+        resp = self.r.xreadgroup(
+            keys.AGGREGATORS_GROUP, self.consumer, {keys.RESULTS: ">"}, count=BATCH, block=block_ms
+        )
+        return [entry for _stream, entries in resp or [] for entry in entries]
+
+    def claim_abandoned(self) -> list[Entry]:
+        """Results a dead aggregator read but never finished."""
+        reply = self.r.xautoclaim(
+            keys.RESULTS, keys.AGGREGATORS_GROUP, self.consumer, CLAIM_IDLE_MS, "0-0", count=BATCH
+        )
+        entries = reply[1]  # Redis 7 adds a third element (deleted ids); 6.2 has two
+        return [(eid, f) for eid, f in entries if f]
+
+    def drop(self, entry_id: bytes) -> None:
+        """Dispose of a result entry, unmerged."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xack(keys.RESULTS, keys.AGGREGATORS_GROUP, entry_id)
+        pipe.xdel(keys.RESULTS, entry_id)
+        pipe.execute()
+
+    def duplicate(self, entry_id: bytes) -> None:
+        """Dispose of a result for an index merged already, counting it."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hincrby(keys.STATS, "tasks_duplicate", 1)
+        pipe.xack(keys.RESULTS, keys.AGGREGATORS_GROUP, entry_id)
+        pipe.xdel(keys.RESULTS, entry_id)
+        pipe.execute()
+
+    def requeue(self, task: TaskFields, entry_id: bytes) -> None:
+        """Dispose of a result that is not taken and queue the subtask again (attempt + 1),
+        in one step."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xadd(keys.TASKS, task.retry().to_redis())
+        pipe.xack(keys.RESULTS, keys.AGGREGATORS_GROUP, entry_id)
+        pipe.xdel(keys.RESULTS, entry_id)
+        pipe.execute()
+
+    def queue_copy(self, task: TaskFields) -> None:
+        """Queue `task` as it is (the caller chooses `task.retry()` or a fresh one)."""
+        self.r.xadd(keys.TASKS, task.to_redis())
+
+    # ------------------------------------------------------------ merging
+
+    def is_done(self, job_id: str, index: int) -> bool:
+        return bool(self.r.sismember(keys.job_done(job_id), index))
+
+    def claim(self, job_id: str, index: int, entry_id: bytes) -> bool:
+        """Claim the index for this result entry before touching the files: only the first
+        valid result may write. A claim by the same entry (redelivered) is still ours."""
+        return bool(self._claim(keys=[keys.job_claims(job_id)], args=[index, entry_id]) == 1)
+
+    def commit(self, job_id: str, index: int, entry_id: bytes) -> Commit:
+        """The result is merged: add the index to the done set and dispose of the entry."""
+        outcome = self._commit(
+            keys=[keys.job(job_id), keys.job_done(job_id), keys.RESULTS, keys.STATS],
+            args=[keys.AGGREGATORS_GROUP, entry_id, index, job_id],
+        )
+        return Commit(outcome.decode() if isinstance(outcome, bytes) else str(outcome))
+
+    def unmerge(self, job_id: str, index: int) -> bool:
+        """Take a merged index back while its job runs (its node was banned); False if the
+        job is not running or the index is not merged."""
+        return bool(
+            int(self._unmerge(keys=[keys.job(job_id), keys.job_done(job_id), keys.job_claims(job_id)], args=[index]))
+        )
+
+    def finish_early(self, job_id: str) -> bool:
+        """running -> finalizing once; gateways hear `cancel_job` and stop its tasks."""
+        won = bool(int(self._early(keys=[keys.job(job_id)], args=[job_id])))
+        if won:
+            _publish_control(self.r, CancelJob(job_id=job_id))
+        return won
+
+    def fail_job(self, job_id: str, reason: str) -> None:
+        """Ask the scheduler to fail the job (it owns that move)."""
+        _send_command(self.r, Fail(job_id=job_id, reason=reason))
+
+    def finalizing_jobs(self) -> list[str]:
+        """Active jobs in `finalizing` (the sweep enqueues their finalize job again)."""
+        job_ids = [j.decode() for j in self.r.zrange(keys.ACTIVE_JOBS, 0, -1)]
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(keys.job(job_id), "state")
+        states = pipe.execute()
+        return [j for j, s in zip(job_ids, states, strict=True) if s == JobState.FINALIZING.value.encode()]
+
+    def count(self, stat: str) -> None:
+        """One more of a cluster-wide counter (`keys.STATS`)."""
+        self.r.hincrby(keys.STATS, stat, 1)
+
+    # ------------------------------------------------------------ votes
+
+    def vote(self, job_id: str, index: int, node: str, output: bytes) -> Vote:
+        """Record the node's vote (the sha256 of its result), then read what a decision
+        needs. A first vote is remembered, with the result, before the reads, so that a
+        `decide` handled meanwhile finds it."""
+        votes_key = keys.job_votes(job_id, index)
+        digest = hashlib.sha256(output).hexdigest()
+        fresh, count, same = (int(x) for x in self._vote(keys=[votes_key], args=[node, digest, VOTES_TTL_S]))
+        ballot = Ballot(fresh=bool(fresh), count=count, same=same)
+        pipe = self.r.pipeline(transaction=False)
+        if ballot.first:
+            pipe.set(keys.job_first_vote(job_id, index), node.encode() + b"\n" + output, ex=VOTES_TTL_S)
+        pipe.hgetall(votes_key)
+        pipe.exists(keys.job_decided(job_id, index))
+        pipe.zrangebyscore(keys.NODES, live_since(self.node_timeout_s), "+inf")
+        *_, votes, decided, live = pipe.execute()
+        return Vote(
+            ballot=ballot,
+            digest=digest,
+            votes={n.decode(): d.decode() for n, d in votes.items()},
+            decided=bool(decided),
+            live=node_ids(live),
+        )
+
+    def first_vote(self, job_id: str, index: int) -> tuple[str, bytes] | None:
+        """The node and result of a replicated subtask's only vote, if it is in."""
+        first = self.r.get(keys.job_first_vote(job_id, index))
+        if first is None:
+            return None
+        node, _, output = bytes(first).partition(b"\n")
+        return node.decode(), output
+
+    def forget_first_vote(self, job_id: str, index: int) -> None:
+        self.r.delete(keys.job_first_vote(job_id, index))
+
+    def mark_decided(self, job_id: str, index: int) -> None:
+        """Remember a `decide` that came before the one result: that result is accepted."""
+        self.r.set(keys.job_decided(job_id, index), 1, ex=VOTES_TTL_S)
+
+    # ------------------------------------------------------------ nodes
+
+    def banned(self, node: str) -> bool:
+        return bool(self.r.hget(keys.node(node), "banned") == b"1")
+
+    def credit(self, node: str, job_id: str, index: int) -> None:
+        """Count a merged result for its node, and remember it: a later ban has it redone."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hincrby(keys.node(node), "completed", 1)
+        pipe.lpush(keys.node_merged(node), f"{job_id}:{index}")
+        pipe.ltrim(keys.node_merged(node), 0, MERGED_MEMORY - 1)
+        pipe.execute()
+
+    def reject(self, node: str) -> int:
+        """Count a wrong result against its node; returns the node's count with this one."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hincrby(keys.node(node), "rejected", 1)
+        pipe.hincrby(keys.STATS, "tasks_rejected", 1)
+        return int(pipe.execute()[0])
+
+    def ban(self, node: str) -> bool:
+        """Ban the node (gateways close its sockets and refuse it). False if it was banned
+        already: only the first ban goes on to redo what it merged."""
+        if not self.r.hsetnx(keys.node(node), "banned_at", time.time()):
+            return False
+        self.r.hset(keys.node(node), "banned", 1)
+        _publish_control(self.r, Ban(node_id=node))
+        return True
+
+    def merged_by(self, node: str) -> list[tuple[str, int]]:
+        """(job id, index) of the results the node merged, newest first."""
+        items = (item.decode().rpartition(":") for item in self.r.lrange(keys.node_merged(node), 0, -1))
+        return [(job_id, int(index)) for job_id, _, index in items]
+
+    def forget_merged(self, node: str) -> None:
+        self.r.delete(keys.node_merged(node))
