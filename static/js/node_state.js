@@ -146,34 +146,44 @@ export class NodeState {
         return;
       case ServerType.TASK:
         return this.#task(out, frame);
-      case ServerType.CANCEL:
-        for (const id of Array.isArray(frame.task_ids) ? frame.task_ids : []) this.#cancel(out, id);
+      case ServerType.CANCEL: {
+        // Every named part goes first, so a task whose running part is stopped moves on only to
+        // a part that is not cancelled too.
+        const stopped = [];
+        for (const id of Array.isArray(frame.task_ids) ? frame.task_ids : []) this.#cancel(out, id, stopped);
+        for (const task of stopped) this.#advance(out, task);
+        this.queue = this.queue.filter((t) => t.waiting.length > 0);
         this.#pump(out);
         this.#ready(out);
         return;
+      }
       default:
       // token and error frames are the session's business; unknown types are ignored
     }
   }
 
   #task(out, frame) {
-    const id = frame.task_id;
-    if (typeof id !== "string") return;
-    // A duplicate (the server resent what we hold or have done): nothing changes.
-    if (this.outbox.has(id) || this.held().includes(id)) return;
-    const parts = [frame, ...(Array.isArray(frame.more) ? frame.more : [])].map((p) => ({
-      task_id: p.task_id,
-      input_b64: p.input_b64,
-      blocks: Array.isArray(p.blocks) ? p.blocks : [],
-    }));
+    this.lastReady = -1; // the server counted this task against our last ready
+    // Parts held already or reported-but-unsent (the server resent them) are dropped.
+    const held = new Set(this.held());
+    const parts = [];
+    for (const p of [frame, ...(Array.isArray(frame.more) ? frame.more : [])]) {
+      if (!p || typeof p.task_id !== "string" || held.has(p.task_id)) continue;
+      held.add(p.task_id);
+      parts.push({ task_id: p.task_id, input_b64: p.input_b64, blocks: Array.isArray(p.blocks) ? p.blocks : [] });
+    }
+    if (!parts.length) {
+      this.#ready(out); // nothing new: the room the server counted against us is still free
+      return;
+    }
     this.queue.push(new Task(frame, parts));
     this.tasksReceived++;
     this.partsReceived += parts.length;
-    this.lastReady = -1; // the server counted this task against our last ready
     this.#pump(out);
   }
 
-  #cancel(out, id) {
+  /** Drop part `id`: unsent, waiting or running; a task whose running part stops joins `stopped`. */
+  #cancel(out, id, stopped) {
     this.outbox.delete(id);
     for (const task of [...this.running.values(), ...this.queue]) {
       task.waiting = task.waiting.filter((p) => p.task_id !== id);
@@ -181,10 +191,9 @@ export class NodeState {
         // The module may loop for a long time: the runner must stop it. The task goes on.
         task.current = null;
         out.push({ stop: id });
-        this.#advance(out, task);
+        stopped.push(task);
       }
     }
-    this.queue = this.queue.filter((t) => t.waiting.length > 0);
   }
 
   // -------------------------------------------------------------- tasks

@@ -1,14 +1,14 @@
 // Runs every case of the shared node behaviour table against static/js/node_state.js.
 //
 // tests/node_cases.json is the table the Python NodeState (worker/state.py) is held to as
-// well; PD_NODE_CASES points at another copy while developing. tests/js/local_cases.json holds
-// a few cases of this side's own (same format). Each case starts from a fresh NodeState; each
-// step feeds one event and expects the complete, ordered list of instructions. A `send` is
-// compared on the keys the case gives only; `start` and `stop` exactly.
+// well; PD_NODE_CASES points at another copy while developing. Each case starts from a fresh
+// NodeState; each step feeds one event and expects the complete, ordered list of
+// instructions. A `send` is compared on the keys the case gives only; `start` and `stop`
+// exactly.
 
 import assert from "node:assert/strict";
 import { existsSync, readFileSync } from "node:fs";
-import { dirname, join, resolve } from "node:path";
+import { dirname, resolve } from "node:path";
 import { describe, it } from "node:test";
 import { fileURLToPath } from "node:url";
 
@@ -16,7 +16,6 @@ import { NodeState } from "../../static/js/node_state.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const SHARED = process.env.PD_NODE_CASES || resolve(here, "..", "node_cases.json");
-const LOCAL = join(here, "local_cases.json");
 
 /** The instruction as the case would write it: a send cut down to the keys the case names. */
 function comparable(got, want) {
@@ -57,8 +56,4 @@ describe("shared node table", () => {
   if (existsSync(SHARED)) {
     for (const c of table(SHARED)) it(c.name, () => runCase(c));
   }
-});
-
-describe("local node cases", () => {
-  for (const c of existsSync(LOCAL) ? table(LOCAL) : []) it(c.name, () => runCase(c));
 });
