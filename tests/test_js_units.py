@@ -3,6 +3,8 @@
 - tests/js/node_cases.test.mjs: static/js/node_state.js against every case of the shared node
   table tests/node_cases.json (the one the Python NodeState is held to as well).
 - tests/js/pool.test.mjs: static/js/pool.js driven through fake worker endpoints.
+- tests/js/session.test.mjs: static/js/session.js (with the real NodeState, runner, pool and
+  block cache) against a scripted WebSocket, fetch and worker endpoints.
 
 Node >= 18 must be on PATH (CI installs nodejs when it is missing).
 """
@@ -33,7 +35,7 @@ def node() -> str:
 
 
 def test_js_tests_exist() -> None:
-    assert {p.name for p in JS_TESTS} >= {"node_cases.test.mjs", "pool.test.mjs"}
+    assert {p.name for p in JS_TESTS} >= {"node_cases.test.mjs", "pool.test.mjs", "session.test.mjs"}
 
 
 @pytest.mark.parametrize("path", JS_TESTS, ids=[p.name.removesuffix(".test.mjs") for p in JS_TESTS])

@@ -39,6 +39,7 @@ export class Session extends EventTarget {
     fetch = (...args) => globalThis.fetch(...args),
     WebSocket: Socket = globalThis.WebSocket,
     spawnWorker = (name) => new Worker(WORKER_URL, { type: "module", name }),
+    navigator: nav = globalThis.navigator,
   } = {}) {
     super();
     this.joinCode = joinCode;
@@ -47,6 +48,7 @@ export class Session extends EventTarget {
     this.fetch = fetch;
     this.Socket = Socket;
     this.spawnWorker = spawnWorker;
+    this.nav = nav;
     this.state = State.IDLE;
     this.detail = ""; // why we are in `state` (error text, ban reason)
     this.deviceId = null;
@@ -61,7 +63,7 @@ export class Session extends EventTarget {
     this.generation = 0; // bumped by every join and stop, so a stale async step knows it
     this.sleepers = new Set();
     this.node = new NodeState(); // kept across joins: its counters are the page's totals
-    this.screenLock = new ScreenLock();
+    this.screenLock = new ScreenLock(nav);
     this.#reset();
   }
 
@@ -145,7 +147,7 @@ export class Session extends EventTarget {
     try {
       this.#setState(State.BENCHMARKING);
       this.deviceId = deviceId(this.storage);
-      this.device = describeDevice();
+      this.device = describeDevice(this.nav);
       this.log(
         `device: ${this.device.cores} cores, ${this.device.browser || "unknown browser"}, ` +
           `${this.device.os || "unknown OS"}, SIMD ${this.device.simd ? "yes" : "no"}`,
