@@ -10,25 +10,13 @@
 import { CloseCode, ServerType, leave } from "./protocol.js";
 import { BlockCache } from "./blocks.js";
 import { benchmark, benchmarkEntry, describeDevice, deviceId, exportModule } from "./device.js";
+import { ACTIVE, LOG_LINES, State, afterClose } from "./lifecycle.js";
 import { NodeState } from "./node_state.js";
 import { Pool, WorkerClient } from "./pool.js";
 import { backoff, register } from "./register.js";
 import { Runner } from "./runner.js";
 import { ScreenLock } from "./wake_lock.js";
 
-export const State = Object.freeze({
-  IDLE: "idle",
-  BENCHMARKING: "benchmarking",
-  CONNECTING: "connecting",
-  CONNECTED: "connected",
-  RECONNECTING: "reconnecting",
-  LEFT: "left",
-  BANNED: "banned",
-  ERROR: "error",
-});
-
-export const ACTIVE = new Set([State.BENCHMARKING, State.CONNECTING, State.CONNECTED, State.RECONNECTING]);
-export const LOG_LINES = 200;
 const WORKER_URL = new URL("./wasm_worker.js", import.meta.url);
 
 export class Session extends EventTarget {
@@ -316,28 +304,18 @@ export class Session extends EventTarget {
   #onClose(ws, event) {
     if (ws !== this.ws) return;
     this.ws = null;
-    this.node.handle({ disconnected: true });
+    this.#feed({ disconnected: true });
     clearInterval(this.heartbeatTimer);
     if (this.stopped) return;
-    const why = `${event.code}${event.reason ? ` ${event.reason}` : ""}`;
-    if (event.code === CloseCode.BANNED) {
+    const next = afterClose(event.code, event.reason);
+    if (next.stop) {
       this.#stopAll();
-      this.log(`banned by the controller (${why})`);
-      this.#setState(State.BANNED, event.reason || "banned by the controller");
+      this.log(next.log);
+      this.#setState(next.stop, next.detail);
       return;
     }
-    if (event.code === CloseCode.REPLACED || event.code === CloseCode.POLICY) {
-      const detail =
-        event.code === CloseCode.REPLACED
-          ? "this device connected again elsewhere (another tab?)"
-          : "the gateway refused this page's origin";
-      this.#stopAll();
-      this.log(`stopped: ${detail} (${why})`);
-      this.#setState(State.ERROR, detail);
-      return;
-    }
-    if (event.code === CloseCode.BAD_TOKEN) this.needReauth = true;
-    this.log(`connection closed (${why}), reconnecting`);
+    if (next.reauth) this.needReauth = true;
+    this.log(next.log);
     this.#scheduleReconnect();
   }
 

@@ -1,7 +1,7 @@
 // The join page: renders a Session's status and log, and wires the Join and Leave buttons.
 // Only this module touches the page's DOM.
 
-import { ACTIVE, LOG_LINES, State } from "./session.js";
+import { ACTIVE, LOG_LINES, State } from "./lifecycle.js";
 
 /** Bind `agent` (a Session) to the page `doc`; returns a function that renders it now. */
 export function bindPage(doc, agent) {
