@@ -28,8 +28,6 @@ const MAX_IDS = 1024;
 /** One task on this node. */
 class Task {
   constructor(frame, parts) {
-    /** @type {string} the first part's id: the task's key */
-    this.id = parts[0].task_id;
     this.job = frame.job_id;
     this.sha256 = frame.module_sha256;
     this.url = frame.module_url;
@@ -56,8 +54,9 @@ export class NodeState {
     this.welcomed = false;
     /** @type {Task[]} tasks waiting for a slot, in arrival order */
     this.queue = [];
-    /** @type {Map<string, Task>} task id -> task holding a slot (at most `slots`) */
-    this.running = new Map();
+    /** @type {Set<Task>} tasks holding a slot (at most `slots`). Not keyed by id: a part id
+     * reported already may come again as a new task's first part. */
+    this.running = new Set();
     /** @type {Map<string, object>} part id -> result/task_failed frame not yet sent */
     this.outbox = new Map();
     /** The free count last sent in a ready; -1 when the server's count is unknown. */
@@ -226,7 +225,7 @@ export class NodeState {
       out.push({ start: task.current.task_id });
       return false;
     }
-    this.running.delete(task.id);
+    this.running.delete(task);
     return true;
   }
 
@@ -234,7 +233,7 @@ export class NodeState {
   #pump(out) {
     while (this.queue.length && this.running.size < this.slots) {
       const task = this.queue.shift();
-      this.running.set(task.id, task);
+      this.running.add(task);
       this.#advance(out, task);
     }
   }
