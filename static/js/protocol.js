@@ -47,7 +47,7 @@ export const CloseCode = Object.freeze({
   RATE_LIMITED: 4005, // too many connects from this address: reconnect with backoff
 });
 
-/** Operations between agent.js and wasm_worker.js (`{id, op, ...}` requests, `{id, ok, ...}` replies). */
+/** Operations between pool.js and wasm_worker.js (`{id, op, ...}` requests, `{id, ok, ...}` replies). */
 export const WorkerOp = Object.freeze({
   RUN: "run", // {sha256, url, input: ArrayBuffer} -> {output: ArrayBuffer, elapsedMs}
   PRELOAD: "preload", // {sha256, module: WebAssembly.Module} -> {}

@@ -1,4 +1,4 @@
-// A module Web Worker that runs WebAssembly tasks for agent.js, one at a time.
+// A module Web Worker that runs WebAssembly tasks for the agent (pool.js), one at a time.
 //
 // Requests are `{id, op, ...}` (see `WorkerOp` in protocol.js); every request gets exactly
 // one reply `{id, ok: true, ...}` or `{id, ok: false, error: {name, message, stack, status?}}`.
