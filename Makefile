@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install up test wasm wasm-check bench lint schema browser clean
+.PHONY: help install up test wasm wasm-check bench lint schema browser node clean
 
 help:
 	@echo "make up        start ProcessDistro and print the join link"
@@ -35,7 +35,10 @@ up: install
 browser:
 	@bash scripts/ensure_chromium.sh
 
-test: install browser
+node:
+	@bash scripts/ensure_node.sh
+
+test: install browser node
 	$(PY) -m pytest
 
 wasm:
