@@ -1,9 +1,9 @@
 """Mandelbrot: the image is cut into square tiles, one subtask each.
 
-Semantics are fixed to the bit: float64, no fused multiply-add, row 0 at the top (docs/wasm-abi.md,
-`mandelbrot`). The module's input layout is spelled once, here: `INPUT`, `TileInput`,
-`tile_input`; everything else that builds or reads a tile input (tests, benchmarks, the native
-worker's benchmark) uses them.
+Semantics are fixed to the bit: float64, no fused multiply-add, row 0 at the top
+(docs/wasm-abi.md, `mandelbrot`). The module's input layout is spelled once for Python, here:
+`INPUT`, `TileInput`, `tile_input`; Python code that builds or reads a tile input (tests,
+benchmarks) uses them.
 """
 
 from __future__ import annotations
@@ -77,10 +77,10 @@ class MandelbrotParams(BaseModel):
 
     width: int = Field(default=1024, ge=1, le=65536)
     height: int = Field(default=1024, ge=1, le=65536)
-    xmin: float = -2.0
-    xmax: float = 1.0
-    ymin: float = -1.5
-    ymax: float = 1.5
+    xmin: float = DEFAULT_VIEW[0]
+    xmax: float = DEFAULT_VIEW[1]
+    ymin: float = DEFAULT_VIEW[2]
+    ymax: float = DEFAULT_VIEW[3]
     max_iter: int = Field(default=500, ge=1, le=100_000_000)
     tile: int = Field(default=128, ge=4, le=4096, description="tile edge in pixels")
 
