@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from processdistro.shared.tasks.mandelbrot import tile_input
 from rich.console import Console
 
 from . import Report, Table
@@ -81,7 +82,7 @@ class Workload:
 def workloads(quick: bool) -> list[Workload]:
     side = 128 if quick else 256
     max_iter = 500
-    mandel = struct.pack("<4d8I", -2.0, 1.0, -1.5, 1.5, side, side, 0, 0, side, side, max_iter, 0)
+    mandel = tile_input(side, side, 0, 0, side, side, max_iter)  # the whole default view as one tile
     n = 128 if quick else 256
     rng = np.random.default_rng(12345)
     a = rng.standard_normal((n, n))

@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import qrcode
-import redis
 from rich.console import Console
 
-from .shared import keys
 from .shared.redis_server import EmbeddedRedis
 from .shared.settings import Settings
+from .shared.store import client as store
 
 log = logging.getLogger(__name__)
 
@@ -188,15 +187,15 @@ def run_up(settings: Settings, *, console: Console, workers: int = 0) -> int:
 
 
 def _wait_for_gateway(redis_url: str, gateway: Child, timeout: float) -> str | None:
-    client = redis.Redis.from_url(redis_url)
+    client = store.connect(redis_url, retry=False)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             if gateway.process is not None and gateway.process.poll() is not None:
                 return None
-            code = client.get(keys.JOIN_CODE)
+            code = store.join_code(client)
             if code:
-                return str(code.decode())
+                return code
             time.sleep(0.1)
         return None
     finally:

@@ -4,7 +4,11 @@ ProcessDistroError
 ├── ConfigError        settings that cannot work (no Redis reachable, bad paths)
 ├── ParamsError        a job's parameters are refused at submit time
 ├── JobNotFound        no job with that id
-└── ProtocolError      a peer sent something that breaks the protocol
+├── MessageError       a command or control message we do not know (`shared/messages.py`)
+└── WorkerStopped, TaskError   the native worker's own (`worker/exceptions.py`)
+
+A node that breaks the protocol gets an error frame or a close code from its gateway
+(`gateway/session.py`); no exception class stands for it.
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
 """Every Redis key and stream name. No other module spells one.
 
 Streams
-    COMMANDS  CLI -> scheduler (`submit`, `cancel`); group SCHEDULER_GROUP
-    TASKS     scheduler -> gateways; group NODES_GROUP, one consumer per node id, so a
-              node's pending entries are exactly the tasks it holds
+    COMMANDS  CLI, gateways, aggregators -> scheduler (`submit`, `cancel`, `fail`: the
+              `shared.messages.Command` union); group SCHEDULER_GROUP
+    TASKS     scheduler -> gateways; group NODES_GROUP, one consumer per WebSocket
+              connection (`queue.consumer_name`), so a connection's pending entries are
+              exactly the tasks its node holds, and an old connection's cleanup never
+              touches a newer one's
     RESULTS   gateways -> aggregators; group AGGREGATORS_GROUP (scale aggregators freely)
-    EVENTS    job and node events for `processdistro top`/`--wait` (capped length)
+    EVENTS    job events, a capped log for people looking into a run (no service reads it)
 
 Per job: JOB hash, JOB_DONE set of merged task indexes, in JOBS (sorted by submit time)
 and, until terminal, in ACTIVE_JOBS.

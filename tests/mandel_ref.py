@@ -1,8 +1,8 @@
 """Independent NumPy reference for the Mandelbrot task's exact output semantics.
 
-See "Exact output semantics" in shared/design.md and docs/wasm-abi.md. Every step is a
-separate float64 NumPy operation (one rounding each, never a fused multiply-add), so the
-result must equal the WASM kernel's output bit for bit.
+See the `mandelbrot` section of docs/wasm-abi.md. Every step is a separate float64 NumPy
+operation (one rounding each, never a fused multiply-add), so the result must equal the WASM
+kernel's output bit for bit.
 """
 
 from __future__ import annotations

@@ -8,16 +8,16 @@ independent NumPy reference of the output semantics (tests/mandel_ref.py).
 from __future__ import annotations
 
 import math
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 from mandel_ref import reference_counts
+from processdistro.shared.tasks.mandelbrot import DEFAULT_VIEW, INPUT, TileInput, tile_input
 from wasm_kernel import Loaded, WasmKernel, assert_abi, load
 
 WASM_PATH = Path(__file__).resolve().parents[1] / "static" / "wasm" / "mandelbrot.wasm"
-DEFAULT_BOUNDS = (-2.0, 1.0, -1.5, 1.5)
+DEFAULT_BOUNDS = DEFAULT_VIEW
 PAGE = 65536
 
 OK, BAD_LENGTH, BAD_PARAMS, OUT_OF_MEMORY = 0, 1, 2, 3
@@ -34,8 +34,8 @@ def encode(
     bounds: tuple[float, float, float, float] = DEFAULT_BOUNDS,
     reserved: int = 0,
 ) -> bytes:
-    """The 64-byte input: 4 x f64 bounds, then 8 x u32, little-endian."""
-    return struct.pack("<4d8I", *bounds, width, height, x0, y0, tile_w, tile_h, max_iter, reserved)
+    """The 64-byte input (`mandelbrot.INPUT`), with this file's defaults."""
+    return tile_input(width, height, x0, y0, tile_w, tile_h, max_iter, bounds, reserved)
 
 
 class Kernel(WasmKernel):
@@ -43,7 +43,8 @@ class Kernel(WasmKernel):
 
     def tile(self, *args: object, **kw: object) -> np.ndarray:
         data = encode(*args, **kw)  # type: ignore[arg-type]
-        tile_w, tile_h = struct.unpack_from("<2I", data, 48)
+        fields = TileInput.unpack(data)
+        tile_w, tile_h = fields.tile_w, fields.tile_h
         status, out = self.run(data)
         assert status == OK
         assert len(out) == 4 * tile_w * tile_h
@@ -113,14 +114,15 @@ def test_edge_tiles_and_single_pixels(kernel: Kernel) -> None:
 
 
 def test_bad_input_status_codes(kernel: Kernel) -> None:
+    assert INPUT.size == 64  # docs/wasm-abi.md: exactly 64 bytes
     good = encode(16, 8, 0, 0, 16, 8)
     assert kernel.run(good)[0] == OK
-    for data in (b"", good[:63], good + b"\0", good * 2):
+    for data in (b"", good[: INPUT.size - 1], good + b"\0", good * 2):
         assert kernel.run(data)[0] == BAD_LENGTH, len(data)
     # an input range outside linear memory is refused, not read
     size = kernel.memory_bytes()
-    assert kernel.run_at(size - 32, 64)[0] == BAD_LENGTH
-    assert kernel.run_at(0xFFFF_FFC0, 64)[0] == BAD_LENGTH
+    assert kernel.run_at(size - 32, INPUT.size)[0] == BAD_LENGTH
+    assert kernel.run_at(0xFFFF_FFC0, INPUT.size)[0] == BAD_LENGTH
 
     nan, inf = math.nan, math.inf
     bad = [
@@ -139,7 +141,7 @@ def test_bad_input_status_codes(kernel: Kernel) -> None:
         encode(16, 8, 0, 0, 16, 8, bounds=(-1e308, 1e308, -1.5, 1.5)),  # dx overflows
     ]
     for data in bad:
-        assert kernel.run(data)[0] == BAD_PARAMS, struct.unpack("<4d8I", data)
+        assert kernel.run(data)[0] == BAD_PARAMS, TileInput.unpack(data)
     # the instance is still fine afterwards
     np.testing.assert_array_equal(kernel.tile(16, 8, 0, 0, 16, 8), reference_counts(16, 8, *DEFAULT_BOUNDS, 500))
 
@@ -174,10 +176,10 @@ def test_memory_stays_bounded_over_many_runs(kernel: Kernel) -> None:
     assert len(set(sizes[1:])) == 1
 
     # Re-running the same input without a new pd_alloc does not grow memory either.
-    ptr = kernel.alloc(64)
+    ptr = kernel.alloc(INPUT.size)
     kernel.memory.write(kernel.store, encode(width, height, 0, 0, 32, 32, 100), ptr)
     for _ in range(50):
-        status, out = kernel.run_at(ptr, 64)
+        status, out = kernel.run_at(ptr, INPUT.size)
         assert status == OK
         np.testing.assert_array_equal(np.frombuffer(out, dtype="<u4").reshape(32, 32), want[:32, :32])
     assert kernel.memory_bytes() == sizes[-1]

@@ -1,4 +1,10 @@
-"""Task plugins by kind."""
+"""Task plugins by kind.
+
+`PLUGINS` is the one registry: the scheduler, gateways and aggregators look a job's kind up
+in it, and the CLI builds one `submit <kind>` subcommand per entry. A new kind is a module
+with a `TaskPlugin` subclass, added to the tuple below (or `register`ed at import time by
+code that runs before the CLI builds its parser, such as a test).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,19 @@ from .matmul import MatmulPlugin
 PLUGINS: dict[str, TaskPlugin[Any]] = {
     p.kind: p for p in (MandelbrotPlugin(), MatmulPlugin(), HashPlugin(), CrackPlugin())
 }
+
+
+def register(plugin: TaskPlugin[Any]) -> None:
+    """Add a plugin under its kind; refuses a kind that is taken. Every process that handles
+    the kind (CLI, scheduler, gateways, aggregators) must register it."""
+    if plugin.kind in PLUGINS:
+        raise ValueError(f"task kind {plugin.kind!r} is registered already")
+    PLUGINS[plugin.kind] = plugin
+
+
+def unregister(kind: str) -> None:
+    """Remove a kind (tests that registered one)."""
+    PLUGINS.pop(kind, None)
 
 
 _PARSED: dict[str, tuple[TaskPlugin[Any], Any]] = {}
@@ -40,4 +59,15 @@ def get_plugin(kind: str) -> TaskPlugin[Any]:
         raise ParamsError(f"unknown task kind {kind!r}; known: {', '.join(sorted(PLUGINS))}") from None
 
 
-__all__ = ["plugin_and_params", "PLUGINS", "JobFiles", "Prepared", "Subtask", "TaskPlugin", "Verdict", "get_plugin"]
+__all__ = [
+    "plugin_and_params",
+    "PLUGINS",
+    "JobFiles",
+    "Prepared",
+    "Subtask",
+    "TaskPlugin",
+    "Verdict",
+    "get_plugin",
+    "register",
+    "unregister",
+]

@@ -1,12 +1,17 @@
 """The task plugin interface: everything task-specific lives in a plugin on the controller.
 
 A node only ever sees `(module sha256, input bytes) -> output bytes`. The scheduler calls
-`count` and `split`; the aggregator calls `verify`, `merge` and `finalize`; the CLI calls
-`params` (through `parse_params`) so bad parameters are refused at submit time.
+`count` and `split`; the aggregator calls `verify`, `merge` and `finalize`. The CLI builds
+`processdistro submit <kind>` from the plugin (`describe`, `add_arguments`), turns the parsed
+flags into raw params (`params_from_args`), and calls `prepare` and `parse_params` so bad
+parameters are refused at submit time; once the job is done it copies the outputs the user
+asked for (`outputs_from_args`) and prints `summary`. A new kind is a new plugin registered
+in `tasks/__init__.py` (`register`); the CLI needs no edit.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 from abc import ABC, abstractmethod
@@ -20,6 +25,7 @@ import numpy as np
 from numpy.lib.format import open_memmap
 from pydantic import BaseModel, ValidationError
 
+from .. import validation
 from ..exceptions import ParamsError
 
 P = TypeVar("P", bound=BaseModel)
@@ -74,13 +80,41 @@ class TaskPlugin(ABC, Generic[P]):
     # Subtasks are small, uniform slices of a range (hash batches, wordlist chunks): the
     # gateway hands a node as many consecutive ones per task as fit its target task time.
     adaptive: ClassVar[bool] = False
+    # The output role `processdistro result JOB -o FILE` copies when no --role is given
+    # (None: the first one `finalize` returned).
+    main_output: ClassVar[str | None] = None
 
     def parse_params(self, raw: dict[str, Any]) -> P:
         try:
             return self.params_model.model_validate(raw)  # type: ignore[return-value]
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors())
+            problems = validation.describe(exc, limit=len(exc.errors()), root="params")
             raise ParamsError(f"bad {self.kind} parameters: {problems}") from None
+
+    # ------------------------------------------------------------ the command line (CLI only)
+
+    def describe(self) -> str:
+        """One line for `processdistro submit --help` (and atop `submit <kind> --help`)."""
+        doc = (type(self).__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else f"a {self.kind} job"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Add this kind's flags to `processdistro submit <kind>`: its parameters and where
+        to copy its outputs (`-o`). The CLI adds the flags every kind shares (`--priority`,
+        `--replicate`, `--wait`, `--timeout`, `-q`), so a plugin must not use those."""
+
+    def params_from_args(self, args: argparse.Namespace) -> dict[str, Any]:
+        """The raw parameters (what `prepare` takes) from the flags `add_arguments` added."""
+        return {}
+
+    def outputs_from_args(self, args: argparse.Namespace) -> dict[str, Path | None]:
+        """Where the user wants each output role copied once the job is done (None: nowhere)."""
+        return {}
+
+    def summary(self, outputs: dict[str, str]) -> list[str]:
+        """Plain lines the CLI prints when the job is done, after where its outputs went;
+        `outputs` are the paths `finalize` returned, by role."""
+        return []
 
     def prepare(self, raw: dict[str, Any]) -> Prepared:
         """Runs in the CLI, where the user's files are: read them, check them, and turn them

@@ -10,6 +10,7 @@ on the shared data volume).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -128,6 +129,37 @@ class CrackPlugin(TaskPlugin[CrackParams]):
     adaptive = True
 
     RESULT = "crack.json"
+
+    def describe(self) -> str:
+        return "search a wordlist for the password behind a PBKDF2 key"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--target", required=True, help="the derived key, hex")
+        parser.add_argument("--salt", required=True)
+        parser.add_argument("--iterations", type=int, default=100_000)
+        parser.add_argument("--wordlist", type=Path, required=True, help="one candidate per line, any size")
+        parser.add_argument("--chunk", type=int, help="wordlist bytes per subtask (default: about 1 s of work)")
+        parser.add_argument("-o", "--output", type=Path, help="the result summary as JSON (with --wait)")
+
+    def params_from_args(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {
+            "target": args.target,
+            "salt": args.salt,
+            "iterations": args.iterations,
+            "wordlist": str(args.wordlist),
+            "chunk": args.chunk,
+        }
+
+    def outputs_from_args(self, args: argparse.Namespace) -> dict[str, Path | None]:
+        return {"json": args.output}
+
+    def summary(self, outputs: dict[str, str]) -> list[str]:
+        found = json.loads(Path(outputs["json"]).read_text())
+        first = f"password found: {found['password']}" if found["found"] else "not found: no word of the list matches"
+        return [
+            first,
+            f"{found['candidates_hashed']} candidates hashed, {found['hashed_after_hit']} of them after the hit",
+        ]
 
     def prepare(self, raw: dict[str, Any]) -> Prepared:
         path = Path(os.path.expanduser(str(raw["wordlist"]))).resolve()

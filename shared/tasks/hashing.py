@@ -10,6 +10,7 @@ batch is never merged. The output CSV keeps the input order: `id` (or `row`), `s
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import io
@@ -20,6 +21,7 @@ import secrets
 import struct
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -93,6 +95,22 @@ class HashPlugin(TaskPlugin[HashParams]):
 
     PARTIAL = "dk.partial.npy"
     RESULT = "hashes.csv"
+
+    def describe(self) -> str:
+        return "PBKDF2-HMAC-SHA256 over a CSV of password,salt rows"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--input", type=Path, required=True, help="CSV with a header: password, salt, optional id")
+        parser.add_argument("--iterations", type=int, default=100_000)
+        parser.add_argument("--dklen", type=int, default=32)
+        parser.add_argument("--batch", type=int, help="rows per subtask (default: about 1 s of work per subtask)")
+        parser.add_argument("-o", "--output", type=Path, help="output CSV: id (or row), salt, dk_hex (with --wait)")
+
+    def params_from_args(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {"input": str(args.input), "iterations": args.iterations, "dklen": args.dklen, "batch": args.batch}
+
+    def outputs_from_args(self, args: argparse.Namespace) -> dict[str, Path | None]:
+        return {"csv": args.output}
 
     def prepare(self, raw: dict[str, Any]) -> Prepared:
         path = os.path.expanduser(str(raw["input"]))

@@ -1,15 +1,20 @@
 """Mandelbrot: the image is cut into square tiles, one subtask each.
 
-Semantics (design.md, "Exact output semantics") are fixed to the bit: float64, no fused
-multiply-add, row 0 at the top. Input layout: docs/wasm-abi.md.
+Semantics are fixed to the bit: float64, no fused multiply-add, row 0 at the top
+(docs/wasm-abi.md, `mandelbrot`). The module's input layout is spelled once for Python, here:
+`INPUT`, `TileInput`, `tile_input`; Python code that builds or reads a tile input (tests,
+benchmarks) uses them.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import random
 import struct
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -17,8 +22,54 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .base import JobFiles, Subtask, TaskPlugin, Verdict, atomic_write, shared_memmap
 
-INPUT = struct.Struct("<4d8I")  # xmin xmax ymin ymax, W H x0 y0 tile_w tile_h max_iter 0
+# The module's 64-byte input, little-endian: xmin xmax ymin ymax (f64), then the image's W H,
+# the tile's x0 y0 tile_w tile_h, max_iter and a reserved 0 (u32).
+INPUT = struct.Struct("<4d8I")
+DEFAULT_VIEW = (-2.0, 1.0, -1.5, 1.5)  # xmin, xmax, ymin, ymax
 SAMPLES_PER_TILE = 4
+# Help text for the `submit mandelbrot` flags that have one; the rest show just their default.
+_HELP = {"tile": "tile edge in pixels (one subtask per tile)"}
+
+
+class TileInput(NamedTuple):
+    """One tile's input, field by field in `INPUT`'s order."""
+
+    xmin: float
+    xmax: float
+    ymin: float
+    ymax: float
+    width: int
+    height: int
+    x0: int
+    y0: int
+    tile_w: int
+    tile_h: int
+    max_iter: int
+    reserved: int = 0
+
+    def pack(self) -> bytes:
+        return INPUT.pack(*self)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> TileInput:
+        """Read an input of exactly `INPUT.size` bytes (struct.error otherwise)."""
+        return cls(*INPUT.unpack(data))
+
+
+def tile_input(
+    width: int,
+    height: int,
+    x0: int,
+    y0: int,
+    tile_w: int,
+    tile_h: int,
+    max_iter: int,
+    view: tuple[float, float, float, float] = DEFAULT_VIEW,
+    reserved: int = 0,
+) -> bytes:
+    """The module's input for the tile at (x0, y0), tile_w x tile_h, of a width x height
+    image of `view` (xmin, xmax, ymin, ymax)."""
+    return TileInput(*view, width, height, x0, y0, tile_w, tile_h, max_iter, reserved).pack()
 
 
 class MandelbrotParams(BaseModel):
@@ -26,10 +77,10 @@ class MandelbrotParams(BaseModel):
 
     width: int = Field(default=1024, ge=1, le=65536)
     height: int = Field(default=1024, ge=1, le=65536)
-    xmin: float = -2.0
-    xmax: float = 1.0
-    ymin: float = -1.5
-    ymax: float = 1.5
+    xmin: float = DEFAULT_VIEW[0]
+    xmax: float = DEFAULT_VIEW[1]
+    ymin: float = DEFAULT_VIEW[2]
+    ymax: float = DEFAULT_VIEW[3]
     max_iter: int = Field(default=500, ge=1, le=100_000_000)
     tile: int = Field(default=128, ge=4, le=4096, description="tile edge in pixels")
 
@@ -43,6 +94,10 @@ class MandelbrotParams(BaseModel):
         if not self.ymin < self.ymax:
             raise ValueError(f"expected ymin < ymax, got {self.ymin} >= {self.ymax}")
         return self
+
+    @property
+    def view(self) -> tuple[float, float, float, float]:
+        return self.xmin, self.xmax, self.ymin, self.ymax
 
     @property
     def tiles_x(self) -> int:
@@ -60,7 +115,7 @@ class MandelbrotParams(BaseModel):
 
 
 def escape_count(p: MandelbrotParams, i: int, j: int) -> int:
-    """One pixel, exactly as design.md writes it (the controller's spot check)."""
+    """One pixel, exactly as docs/wasm-abi.md writes it (the controller's spot check)."""
     dx = (p.xmax - p.xmin) / p.width
     dy = (p.ymax - p.ymin) / p.height
     cx = p.xmin + (i + 0.5) * dx
@@ -82,34 +137,44 @@ def colourize(counts: np.ndarray, max_iter: int) -> np.ndarray:
     return out
 
 
+_PARAMS = ("width", "height", "xmin", "xmax", "ymin", "ymax", "max_iter", "tile")
+
+
 class MandelbrotPlugin(TaskPlugin[MandelbrotParams]):
     kind = "mandelbrot"
     module = "mandelbrot"
     params_model = MandelbrotParams
+    main_output = "image"
 
     PARTIAL = "counts.partial.npy"
     RAW = "counts.npy"
     IMAGE = "mandelbrot.png"
+
+    def describe(self) -> str:
+        return "render the Mandelbrot set"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        # one flag per parameter, with the model's own defaults (--max-iter for max_iter)
+        for name in _PARAMS:
+            field = MandelbrotParams.model_fields[name]
+            number = int if field.annotation is int else float
+            flag = "--" + name.replace("_", "-")
+            parser.add_argument(flag, type=number, default=field.default, help=_HELP.get(name))
+        parser.add_argument("-o", "--output", type=Path, help="PNG to write when done (with --wait)")
+        parser.add_argument("--raw", type=Path, help="raw uint32 counts .npy to write when done (with --wait)")
+
+    def params_from_args(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {name: getattr(args, name) for name in _PARAMS}
+
+    def outputs_from_args(self, args: argparse.Namespace) -> dict[str, Path | None]:
+        return {"image": args.output, "raw": args.raw}
 
     def count(self, params: MandelbrotParams) -> int:
         return params.tiles_x * params.tiles_y
 
     def encode(self, params: MandelbrotParams, index: int) -> bytes:
         x0, y0, w, h = params.tile_rect(index)
-        return INPUT.pack(
-            params.xmin,
-            params.xmax,
-            params.ymin,
-            params.ymax,
-            params.width,
-            params.height,
-            x0,
-            y0,
-            w,
-            h,
-            params.max_iter,
-            0,
-        )
+        return tile_input(params.width, params.height, x0, y0, w, h, params.max_iter, params.view)
 
     def split(self, params: MandelbrotParams, start: int = 0) -> Iterator[Subtask]:
         for index in range(start, self.count(params)):

@@ -9,6 +9,7 @@ Freivalds' test (two random vectors) before it is merged into C.npy in place.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import random
@@ -79,6 +80,21 @@ class MatmulPlugin(TaskPlugin[MatmulParams]):
 
     PARTIAL = "C.partial.npy"
     RESULT = "C.npy"
+
+    def describe(self) -> str:
+        return "multiply two matrices (.npy)"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--a", type=Path, required=True, help="left matrix A (.npy, 2-D)")
+        parser.add_argument("--b", type=Path, required=True, help="right matrix B (.npy, 2-D)")
+        parser.add_argument("--tile", type=int, default=256, help="rows of A / columns of B per subtask")
+        parser.add_argument("-o", "--output", type=Path, help="C = A @ B as .npy (with --wait)")
+
+    def params_from_args(self, args: argparse.Namespace) -> dict[str, Any]:
+        return {"a": str(args.a), "b": str(args.b), "tile": args.tile}
+
+    def outputs_from_args(self, args: argparse.Namespace) -> dict[str, Path | None]:
+        return {"c": args.output}
 
     def prepare(self, raw: dict[str, Any]) -> Prepared:
         a, b = _load(raw["a"], "A"), _load(raw["b"], "B")

@@ -1,0 +1,64 @@
+"""`processdistro jobs` and `nodes`: tables (or JSON) of what Redis holds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from rich.table import Table
+
+from .console import Subcommands, console
+from .shared.settings import Settings
+from .shared.store import client as store
+
+
+def add_show_parsers(sub: Subcommands) -> None:
+    """`jobs` and `nodes`; `sub` is the top-level parser's subparsers action."""
+    jobs = sub.add_parser("jobs", help="list jobs")
+    jobs.add_argument("--limit", type=int, default=30)
+    jobs.add_argument("--json", action="store_true")
+    jobs.set_defaults(func=cmd_jobs)
+
+    nodes = sub.add_parser("nodes", help="list nodes")
+    nodes.add_argument("--json", action="store_true")
+    nodes.set_defaults(func=cmd_nodes)
+
+
+def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
+    jobs = store.list_jobs(store.connect(settings.resolved_redis_url()), limit=args.limit)
+    if args.json:
+        console.print_json(json.dumps([j.to_public() for j in jobs]))
+        return 0
+    table = Table("job", "kind", "state", "progress", "age", "error")
+    for j in jobs:
+        age = time.time() - j.created
+        table.add_row(j.id, j.kind, j.state.value, f"{j.done}/{j.total}", f"{age:.0f}s", j.error[:60])
+    console.print(table if jobs else "no jobs yet")
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace, settings: Settings) -> int:
+    nodes = store.list_nodes(store.connect(settings.resolved_redis_url()), settings.node_timeout_s)
+    if args.json:
+        console.print_json(json.dumps(nodes))
+        return 0
+    table = Table("node", "live", "kind", "browser/os", "cores", "slots", "score", "avg task ms", "done", "rejected")
+    for n in nodes:
+        ewma = sorted((k.split(":", 1)[1], float(v)) for k, v in n.items() if k.startswith("ewma_ms:"))
+        speeds = ", ".join(f"{kind} {ms:.0f}" for kind, ms in ewma)
+        score = f"{float(n['score']):.3g}" if n.get("score") else ""
+        table.add_row(
+            n["id"],
+            n["live"],
+            n.get("kind", ""),
+            f"{n.get('browser', '')} {n.get('os', '')}".strip(),
+            n.get("cores", ""),
+            n.get("slots", ""),
+            score,
+            speeds,
+            n.get("completed", "0"),
+            n.get("rejected", "0"),
+        )
+    console.print(table if nodes else "no nodes have joined yet")
+    return 0

@@ -1,0 +1,88 @@
+"""What the CLI (`processdistro submit/cancel/jobs/nodes/result`, `up`) reads and writes in
+Redis. The CLI holds a client from `connect` and passes it here; it never calls Redis itself.
+
+Writes are commands to the scheduler (`keys.COMMANDS`) and a job's shared input blocks;
+everything else is a read.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from .. import keys
+from ..exceptions import JobNotFound
+from ..jobs import JobRecord
+from ..messages import Cancel, Fail, Submit
+from .connection import sync_client
+from .jobs import load_job, store_blocks
+from .streams import live_node_ids
+
+#: The sync client type, for callers that hold one but must not import redis.
+Redis = redis.Redis
+
+__all__ = [
+    "Redis",
+    "cancel",
+    "connect",
+    "join_code",
+    "list_jobs",
+    "list_nodes",
+    "load_job",
+    "send_command",
+    "submit",
+]
+
+
+def connect(url: str | None, *, retry: bool = True) -> redis.Redis:
+    """A client for `url`; with `retry`, one that rides out a Redis restart (capped backoff).
+    Without, one that fails at once, for a caller polling in its own loop (`up`)."""
+    return redis.Redis.from_url(url) if url and not retry else sync_client(url)
+
+
+def send_command(client: redis.Redis, command: Submit | Cancel | Fail) -> None:
+    """Append a command for the scheduler to `keys.COMMANDS`.
+
+    Unset optional fields are left out (`replicate` None: the scheduler's default), so a
+    scheduler that reads the JSON with `.get(name, default)` and one that parses it with
+    `messages.parse_command` read the same thing."""
+    client.xadd(keys.COMMANDS, {"command": command.model_dump_json(exclude_none=True)})
+
+
+def submit(client: redis.Redis, command: Submit, blocks: dict[str, bytes]) -> None:
+    """Store the job's shared input blocks, then send its submit command: its tasks may
+    refer to the blocks as soon as the scheduler reads the command."""
+    store_blocks(client, command.job_id, blocks)
+    send_command(client, command)
+
+
+def cancel(client: redis.Redis, job_id: str) -> None:
+    """Ask the scheduler to cancel a job; JobNotFound if there is no such job."""
+    if load_job(client, job_id) is None:
+        raise JobNotFound(job_id)
+    send_command(client, Cancel(job_id=job_id))
+
+
+def list_jobs(client: redis.Redis, limit: int = 50) -> list[JobRecord]:
+    """The `limit` newest jobs, newest first."""
+    ids = client.zrevrange(keys.JOBS, 0, limit - 1)
+    jobs = [load_job(client, i.decode()) for i in ids]
+    return [j for j in jobs if j is not None]
+
+
+def list_nodes(client: redis.Redis, node_timeout_s: float) -> list[dict[str, str]]:
+    """Every node's hash as text, with `live` ("yes"/"no"): live ones first, then by id."""
+    live = live_node_ids(client, node_timeout_s)
+    nodes = []
+    for key in client.scan_iter(match=keys.node("*"), count=500):
+        h = {k.decode(): v.decode() for k, v in client.hgetall(key).items()}
+        if not h.get("id"):
+            continue
+        h["live"] = "yes" if h["id"] in live else "no"
+        nodes.append(h)
+    return sorted(nodes, key=lambda n: (n["live"] != "yes", n["id"]))
+
+
+def join_code(client: redis.Redis) -> str | None:
+    """The gateways' join code, once the first gateway has written it."""
+    code = client.get(keys.JOIN_CODE)
+    return code.decode() if code else None
