@@ -32,6 +32,7 @@ import jsonschema
 import pytest
 import wasmtime
 from conftest import Controller
+from processdistro.shared.tasks.mandelbrot import tile_input
 from playwright.sync_api import Browser, Page
 from processdistro.shared import protocol as P
 from test_e2e_browser import close_all, join
@@ -364,7 +365,7 @@ def test_worker_mandelbrot_matches_reference(page: Page) -> None:
             "op": "run",
             "sha256": sha,
             "url": "/static/wasm/mandelbrot.wasm",
-            "input": list(struct.pack("<4d8I", *view, width, height, x0, y0, tw, th, max_iter, 0)),
+            "input": list(tile_input(width, height, x0, y0, tw, th, max_iter, view=view)),
         }
         for x0, y0, tw, th in tiles
     ]

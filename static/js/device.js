@@ -94,7 +94,8 @@ export function describeDevice(nav = globalThis.navigator) {
   };
 }
 
-/** The 64-byte input of the mandelbrot module for one tile. */
+/** The 64-byte input of the mandelbrot module for one tile: the layout of
+ * `shared/tasks/mandelbrot.py` INPUT (docs/wasm-abi.md), the one the controller splits into. */
 export function mandelbrotInput({ view, width, height, x0, y0, tileW, tileH, maxIter }) {
   const buf = new ArrayBuffer(64);
   const dv = new DataView(buf);
