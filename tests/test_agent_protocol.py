@@ -32,9 +32,9 @@ import jsonschema
 import pytest
 import wasmtime
 from conftest import Controller
-from processdistro.shared.tasks.mandelbrot import tile_input
 from playwright.sync_api import Browser, Page
 from processdistro.shared import protocol as P
+from processdistro.shared.tasks.mandelbrot import tile_input
 from test_e2e_browser import close_all, join
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
