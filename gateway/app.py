@@ -44,6 +44,7 @@ from ..shared.capacity import plan_slots
 from ..shared.protocol import CloseCode, NodeAccepted, NodeReport
 from ..shared.settings import Settings
 from ..shared.store.gateway import GatewayStore
+from ..shared.validation import problems
 from .auth import TokenStatus, origin_allowed
 from .hub import Hub
 
@@ -131,8 +132,7 @@ def create_app(settings: Settings, *, store: GatewayStore | None = None) -> Star
         try:
             report = NodeReport.model_validate_json(body)
         except ValidationError as exc:
-            problems = [f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:10]]
-            return JSONResponse({"error": "invalid node report", "problems": problems}, status_code=422)
+            return JSONResponse({"error": "invalid node report", "problems": problems(exc)}, status_code=422)
         if not hmac.compare_digest(report.join_code.encode(), gw.join_code.encode()):
             return JSONResponse(
                 {"error": "wrong join code: open the join link the controller printed"}, status_code=403

@@ -25,6 +25,7 @@ from ..shared.protocol import (
     node_message_adapter,
 )
 from ..shared.queue import TaskFields
+from ..shared.validation import describe
 
 NodeFrame = Hello | Ready | Heartbeat | TaskResult | TaskFailed | Leave
 
@@ -51,8 +52,7 @@ def parse_frame(text: str | None, cap: int) -> NodeFrame | Refusal:
     try:
         return node_message_adapter.validate_python(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-        return Refusal(ErrorCode.INVALID, f"invalid {raw['type']!r} message: {problems}")
+        return Refusal(ErrorCode.INVALID, f"invalid {raw['type']!r} message: {describe(exc, root='message')}")
 
 
 def task_frame(parts: list[tuple[str, TaskFields]], module: Module) -> TaskAssign:
