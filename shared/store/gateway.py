@@ -26,7 +26,7 @@ import redis.asyncio as aredis
 from .. import keys
 from ..exceptions import ProcessDistroError
 from ..jobs import JobState
-from ..messages import Cancel, DropCopies, Fail, Submit
+from ..messages import Ban, Cancel, CancelJob, DropCopies, Fail, Steal, Submit
 from ..queue import TaskFields, live_since, node_ids
 from .connection import async_client
 from .scripts import HANDOVER_LUA, REQUEUE_LUA
@@ -281,7 +281,7 @@ class GatewayStore:
 
     # ------------------------------------------------------------------ messages
 
-    async def publish(self, message: DropCopies) -> None:
+    async def publish(self, message: CancelJob | Ban | Steal | DropCopies) -> None:
         """Tell every gateway (this one too) on `keys.CONTROL`."""
         await self.r.publish(keys.CONTROL, message.encode())
 
