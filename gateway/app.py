@@ -14,7 +14,9 @@ Routes
     GET  /dashboard        live view for the operator
     GET  /healthz          200 when Redis answers
 
-It keeps no state but live sockets: any number of gateways can share one Redis.
+It keeps no state but live sockets: any number of gateways can share one Redis. This module
+holds the routes only; `hub.Hub` is the shared object (sessions, control channel), every
+Redis call goes through `shared/store/gateway.py`.
 """
 
 from __future__ import annotations
@@ -22,15 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import mimetypes
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aredis
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -41,95 +40,18 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from ..shared import keys
 from ..shared.capacity import plan_slots
-from ..shared.jobs import JobState
-from ..shared.modules import ModuleRegistry
 from ..shared.protocol import CloseCode, NodeAccepted, NodeReport
-from ..shared.queue import node_of_consumer
 from ..shared.settings import Settings
-from ..shared.store.scripts import HANDOVER_LUA, REQUEUE_LUA
-from ..shared.store.streams import ensure_groups_async
-from .auth import TokenSigner, TokenStatus, ensure_join_code, ensure_secret, origin_allowed, within_rate
-from .metrics import GatewayMetrics
-from .session import NodeSession
+from ..shared.store.gateway import GatewayStore
+from ..shared.validation import problems
+from .auth import TokenStatus, origin_allowed
+from .hub import Hub
 
 log = logging.getLogger(__name__)
 
 mimetypes.add_type("application/wasm", ".wasm")
 MAX_REPORT_BYTES = 64 * 1024
-LIVE = {JobState.QUEUED.value.encode(), JobState.RUNNING.value.encode()}
-
-
-class Gateway:
-    """Shared state of one gateway process (Redis client, signer, live sessions)."""
-
-    def __init__(self, *, settings: Settings, r: aredis.Redis, static_dir: Path) -> None:
-        self.settings = settings
-        self.r = r
-        self.static_dir = static_dir
-        self.modules = ModuleRegistry(static_dir=static_dir)
-        self.metrics = GatewayMetrics()
-        self.requeue = r.register_script(REQUEUE_LUA)
-        self.handover = r.register_script(HANDOVER_LUA)
-        self.sessions: dict[str, NodeSession] = {}
-        self.signer: TokenSigner
-        self.join_code = ""
-        self._job_state: dict[str, tuple[float, bool]] = {}
-
-    async def start(self) -> None:
-        await ensure_groups_async(self.r)
-        self.signer = TokenSigner(secret=await ensure_secret(self.r), ttl_s=self.settings.token_ttl_s)
-        self.join_code = await ensure_join_code(self.r)
-
-    async def job_is_over(self, job_id: str) -> bool:
-        now = time.monotonic()
-        cached = self._job_state.get(job_id)
-        if cached and now - cached[0] < 1.0:
-            return cached[1]
-        state = await self.r.hget(keys.job(job_id), "state")
-        over = state not in LIVE  # finalizing too: a search that found its answer
-        self._job_state[job_id] = (now, over)
-        return over
-
-    async def drop_task(self, task_id: str) -> None:
-        pipe = self.r.pipeline(transaction=True)
-        pipe.xack(keys.TASKS, keys.NODES_GROUP, task_id)
-        pipe.xdel(keys.TASKS, task_id)
-        await pipe.execute()
-
-    async def listen_control(self) -> None:
-        """Control messages: `cancel_job` (stop the job's tasks on our nodes), `ban`, `steal`
-        (give back a connection's unstarted tasks), `drop_copies` (the other copies of a task
-        whose first result is in)."""
-        while True:
-            try:
-                pubsub = self.r.pubsub()
-                await pubsub.subscribe(keys.CONTROL)
-                async for msg in pubsub.listen():
-                    if msg.get("type") != "message":
-                        continue
-                    data = json.loads(msg["data"])
-                    if data.get("type") == "ban":
-                        session = self.sessions.get(data["node_id"])
-                        if session is not None:
-                            await session.close(CloseCode.BANNED, "banned: too many wrong results")
-                    if data.get("type") == "cancel_job":
-                        self._job_state.pop(data["job_id"], None)
-                        for s in list(self.sessions.values()):
-                            await s.cancel_job(data["job_id"])
-                    if data.get("type") == "steal":
-                        session = self.sessions.get(node_of_consumer(data["consumer"]))
-                        if session is not None and session.consumer == data["consumer"]:
-                            await session.give_back(int(data["count"]))
-                    if data.get("type") == "drop_copies":
-                        for s in list(self.sessions.values()):
-                            await s.drop_copies(data["job_id"], int(data["index"]), data["winner"])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("control channel lost (%s); resubscribing in 1s", exc)
-                await asyncio.sleep(1)
 
 
 class _RevalidatedStatic(StaticFiles):
@@ -146,12 +68,11 @@ def _client_ip(request: Request | WebSocket) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def create_app(settings: Settings, *, redis_client: aredis.Redis | None = None) -> Starlette:
-    from ..shared.store.connection import async_client
-
-    r = redis_client or async_client(settings.resolved_redis_url())
+def create_app(settings: Settings, *, store: GatewayStore | None = None) -> Starlette:
+    """The gateway's starlette app; `store` defaults to a client of `settings`' Redis."""
+    store = store or GatewayStore.connect(settings.resolved_redis_url())
     static_dir = settings.static_path
-    gw = Gateway(settings=settings, r=r, static_dir=static_dir)
+    gw = Hub(settings=settings, store=store, static_dir=static_dir)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -162,11 +83,9 @@ def create_app(settings: Settings, *, redis_client: aredis.Redis | None = None) 
             yield
         finally:
             control.cancel()
-            for s in list(gw.sessions.values()):
-                await s.close(CloseCode.GOING_AWAY, "gateway shutting down")
             with contextlib.suppress(asyncio.CancelledError):
                 await control
-            await r.aclose()
+            await gw.stop()
 
     async def agent(request: Request) -> Response:
         return FileResponse(static_dir / "agent.html", headers={"Cache-Control": "no-cache"})
@@ -191,7 +110,7 @@ def create_app(settings: Settings, *, redis_client: aredis.Redis | None = None) 
         sha = request.path_params["sha"]
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             return JSONResponse({"error": "expected a lowercase hex sha256"}, status_code=400)
-        data = await r.get(keys.block(request.path_params["job"], sha))
+        data = await store.block(request.path_params["job"], sha)
         if data is None:
             return JSONResponse({"error": "no such block (its job may be over)"}, status_code=404)
         # content-addressed, so a cached copy never goes stale; private: it is job data
@@ -203,7 +122,7 @@ def create_app(settings: Settings, *, redis_client: aredis.Redis | None = None) 
         return JSONResponse({m.name: {"sha256": m.sha256, "url": m.url} for m in gw.modules.by_name.values()})
 
     async def node_report(request: Request) -> Response:
-        if not await within_rate(r, "report", _client_ip(request), settings.report_rate_per_min):
+        if not await store.within_rate("report", _client_ip(request), settings.report_rate_per_min):
             return JSONResponse({"error": "too many node reports; wait a minute"}, status_code=429)
         body = b""
         async for chunk in request.stream():
@@ -213,22 +132,20 @@ def create_app(settings: Settings, *, redis_client: aredis.Redis | None = None) 
         try:
             report = NodeReport.model_validate_json(body)
         except ValidationError as exc:
-            problems = [f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:10]]
-            return JSONResponse({"error": "invalid node report", "problems": problems}, status_code=422)
+            return JSONResponse({"error": "invalid node report", "problems": problems(exc)}, status_code=422)
         if not hmac.compare_digest(report.join_code.encode(), gw.join_code.encode()):
             return JSONResponse(
                 {"error": "wrong join code: open the join link the controller printed"}, status_code=403
             )
         node_id = report.device_id
-        banned = await r.hget(keys.node(node_id), "banned")
-        if banned and banned != b"0":
+        if await store.banned(node_id):
             return JSONResponse({"error": "this node is banned"}, status_code=403)
         slots = plan_slots(
             cores=report.cores, memory_gb=report.memory_gb, kind=report.kind, max_concurrency=settings.max_concurrency
         )
-        await r.hset(
-            keys.node(node_id),
-            mapping={
+        await store.save_node(
+            node_id,
+            {
                 "id": node_id,
                 "kind": report.kind,
                 "cores": report.cores,
@@ -272,38 +189,29 @@ def create_app(settings: Settings, *, redis_client: aredis.Redis | None = None) 
 
         if not origin_allowed(ws.headers.get("origin"), ws.headers.get("host"), settings.allowed_origins):
             return await refuse(CloseCode.POLICY, f"origin {ws.headers.get('origin')} not allowed", "origin")
-        if not await within_rate(r, "connect", _client_ip(ws), settings.connect_rate_per_min):
+        if not await store.within_rate("connect", _client_ip(ws), settings.connect_rate_per_min):
             return await refuse(CloseCode.RATE_LIMITED, "too many connections; wait a minute", "rate")
         check = gw.signer.check(ws.query_params.get("token"))
         if check.status is not TokenStatus.VALID:
             return await refuse(
                 CloseCode.BAD_TOKEN, f"session token {check.status.value}", f"token_{check.status.value}"
             )
-        node = await r.hgetall(keys.node(check.node_id))
+        node = await store.node(check.node_id)
         if node.get(b"banned", b"0") != b"0":
             return await refuse(CloseCode.BANNED, "node banned", "banned")
         await ws.accept()
-        session = NodeSession(gw, ws, check.node_id, int(node.get(b"slots", b"1")))
-        previous = gw.sessions.get(check.node_id)
-        if previous is not None:
-            await previous.close(CloseCode.REPLACED, "replaced by a newer connection")
-        gw.sessions[check.node_id] = session
-        try:
-            await session.run()
-        finally:
-            if gw.sessions.get(check.node_id) is session:
-                del gw.sessions[check.node_id]
+        await gw.serve(gw.new_session(ws, check.node_id, int(node.get(b"slots", b"1"))))
 
     async def metrics(request: Request) -> Response:
-        body = await gw.metrics.render(r, settings.node_timeout_s)
+        body = await gw.metrics.render(store, settings.node_timeout_s)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def metrics_json(request: Request) -> Response:
-        return JSONResponse(await gw.metrics.snapshot(r, settings.node_timeout_s))
+        return JSONResponse(await gw.metrics.snapshot(store, settings.node_timeout_s))
 
     async def healthz(request: Request) -> Response:
         try:
-            await asyncio.wait_for(r.ping(), timeout=2)
+            await asyncio.wait_for(store.ping(), timeout=2)
         except Exception as exc:
             return JSONResponse({"status": "unhealthy", "redis": str(exc)}, status_code=503)
         return JSONResponse({"status": "ok", "sessions": len(gw.sessions)})

@@ -1,4 +1,4 @@
-"""Join codes, signed session tokens, Origin checks and rate limits.
+"""Join codes, signed session tokens and Origin checks (rate limits: `GatewayStore.within_rate`).
 
 The join code (printed by `up`, in the join link) is traded at `/node-report` for a session
 token bound to one node id and valid for `token_ttl_s`. Tokens are HMAC-SHA256 signed with a
@@ -17,21 +17,16 @@ from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import urlsplit
 
-import redis.asyncio as aredis
 
-from ..shared import keys
-
-
-async def ensure_secret(r: aredis.Redis) -> bytes:
-    await r.set(keys.TOKEN_SECRET, secrets.token_hex(32), nx=True)
-    return bytes(await r.get(keys.TOKEN_SECRET))
+def new_secret() -> str:
+    """A candidate token secret (the first gateway's is kept: `GatewayStore.ensure_secret`)."""
+    return secrets.token_hex(32)
 
 
-async def ensure_join_code(r: aredis.Redis) -> str:
+def new_join_code() -> str:
+    """A candidate join code (the first gateway's is kept: `GatewayStore.ensure_join_code`)."""
     # unambiguous characters: easy to type from a printed link
-    code = "".join(secrets.choice("abcdefghjkmnpqrstuvwxyz23456789") for _ in range(10))
-    await r.set(keys.JOIN_CODE, code, nx=True)
-    return bytes(await r.get(keys.JOIN_CODE)).decode()
+    return "".join(secrets.choice("abcdefghjkmnpqrstuvwxyz23456789") for _ in range(10))
 
 
 def _b64(data: bytes) -> str:
@@ -94,12 +89,3 @@ def origin_allowed(origin: str | None, host_header: str | None, extra: list[str]
         return True
     parts = urlsplit(origin)
     return bool(host_header) and parts.scheme in ("http", "https") and parts.netloc == host_header
-
-
-async def within_rate(r: aredis.Redis, bucket: str, who: str, per_minute: int) -> bool:
-    key = keys.rate(bucket, who) + f":{int(time.time() // 60)}"
-    pipe = r.pipeline(transaction=True)
-    pipe.incr(key)
-    pipe.expire(key, 120)
-    count, _ = await pipe.execute()
-    return int(count) <= per_minute

@@ -9,13 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import redis.asyncio as aredis
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..shared import keys
-from ..shared.queue import live_since, node_ids
+from ..shared.store.gateway import GatewayStore
 
 COUNTERS = {  # STATS field -> (metric name, help)
     "tasks_completed": ("processdistro_tasks_completed", "Subtask results merged"),
@@ -81,35 +79,20 @@ class GatewayMetrics:
             "processdistro_ws_connections_refused", "WebSocket connections refused", ["reason"], registry=r
         )
 
-    async def snapshot(self, r: aredis.Redis, node_timeout_s: float) -> dict[str, Any]:
-        pipe = r.pipeline(transaction=False)
-        pipe.zrangebyscore(keys.NODES, live_since(node_timeout_s), "+inf")
-        pipe.xlen(keys.TASKS)
-        pipe.xpending(keys.TASKS, keys.NODES_GROUP)
-        pipe.hgetall(keys.STATS)
-        pipe.zcard(keys.ACTIVE_JOBS)
-        pipe.lrange(keys.LATENCY, 0, -1)
-        conns, length, pending, stats, active, lat = await pipe.execute()
-        live = sorted(node_ids(conns))
-        scores: list[float] = []
-        if live:
-            pipe = r.pipeline(transaction=False)
-            for n in live:
-                pipe.hget(keys.node(n), "score")
-            scores = [float(s) for s in await pipe.execute() if s]
-        running = int(pending["pending"]) if pending else 0
-        st = {k.decode(): int(v) for k, v in stats.items()}
-        latencies = [float(x) for x in lat]
+    async def snapshot(self, store: GatewayStore, node_timeout_s: float) -> dict[str, Any]:
+        """The seed's figures (`/metrics.json`), read from Redis now."""
+        f = await store.cluster_figures(node_timeout_s)
         return {
-            "nodes_connected": len(live),
-            "avg_score": round(sum(scores) / len(scores), 1) if scores else 0.0,
-            "tasks_queued": max(0, int(length) - running),
-            "tasks_running": running,
-            "avg_latency_ms": round(sum(latencies) / len(latencies), 1) if latencies else 0.0,
-            **{field: st.get(field, 0) for field in COUNTERS},
-            "jobs_active": int(active),
+            "nodes_connected": len(f.live_nodes),
+            "avg_score": round(sum(f.scores) / len(f.scores), 1) if f.scores else 0.0,
+            "tasks_queued": max(0, f.stream_length - f.pending),
+            "tasks_running": f.pending,
+            "avg_latency_ms": round(sum(f.latencies_ms) / len(f.latencies_ms), 1) if f.latencies_ms else 0.0,
+            **{field: f.stats.get(field, 0) for field in COUNTERS},
+            "jobs_active": f.active_jobs,
         }
 
-    async def render(self, r: aredis.Redis, node_timeout_s: float) -> bytes:
-        self.cluster.last = await self.snapshot(r, node_timeout_s)
+    async def render(self, store: GatewayStore, node_timeout_s: float) -> bytes:
+        """`/metrics` in Prometheus text format."""
+        self.cluster.last = await self.snapshot(store, node_timeout_s)
         return generate_latest(self.registry)

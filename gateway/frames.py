@@ -1,0 +1,73 @@
+"""WebSocket frames: one inbound text frame -> a typed node message, or why it is refused
+(refusals say "expected X, got Y", so a node's author can see what was wrong); the task
+frame a node is sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from ..shared.modules import Module
+from ..shared.protocol import (
+    ErrorCode,
+    Heartbeat,
+    Hello,
+    Leave,
+    Ready,
+    TaskAssign,
+    TaskFailed,
+    TaskPart,
+    TaskResult,
+    node_message_adapter,
+)
+from ..shared.queue import TaskFields
+from ..shared.validation import describe
+
+NodeFrame = Hello | Ready | Heartbeat | TaskResult | TaskFailed | Leave
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: ErrorCode
+    message: str
+    close: bool = False  # the frame is over the size cap: the socket is closed too
+
+
+def parse_frame(text: str | None, cap: int) -> NodeFrame | Refusal:
+    """Validate one frame (`text` None: it was binary) against the node protocol."""
+    if text is None:
+        return Refusal(ErrorCode.MALFORMED, "expected a JSON text frame, got a binary frame")
+    if len(text) > cap:
+        return Refusal(ErrorCode.TOO_LARGE, f"frame of {len(text)} bytes exceeds the {cap}-byte cap", close=True)
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        return Refusal(ErrorCode.MALFORMED, f"expected JSON, got a parse error: {exc}")
+    if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
+        return Refusal(ErrorCode.MALFORMED, "expected an object with a string 'type'")
+    try:
+        return node_message_adapter.validate_python(raw)
+    except ValidationError as exc:
+        return Refusal(ErrorCode.INVALID, f"invalid {raw['type']!r} message: {describe(exc, root='message')}")
+
+
+def task_frame(parts: list[tuple[str, TaskFields]], module: Module) -> TaskAssign:
+    """One task of one or more parts (task entry id, fields), run with `module`."""
+    (first_id, first), rest = parts[0], parts[1:]
+    return TaskAssign(
+        task_id=first_id,
+        job_id=first.job,
+        kind=first.kind,
+        module_sha256=module.sha256,
+        module_url=module.url,
+        input_b64=base64.b64encode(first.input).decode(),
+        blocks=list(first.blocks),
+        more=[
+            TaskPart(task_id=tid, input_b64=base64.b64encode(f.input).decode(), blocks=list(f.blocks))
+            for tid, f in rest
+        ],
+    )
