@@ -98,9 +98,13 @@ class TaskStream:
 
     def newest_kinds(self, consumers: Iterable[str]) -> dict[str, str]:
         """The kind of the newest entry each consumer holds ("" if it holds none)."""
-        newest = {c: self.pending(c, CONSUMER_PENDING_MAX) for c in consumers}
-        kinds = self.kinds([p[-1].entry_id for p in newest.values() if p])
-        return {c: kinds.get(p[-1].entry_id, "") if p else "" for c, p in newest.items()}
+        names = list(consumers)
+        pipe = self.r.pipeline(transaction=False)
+        for c in names:
+            pipe.xpending_range(keys.TASKS, keys.NODES_GROUP, "-", "+", CONSUMER_PENDING_MAX, consumername=c)
+        newest = {c: _text(rows[-1]["message_id"]) for c, rows in zip(names, pipe.execute(), strict=True) if rows}
+        kinds = self.kinds(list(newest.values()))
+        return {c: kinds.get(newest[c], "") if c in newest else "" for c in names}
 
     def kinds(self, entry_ids: Sequence[str]) -> dict[str, str]:
         """Task kind by entry id, for the entries still in the stream."""
