@@ -112,21 +112,20 @@ class Scheduler:
         the state it is in, tried again while that state moves on (at most once per state).
         A job that reached a terminal state first (`done`) keeps it. Its queued and running
         tasks are dropped by the gateways. True if this call ended it."""
-        to = state
-        for _ in JobState:
+        for _ in JobState:  # states only move forward: a few tries at most
             job = self.jobs.load(job_id)
             if job is None or job.state.terminal:
                 return False
-            if not allowed(job.state, to):
-                log.info("job %s: not %s from %s", job_id, to.value, job.state.value)
+            if not allowed(job.state, state):
+                log.info("job %s: not %s from %s", job_id, state.value, job.state.value)
                 return False
-            if self.jobs.transition(job_id, job.state, to, error=reason, finished=time.time()):
+            if self.jobs.transition(job_id, job.state, state, error=reason, finished=time.time()):
                 break
         else:
             return False
         drop_blocks(self.r, job_id)
-        event(self.r, "job", job_id=job_id, state=to.value, error=reason)
-        log.info("job %s: %s %s", job_id, to.value, reason)
+        event(self.r, "job", job_id=job_id, state=state.value, error=reason)
+        log.info("job %s: %s %s", job_id, state.value, reason)
         # gateways drop the job's tasks when they meet them and tell nodes to stop
         publish_control(self.r, CancelJob(job_id=job_id))
         return True
