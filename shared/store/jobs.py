@@ -56,6 +56,26 @@ class JobStore:
         args = [job_id, to.value, ",".join(s.value for s in sources), *flat]
         return bool(self._transition(keys=[keys.job(job_id), keys.ACTIVE_JOBS], args=args))
 
+    def create(self, job_id: str, record: dict[str, str | float | int], *, priority: int, created: float) -> bool:
+        """Write a new job's record and list it in `keys.JOBS` and `keys.ACTIVE_JOBS`, in one
+        transaction; False (nothing written) if the job exists already (a replayed submit)."""
+        if self.r.exists(keys.job(job_id)):
+            return False
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(keys.job(job_id), mapping=record)
+        pipe.zadd(keys.JOBS, {job_id: created})
+        pipe.zadd(keys.ACTIVE_JOBS, {job_id: -priority * 1e10 + created})
+        pipe.execute()
+        return True
+
+    def active(self) -> list[JobRecord]:
+        """The jobs not yet terminal, in `keys.ACTIVE_JOBS` order (priority, then age)."""
+        ids = [i.decode() for i in self.r.zrange(keys.ACTIVE_JOBS, 0, -1)]
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(keys.job(job_id))
+        return [JobRecord.from_hash(h) for h in pipe.execute() if h] if ids else []
+
 
 def store_blocks(client: redis.Redis, job_id: str, blocks: dict[str, bytes]) -> None:
     """Store a job's shared input blocks (by sha256) before its tasks refer to them."""

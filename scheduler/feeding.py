@@ -1,0 +1,96 @@
+"""Feeding: keep the undelivered backlog of the task stream near its target.
+
+`shared/core/feed.py` decides how many entries and from which jobs; this module reads what
+it needs, splits the jobs' next subtasks (`split` is lazy) and writes them. A job moves
+`queued -> running` through `JobStore.transition` before its first entries; the entries
+and the job's `next_index` cursor are written in one transaction, so a crash neither skips
+nor repeats a subtask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from ..shared.core import feed
+from ..shared.core.replication import sampled
+from ..shared.jobs import LIVE, JobRecord, JobState
+from ..shared.queue import TaskFields
+from ..shared.settings import Settings
+from ..shared.store.jobs import JobStore, event
+from ..shared.store.nodes import live_nodes
+from ..shared.store.tasks import Client, TaskStream
+from ..shared.tasks import PLUGINS, plugin_and_params
+
+log = logging.getLogger(__name__)
+
+
+def adaptive_kinds() -> frozenset[str]:
+    return frozenset(k for k, p in PLUGINS.items() if p.adaptive)
+
+
+class Feeder:
+    def __init__(self, *, client: Client, jobs: JobStore, tasks: TaskStream, settings: Settings) -> None:
+        self.r = client
+        self.jobs = jobs
+        self.tasks = tasks
+        self.settings = settings
+
+    def open_backlog(self) -> int:
+        """Undelivered entries that an idle node could take. A replicated subtask's second
+        copy may wait for one particular node (the others ran the first): it does not count."""
+        n = self.tasks.backlog()
+        if n <= 0 or n > feed.MIN_BACKLOG:
+            return n
+        return sum(1 for t in self.tasks.undelivered(n) if not t.replicated)
+
+    def backlog_target(self) -> int:
+        nodes = live_nodes(self.r, self.settings.node_timeout_s).values()
+        return feed.backlog_target(nodes, adaptive_kinds(), self.settings.target_task_s)
+
+    def feed(self) -> int:
+        """Top the backlog up; returns how many entries were added."""
+        room = self.backlog_target() - self.tasks.backlog()
+        if room <= 0:
+            return 0
+        jobs = {j.id: j for j in self.jobs.active() if j.state in LIVE}
+        views = [
+            feed.FeedJob(j.id, j.priority, j.state is JobState.QUEUED, j.next_index, j.total) for j in jobs.values()
+        ]
+        added = 0
+        refused: set[str] = set()
+        for batch in feed.plan(views, room):
+            if batch.job_id in refused:
+                continue
+            if batch.starts_job and not self._start(batch.job_id):
+                refused.add(batch.job_id)  # no longer queued (cancelled meanwhile): not ours to feed
+                continue
+            if batch.count:
+                added += self._feed(jobs[batch.job_id], batch.start, batch.count)
+        return added
+
+    def _start(self, job_id: str) -> bool:
+        if not self.jobs.transition(job_id, JobState.QUEUED, JobState.RUNNING):
+            return False
+        event(self.r, "job", job_id=job_id, state="running")
+        return True
+
+    def _feed(self, job: JobRecord, start: int, limit: int) -> int:
+        plugin, params = plugin_and_params(job.id, job.kind, job.params)
+        entries: list[TaskFields] = []
+        replicas: list[TaskFields] = []
+        for offset, sub in enumerate(plugin.split(params, start)):
+            if offset >= limit:
+                break
+            index = start + offset
+            fields = TaskFields(job.id, index, job.kind, job.module, sub.input, blocks=sub.blocks)
+            if sampled(job.id, index, job.total, job.replicate):
+                fields = dataclasses.replace(fields, replicated=True)
+                replicas.append(fields)
+            entries.append(fields)
+        # the second copies after the batch, so one node rarely reads both
+        n = len(entries)
+        self.tasks.feed(job.id, entries + replicas, start + n)
+        if n != limit:
+            log.warning("job %s: %d subtasks from %d, %d planned", job.id, n, start, limit)
+        return n

@@ -1,0 +1,62 @@
+"""The reaper: what dead node connections hold goes back to the task stream.
+
+A gateway requeues a closed socket's tasks at once; this catches a silent node and a
+gateway that died. It also sends parked replicated copies back when no live node may run
+them any more.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..shared import keys
+from ..shared.jobs import LIVE
+from ..shared.settings import Settings
+from ..shared.store.jobs import JobStore
+from ..shared.store.nodes import connections, forget_connections
+from ..shared.store.streams import live_node_ids
+from ..shared.store.tasks import Client, TaskStream
+
+log = logging.getLogger(__name__)
+
+
+class Reaper:
+    def __init__(self, *, client: Client, jobs: JobStore, tasks: TaskStream, settings: Settings) -> None:
+        self.r = client
+        self.jobs = jobs
+        self.tasks = tasks
+        self.settings = settings
+
+    def reap(self) -> int:
+        """Requeue what dead node connections hold; return how many tasks moved."""
+        timeout = self.settings.node_timeout_s
+        known, dead = connections(self.r, silent_since=time.time() - timeout)
+        requeued = 0
+        for consumer in self.tasks.consumers():
+            # a consumer nobody vouches for (its gateway died before registering it) is dead too
+            orphan = consumer.name not in known and consumer.idle_s > timeout and consumer.name != keys.PARKED_CONSUMER
+            if consumer.name in dead or orphan:
+                requeued += self.tasks.release_consumer(consumer.name)
+        forget_connections(self.r, dead)
+        self.release_parked()
+        if requeued:
+            log.info("reaper: requeued %d tasks of dead nodes", requeued)
+        return requeued
+
+    def release_parked(self) -> int:
+        """Parked replicated copies no live node may run any more go back to the stream, where
+        a node that cannot run them tells the aggregator to accept the one result in; those of
+        jobs that are over, or of subtasks merged meanwhile, are dropped."""
+        parked = self.tasks.parked()
+        if not parked:
+            return 0
+        live = live_node_ids(self.r, self.settings.node_timeout_s)
+        moved = 0
+        for copy in parked:
+            job = self.jobs.load(copy.task.job) if copy.task else None
+            if job is None or job.state not in LIVE or copy.merged:
+                self.tasks.drop_parked(copy.entry_id)
+            elif not live - copy.returned and copy.votes < 2:
+                moved += self.tasks.release_parked(copy.entry_id)
+        return moved

@@ -1,0 +1,86 @@
+"""Feeding: how many undelivered task entries to keep, and how the room is shared by jobs.
+
+The scheduler keeps the undelivered backlog of the task stream near `backlog_target`:
+enough for every live slot to take a few tasks. It tops the backlog up from the active
+jobs, higher priority first; jobs of equal priority share the room evenly (rounds of equal
+shares, at most `FEED_BATCH` each), so they progress at similar rates.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from ..capacity import NodeView, parts_per_task
+
+MIN_BACKLOG = 64
+FEED_BATCH = 256
+
+
+@dataclass(frozen=True)
+class FeedJob:
+    """An active job as feeding sees it (in `keys.ACTIVE_JOBS` order: priority, then age)."""
+
+    job_id: str
+    priority: int
+    queued: bool  #: still `queued` (nothing fed yet); else `running`
+    next_index: int  #: the first subtask not fed yet
+    total: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Feed subtasks `start .. start + count - 1` of a job; `starts_job`: the job moves
+    `queued -> running` with this batch (its first, which may be empty)."""
+
+    job_id: str
+    start: int
+    count: int
+    starts_job: bool = False
+
+
+def backlog_target(nodes: Iterable[NodeView], adaptive: frozenset[str], target_task_s: float) -> int:
+    """Enough undelivered entries for every live slot to take a few tasks, at the parts
+    per task a node gets for the adaptive kinds (hash, crack)."""
+    room = 0
+    for node in nodes:
+        parts = [parts_per_task(ms, target_task_s) for k, ms in node.ewma_ms.items() if k in adaptive]
+        room += node.slots * max([1, *parts])
+    return max(MIN_BACKLOG, 4 * room)
+
+
+def plan(jobs: Sequence[FeedJob], room: int, *, batch_max: int = FEED_BATCH) -> list[Batch]:
+    """The batches that fill `room` undelivered entries from `jobs` (queued or running,
+    in `keys.ACTIVE_JOBS` order). Higher priority first; equal priority in rounds of even
+    shares, so equal jobs progress at similar rates."""
+    if room <= 0:
+        return []
+    out: list[Batch] = []
+    for _priority, group in itertools.groupby(jobs, key=lambda j: j.priority):
+        hungry = [_Cursor(j, j.next_index, j.queued) for j in group if j.next_index < j.total or j.queued]
+        while room > 0 and hungry:
+            share = max(1, -(-room // len(hungry)))
+            still = []
+            for c in hungry:
+                n = max(0, min(share, room, batch_max, c.job.total - c.next_index))
+                if n or c.queued:
+                    out.append(Batch(c.job.job_id, c.next_index, n, starts_job=c.queued))
+                room -= n
+                c.next_index += n
+                c.queued = False
+                if c.next_index < c.job.total and n > 0:
+                    still.append(c)
+            hungry = still
+        if room <= 0:
+            break
+    return out
+
+
+@dataclass
+class _Cursor:
+    """A job's progress through the rounds of one plan."""
+
+    job: FeedJob
+    next_index: int
+    queued: bool

@@ -1,0 +1,109 @@
+"""The feeding decisions (shared/core/feed.py): the backlog target, and how the room is
+shared by jobs. No Redis, no processes."""
+
+from __future__ import annotations
+
+import pytest
+from processdistro.shared.capacity import NodeView
+from processdistro.shared.core.feed import MIN_BACKLOG, Batch, FeedJob, backlog_target, plan
+
+
+def job(job_id: str, left: int, *, priority: int = 0, queued: bool = False, done: int = 0) -> FeedJob:
+    """A job with `left` subtasks not fed yet (after `done` fed ones)."""
+    return FeedJob(job_id, priority, queued, done, done + left)
+
+
+CASES = [
+    ("no room", [job("a", 10)], 0, 256, []),
+    ("one job: as much as there is room", [job("a", 100)], 10, 256, [Batch("a", 0, 10)]),
+    ("one job: no more than it has", [job("a", 3, done=7)], 10, 256, [Batch("a", 7, 3)]),
+    ("a queued job starts with its first batch", [job("a", 5, queued=True)], 10, 256, [Batch("a", 0, 5, True)]),
+    ("equal jobs share evenly", [job("a", 100), job("b", 100)], 10, 256, [Batch("a", 0, 5), Batch("b", 0, 5)]),
+    (
+        "an odd room: the first job's share rounds up, the last gets the rest",
+        [job("a", 100), job("b", 100)],
+        11,
+        256,
+        [Batch("a", 0, 6), Batch("b", 0, 5)],
+    ),
+    (
+        "a job running out leaves its share to the others in the next round",
+        [job("a", 2), job("b", 100)],
+        10,
+        256,
+        [Batch("a", 0, 2), Batch("b", 0, 5), Batch("b", 5, 3)],
+    ),
+    (
+        "higher priority first",
+        [job("urgent", 100, priority=5), job("a", 100), job("b", 100)],
+        10,
+        256,
+        [Batch("urgent", 0, 10)],
+    ),
+    (
+        "lower priority gets what the higher leaves",
+        [job("urgent", 4, priority=5), job("a", 100), job("b", 100)],
+        10,
+        256,
+        [Batch("urgent", 0, 4), Batch("a", 0, 3), Batch("b", 0, 3)],
+    ),
+    (
+        "batches of at most batch_max",
+        [job("a", 1000)],
+        600,
+        256,
+        [Batch("a", 0, 256), Batch("a", 256, 256), Batch("a", 512, 88)],
+    ),
+    (
+        "a queued job with nothing left still starts",
+        [job("a", 0, queued=True), job("b", 5)],
+        10,
+        256,
+        [Batch("a", 0, 0, True), Batch("b", 0, 5)],
+    ),
+    (
+        "a queued job met when the room ran out starts, empty",
+        [job("a", 5, queued=True), job("b", 5, queued=True)],
+        1,
+        256,
+        [Batch("a", 0, 1, True), Batch("b", 0, 0, True)],
+    ),
+    ("a running job with nothing left is not fed", [job("a", 0, done=9), job("b", 5)], 10, 256, [Batch("b", 0, 5)]),
+]
+
+
+@pytest.mark.parametrize(("jobs", "room", "batch_max", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_plan(jobs: list[FeedJob], room: int, batch_max: int, expected: list[Batch]) -> None:
+    assert plan(jobs, room, batch_max=batch_max) == expected
+
+
+def test_equal_jobs_get_equal_shares_every_turn() -> None:
+    """Fed turn after turn, equal jobs get the same share but for rounding (each share is
+    the room over the jobs, rounded up; the last in line gets what is left)."""
+    jobs = [job(name, 10_000) for name in "abc"]
+    for _ in range(20):
+        fed = {j.job_id: 0 for j in jobs}
+        for b in plan(jobs, 97):
+            fed[b.job_id] += b.count
+        assert sum(fed.values()) == 97 and max(fed.values()) - min(fed.values()) < len(jobs)
+        jobs = [FeedJob(j.job_id, 0, False, j.next_index + fed[j.job_id], j.total) for j in jobs]
+
+
+def node(slots: int, **ewma: float) -> NodeView:
+    return NodeView("n", "n~1", slots, ewma_ms=dict(ewma))
+
+
+@pytest.mark.parametrize(
+    ("nodes", "expected"),
+    [
+        ([], MIN_BACKLOG),
+        ([node(4), node(4)], MIN_BACKLOG),  # 4 x 8 slots is less than the floor
+        ([node(8), node(12)], 80),  # four tasks per slot
+        ([node(2, hash=100.0)], 4 * 2 * 32),  # 40 parts fit 4 s: capped at MAX_PARTS
+        ([node(2, hash=500.0)], 4 * 2 * 8),  # 8 parts of 0.5 s per task
+        ([node(2, mandelbrot=1.0)], MIN_BACKLOG),  # whole tasks: one per slot
+    ],
+    ids=["no nodes", "floor", "slots", "parts capped", "parts", "not adaptive"],
+)
+def test_backlog_target(nodes: list[NodeView], expected: int) -> None:
+    assert backlog_target(nodes, frozenset({"hash", "crack"}), 4.0) == expected
