@@ -19,9 +19,9 @@ from rq.job import Job, JobStatus
 
 from ..shared import keys
 from ..shared.jobs import JobState
-from ..shared.service import instance_alive
+from ..shared.store.connection import Client
 from ..shared.store.jobs import JobStore, block_reader, drop_blocks, event, load_job
-from ..shared.store.results import Client
+from ..shared.store.liveness import instance_alive
 from ..shared.tasks import JobFiles, get_plugin
 
 log = logging.getLogger(__name__)

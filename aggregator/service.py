@@ -40,10 +40,12 @@ from ..shared.core.replication import (
 )
 from ..shared.jobs import JobRecord, JobState
 from ..shared.queue import TaskFields
-from ..shared.service import StopFlag, captured_signals, instance_name, run_forever, start_beating
+from ..shared.service import StopFlag, captured_signals, instance_name, run_forever
 from ..shared.settings import Settings
+from ..shared.store.connection import Client
 from ..shared.store.jobs import block_reader, load_job
-from ..shared.store.results import Client, Commit, Entry, ResultStream
+from ..shared.store.liveness import start_beating
+from ..shared.store.results import Commit, Entry, ResultStream
 from ..shared.store.streams import ensure_groups, full_input
 from ..shared.tasks import JobFiles, Verdict, plugin_and_params
 from .finalize import enqueue_finalize, finalizer_name

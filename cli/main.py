@@ -94,8 +94,8 @@ def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_healthcheck(args: argparse.Namespace, settings: Settings) -> int:
-    from .shared.service import service_alive
     from .shared.store.client import connect
+    from .shared.store.liveness import service_alive
 
     return 0 if service_alive(connect(settings.resolved_redis_url()), args.service) else 1
 

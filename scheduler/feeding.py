@@ -17,9 +17,10 @@ from ..shared.core.replication import sampled
 from ..shared.jobs import LIVE, JobRecord, JobState
 from ..shared.queue import TaskFields
 from ..shared.settings import Settings
+from ..shared.store.connection import Client
 from ..shared.store.jobs import JobStore, event
 from ..shared.store.nodes import live_nodes
-from ..shared.store.tasks import Client, TaskStream
+from ..shared.store.tasks import TaskStream
 from ..shared.tasks import PLUGINS, plugin_and_params
 
 log = logging.getLogger(__name__)

@@ -13,10 +13,11 @@ import time
 from ..shared import keys
 from ..shared.jobs import LIVE
 from ..shared.settings import Settings
+from ..shared.store.connection import Client
 from ..shared.store.jobs import JobStore
 from ..shared.store.nodes import connections, forget_connections
 from ..shared.store.streams import live_node_ids
-from ..shared.store.tasks import Client, TaskStream
+from ..shared.store.tasks import TaskStream
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,14 @@ from ..shared.exceptions import ProcessDistroError
 from ..shared.jobs import JobState, allowed
 from ..shared.messages import Cancel, CancelJob, Fail, Submit
 from ..shared.modules import ModuleRegistry
-from ..shared.service import StopFlag, beat, captured_signals, instance_name, run_forever
+from ..shared.service import StopFlag, captured_signals, instance_name, run_forever
 from ..shared.settings import Settings
 from ..shared.store.commands import CommandStream, Received, publish_control
+from ..shared.store.connection import Client
 from ..shared.store.jobs import JobStore, drop_blocks, event
+from ..shared.store.liveness import beat
 from ..shared.store.streams import ensure_groups
-from ..shared.store.tasks import Client, TaskStream
+from ..shared.store.tasks import TaskStream
 from ..shared.tasks import get_plugin
 from .feeding import Feeder
 from .reaper import Reaper

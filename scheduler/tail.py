@@ -14,8 +14,9 @@ from ..shared.core import tail
 from ..shared.messages import Steal
 from ..shared.settings import Settings
 from ..shared.store.commands import publish_control
+from ..shared.store.connection import Client
 from ..shared.store.nodes import latencies_ms, live_nodes
-from ..shared.store.tasks import Client, TaskStream
+from ..shared.store.tasks import TaskStream
 from .feeding import Feeder, adaptive_kinds
 
 log = logging.getLogger(__name__)

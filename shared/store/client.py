@@ -12,13 +12,14 @@ import redis
 from .. import keys
 from ..exceptions import JobNotFound
 from ..jobs import JobRecord
-from ..messages import Cancel, Fail, Submit
-from .connection import sync_client
+from ..messages import Cancel, Submit
+from .commands import send_command
+from .connection import Client, sync_client
 from .jobs import load_job, store_blocks
 from .streams import live_node_ids
 
 #: The sync client type, for callers that hold one but must not import redis.
-Redis = redis.Redis
+Redis = Client  # the client type, for callers to name
 
 __all__ = [
     "Redis",
@@ -37,15 +38,6 @@ def connect(url: str | None, *, retry: bool = True) -> redis.Redis:
     """A client for `url`; with `retry`, one that rides out a Redis restart (capped backoff).
     Without, one that fails at once, for a caller polling in its own loop (`up`)."""
     return redis.Redis.from_url(url) if url and not retry else sync_client(url)
-
-
-def send_command(client: redis.Redis, command: Submit | Cancel | Fail) -> None:
-    """Append a command for the scheduler to `keys.COMMANDS`.
-
-    Unset optional fields are left out (`replicate` None: the scheduler's default), so a
-    scheduler that reads the JSON with `.get(name, default)` and one that parses it with
-    `messages.parse_command` read the same thing."""
-    client.xadd(keys.COMMANDS, {"command": command.model_dump_json(exclude_none=True)})
 
 
 def submit(client: redis.Redis, command: Submit, blocks: dict[str, bytes]) -> None:

@@ -20,8 +20,9 @@ CLAIM_COUNT = 32
 
 
 def send_command(client: redis.Redis, command: Submit | Cancel | Fail) -> None:
-    """Queue a command for the scheduler."""
-    client.xadd(keys.COMMANDS, {"command": command.encode()})
+    """Queue a command for the scheduler. Unset optional fields are left out (`replicate`
+    None: the scheduler's default)."""
+    client.xadd(keys.COMMANDS, {"command": command.model_dump_json(exclude_none=True)})
 
 
 def publish_control(client: redis.Redis, message: CancelJob | Ban | Steal | DropCopies) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TypeAlias
 
 import redis
 import redis.asyncio as aredis
@@ -14,6 +15,8 @@ from ..exceptions import ConfigError
 log = logging.getLogger(__name__)
 
 _RETRY_ERRORS = [redis.ConnectionError, redis.TimeoutError]
+# What a caller outside the store catches to ride out a Redis outage.
+UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
 
 
 def _retry() -> Retry:
@@ -42,10 +45,11 @@ def async_client(url: str | None, *, max_connections: int = 512) -> aredis.Redis
 
 # What the rest of the code (and the tests) call a client: they name the type through the
 # store and never import redis themselves.
-Client = redis.Redis
-AsyncClient = aredis.Redis
+Client: TypeAlias = redis.Redis
+AsyncClient: TypeAlias = aredis.Redis
 
 
 def plain_client(url: str) -> Client:
     """A client without retries, for tests and tools that want a failure to show at once."""
-    return redis.Redis.from_url(url)
+    client: Client = redis.Redis.from_url(url)
+    return client

@@ -20,18 +20,18 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypeAlias
 
-import redis
-
 from .. import keys
 from ..core.replication import Ballot
 from ..jobs import JobState
-from ..messages import Ban, CancelJob, Command, Control, Fail
+from ..messages import Ban, CancelJob, Fail
 from ..queue import TaskFields, live_since, node_ids
+from .commands import publish_control, send_command
+from .connection import Client
 from .scripts import CLAIM_LUA, COMMIT_LUA, EARLY_LUA, UNMERGE_LUA, VOTE_LUA
 
 #: The sync client type, for code outside the store that passes one along (rq's queue and
 #: worker, `store.jobs` functions) without importing redis itself.
-Client: TypeAlias = redis.Redis
+
 
 #: One result entry: its stream id and its fields (`TaskFields` plus `output`, `node`, `decide`).
 Entry: TypeAlias = tuple[bytes, dict[bytes, bytes]]
@@ -63,16 +63,6 @@ class Vote:
     decided: bool
     #: live node ids
     live: set[str]
-
-
-# These two are what `store.commands` offers (`send_command`, `publish_control`); switch to
-# it once both are on one branch.
-def _send_command(client: Client, command: Command) -> None:
-    client.xadd(keys.COMMANDS, {"command": command.encode()})
-
-
-def _publish_control(client: Client, message: Control) -> None:
-    client.publish(keys.CONTROL, message.encode())
 
 
 class ResultStream:
@@ -162,12 +152,12 @@ class ResultStream:
         """running -> finalizing once; gateways hear `cancel_job` and stop its tasks."""
         won = bool(int(self._early(keys=[keys.job(job_id)], args=[job_id])))
         if won:
-            _publish_control(self.r, CancelJob(job_id=job_id))
+            publish_control(self.r, CancelJob(job_id=job_id))
         return won
 
     def fail_job(self, job_id: str, reason: str) -> None:
         """Ask the scheduler to fail the job (it owns that move)."""
-        _send_command(self.r, Fail(job_id=job_id, reason=reason))
+        send_command(self.r, Fail(job_id=job_id, reason=reason))
 
     def finalizing_jobs(self) -> list[str]:
         """Active jobs in `finalizing` (the sweep enqueues their finalize job again)."""
@@ -248,7 +238,7 @@ class ResultStream:
         if not self.r.hsetnx(keys.node(node), "banned_at", time.time()):
             return False
         self.r.hset(keys.node(node), "banned", 1)
-        _publish_control(self.r, Ban(node_id=node))
+        publish_control(self.r, Ban(node_id=node))
         return True
 
     def merged_by(self, node: str) -> list[tuple[str, int]]:

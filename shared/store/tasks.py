@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
 
 import redis
 
@@ -23,8 +22,6 @@ from .scripts import REQUEUE_LUA
 BACKUP_MARKER_TTL_S = 3600
 PENDING_SCAN = 1000  # pending entries read for the backup decision (oldest first)
 CONSUMER_PENDING_MAX = 10_000  # pending entries of one consumer read at once
-
-Client: TypeAlias = redis.Redis  # the sync client, for code outside the store to name
 
 
 @dataclass(frozen=True)
