@@ -1,4 +1,4 @@
-"""Jobs in Redis: the state machine and the records the CLI reads.
+"""Jobs: the state machine, its allowed moves, and the record the CLI reads.
 
     queued -> running -> finalizing -> done
        \\         \\            \\
