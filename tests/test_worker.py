@@ -20,6 +20,7 @@ import redis
 import wasmtime
 from conftest import Controller
 from mandel_ref import reference_counts
+from nodes import run_async
 from processdistro import client
 from processdistro.shared import keys
 from processdistro.shared.jobs import JobState
@@ -30,7 +31,6 @@ from processdistro.worker.exceptions import DeadlineExceeded, MemoryCapReached, 
 from processdistro.worker.node import parse_join_url
 from processdistro.worker.pool import ExecutorPool
 from processdistro.worker.runtime import MIB, Limits
-from pynode import run_async
 from test_matmul import wait_job
 from test_up import alive, children_of
 
