@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from processdistro.shared.protocol import server_message_adapter
+from processdistro.shared.protocol import Hello, TaskResult, server_message_adapter
 from processdistro.worker.state import (
     Connected,
     Disconnected,
@@ -26,6 +26,7 @@ from processdistro.worker.state import (
     Start,
     Stop,
     Tick,
+    Undelivered,
 )
 
 CASES = json.loads((Path(__file__).parent / "node_cases.json").read_text())["cases"]
@@ -80,3 +81,17 @@ def test_node_case(case: dict[str, Any]) -> None:
 def test_case_names_are_unique() -> None:
     names = [c["name"] for c in CASES]
     assert len(names) == len(set(names))
+
+
+def test_a_report_the_socket_lost_waits_in_the_outbox() -> None:
+    """Python's I/O layer only (`Undelivered`): the socket closed under a `result` it was
+    writing; the report is listed in the next hello and sent after the next welcome."""
+    state = NodeState()
+    state.handle(Connected())
+    state.handle(Received(server_message_adapter.validate_python(CASES[0]["steps"][1]["event"]["recv"])))
+    lost = TaskResult(task_id="1-0", output_b64="AQ==", elapsed_ms=5)
+    assert state.handle(Undelivered(lost)) == []
+    state.handle(Disconnected())
+    assert [as_json(i) for i in state.handle(Connected())] == [{"send": Hello(running=["1-0"]).model_dump(mode="json")}]
+    welcome = state.handle(Received(server_message_adapter.validate_python(CASES[0]["steps"][1]["event"]["recv"])))
+    assert welcome[0] == Send(lost) and [as_json(i) for i in welcome[1:]] == [{"send": {"type": "ready", "free": 3}}]
