@@ -85,7 +85,7 @@ class PythonExecutor:
         self.corrupt = corrupt
         self.delay = delay
         self.answers = answers
-        self.started = 0  # parts taken on (the ones that will never answer excluded)
+        self.started = 0  # parts taken on and not stopped (those that will never answer excluded)
 
     def resize(self, slots: int) -> None:
         pass  # threads are made as needed
@@ -95,13 +95,17 @@ class PythonExecutor:
             await asyncio.Event().wait()  # never answers: held until cancelled
         self.started += 1
         began = time.monotonic()
-        compute = COMPUTE.get(part.kind)
-        if compute is None:
-            raise ModuleStatus(f"the test executor cannot run kind {part.kind!r}")
-        out = await asyncio.to_thread(compute, data)
-        if self.corrupt is not None:
-            out = self.corrupt(out)
-        await asyncio.sleep(self.delay - (time.monotonic() - began))
+        try:
+            compute = COMPUTE.get(part.kind)
+            if compute is None:
+                raise ModuleStatus(f"the test executor cannot run kind {part.kind!r}")
+            out = await asyncio.to_thread(compute, data)
+            if self.corrupt is not None:
+                out = self.corrupt(out)
+            await asyncio.sleep(self.delay - (time.monotonic() - began))
+        except asyncio.CancelledError:
+            self.started -= 1  # stopped: it answers nothing
+            raise
         return out, (time.monotonic() - began) * 1000
 
     def begin_close(self) -> None:
