@@ -28,7 +28,7 @@ from processdistro.shared.redis_server import free_port
 from processdistro.shared.store.jobs import load_job
 from processdistro.worker.device import claim_identity
 from processdistro.worker.exceptions import DeadlineExceeded, MemoryCapReached, ModuleStatus
-from processdistro.worker.node import parse_join_url
+from processdistro.worker.join import parse_join_url
 from processdistro.worker.pool import ExecutorPool
 from processdistro.worker.runtime import MIB, Limits
 from test_matmul import wait_job

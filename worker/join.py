@@ -1,8 +1,10 @@
-"""Joining a gateway: the worker's configuration, the join link, the node report and its
-answer, and the backoff between attempts. No sockets here; `node.py` does the I/O."""
+"""Joining a gateway: the worker's configuration, the join link, the benchmark, the node
+report and its answer, and the backoff between attempts. The socket is `node.py`'s."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +15,12 @@ from pydantic import ValidationError
 
 from ..shared.exceptions import ConfigError
 from ..shared.protocol import PROTOCOL_VERSION, NodeAccepted, NodeReport
-from .device import describe
-from .exceptions import Banned, JoinRefused
-from .runtime import Limits
+from .device import benchmark, describe
+from .exceptions import Banned, JoinRefused, TaskError
+from .fetch import ModuleStore
+from .runtime import Limits, ModuleRunner
+
+log = logging.getLogger(__name__)
 
 BACKOFF_FIRST_S = 0.5
 BACKOFF_CAP_S = 10.0
@@ -96,3 +101,33 @@ def refusal(resp: httpx.Response, node_id: str) -> Exception:
     if resp.status_code == 403:
         return JoinRefused(f"join code refused: {detail or 'HTTP 403'}")
     return JoinRefused(f"node report refused (HTTP {resp.status_code}): {detail}")
+
+
+async def measure(
+    *, http: httpx.AsyncClient, base_url: str, modules: ModuleStore, limits: Limits, who: str
+) -> float | None:
+    """The benchmark score (Mandelbrot iterations per second on one core) with the gateway's
+    mandelbrot module, which this also puts in the module cache; None if it cannot run."""
+    try:
+        resp = await http.get(f"{base_url}/api/modules")
+        resp.raise_for_status()
+        entry = resp.json().get("mandelbrot")
+        if not entry:
+            log.info("node %s: no mandelbrot module on the gateway; joining without a score", who)
+            return None
+        sha, url = str(entry["sha256"]), str(entry["url"])
+        path = await modules.get(sha, url)
+        score = await asyncio.to_thread(_benchmark_blocking, limits, sha, path)
+    except (httpx.HTTPError, ValueError, KeyError, TaskError) as exc:
+        log.warning("node %s: benchmark failed (%s); joining without a score", who, exc)
+        return None
+    log.info("node %s: benchmark %.1f M iterations/s per core", who, score / 1e6)
+    return score
+
+
+def _benchmark_blocking(limits: Limits, sha: str, path: Path) -> float:
+    runner = ModuleRunner(limits=limits)
+    try:
+        return benchmark(runner, sha, path)
+    finally:
+        runner.close()

@@ -19,13 +19,10 @@ Welcome -> Ready{free} / TaskAssign / TaskResult ... Heartbeats every `heartbeat
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -45,12 +42,11 @@ from ..shared.protocol import (
     Welcome,
     server_message_adapter,
 )
-from .device import Identity, benchmark, claim_identity
-from .exceptions import Banned, Replaced, TaskError
-from .executor import Executor, WasmExecutor
+from .device import Identity, claim_identity
+from .exceptions import Banned, Replaced
+from .executor import Executor, WasmExecutor, run_part
 from .fetch import BlockCache, ModuleStore
-from .join import WorkerConfig, accepted, backoff_s, node_report, parse_join_url, refusal
-from .runtime import ModuleRunner
+from .join import WorkerConfig, accepted, backoff_s, measure, node_report, parse_join_url, refusal
 from .state import (
     Connected,
     Disconnected,
@@ -58,7 +54,6 @@ from .state import (
     Instruction,
     NodeState,
     Outgoing,
-    PartDone,
     PartFailed,
     Received,
     Send,
@@ -158,7 +153,14 @@ class WorkerNode:
             self.config.cores,
         )
         if self.config.run_benchmark:
-            self.score = await self._benchmark()
+            assert self._http is not None and self._modules is not None
+            self.score = await measure(
+                http=self._http,
+                base_url=self.base_url,
+                modules=self._modules,
+                limits=self.config.limits,
+                who=self.node_id,
+            )
         attempt = 0
         need_report = True
         sessions = 0
@@ -223,31 +225,6 @@ class WorkerNode:
         return task.result()
 
     # ------------------------------------------------------------------ benchmark and report
-
-    async def _benchmark(self) -> float | None:
-        assert self._http is not None and self._modules is not None
-        try:
-            resp = await self._http.get(f"{self.base_url}/api/modules")
-            resp.raise_for_status()
-            entry = resp.json().get("mandelbrot")
-            if not entry:
-                log.info("node %s: no mandelbrot module on the gateway; joining without a score", self.node_id)
-                return None
-            sha, url = str(entry["sha256"]), str(entry["url"])
-            path = await self._modules.get(sha, url)
-            score = await asyncio.to_thread(self._benchmark_blocking, sha, path)
-        except (httpx.HTTPError, ValueError, KeyError, TaskError) as exc:
-            log.warning("node %s: benchmark failed (%s); joining without a score", self.node_id, exc)
-            return None
-        log.info("node %s: benchmark %.1f M iterations/s per core", self.node_id, score / 1e6)
-        return score
-
-    def _benchmark_blocking(self, sha: str, path: Path) -> float:
-        runner = ModuleRunner(limits=self.config.limits)
-        try:
-            return benchmark(runner, sha, path)
-        finally:
-            runner.close()
 
     async def _report(self) -> NodeAccepted | None:
         """Trade the join code for a session token; retry while the gateway is unreachable."""
@@ -416,23 +393,9 @@ class WorkerNode:
 
     async def _run_part(self, part: Start) -> None:
         assert self._blocks is not None and self.executor is not None
-        event: PartDone | PartFailed
-        try:
-            data = await self._blocks.assemble(
-                part.job_id, base64.b64decode(part.input_b64, validate=True), list(part.blocks)
-            )
-            output, elapsed_ms = await self.executor.run(part, data)
-            if self.config.throttle > 1:  # act like a device `throttle` times slower
-                await asyncio.sleep((self.config.throttle - 1) * elapsed_ms / 1000)
-                elapsed_ms *= self.config.throttle
-            event = PartDone(part.task_id, output, elapsed_ms)
-        except (TaskError, OSError, httpx.HTTPError, binascii.Error) as exc:
-            if isinstance(exc, TaskError):
-                text = f"{type(exc).__name__}: {exc}"
-            else:
-                text = f"could not assemble the task's input: {type(exc).__name__}: {exc}"
-            event = PartFailed(part.task_id, text[:2000])
-            log.warning("node %s: task %s (job %s) failed: %s", self.node_id, part.task_id, part.job_id, text)
+        event = await run_part(part, blocks=self._blocks, executor=self.executor, throttle=self.config.throttle)
+        if isinstance(event, PartFailed):
+            log.warning("node %s: task %s (job %s) failed: %s", self.node_id, part.task_id, part.job_id, event.message)
         if self._runs.get(part.task_id) is asyncio.current_task():
             del self._runs[part.task_id]
         self._feed(event)
