@@ -6,11 +6,11 @@ The job is a Mandelbrot render with `max_iter=1` and 4x4-pixel tiles, so a node 
 microseconds per tile and everything measured is the controller's own cost.
 
 Setup: a fresh embedded Redis, the three services as real processes (`tests/conftest.py`'s
-`Controller`), 1, 2 and 4 Python protocol nodes (`tests/pynode.py`'s `PyNode`, 2 cores
-each) sharing one asyncio loop thread in this process, and once more 4 nodes with a second
-aggregator (is the aggregator the limit?). The job is submitted with the real CLI
-(`processdistro submit ... --wait`). Each configuration runs 3 times, interleaved; the
-median by throughput is reported.
+`Controller`), 1, 2 and 4 Python nodes (`tests/nodes.py`'s `Node`: `WorkerNode` with a
+Python executor, 2 cores each) sharing one asyncio loop thread in this process, and once
+more 4 nodes with a second aggregator (is the aggregator the limit?). The job is submitted
+with the real CLI (`processdistro submit ... --wait`). Each configuration runs 3 times,
+interleaved; the median by throughput is reported.
 
 Baselines, same Redis server, same run, one Python client, entries shaped like task entries:
 - naive: per entry one XADD, one XREADGROUP COUNT 1, one XACK+XDEL (pipelined together);
@@ -72,14 +72,14 @@ SERVICES = ("gateway", "scheduler", "aggregator")
 
 
 def _test_helpers() -> tuple[type, type]:
-    """The test suite's Controller and PyNode, imported, not copied."""
+    """The test suite's Controller and Node, imported, not copied."""
     tests = str(REPO / "tests")
     if tests not in sys.path:
         sys.path.insert(0, tests)
     from conftest import Controller
-    from pynode import PyNode
+    from nodes import Node
 
-    return Controller, PyNode
+    return Controller, Node
 
 
 # ---------------------------------------------------------------------------- baselines
@@ -139,7 +139,7 @@ def baselines(url: str, n: int, reps: int) -> dict[str, list[float]]:
 
 
 class NodePool:
-    """`n` PyNodes in one asyncio loop, in a thread of their own."""
+    """`n` test `Node`s in one asyncio loop, in a thread of their own."""
 
     def __init__(self, py_node: type, base_url: str, join_code: str, n: int) -> None:
         self.nodes = [py_node(base_url, join_code, cores=NODE_CORES) for _ in range(n)]
@@ -430,7 +430,7 @@ def notable_log_lines(home: Path, limit: int = 12) -> list[str]:
 
 def node_compute_us() -> float:
     """What a node spends computing one of these tiles (NumPy), in microseconds."""
-    from pynode import tile_counts
+    from executors import tile_counts
 
     params = MandelbrotParams(width=SIZES[False][0], height=SIZES[False][1], tile=TILE, max_iter=1)
     plugin = MandelbrotPlugin()

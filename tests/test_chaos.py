@@ -14,11 +14,11 @@ import numpy as np
 import redis
 from conftest import Controller
 from mandel_ref import reference_counts
+from nodes import Node, run_async
 from processdistro import client
 from processdistro.shared import keys
 from processdistro.shared.jobs import JobState
 from processdistro.shared.store.jobs import load_job
-from pynode import PyNode, run_async
 
 CHAOS_S = 40  # how long the killing goes on (jobs are sized to outlast it)
 SERVICES = ["gateway", "scheduler", "aggregator", "aggregator-2"]
@@ -44,10 +44,10 @@ def test_chaos(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
 
     async def scenario() -> None:
         stop = asyncio.Event()
-        nodes: list[tuple[PyNode, asyncio.Task[None]]] = []
+        nodes: list[tuple[Node, asyncio.Task[None]]] = []
 
         def add_node() -> None:
-            node = PyNode(controller.url, controller.join_code, delay=rnd.uniform(0.03, 0.07))
+            node = Node(controller.url, controller.join_code, delay=rnd.uniform(0.03, 0.07))
             nodes.append((node, asyncio.create_task(node.run_reconnecting(stop))))
 
         for _ in range(3):

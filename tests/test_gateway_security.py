@@ -13,10 +13,10 @@ import numpy as np
 import redis
 import websockets
 from conftest import Controller
+from nodes import Node, run_async
 from processdistro.gateway.auth import TokenSigner
 from processdistro.shared import keys
 from processdistro.shared.protocol import CloseCode
-from pynode import PyNode, run_async
 from test_pipeline import expected_small, run_nodes_until, submit
 from websockets.exceptions import ConnectionClosed
 
@@ -42,7 +42,7 @@ async def recv_type(ws: websockets.ClientConnection, wanted: str) -> dict[str, o
             return msg
 
 
-def token_for(ctl: Controller, r: redis.Redis, node: PyNode, ttl: float) -> str:
+def token_for(ctl: Controller, r: redis.Redis, node: Node, ttl: float) -> str:
     node.join()
     signer = TokenSigner(secret=r.get(keys.TOKEN_SECRET) or b"", ttl_s=ttl)
     return signer.issue(node.device_id)[0]
@@ -50,8 +50,8 @@ def token_for(ctl: Controller, r: redis.Redis, node: PyNode, ttl: float) -> str:
 
 def test_hostile_clients_refused_while_a_job_runs(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
     proc = submit(controller, tmp_path)
-    honest = PyNode(controller.url, controller.join_code)
-    intruder = PyNode(controller.url, controller.join_code)
+    honest = Node(controller.url, controller.join_code)
+    intruder = Node(controller.url, controller.join_code)
     good = intruder.join()["token"]
     expired = token_for(controller, r, intruder, ttl=-10)
     seen: dict[str, object] = {}
@@ -119,7 +119,7 @@ def test_cors_only_for_own_origin(controller: Controller) -> None:
 
 def test_metrics_endpoints(controller: Controller, tmp_path: Path) -> None:
     proc = submit(controller, tmp_path)
-    run_async(run_nodes_until(proc, PyNode(controller.url, controller.join_code)))
+    run_async(run_nodes_until(proc, Node(controller.url, controller.join_code)))
     assert proc.returncode == 0
     figures = httpx.get(f"{controller.url}/metrics.json").json()
     for name in ("nodes_connected", "avg_score", "tasks_queued", "tasks_running", "tasks_completed", "avg_latency_ms"):

@@ -93,15 +93,15 @@ def test_lying_node_never_changes_the_output(controller: Controller, tmp_path: P
     """A node that makes its keys up (as one that skips the work would) gets the hidden
     ringer row wrong: every batch it returns is rejected and redone by the honest node.
     (A liar that garbles one row and not the ringer is a matter for replication.)"""
-    from pynode import PyNode, run_async
+    from nodes import Node, run_async
     from test_pipeline import run_nodes_until
 
     rows = write_rows(tmp_path / "rows.csv", 120, with_ids=False)
     job_id = client.submit(r, "hash", {"input": str(tmp_path / "rows.csv"), "iterations": 50, "batch": 10})
-    liar = PyNode(
+    liar = Node(
         controller.url, controller.join_code, corrupt=lambda out: hashlib.sha256(out).digest() * (len(out) // 32)
     )
-    honest = PyNode(controller.url, controller.join_code)
+    honest = Node(controller.url, controller.join_code)
 
     class Waiter:
         def poll(self) -> int | None:
@@ -125,13 +125,13 @@ def test_parts_are_checkpoints(controller: Controller, tmp_path: Path, r: redis.
     middle of a task: those 12 are kept, and only its unreported parts are computed again."""
     import asyncio
 
-    from pynode import PyNode, run_async
+    from nodes import Node, run_async
 
     rows = write_rows(tmp_path / "rows.csv", 400, with_ids=False)
     params = {"input": str(tmp_path / "rows.csv"), "iterations": 50, "batch": 5}
     job_id = client.submit(r, "hash", params, replicate=0)  # no second copies to count
-    first = PyNode(controller.url, controller.join_code, cores=1)
-    later = PyNode(controller.url, controller.join_code, cores=1)
+    first = Node(controller.url, controller.join_code, cores=1)
+    later = Node(controller.url, controller.join_code, cores=1)
     duplicates_before = int(r.hget(keys.STATS, "tasks_duplicate") or 0)
 
     async def scenario() -> None:

@@ -89,7 +89,7 @@ def test_simd_nodes_get_the_simd_build(controller: Controller, tmp_path: Path, r
     import asyncio
 
     import httpx
-    from pynode import PyNode, run_async
+    from nodes import Node, run_async
 
     np.save(tmp_path / "A.npy", np.ones((4, 3)))
     np.save(tmp_path / "B.npy", np.ones((3, 2)))
@@ -101,7 +101,7 @@ def test_simd_nodes_get_the_simd_build(controller: Controller, tmp_path: Path, r
 
         import websockets
 
-        node = PyNode(controller.url, controller.join_code)
+        node = Node(controller.url, controller.join_code)
         resp = httpx.post(
             f"{controller.url}/node-report",
             json={"join_code": controller.join_code, "device_id": node.device_id, "cores": 1, "simd": simd},

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import redis
 from conftest import Controller
+from executors import flip_first_pixel
 from mandel_ref import reference_counts
+from nodes import Node, run_async
 from processdistro.shared import keys
-from pynode import PyNode, flip_first_pixel, run_async
 
 SMALL = ["--width", "300", "--height", "200", "--tile", "32", "--max-iter", "200"]
 
@@ -24,7 +25,7 @@ def submit(ctl: Controller, tmp: Path, *extra: str) -> subprocess.Popen[str]:
     return ctl.submit_mandelbrot(tmp, *SMALL, *extra)
 
 
-async def run_nodes_until(proc: subprocess.Popen[str], *nodes: PyNode, timeout: float = 120) -> None:
+async def run_nodes_until(proc: subprocess.Popen[str], *nodes: Node, timeout: float = 120) -> None:
     stop = asyncio.Event()
     tasks = [asyncio.create_task(n.run(stop=stop)) for n in nodes]
     deadline = time.monotonic() + timeout
@@ -40,7 +41,7 @@ def expected_small() -> np.ndarray:
 
 def test_job_completes_exactly(controller: Controller, tmp_path: Path) -> None:
     proc = submit(controller, tmp_path)
-    run_async(run_nodes_until(proc, PyNode(controller.url, controller.join_code)))
+    run_async(run_nodes_until(proc, Node(controller.url, controller.join_code)))
     assert proc.returncode == 0, (tmp_path / "submit.log").read_text() + controller.logs()
     np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
 
@@ -49,7 +50,7 @@ def test_two_aggregators_finalize_once(controller: Controller, tmp_path: Path, r
     controller.start("aggregator-2", "aggregator")
     controller.start("aggregator-3", "aggregator")
     proc = submit(controller, tmp_path)
-    nodes = [PyNode(controller.url, controller.join_code) for _ in range(2)]
+    nodes = [Node(controller.url, controller.join_code) for _ in range(2)]
     run_async(run_nodes_until(proc, *nodes))
     assert proc.returncode == 0, controller.logs()
     job_id = r.zrange(keys.JOBS, 0, 0)[0].decode()
@@ -61,8 +62,8 @@ def test_two_aggregators_finalize_once(controller: Controller, tmp_path: Path, r
 
 def test_lying_node_never_reaches_the_output(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
     proc = submit(controller, tmp_path)
-    liar = PyNode(controller.url, controller.join_code, corrupt=lambda out: flip_first_pixel(out[::-1]))
-    honest = PyNode(controller.url, controller.join_code)
+    liar = Node(controller.url, controller.join_code, corrupt=lambda out: flip_first_pixel(out[::-1]))
+    honest = Node(controller.url, controller.join_code)
     run_async(run_nodes_until(proc, liar, honest))
     assert proc.returncode == 0, controller.logs()
     np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
@@ -77,7 +78,7 @@ def test_closed_socket_requeues_at_once(controller: Controller, tmp_path: Path, 
 
     async def scenario() -> float:
         # a node that takes tasks and never answers, then its socket closes
-        quitter = PyNode(controller.url, controller.join_code, cores=4)
+        quitter = Node(controller.url, controller.join_code, cores=4)
         accepted = quitter.join()
         import websockets
 
@@ -94,7 +95,7 @@ def test_closed_socket_requeues_at_once(controller: Controller, tmp_path: Path, 
             await asyncio.sleep(0.02)
             assert time.monotonic() - closed < 5, "tasks of a closed socket were not requeued"
         requeue_s = time.monotonic() - closed
-        await run_nodes_until(proc, PyNode(controller.url, controller.join_code))
+        await run_nodes_until(proc, Node(controller.url, controller.join_code))
         return requeue_s
 
     requeue_s = run_async(scenario())
@@ -146,7 +147,7 @@ def test_task_that_always_fails_fails_the_job(controller: Controller, tmp_path: 
     async def failing_node() -> None:
         import websockets
 
-        node = PyNode(controller.url, controller.join_code)
+        node = Node(controller.url, controller.join_code)
         accepted = node.join()
         url = controller.url.replace("http", "ws") + f"/ws?token={accepted['token']}"
         async with websockets.connect(url) as ws:
@@ -177,7 +178,7 @@ def test_silent_node_requeued_within_five_seconds(controller: Controller, tmp_pa
     async def scenario() -> float:
         import websockets
 
-        mute = PyNode(controller.url, controller.join_code, cores=2)
+        mute = Node(controller.url, controller.join_code, cores=2)
         accepted = mute.join()
         url = controller.url.replace("http", "ws") + f"/ws?token={accepted['token']}"
         async with websockets.connect(url) as ws:
@@ -191,7 +192,7 @@ def test_silent_node_requeued_within_five_seconds(controller: Controller, tmp_pa
                 await asyncio.sleep(0.05)
                 assert time.monotonic() - went_silent < 10, "a silent node kept its tasks"
             requeue_s = time.monotonic() - went_silent
-        await run_nodes_until(proc, PyNode(controller.url, controller.join_code))
+        await run_nodes_until(proc, Node(controller.url, controller.join_code))
         return requeue_s
 
     requeue_s = run_async(scenario())
@@ -213,14 +214,14 @@ def test_repeat_offender_is_banned_and_its_merged_results_redone(
         count["n"] += 1
         return bytes(len(out)) if count["n"] % 2 == 0 else flip_first_pixel(out)
 
-    liar = PyNode(controller.url, controller.join_code, corrupt=sly)
+    liar = Node(controller.url, controller.join_code, corrupt=sly)
 
     async def scenario() -> None:
         stop = asyncio.Event()
         liar_task = asyncio.create_task(liar.run(stop=stop))
         while liar.closed_with is None and proc.poll() is None:
             await asyncio.sleep(0.05)
-        await run_nodes_until(proc, PyNode(controller.url, controller.join_code))
+        await run_nodes_until(proc, Node(controller.url, controller.join_code))
         stop.set()
         await liar_task
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import redis
 from conftest import Controller
+from executors import flip_first_pixel
+from nodes import Node, run_async
 from processdistro.shared import keys
-from pynode import PyNode, flip_first_pixel, run_async
 from test_pipeline import expected_small, run_nodes_until, submit
 
 
@@ -30,8 +31,8 @@ def test_a_subtle_liar_is_outvoted_and_the_output_stays_exact(
 ) -> None:
     before = stats(r)
     proc = submit(controller, tmp_path, "--tile", "64", "--replicate", "1")  # 20 tiles, every one twice
-    liar = PyNode(controller.url, controller.join_code, cores=1, corrupt=flip_first_pixel)
-    honest = [PyNode(controller.url, controller.join_code, cores=1) for _ in range(2)]
+    liar = Node(controller.url, controller.join_code, cores=1, corrupt=flip_first_pixel)
+    honest = [Node(controller.url, controller.join_code, cores=1) for _ in range(2)]
 
     async def scenario() -> None:
         stop = asyncio.Event()
@@ -61,7 +62,7 @@ def test_a_subtle_liar_is_outvoted_and_the_output_stays_exact(
 def test_one_node_alone_still_finishes_a_replicated_job(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
     before = stats(r)
     proc = submit(controller, tmp_path, "--tile", "64", "--replicate", "1")
-    run_async(run_nodes_until(proc, PyNode(controller.url, controller.join_code), timeout=60))
+    run_async(run_nodes_until(proc, Node(controller.url, controller.join_code), timeout=60))
     assert proc.returncode == 0, (tmp_path / "submit.log").read_text() + controller.logs()
     np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
     assert gained(before, stats(r), "replicas_unconfirmed") >= 20 - 1
@@ -79,8 +80,8 @@ def test_copies_parked_for_a_node_that_leaves_are_not_lost(
     for the slow one; when the slow one leaves, they come back and the job still finishes."""
     before = stats(r)
     proc = submit(controller, tmp_path, "--tile", "64", "--replicate", "1")
-    fast = PyNode(controller.url, controller.join_code, cores=1)
-    slow = PyNode(controller.url, controller.join_code, cores=1, delay=1.0)
+    fast = Node(controller.url, controller.join_code, cores=1)
+    slow = Node(controller.url, controller.join_code, cores=1, delay=1.0)
 
     async def scenario() -> int:
         stop_all, stop_slow = asyncio.Event(), asyncio.Event()
@@ -112,7 +113,7 @@ def test_no_node_runs_both_copies_while_the_aggregator_lags(
     what still keeps the second copy off that node (it used to run it again, and the
     confirmation went to the stream's end)."""
     proc = submit(controller, tmp_path, "--width", "400", "--height", "400", "--tile", "8", "--replicate", "1")
-    nodes = [PyNode(controller.url, controller.join_code, cores=2) for _ in range(2)]
+    nodes = [Node(controller.url, controller.join_code, cores=2) for _ in range(2)]
     run_async(run_nodes_until(proc, *nodes, timeout=120))
     assert proc.returncode == 0, (tmp_path / "submit.log").read_text() + controller.logs()
     for node in nodes:
@@ -126,8 +127,8 @@ def test_a_rejected_copy_does_not_count_as_a_vote(controller: Controller, tmp_pa
     it a node that returned the tile but not a voter: the remaining copy is not left waiting
     for a tie-breaker that can never come, and the job finishes exactly."""
     proc = submit(controller, tmp_path, "--tile", "64", "--replicate", "1")
-    liar = PyNode(controller.url, controller.join_code, corrupt=lambda out: flip_first_pixel(out[::-1]))
-    honest = PyNode(controller.url, controller.join_code)
+    liar = Node(controller.url, controller.join_code, corrupt=lambda out: flip_first_pixel(out[::-1]))
+    honest = Node(controller.url, controller.join_code)
     run_async(run_nodes_until(proc, liar, honest, timeout=60))
     assert proc.returncode == 0, (tmp_path / "submit.log").read_text() + controller.logs()
     np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())

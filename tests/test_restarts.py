@@ -11,8 +11,8 @@ import pytest
 import redis
 from conftest import Controller
 from mandel_ref import reference_counts
+from nodes import Node, run_async
 from processdistro.shared import keys
-from pynode import PyNode, run_async
 from test_pipeline import submit
 
 # enough subtasks that a kill lands mid-job: 300x200 in 16 px tiles = 19 x 13 = 247
@@ -36,7 +36,7 @@ def run_with_kills(ctl: Controller, tmp: Path, r: redis.Redis, victims: list[str
 
     async def scenario() -> None:
         stop = asyncio.Event()
-        nodes = [PyNode(ctl.url, ctl.join_code) for _ in range(2)]
+        nodes = [Node(ctl.url, ctl.join_code) for _ in range(2)]
         tasks = [asyncio.create_task(n.run_reconnecting(stop)) for n in nodes]
         try:
             for i, victim in enumerate(victims):

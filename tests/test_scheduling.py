@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import redis
 from conftest import Controller
+from nodes import Node, run_async
 from processdistro.shared import keys
-from pynode import PyNode, run_async
 from test_pipeline import expected_small, submit
 
 
@@ -26,8 +26,8 @@ def fraction(r: redis.Redis, job_id: str) -> float:
 def test_backups_rescue_a_straggler(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
     """A node 20 s per task holds a few tasks; backups let the fast node finish the job."""
     proc = submit(controller, tmp_path, "--tile", "64", "--replicate", "0")  # 5 x 4 = 20 tiles
-    slow = PyNode(controller.url, controller.join_code, delay=20.0)
-    fast = PyNode(controller.url, controller.join_code)
+    slow = Node(controller.url, controller.join_code, delay=20.0)
+    fast = Node(controller.url, controller.join_code)
 
     async def scenario() -> float:
         stop = asyncio.Event()
@@ -58,8 +58,8 @@ def test_slow_node_gives_back_queued_work_and_loses_its_copy(
     dry: the queued task is stolen, the running one backed up, and the slow copy cancelled."""
     before = {k.decode(): int(v) for k, v in r.hgetall(keys.STATS).items()}
     proc = submit(controller, tmp_path, "--tile", "64", "--replicate", "0")  # 20 tiles
-    slow = PyNode(controller.url, controller.join_code, cores=1, delay=3.0)
-    fast = PyNode(controller.url, controller.join_code, cores=1)
+    slow = Node(controller.url, controller.join_code, cores=1, delay=3.0)
+    fast = Node(controller.url, controller.join_code, cores=1)
 
     async def scenario() -> int:
         stop = asyncio.Event()
@@ -94,7 +94,7 @@ def test_equal_jobs_share_and_priority_overtakes(controller: Controller, r: redi
 
     async def scenario() -> tuple[float, float, list[str]]:
         stop = asyncio.Event()
-        nodes = [PyNode(controller.url, controller.join_code, cores=2) for _ in range(2)]
+        nodes = [Node(controller.url, controller.join_code, cores=2) for _ in range(2)]
         tasks = [asyncio.create_task(n.run(stop=stop)) for n in nodes]
         try:
             while len(job_ids(r)) < 2:
@@ -129,7 +129,7 @@ def test_equal_jobs_share_and_priority_overtakes(controller: Controller, r: redi
 
 def test_cancel_frees_nodes_within_a_second(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
     proc = submit(controller, tmp_path, "--tile", "16")
-    node = PyNode(controller.url, controller.join_code, delay=30.0)  # holds its tasks a long time
+    node = Node(controller.url, controller.join_code, delay=30.0)  # holds its tasks a long time
 
     async def scenario() -> float:
         stop = asyncio.Event()
@@ -165,8 +165,8 @@ def test_idle_node_takes_the_unstarted_parts_of_a_slow_nodes_task(
     write_rows(tmp_path / "rows.csv", 400, with_ids=False)
     params = {"input": str(tmp_path / "rows.csv"), "iterations": 50, "batch": 5}
     job_id = client.submit(r, "hash", params, replicate=0)  # 80 parts
-    slow = PyNode(controller.url, controller.join_code, cores=1, delay=0.3)
-    fast = PyNode(controller.url, controller.join_code, cores=1)
+    slow = Node(controller.url, controller.join_code, cores=1, delay=0.3)
+    fast = Node(controller.url, controller.join_code, cores=1)
     stolen_before = int(r.hget(keys.STATS, "tasks_stolen") or 0)
 
     def state() -> bytes | None:

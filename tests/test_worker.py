@@ -20,6 +20,7 @@ import redis
 import wasmtime
 from conftest import Controller
 from mandel_ref import reference_counts
+from nodes import run_async
 from processdistro import client
 from processdistro.shared import keys
 from processdistro.shared.jobs import JobState
@@ -27,10 +28,9 @@ from processdistro.shared.redis_server import free_port
 from processdistro.shared.store.jobs import load_job
 from processdistro.worker.device import claim_identity
 from processdistro.worker.exceptions import DeadlineExceeded, MemoryCapReached, ModuleStatus
-from processdistro.worker.node import parse_join_url
+from processdistro.worker.join import parse_join_url
 from processdistro.worker.pool import ExecutorPool
 from processdistro.worker.runtime import MIB, Limits
-from pynode import run_async
 from test_matmul import wait_job
 from test_up import alive, children_of
 

@@ -4,7 +4,12 @@
     processdistro worker http://HOST:PORT/agent?code=CODE --cores 4
 
 Modules
-    node.py      `WorkerNode`: node report, WebSocket protocol, reconnects, clean stop
+    node.py      `WorkerNode`: the I/O layer - socket, reconnects, heartbeat timer, clean stop;
+                 feeds events to `NodeState` and carries out its instructions
+    state.py     `NodeState.handle(event) -> instructions`: every task decision, no I/O
+                 (its behaviour table, tests/node_cases.json, is shared with static/js/)
+    executor.py  `Executor` (what runs a part; tests inject their own) and `WasmExecutor`
+    join.py      `WorkerConfig`, the join link, the node report and its answer, backoff
     pool.py      `ExecutorPool`: one spawned process per slot; deadline guard, cancel = kill
     runtime.py   `ModuleRunner`: wasmtime with an epoch deadline and a memory cap (in-process)
     fetch.py     `ModuleStore` (modules on disk by sha256) and `BlockCache` (shared inputs)

@@ -1,0 +1,133 @@
+"""Joining a gateway: the worker's configuration, the join link, the benchmark, the node
+report and its answer, and the backoff between attempts. The socket is `node.py`'s."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+from pydantic import ValidationError
+
+from ..shared.exceptions import ConfigError
+from ..shared.protocol import PROTOCOL_VERSION, NodeAccepted, NodeReport
+from .device import benchmark, describe
+from .exceptions import Banned, JoinRefused, TaskError
+from .fetch import ModuleStore
+from .runtime import Limits, ModuleRunner
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST_S = 0.5
+BACKOFF_CAP_S = 10.0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker needs, decided by `main` (flags and `Settings`)."""
+
+    join_url: str
+    cores: int
+    home: Path
+    name: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    run_benchmark: bool = True
+    #: reported as the benchmark score when `run_benchmark` is off (a node of known speed)
+    score: float | None = None
+    throttle: float = 1.0  # >= 1: after each task sleep (throttle - 1) x its run time (a slower device)
+
+
+def parse_join_url(url: str) -> tuple[str, str]:
+    """`http://host:port/agent?code=CODE` -> (`http://host:port`, `CODE`)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"expected a join link like http://HOST:PORT/agent?code=CODE, got {url!r}")
+    code = parse_qs(parts.query).get("code", [""])[0]
+    if not code:
+        raise ConfigError(f"the join link {url!r} has no join code (?code=...): copy the link the controller printed")
+    return f"{parts.scheme}://{parts.netloc}", code
+
+
+def backoff_s(attempt: int) -> float:
+    """Capped exponential backoff with "equal jitter" (as agent.js): never below half."""
+    base: float = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** min(attempt, 16))
+    return base / 2 + random.random() * (base / 2)
+
+
+def node_report(config: WorkerConfig, *, join_code: str, device_id: str, score: float | None) -> NodeReport:
+    """The `POST /node-report` body describing this machine."""
+    info = describe()
+    return NodeReport(
+        join_code=join_code,
+        device_id=device_id,
+        cores=config.cores,
+        memory_gb=info.memory_gb,
+        browser=info.runtime,
+        os=info.os,
+        benchmark_score=score,
+        simd=info.simd,
+        kind="native",
+    )
+
+
+def accepted(resp: httpx.Response) -> NodeAccepted:
+    """The gateway's 200 answer to a node report, checked (`JoinRefused` if unusable)."""
+    try:
+        answer = NodeAccepted.model_validate_json(resp.content)
+    except ValidationError as exc:
+        raise JoinRefused(f"the gateway's answer to the node report is not a NodeAccepted: {exc}") from None
+    if answer.protocol != PROTOCOL_VERSION:
+        raise JoinRefused(
+            f"the gateway speaks protocol {answer.protocol}, this worker {PROTOCOL_VERSION}: upgrade processdistro"
+        )
+    return answer
+
+
+def refusal(resp: httpx.Response, node_id: str) -> Exception:
+    """The error to stop with for a node report refused for good (4xx other than 429)."""
+    try:
+        body = resp.json()
+        error = str(body.get("error", "")) if isinstance(body, dict) else ""
+        problems = body.get("problems") if isinstance(body, dict) else None
+    except ValueError:
+        error, problems = resp.text[:200], None
+    detail = error + (f" ({'; '.join(map(str, problems))})" if problems else "")
+    if resp.status_code == 403 and "banned" in error:
+        return Banned(f"node {node_id}: {error}")
+    if resp.status_code == 403:
+        return JoinRefused(f"join code refused: {detail or 'HTTP 403'}")
+    return JoinRefused(f"node report refused (HTTP {resp.status_code}): {detail}")
+
+
+async def measure(
+    *, http: httpx.AsyncClient, base_url: str, modules: ModuleStore, limits: Limits, who: str
+) -> float | None:
+    """The benchmark score (Mandelbrot iterations per second on one core) with the gateway's
+    mandelbrot module, which this also puts in the module cache; None if it cannot run."""
+    try:
+        resp = await http.get(f"{base_url}/api/modules")
+        resp.raise_for_status()
+        entry = resp.json().get("mandelbrot")
+        if not entry:
+            log.info("node %s: no mandelbrot module on the gateway; joining without a score", who)
+            return None
+        sha, url = str(entry["sha256"]), str(entry["url"])
+        path = await modules.get(sha, url)
+        score = await asyncio.to_thread(_benchmark_blocking, limits, sha, path)
+    except (httpx.HTTPError, ValueError, KeyError, TaskError) as exc:
+        log.warning("node %s: benchmark failed (%s); joining without a score", who, exc)
+        return None
+    log.info("node %s: benchmark %.1f M iterations/s per core", who, score / 1e6)
+    return score
+
+
+def _benchmark_blocking(limits: Limits, sha: str, path: Path) -> float:
+    runner = ModuleRunner(limits=limits)
+    try:
+        return benchmark(runner, sha, path)
+    finally:
+        runner.close()
