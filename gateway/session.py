@@ -280,8 +280,8 @@ class NodeSession:
             self.wake.clear()
 
     async def _unpark(self) -> None:
-        """Take parked replicated copies this node may run (it has neither run nor holds
-        their subtask): they go before the stream."""
+        """Take parked copies this node may run (it has neither run nor holds their
+        subtask): they go before the stream."""
         found = await self.store.parked(UNPARK_LOOK)
         returned = await self.store.returned_flags(self.node_id, [f for _tid, f in found])
         for (task_id, fields), ran in zip(found, returned, strict=True):
@@ -306,6 +306,9 @@ class NodeSession:
         match dispatch.screen(fields, node_id=self.node_id, job_over=over, index_done=index_done):
             case Verdict.DROP:
                 await self.store.drop(task_id)
+                return False
+            case Verdict.PARK:  # taken from the parked set by another node (`_unpark`)
+                await self.store.park(task_id)
                 return False
             case Verdict.REPLICA:
                 return await self._may_replicate(task_id, fields)

@@ -48,7 +48,7 @@ def holding(*entries: tuple[str, int, TaskFields]) -> dict[str, Held]:
         (task(), True, False, Verdict.DROP),
         (task(backup_of="other"), False, False, Verdict.SEND),
         (task(backup_of="other"), False, True, Verdict.DROP),
-        (task(backup_of="me"), False, False, Verdict.DROP),
+        (task(backup_of="me"), False, False, Verdict.PARK),
         (task(backup_of="other"), True, False, Verdict.DROP),
         (task(replicated=True), False, False, Verdict.REPLICA),
         (task(replicated=True), False, True, Verdict.DROP),

@@ -34,6 +34,7 @@ class Verdict(StrEnum):
 
     SEND = "send"  # give it to the node
     DROP = "drop"  # remove it from the stream: its job is over, or it is not needed any more
+    PARK = "park"  # a backup copy read by its own straggler's node: parked for another node
     REPLICA = "replica"  # a replicated copy: the replica rule decides
 
 
@@ -55,12 +56,15 @@ def needs_index_done(fields: TaskFields, node_id: str) -> bool:
 
 def screen(fields: TaskFields, *, node_id: str, job_over: bool, index_done: bool) -> Verdict:
     """Drop what must not run here: its job is over (finalizing too: a search that found
-    its answer), a backup copy offered to its own straggler or whose original is in, a
-    replicated subtask already merged. `index_done` (is the index merged?) is only read
-    where `needs_index_done` says so."""
+    its answer), a backup copy whose original is in, a replicated subtask already merged.
+    A backup copy read for the very node it backs up is parked for another node: dropped,
+    it was lost (its marker stops a second backup), and the job waited for the straggler.
+    `index_done` (is the index merged?) is only read where `needs_index_done` says so."""
     if job_over:
         return Verdict.DROP
-    if fields.backup_of and (fields.backup_of == node_id or index_done):
+    if fields.backup_of == node_id:
+        return Verdict.PARK
+    if fields.backup_of and index_done:
         return Verdict.DROP
     if fields.replicated:
         return Verdict.DROP if index_done else Verdict.REPLICA

@@ -208,8 +208,9 @@ class GatewayStore:
         return n
 
     async def park(self, task_id: str) -> None:
-        """Keep a replicated copy pending for a consumer that never reads, until a node
-        that may run it asks for work: at the stream's end it would wait for everything."""
+        """Keep a copy (replicated, or a backup read by its own straggler's node) pending for
+        a consumer that never reads, until a node that may run it asks for work: at the
+        stream's end it would wait for everything."""
         await self.r.xclaim(keys.TASKS, keys.NODES_GROUP, keys.PARKED_CONSUMER, 0, [task_id])
         await self.r.sadd(keys.PARKED, task_id)
 
