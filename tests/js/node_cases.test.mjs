@@ -57,39 +57,3 @@ describe("shared node table", () => {
     for (const c of table(SHARED)) it(c.name, () => runCase(c));
   }
 });
-
-// Cases this side adds beyond the shared table (same format), for behaviour the table does not
-// pin yet; worth moving into tests/node_cases.json.
-const welcome = { recv: { type: "welcome", node_id: "n1", slots: 2, prefetch: 1, heartbeat_interval_s: 1 } };
-const task = (id, more = []) => ({
-  recv: {
-    type: "task",
-    task_id: id,
-    job_id: "j1",
-    kind: "k",
-    module_sha256: "a".repeat(64),
-    module_url: "/m.wasm",
-    input_b64: "AQ==",
-    more: more.map((m) => ({ task_id: m, input_b64: "Ag==" })),
-  },
-});
-const done = (id) => ({ done: id, output_b64: "AQ==", elapsed_ms: 5 });
-const LOCAL = [
-  {
-    name: "a reported part's id may come back as a new task's first part: both tasks hold a slot",
-    steps: [
-      { event: { connected: true }, expect: [{ send: { type: "hello", running: [] } }] },
-      { event: welcome, expect: [{ send: { type: "ready", free: 3 } }] },
-      { event: task("1-0", ["1-1"]), expect: [{ start: "1-0" }] },
-      { event: done("1-0"), expect: [{ send: { type: "result", task_id: "1-0" } }, { start: "1-1" }] },
-      { event: task("1-0"), expect: [{ start: "1-0" }] },
-      { event: { tick: true }, expect: [{ send: { type: "heartbeat", running: 2 } }] },
-      { event: done("1-1"), expect: [{ send: { type: "result", task_id: "1-1" } }, { send: { type: "ready", free: 2 } }] },
-      { event: done("1-0"), expect: [{ send: { type: "result", task_id: "1-0" } }, { send: { type: "ready", free: 3 } }] },
-    ],
-  },
-];
-
-describe("node cases of this side", () => {
-  for (const c of LOCAL) it(c.name, () => runCase(c));
-});
