@@ -47,10 +47,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis
 from processdistro.shared import keys
 from processdistro.shared.queue import TaskFields
 from processdistro.shared.redis_server import EmbeddedRedis, free_port
+from processdistro.shared.store.connection import Client, plain_client
 from processdistro.shared.tasks.mandelbrot import MandelbrotParams, MandelbrotPlugin
 from rich.console import Console
 
@@ -92,7 +92,7 @@ def task_entry() -> dict[str, Any]:
     return TaskFields("20250101-000000-abcdef", 0, "mandelbrot", "0" * 64, payload).to_redis()
 
 
-def stream_round_trip(client: redis.Redis, n: int, batch: int) -> float:
+def stream_round_trip(client: Client, n: int, batch: int) -> float:
     """Entries per second through XADD -> XREADGROUP -> XACK+XDEL from one client."""
     fields = task_entry()
     client.delete(BASELINE_STREAM)
@@ -124,7 +124,7 @@ def stream_round_trip(client: redis.Redis, n: int, batch: int) -> float:
 
 
 def baselines(url: str, n: int, reps: int) -> dict[str, list[float]]:
-    client = redis.Redis.from_url(url.rsplit("/", 1)[0] + f"/{BASELINE_DB}")
+    client = plain_client(url.rsplit("/", 1)[0] + f"/{BASELINE_DB}")
     try:
         out: dict[str, list[float]] = {"naive": [], "batched": []}
         for _ in range(reps):
@@ -183,7 +183,7 @@ class NodePool:
         self._thread.join(15)
 
 
-def wait_connected(r: redis.Redis, pool: NodePool, timeout: float = 15) -> None:
+def wait_connected(r: Client, pool: NodePool, timeout: float = 15) -> None:
     ids = {n.device_id for n in pool.nodes}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -231,18 +231,18 @@ class JobRun:
         return self.total / self.job_wall_s
 
 
-def _stats(r: redis.Redis) -> dict[str, int]:
+def _stats(r: Client) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in r.hgetall(keys.STATS).items()}
 
 
 _job_counter = itertools.count(1)
 
 
-def _commandstats(r: redis.Redis) -> dict[str, int]:
+def _commandstats(r: Client) -> dict[str, int]:
     return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in r.info("commandstats").items()}
 
 
-def run_job(ctl: Any, r: redis.Redis, pool: NodePool, redis_pid: int, size: tuple[int, int], work: Path) -> JobRun:
+def run_job(ctl: Any, r: Client, pool: NodePool, redis_pid: int, size: tuple[int, int], work: Path) -> JobRun:
     width, height = size
     tag = f"{len(pool.nodes)}-{next(_job_counter)}"
     raw = work / f"counts-{tag}.npy"
@@ -386,7 +386,7 @@ def _by_component(cpu: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def start_extra(ctl: Any, r: redis.Redis, name: str, profile_dir: Path | None, timeout: float = 20) -> None:
+def start_extra(ctl: Any, r: Client, name: str, profile_dir: Path | None, timeout: float = 20) -> None:
     """Another instance of a service (`aggregator-2`), once its liveness key shows."""
     service = name.split("-", 1)[0]
     proc = spawn(ctl, name, profile_dir)
@@ -461,7 +461,7 @@ def run(*, quick: bool, console: Console) -> Report:
         server = EmbeddedRedis(directory=work / "redis", persist=False)
         url = server.start()
         ctl = None
-        r = redis.Redis.from_url(url)
+        r = plain_client(url)
         try:
             assert server.process is not None
             console.print(f"baselines: {n_subtasks} entries, naive and batched")

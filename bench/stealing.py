@@ -42,9 +42,9 @@ from typing import Any
 
 import httpx
 import numpy as np
-import redis
 from processdistro.shared import keys
 from processdistro.shared.redis_server import EmbeddedRedis
+from processdistro.shared.store.connection import Client, plain_client
 from rich.console import Console
 from websockets.sync.client import connect as ws_connect
 
@@ -106,7 +106,7 @@ class Worker:
                 self.proc.wait()
 
 
-def restart_scheduler(ctl: Any, r: redis.Redis, backups: bool) -> None:
+def restart_scheduler(ctl: Any, r: Client, backups: bool) -> None:
     proc = ctl.procs.pop("scheduler", None)
     if proc is not None:
         proc.terminate()
@@ -138,11 +138,11 @@ class JobRun:
     tail_s: float = 0.0  # 90 % merged -> finished
 
 
-def _stats(r: redis.Redis) -> dict[str, int]:
+def _stats(r: Client) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in r.hgetall(keys.STATS).items()}
 
 
-def _completed(r: redis.Redis, node_ids: list[str]) -> dict[str, int]:
+def _completed(r: Client, node_ids: list[str]) -> dict[str, int]:
     return {n: int(r.hget(keys.node(n), "completed") or 0) for n in node_ids}
 
 
@@ -153,7 +153,7 @@ def submit_args(width: int, height: int, max_iter: int, view: tuple[str, ...] | 
     return args
 
 
-def _new_job(r: redis.Redis, known: set[bytes], proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> str:
+def _new_job(r: Client, known: set[bytes], proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> str:
     deadline = time.monotonic() + timeout
     while True:
         new = [j for j in r.zrange(keys.JOBS, 0, -1) if j not in known]
@@ -164,7 +164,7 @@ def _new_job(r: redis.Redis, known: set[bytes], proc: subprocess.Popen[bytes], l
         time.sleep(0.02)
 
 
-def run_job(ctl: Any, r: redis.Redis, work: Path, tag: str, args: list[str], node_ids: list[str]) -> JobRun:
+def run_job(ctl: Any, r: Client, work: Path, tag: str, args: list[str], node_ids: list[str]) -> JobRun:
     raw = work / f"{tag}.npy"
     log = work / f"{tag}.log"
     known = set(r.zrange(keys.JOBS, 0, -1))
@@ -223,7 +223,7 @@ def solo_rate(run: JobRun) -> float:
 # ---------------------------------------------------------------------------- dead nodes
 
 
-def consumers_of(r: redis.Redis, node_id: str) -> dict[str, int]:
+def consumers_of(r: Client, node_id: str) -> dict[str, int]:
     out = {}
     for info in r.xinfo_consumers(keys.TASKS, keys.NODES_GROUP):
         name = info["name"].decode() if isinstance(info["name"], bytes) else str(info["name"])
@@ -232,7 +232,7 @@ def consumers_of(r: redis.Redis, node_id: str) -> dict[str, int]:
     return out
 
 
-def wait_holding(r: redis.Redis, node_id: str, timeout: float = 30) -> dict[str, int]:
+def wait_holding(r: Client, node_id: str, timeout: float = 30) -> dict[str, int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         held = consumers_of(r, node_id)
@@ -242,7 +242,7 @@ def wait_holding(r: redis.Redis, node_id: str, timeout: float = 30) -> dict[str,
     raise RuntimeError(f"node {node_id} never held a task")
 
 
-def released_after(r: redis.Redis, consumers: list[str], t0: float, timeout: float = 30) -> float:
+def released_after(r: Client, consumers: list[str], t0: float, timeout: float = 30) -> float:
     """Seconds from `t0` (perf_counter) until none of `consumers` has a pending entry."""
     while time.perf_counter() - t0 < timeout:
         if not any(r.xpending_range(keys.TASKS, keys.NODES_GROUP, "-", "+", 1, consumername=c) for c in consumers):
@@ -251,7 +251,7 @@ def released_after(r: redis.Redis, consumers: list[str], t0: float, timeout: flo
     raise RuntimeError(f"tasks of {consumers} still pending after {timeout}s")
 
 
-def killed_worker(ctl: Any, r: redis.Redis, home: Path) -> tuple[float, int]:
+def killed_worker(ctl: Any, r: Client, home: Path) -> tuple[float, int]:
     victim = Worker(ctl, home)
     try:
         held = wait_holding(r, victim.node_id)
@@ -266,7 +266,7 @@ def killed_worker(ctl: Any, r: redis.Redis, home: Path) -> tuple[float, int]:
     return seconds, sum(held.values())
 
 
-def silent_node(ctl: Any, r: redis.Redis, device_id: str) -> tuple[float, int]:
+def silent_node(ctl: Any, r: Client, device_id: str) -> tuple[float, int]:
     resp = httpx.post(
         f"{ctl.url}/node-report",
         json={"join_code": ctl.join_code, "device_id": device_id, "cores": 1, "kind": "native", "benchmark_score": 1e6},
@@ -305,7 +305,7 @@ def run(*, quick: bool, console: Console) -> Report:
         work = Path(tmp)
         server = EmbeddedRedis(directory=work / "redis", persist=False)
         url = server.start()
-        r = redis.Redis.from_url(url)
+        r = plain_client(url)
         home = work / "pd-home"
         home.mkdir()
         ctl = make_controller(controller_cls, url, home, None)

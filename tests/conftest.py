@@ -14,9 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 from processdistro.shared import keys
 from processdistro.shared.redis_server import EmbeddedRedis, free_port
+from processdistro.shared.store.connection import Client, plain_client
 
 CHROMIUM = os.environ.get("PD_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -58,8 +58,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
+def r(redis_url: str) -> Iterator[Client]:
+    client = plain_client(redis_url)
     client.flushall()
     try:
         yield client
@@ -111,7 +111,7 @@ class Controller:
 
     @property
     def join_code(self) -> str:
-        client = redis.Redis.from_url(self.redis_url)
+        client = plain_client(self.redis_url)
         try:
             return client.get(keys.JOIN_CODE).decode()  # type: ignore[union-attr]
         finally:
@@ -145,7 +145,7 @@ class Controller:
 
     def wait_ready(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
-        client = redis.Redis.from_url(self.redis_url)
+        client = plain_client(self.redis_url)
         try:
             while time.monotonic() < deadline:
                 for name, proc in self.procs.items():
@@ -165,7 +165,7 @@ class Controller:
 
 
 @pytest.fixture
-def controller(r: redis.Redis, redis_url: str, tmp_path: Path) -> Iterator[Controller]:
+def controller(r: Client, redis_url: str, tmp_path: Path) -> Iterator[Controller]:
     home = tmp_path / "pd-home"
     home.mkdir()
     port = free_port()

@@ -11,20 +11,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import redis
 from conftest import Controller
 from mandel_ref import reference_counts
 from nodes import Node, run_async
 from processdistro import client
 from processdistro.shared import keys
 from processdistro.shared.jobs import JobState
+from processdistro.shared.store.connection import Client
 from processdistro.shared.store.jobs import load_job
 
 CHAOS_S = 40  # how long the killing goes on (jobs are sized to outlast it)
 SERVICES = ["gateway", "scheduler", "aggregator", "aggregator-2"]
 
 
-def test_chaos(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+def test_chaos(controller: Controller, tmp_path: Path, r: Client) -> None:
     controller.start("aggregator-2", "aggregator")
     rnd = random.Random(2026)
     jobs = {

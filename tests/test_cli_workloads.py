@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-import redis
 from conftest import Controller
 from processdistro.shared import keys
+from processdistro.shared.store.connection import Client
 from test_e2e_browser import close_all, join
 from test_worker import Worker, workers  # noqa: F401 - the fixture
 
@@ -28,7 +28,7 @@ def mixed_nodes(controller: Controller, browser: Any, tmp_path: Path, workers: l
     close_all([page])
 
 
-def test_matmul_odd_shapes(controller: Controller, mixed_nodes: Any, tmp_path: Path, r: redis.Redis) -> None:
+def test_matmul_odd_shapes(controller: Controller, mixed_nodes: Any, tmp_path: Path, r: Client) -> None:
     rng = np.random.default_rng(11)
     a, b = rng.standard_normal((700, 300)), rng.standard_normal((300, 500))
     np.save(tmp_path / "A.npy", a)

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from conftest import Controller
 from processdistro import client
 from processdistro.shared import keys
 from processdistro.shared.exceptions import ParamsError
 from processdistro.shared.jobs import JobState
+from processdistro.shared.store.connection import Client
 from processdistro.shared.tasks import get_plugin
 from processdistro.shared.tasks.crack import chunk_lines
 from test_e2e_browser import close_all, join
@@ -34,7 +34,7 @@ def wordlist(path: Path, n: int, secret: str, at: int) -> None:
 
 
 @pytest.mark.browser
-def test_found_at_seventy_percent(controller: Controller, browser: Any, tmp_path: Path, r: redis.Redis) -> None:
+def test_found_at_seventy_percent(controller: Controller, browser: Any, tmp_path: Path, r: Client) -> None:
     secret = "correct-horse-ünïcode"
     wordlist(tmp_path / "words.txt", 100_000, secret, 70_000)
     target = hashlib.pbkdf2_hmac("sha256", secret.encode(), b"pepper", ITERATIONS, 32).hex()

@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-import redis
 from conftest import Controller
 from mandel_ref import reference_counts
 from PIL import Image
 from processdistro.shared import keys
+from processdistro.shared.store.connection import Client
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -90,7 +90,7 @@ def close_all(pages: list[Any]) -> None:
             p.context.close()
 
 
-def test_two_pages_render_mandelbrot(controller: Controller, browser: Any, tmp_path: Path, r: redis.Redis) -> None:
+def test_two_pages_render_mandelbrot(controller: Controller, browser: Any, tmp_path: Path, r: Client) -> None:
     expected()  # compute the reference before the clock matters
     pages = [join(browser, controller), join(browser, controller)]
     try:
@@ -102,7 +102,7 @@ def test_two_pages_render_mandelbrot(controller: Controller, browser: Any, tmp_p
         close_all(pages)
 
 
-def test_page_closed_mid_job(controller: Controller, browser: Any, tmp_path: Path, r: redis.Redis) -> None:
+def test_page_closed_mid_job(controller: Controller, browser: Any, tmp_path: Path, r: Client) -> None:
     expected()
     pages = [join(browser, controller), join(browser, controller)]
     try:

@@ -11,12 +11,12 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from conftest import Controller
 from processdistro.shared import keys
 from processdistro.shared.jobs import LIVE, JobState
 from processdistro.shared.messages import CancelJob
 from processdistro.shared.protocol import PROTOCOL_VERSION
+from processdistro.shared.store.connection import Client
 from processdistro.shared.store.jobs import JobStore
 from websockets.sync.client import ClientConnection, connect
 
@@ -74,7 +74,7 @@ def frame_node(ctl: Controller) -> Iterator[FrameNode]:
     ids=["missing-fields", "not-json", "unknown-type", "invalid-field"],
 )
 def test_a_bad_control_message_does_not_lose_the_next(
-    controller: Controller, tmp_path: Path, r: redis.Redis, bad: bytes
+    controller: Controller, tmp_path: Path, r: Client, bad: bytes
 ) -> None:
     """A malformed control message right before a `cancel_job`: the cancel still reaches
     the node (its tasks of the job are cancelled) and their entries leave the stream."""
@@ -98,7 +98,7 @@ def test_a_bad_control_message_does_not_lose_the_next(
     assert proc.returncode == 1 and "cancelled" in (tmp_path / "submit.log").read_text()
 
 
-def test_control_survives_a_lost_connection(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+def test_control_survives_a_lost_connection(controller: Controller, tmp_path: Path, r: Client) -> None:
     """The gateway's subscription is cut: it subscribes again and hears the next cancel."""
     proc = controller.submit_mandelbrot(tmp_path, *SMALL)
     try:

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import redis
 import websockets
 from conftest import Controller
 from nodes import Node, run_async
 from processdistro.gateway.auth import TokenSigner
 from processdistro.shared import keys
 from processdistro.shared.protocol import CloseCode
+from processdistro.shared.store.connection import Client
 from test_pipeline import expected_small, run_nodes_until, submit
 from websockets.exceptions import ConnectionClosed
 
@@ -42,13 +42,13 @@ async def recv_type(ws: websockets.ClientConnection, wanted: str) -> dict[str, o
             return msg
 
 
-def token_for(ctl: Controller, r: redis.Redis, node: Node, ttl: float) -> str:
+def token_for(ctl: Controller, r: Client, node: Node, ttl: float) -> str:
     node.join()
     signer = TokenSigner(secret=r.get(keys.TOKEN_SECRET) or b"", ttl_s=ttl)
     return signer.issue(node.device_id)[0]
 
 
-def test_hostile_clients_refused_while_a_job_runs(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+def test_hostile_clients_refused_while_a_job_runs(controller: Controller, tmp_path: Path, r: Client) -> None:
     proc = submit(controller, tmp_path)
     honest = Node(controller.url, controller.join_code)
     intruder = Node(controller.url, controller.join_code)

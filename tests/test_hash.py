@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from conftest import Controller
 from processdistro import client
 from processdistro.shared import keys
 from processdistro.shared.exceptions import ParamsError
 from processdistro.shared.jobs import JobState
+from processdistro.shared.store.connection import Client
 from processdistro.shared.tasks import get_plugin
 from test_e2e_browser import close_all, join
 from test_matmul import wait_job
@@ -38,7 +38,7 @@ def write_rows(path: Path, n: int, with_ids: bool) -> list[dict[str, str]]:
 
 
 @pytest.mark.browser
-def test_thousand_rows_in_browsers(controller: Controller, browser: Any, tmp_path: Path, r: redis.Redis) -> None:
+def test_thousand_rows_in_browsers(controller: Controller, browser: Any, tmp_path: Path, r: Client) -> None:
     rows = write_rows(tmp_path / "rows.csv", 1000, with_ids=True)
     pages = [join(browser, controller), join(browser, controller)]
     try:
@@ -89,7 +89,7 @@ def test_refused_at_submit(tmp_path: Path) -> None:
         plugin.prepare({"input": str(tmp_path / "latin.csv"), "iterations": 0})
 
 
-def test_lying_node_never_changes_the_output(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+def test_lying_node_never_changes_the_output(controller: Controller, tmp_path: Path, r: Client) -> None:
     """A node that makes its keys up (as one that skips the work would) gets the hidden
     ringer row wrong: every batch it returns is rejected and redone by the honest node.
     (A liar that garbles one row and not the ringer is a matter for replication.)"""
@@ -120,7 +120,7 @@ def test_lying_node_never_changes_the_output(controller: Controller, tmp_path: P
     assert 1 <= rejected <= liar.done and int(r.hget(keys.node(liar.device_id), "completed") or 0) == 0
 
 
-def test_parts_are_checkpoints(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+def test_parts_are_checkpoints(controller: Controller, tmp_path: Path, r: Client) -> None:
     """A node gets tasks of many parts once timed; it leaves after 12 part results, in the
     middle of a task: those 12 are kept, and only its unreported parts are computed again."""
     import asyncio

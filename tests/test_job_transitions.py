@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 import pytest
-import redis
 from processdistro.scheduler.service import Scheduler
 from processdistro.shared import keys
 from processdistro.shared.jobs import LIVE, TERMINAL, TRANSITIONS, JobState, allowed, sources
@@ -17,6 +16,7 @@ from processdistro.shared.messages import Cancel, CancelJob, parse_control
 from processdistro.shared.modules import ModuleRegistry
 from processdistro.shared.settings import Settings
 from processdistro.shared.store.commands import send_command
+from processdistro.shared.store.connection import Client
 from processdistro.shared.store.jobs import JobStore, load_job, store_blocks
 
 Q, R, F, D, X, C = (
@@ -97,7 +97,7 @@ def test_sources(to: JobState, expected: set[JobState]) -> None:
 # ------------------------------------------------------------------ JobStore.transition
 
 
-def make_job(r: redis.Redis, job_id: str, state: JobState) -> JobStore:
+def make_job(r: Client, job_id: str, state: JobState) -> JobStore:
     """A job record in `state`, reached through the real moves from `queued`."""
     jobs = JobStore(r)
     now = time.time()
@@ -120,11 +120,11 @@ def make_job(r: redis.Redis, job_id: str, state: JobState) -> JobStore:
     return jobs
 
 
-def active(r: redis.Redis) -> set[str]:
+def active(r: Client) -> set[str]:
     return {j.decode() for j in r.zrange(keys.ACTIVE_JOBS, 0, -1)}
 
 
-def test_create_once(r: redis.Redis) -> None:
+def test_create_once(r: Client) -> None:
     jobs = make_job(r, "j", Q)
     assert not jobs.create("j", {"id": "j", "state": R.value}, priority=0, created=0.0)  # a replay
     assert load_job(r, "j").state is Q  # type: ignore[union-attr]
@@ -132,7 +132,7 @@ def test_create_once(r: redis.Redis) -> None:
 
 
 @pytest.mark.parametrize("move", ALLOWED, ids=_ids(ALLOWED))
-def test_transition_makes_an_allowed_move(r: redis.Redis, move: tuple[JobState, JobState]) -> None:
+def test_transition_makes_an_allowed_move(r: Client, move: tuple[JobState, JobState]) -> None:
     frm, to = move
     jobs = make_job(r, "j", frm)
     assert jobs.transition("j", frm, to, error="why", finished=12.5)
@@ -143,7 +143,7 @@ def test_transition_makes_an_allowed_move(r: redis.Redis, move: tuple[JobState, 
 
 
 @pytest.mark.parametrize("move", REFUSED, ids=_ids(REFUSED))
-def test_transition_refuses_a_move_not_in_the_table(r: redis.Redis, move: tuple[JobState, JobState]) -> None:
+def test_transition_refuses_a_move_not_in_the_table(r: Client, move: tuple[JobState, JobState]) -> None:
     frm, to = move
     jobs = make_job(r, "j", frm)
     with pytest.raises(ValueError, match=f"from {frm.value} to {to.value}"):
@@ -151,7 +151,7 @@ def test_transition_refuses_a_move_not_in_the_table(r: redis.Redis, move: tuple[
     assert load_job(r, "j").state is frm  # type: ignore[union-attr]
 
 
-def test_transition_fails_when_the_state_changed(r: redis.Redis) -> None:
+def test_transition_fails_when_the_state_changed(r: Client) -> None:
     jobs = make_job(r, "j", R)
     assert not jobs.transition("j", Q, C, error="late")  # loaded as queued; it is running now
     job = load_job(r, "j")
@@ -160,7 +160,7 @@ def test_transition_fails_when_the_state_changed(r: redis.Redis) -> None:
     assert not jobs.transition("missing", Q, R)
 
 
-def test_done_is_counted_once(r: redis.Redis) -> None:
+def test_done_is_counted_once(r: Client) -> None:
     jobs = make_job(r, "j", F)
     assert jobs.transition("j", F, D)
     assert not jobs.transition("j", F, D)  # a second finalizer
@@ -171,7 +171,7 @@ def test_done_is_counted_once(r: redis.Redis) -> None:
 # ------------------------------------------------------------------ the scheduler's cancel
 
 
-class MovesAfterFirstRead(redis.Redis):
+class MovesAfterFirstRead(Client):
     """A client on which another process moves the job (`frm -> to`, the real transition)
     right after the scheduler's first read of its record: between cancel's load and its write."""
 
@@ -188,7 +188,7 @@ class MovesAfterFirstRead(redis.Redis):
 
 
 @pytest.fixture
-def scheduler(r: redis.Redis, redis_url: str) -> Scheduler:
+def scheduler(r: Client, redis_url: str) -> Scheduler:
     client = MovesAfterFirstRead.from_url(redis_url)
     return Scheduler(client=client, settings=Settings(redis_url=redis_url), modules=ModuleRegistry())
 
@@ -202,7 +202,7 @@ def control_messages(pubsub: Any) -> list[bytes]:
 
 
 @pytest.mark.parametrize("state", [C, X], ids=["cancel", "fail"])
-def test_cancel_racing_the_finalizer_leaves_the_job_done(r: redis.Redis, scheduler: Scheduler, state: JobState) -> None:
+def test_cancel_racing_the_finalizer_leaves_the_job_done(r: Client, scheduler: Scheduler, state: JobState) -> None:
     """The cancel loads the job as `finalizing`; the finalizer writes `done` before the
     cancel writes: the job stays `done`, finalized once, and no gateway is told to stop it."""
     make_job(r, "j", F)
@@ -221,7 +221,7 @@ def test_cancel_racing_the_finalizer_leaves_the_job_done(r: redis.Redis, schedul
     pubsub.close()
 
 
-def test_cancel_of_a_finalizing_job_cancels_it(r: redis.Redis, scheduler: Scheduler) -> None:
+def test_cancel_of_a_finalizing_job_cancels_it(r: Client, scheduler: Scheduler) -> None:
     make_job(r, "j", F)
     store_blocks(r, "j", {"ab": b"block"})
     pubsub = r.pubsub()
@@ -237,7 +237,7 @@ def test_cancel_of_a_finalizing_job_cancels_it(r: redis.Redis, scheduler: Schedu
     pubsub.close()
 
 
-def test_cancel_follows_a_job_that_moved_on(r: redis.Redis, scheduler: Scheduler) -> None:
+def test_cancel_follows_a_job_that_moved_on(r: Client, scheduler: Scheduler) -> None:
     """Loaded as `running`, moved to `finalizing` by the aggregator before the write: the
     cancel still applies (finalizing -> cancelled is allowed)."""
     make_job(r, "j", R)
@@ -249,7 +249,7 @@ def test_cancel_follows_a_job_that_moved_on(r: redis.Redis, scheduler: Scheduler
 
 
 def test_a_bad_command_is_refused_and_the_others_applied(
-    r: redis.Redis, scheduler: Scheduler, caplog: pytest.LogCaptureFixture
+    r: Client, scheduler: Scheduler, caplog: pytest.LogCaptureFixture
 ) -> None:
     make_job(r, "a", R)
     make_job(r, "b", Q)

@@ -8,18 +8,18 @@ from typing import Any
 
 import numpy as np
 import pytest
-import redis
 from conftest import Controller
 from processdistro import client
 from processdistro.shared import keys
 from processdistro.shared.exceptions import ParamsError
 from processdistro.shared.jobs import JobState
+from processdistro.shared.store.connection import Client
 from processdistro.shared.store.jobs import load_job
 from processdistro.shared.tasks import get_plugin
 from test_e2e_browser import close_all, join
 
 
-def wait_job(r: redis.Redis, job_id: str, timeout: float = 120) -> Any:
+def wait_job(r: Client, job_id: str, timeout: float = 120) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = load_job(r, job_id)
@@ -31,9 +31,7 @@ def wait_job(r: redis.Redis, job_id: str, timeout: float = 120) -> Any:
 
 @pytest.mark.browser
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_odd_shapes_in_browsers(
-    controller: Controller, browser: Any, tmp_path: Path, r: redis.Redis, dtype: Any
-) -> None:
+def test_odd_shapes_in_browsers(controller: Controller, browser: Any, tmp_path: Path, r: Client, dtype: Any) -> None:
     rng = np.random.default_rng(7)
     a = rng.standard_normal((700, 300)).astype(dtype)
     b = rng.standard_normal((300, 500)).astype(dtype)
@@ -85,7 +83,7 @@ def test_freivalds_catches_a_wrong_tile() -> None:
     assert plugin.verify(params, 0, task_input, good[:-8], random.Random(0)).value == "reject"
 
 
-def test_simd_nodes_get_the_simd_build(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+def test_simd_nodes_get_the_simd_build(controller: Controller, tmp_path: Path, r: Client) -> None:
     import asyncio
 
     import httpx

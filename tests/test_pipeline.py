@@ -11,12 +11,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import redis
 from conftest import Controller
 from executors import flip_first_pixel
 from mandel_ref import reference_counts
 from nodes import Node, run_async
 from processdistro.shared import keys
+from processdistro.shared.store.connection import Client
 
 SMALL = ["--width", "300", "--height", "200", "--tile", "32", "--max-iter", "200"]
 
@@ -46,7 +46,7 @@ def test_job_completes_exactly(controller: Controller, tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
 
 
-def test_two_aggregators_finalize_once(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+def test_two_aggregators_finalize_once(controller: Controller, tmp_path: Path, r: Client) -> None:
     controller.start("aggregator-2", "aggregator")
     controller.start("aggregator-3", "aggregator")
     proc = submit(controller, tmp_path)
@@ -60,7 +60,7 @@ def test_two_aggregators_finalize_once(controller: Controller, tmp_path: Path, r
     np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
 
 
-def test_lying_node_never_reaches_the_output(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+def test_lying_node_never_reaches_the_output(controller: Controller, tmp_path: Path, r: Client) -> None:
     proc = submit(controller, tmp_path)
     liar = Node(controller.url, controller.join_code, corrupt=lambda out: flip_first_pixel(out[::-1]))
     honest = Node(controller.url, controller.join_code)
@@ -73,7 +73,7 @@ def test_lying_node_never_reaches_the_output(controller: Controller, tmp_path: P
     assert liar.closed_with == 4004, "a node that keeps failing checks is banned"
 
 
-def test_closed_socket_requeues_at_once(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+def test_closed_socket_requeues_at_once(controller: Controller, tmp_path: Path, r: Client) -> None:
     proc = submit(controller, tmp_path)
 
     async def scenario() -> float:
@@ -104,7 +104,7 @@ def test_closed_socket_requeues_at_once(controller: Controller, tmp_path: Path, 
     np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
 
 
-def test_cancel_ends_the_job(controller: Controller, r: redis.Redis) -> None:
+def test_cancel_ends_the_job(controller: Controller, r: Client) -> None:
     result = controller.cli("submit", "mandelbrot", *SMALL)
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = r.zrange(keys.JOBS, 0, 0)
@@ -122,7 +122,7 @@ def test_cancel_ends_the_job(controller: Controller, r: redis.Redis) -> None:
     assert json.loads(jobs.stdout)[0]["state"] == "cancelled"
 
 
-def test_bad_parameters_refused_at_submit(controller: Controller, r: redis.Redis) -> None:
+def test_bad_parameters_refused_at_submit(controller: Controller, r: Client) -> None:
     result = controller.cli("submit", "mandelbrot", "--xmin", "2", "--xmax", "1")
     assert result.returncode == 2
     assert "expected xmin < xmax" in result.stderr
@@ -141,7 +141,7 @@ def test_service_health(controller: Controller, service: str) -> None:
         assert controller.cli("healthcheck", "--service", service).returncode == 0
 
 
-def test_task_that_always_fails_fails_the_job(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+def test_task_that_always_fails_fails_the_job(controller: Controller, tmp_path: Path, r: Client) -> None:
     proc = submit(controller, tmp_path)
 
     async def failing_node() -> None:
@@ -172,7 +172,7 @@ def test_task_that_always_fails_fails_the_job(controller: Controller, tmp_path: 
     assert b"CompileError: boom" in (r.hget(keys.job(job_id), "error") or b"")
 
 
-def test_silent_node_requeued_within_five_seconds(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+def test_silent_node_requeued_within_five_seconds(controller: Controller, tmp_path: Path, r: Client) -> None:
     proc = submit(controller, tmp_path)
 
     async def scenario() -> float:
@@ -202,7 +202,7 @@ def test_silent_node_requeued_within_five_seconds(controller: Controller, tmp_pa
 
 
 def test_repeat_offender_is_banned_and_its_merged_results_redone(
-    controller: Controller, tmp_path: Path, r: redis.Redis
+    controller: Controller, tmp_path: Path, r: Client
 ) -> None:
     """Every other result of this liar is garbage (caught); the rest have one wrong pixel,
     which a spot check of 4 pixels in 1024 rarely sees and so get merged. After its third

@@ -10,15 +10,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import redis
 from conftest import Controller
 from executors import flip_first_pixel
 from nodes import Node, run_async
 from processdistro.shared import keys
+from processdistro.shared.store.connection import Client
 from test_pipeline import expected_small, run_nodes_until, submit
 
 
-def stats(r: redis.Redis) -> dict[str, int]:
+def stats(r: Client) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in r.hgetall(keys.STATS).items()}
 
 
@@ -27,7 +27,7 @@ def gained(before: dict[str, int], after: dict[str, int], name: str) -> int:
 
 
 def test_a_subtle_liar_is_outvoted_and_the_output_stays_exact(
-    controller: Controller, tmp_path: Path, r: redis.Redis
+    controller: Controller, tmp_path: Path, r: Client
 ) -> None:
     before = stats(r)
     proc = submit(controller, tmp_path, "--tile", "64", "--replicate", "1")  # 20 tiles, every one twice
@@ -59,7 +59,7 @@ def test_a_subtle_liar_is_outvoted_and_the_output_stays_exact(
     assert int(r.hget(keys.node(liar.device_id), "completed") or 0) == 0
 
 
-def test_one_node_alone_still_finishes_a_replicated_job(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+def test_one_node_alone_still_finishes_a_replicated_job(controller: Controller, tmp_path: Path, r: Client) -> None:
     before = stats(r)
     proc = submit(controller, tmp_path, "--tile", "64", "--replicate", "1")
     run_async(run_nodes_until(proc, Node(controller.url, controller.join_code), timeout=60))
@@ -73,9 +73,7 @@ def test_replicate_share_is_checked_at_submit(controller: Controller, tmp_path: 
     assert result.returncode != 0 and "expected a number from 0 to 1" in result.stderr
 
 
-def test_copies_parked_for_a_node_that_leaves_are_not_lost(
-    controller: Controller, tmp_path: Path, r: redis.Redis
-) -> None:
+def test_copies_parked_for_a_node_that_leaves_are_not_lost(controller: Controller, tmp_path: Path, r: Client) -> None:
     """Every tile replicated on a fast and a slow node: the fast one parks the second copies
     for the slow one; when the slow one leaves, they come back and the job still finishes."""
     before = stats(r)
@@ -105,9 +103,7 @@ def test_copies_parked_for_a_node_that_leaves_are_not_lost(
     assert r.scard(keys.PARKED) == 0
 
 
-def test_no_node_runs_both_copies_while_the_aggregator_lags(
-    controller: Controller, tmp_path: Path, r: redis.Redis
-) -> None:
+def test_no_node_runs_both_copies_while_the_aggregator_lags(controller: Controller, tmp_path: Path, r: Client) -> None:
     """Thousands of tiny replicated tiles: the nodes outrun the aggregator, so a node's vote
     is recorded seconds after it returned the copy. The gateway's own record of who returned
     what still keeps the second copy off that node (it used to run it again, and the
@@ -122,7 +118,7 @@ def test_no_node_runs_both_copies_while_the_aggregator_lags(
         assert len(set(inputs)) == len(inputs), f"node ran {len(inputs) - len(set(inputs))} subtasks twice"
 
 
-def test_a_rejected_copy_does_not_count_as_a_vote(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+def test_a_rejected_copy_does_not_count_as_a_vote(controller: Controller, tmp_path: Path, r: Client) -> None:
     """Every tile replicated; a liar the cheap check always catches. Its rejected copies make
     it a node that returned the tile but not a voter: the remaining copy is not left waiting
     for a tie-breaker that can never come, and the job finishes exactly."""

@@ -8,18 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 from conftest import Controller
 from mandel_ref import reference_counts
 from nodes import Node, run_async
 from processdistro.shared import keys
+from processdistro.shared.store.connection import Client
 from test_pipeline import submit
 
 # enough subtasks that a kill lands mid-job: 300x200 in 16 px tiles = 19 x 13 = 247
 ARGS = ("--tile", "16")
 
 
-def wait_done(r: redis.Redis, at_least: int, timeout: float = 30) -> str:
+def wait_done(r: Client, at_least: int, timeout: float = 30) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ids = r.zrange(keys.JOBS, 0, 0)
@@ -29,7 +29,7 @@ def wait_done(r: redis.Redis, at_least: int, timeout: float = 30) -> str:
     raise AssertionError("job made no progress")
 
 
-def run_with_kills(ctl: Controller, tmp: Path, r: redis.Redis, victims: list[str]) -> None:
+def run_with_kills(ctl: Controller, tmp: Path, r: Client, victims: list[str]) -> None:
     proc = submit(ctl, tmp, *ARGS)
 
     killed_at: list[int] = []
@@ -62,9 +62,9 @@ def run_with_kills(ctl: Controller, tmp: Path, r: redis.Redis, victims: list[str
 
 
 @pytest.mark.parametrize("victim", ["scheduler", "aggregator", "gateway"])
-def test_kill_one_service_mid_job(controller: Controller, tmp_path: Path, r: redis.Redis, victim: str) -> None:
+def test_kill_one_service_mid_job(controller: Controller, tmp_path: Path, r: Client, victim: str) -> None:
     run_with_kills(controller, tmp_path, r, [victim])
 
 
-def test_kill_all_three_in_a_row(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+def test_kill_all_three_in_a_row(controller: Controller, tmp_path: Path, r: Client) -> None:
     run_with_kills(controller, tmp_path, r, ["scheduler", "aggregator", "gateway"])

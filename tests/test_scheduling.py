@@ -7,23 +7,23 @@ import time
 from pathlib import Path
 
 import numpy as np
-import redis
 from conftest import Controller
 from nodes import Node, run_async
 from processdistro.shared import keys
+from processdistro.shared.store.connection import Client
 from test_pipeline import expected_small, submit
 
 
-def job_ids(r: redis.Redis) -> list[str]:
+def job_ids(r: Client) -> list[str]:
     return [j.decode() for j in r.zrange(keys.JOBS, 0, -1)]
 
 
-def fraction(r: redis.Redis, job_id: str) -> float:
+def fraction(r: Client, job_id: str) -> float:
     done, total = r.hmget(keys.job(job_id), "done", "total")
     return int(done or 0) / max(1, int(total or 1))
 
 
-def test_backups_rescue_a_straggler(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+def test_backups_rescue_a_straggler(controller: Controller, tmp_path: Path, r: Client) -> None:
     """A node 20 s per task holds a few tasks; backups let the fast node finish the job."""
     proc = submit(controller, tmp_path, "--tile", "64", "--replicate", "0")  # 5 x 4 = 20 tiles
     slow = Node(controller.url, controller.join_code, delay=20.0)
@@ -51,9 +51,7 @@ def test_backups_rescue_a_straggler(controller: Controller, tmp_path: Path, r: r
     np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
 
 
-def test_slow_node_gives_back_queued_work_and_loses_its_copy(
-    controller: Controller, tmp_path: Path, r: redis.Redis
-) -> None:
+def test_slow_node_gives_back_queued_work_and_loses_its_copy(controller: Controller, tmp_path: Path, r: Client) -> None:
     """One slot each; the slow node (3 s a task) holds a queued task when the fast one runs
     dry: the queued task is stolen, the running one backed up, and the slow copy cancelled."""
     before = {k.decode(): int(v) for k, v in r.hgetall(keys.STATS).items()}
@@ -87,7 +85,7 @@ def test_slow_node_gives_back_queued_work_and_loses_its_copy(
     np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
 
 
-def test_equal_jobs_share_and_priority_overtakes(controller: Controller, r: redis.Redis) -> None:
+def test_equal_jobs_share_and_priority_overtakes(controller: Controller, r: Client) -> None:
     big = ("--width", "400", "--height", "400", "--tile", "8", "--max-iter", "50")  # 2500 tiles each
     for _ in range(2):
         assert controller.cli("submit", "mandelbrot", *big).returncode == 0
@@ -127,7 +125,7 @@ def test_equal_jobs_share_and_priority_overtakes(controller: Controller, r: redi
     assert len(order) == 3
 
 
-def test_cancel_frees_nodes_within_a_second(controller: Controller, tmp_path: Path, r: redis.Redis) -> None:
+def test_cancel_frees_nodes_within_a_second(controller: Controller, tmp_path: Path, r: Client) -> None:
     proc = submit(controller, tmp_path, "--tile", "16")
     node = Node(controller.url, controller.join_code, delay=30.0)  # holds its tasks a long time
 
@@ -155,7 +153,7 @@ def test_cancel_frees_nodes_within_a_second(controller: Controller, tmp_path: Pa
 
 
 def test_idle_node_takes_the_unstarted_parts_of_a_slow_nodes_task(
-    controller: Controller, tmp_path: Path, r: redis.Redis
+    controller: Controller, tmp_path: Path, r: Client
 ) -> None:
     """A slow node (0.3 s a part) holds two long hash tasks of many parts when a fast node
     runs dry: the fast one takes over the parts not yet started, by their speeds."""

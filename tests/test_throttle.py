@@ -6,16 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import redis
 from conftest import Controller
 from processdistro.shared import keys
+from processdistro.shared.store.connection import Client
 from test_worker import Worker, submit, workers  # noqa: F401 - `workers` is a fixture
 
 
 def test_throttled_worker_takes_a_smaller_share_of_a_shared_job(
     controller: Controller,
     tmp_path: Path,
-    r: redis.Redis,
+    r: Client,
     workers: list[Worker],  # noqa: F811
 ) -> None:
     refused = subprocess.run(

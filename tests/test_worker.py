@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 import wasmtime
 from conftest import Controller
 from mandel_ref import reference_counts
@@ -25,6 +24,7 @@ from processdistro import client
 from processdistro.shared import keys
 from processdistro.shared.jobs import JobState
 from processdistro.shared.redis_server import free_port
+from processdistro.shared.store.connection import Client
 from processdistro.shared.store.jobs import load_job
 from processdistro.worker.device import claim_identity
 from processdistro.worker.exceptions import DeadlineExceeded, MemoryCapReached, ModuleStatus
@@ -112,7 +112,7 @@ def submit(ctl: Controller, tmp: Path, *params: str) -> subprocess.Popen[str]:
     return ctl.submit_mandelbrot(tmp, *params, "--timeout", "240")
 
 
-def wait_progress(r: redis.Redis, at_least: int, timeout: float = 60) -> str:
+def wait_progress(r: Client, at_least: int, timeout: float = 60) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ids = r.zrange(keys.JOBS, 0, 0)
@@ -151,7 +151,7 @@ def tile_reference(size: int = 64, max_iter: int = 300) -> bytes:
 
 @pytest.mark.slow
 def test_worker_completes_a_job_exactly(
-    controller: Controller, tmp_path: Path, r: redis.Redis, workers: list[Worker]
+    controller: Controller, tmp_path: Path, r: Client, workers: list[Worker]
 ) -> None:
     w = Worker(controller, tmp_path / "w1", "--cores", "2")
     workers.append(w)
@@ -180,7 +180,7 @@ def test_worker_completes_a_job_exactly(
 
 @pytest.mark.slow
 def test_worker_runs_matmul_with_shared_blocks(
-    controller: Controller, tmp_path: Path, r: redis.Redis, workers: list[Worker]
+    controller: Controller, tmp_path: Path, r: Client, workers: list[Worker]
 ) -> None:
     rng = np.random.default_rng(3)
     a, b = rng.standard_normal((300, 200)), rng.standard_normal((200, 250))
@@ -200,7 +200,7 @@ def test_worker_runs_matmul_with_shared_blocks(
 
 
 def test_worker_runs_hash_tasks_in_parts(
-    controller: Controller, tmp_path: Path, r: redis.Redis, workers: list[Worker]
+    controller: Controller, tmp_path: Path, r: Client, workers: list[Worker]
 ) -> None:
     """Once timed, the worker gets tasks of several parts (adaptive size) and runs them exactly."""
     from test_hash import write_rows
@@ -223,7 +223,7 @@ def test_worker_runs_hash_tasks_in_parts(
 
 @pytest.mark.slow
 def test_sigkilled_worker_tasks_go_to_another(
-    controller: Controller, tmp_path: Path, r: redis.Redis, workers: list[Worker]
+    controller: Controller, tmp_path: Path, r: Client, workers: list[Worker]
 ) -> None:
     # 1024 subtasks: enough that the kill lands mid-job
     size, tile, max_iter = 512, 16, 1000
@@ -288,7 +288,7 @@ def test_wrong_join_code_exits_with_a_clear_message(controller: Controller, tmp_
 
 @pytest.mark.slow
 def test_worker_reconnects_and_reports_again_after_a_gateway_restart(
-    controller: Controller, tmp_path: Path, r: redis.Redis, workers: list[Worker]
+    controller: Controller, tmp_path: Path, r: Client, workers: list[Worker]
 ) -> None:
     w = Worker(controller, tmp_path / "w", "--cores", "2")
     workers.append(w)
@@ -306,7 +306,7 @@ def test_worker_reconnects_and_reports_again_after_a_gateway_restart(
 
 
 def test_banned_worker_exits_with_a_clear_message(
-    controller: Controller, tmp_path: Path, r: redis.Redis, workers: list[Worker]
+    controller: Controller, tmp_path: Path, r: Client, workers: list[Worker]
 ) -> None:
     w = Worker(controller, tmp_path / "w", "--cores", "1")
     workers.append(w)
