@@ -38,6 +38,7 @@ class ModuleError extends Error {
 
 const WASI_MODULE = "wasi_snapshot_preview1";
 const ERRNO_SUCCESS = 0;
+const ERRNO_FAULT = 21;
 const ERRNO_INVAL = 28;
 const CLOCK_IDS = 4; // realtime, monotonic, process and thread CPU time: all read the one Clock
 
@@ -119,6 +120,21 @@ const utf8 = new TextEncoder();
  */
 function hostImports(wasi, envelope, i) {
   const memory = () => wasi.inst.exports.memory.buffer;
+  // Out-of-bounds pointers get EFAULT, as from wasmtime on a native node (not a trap).
+  const fits = (ptr, len) => {
+    const exported = wasi.inst.exports.memory;
+    return exported instanceof WebAssembly.Memory && (ptr >>> 0) + len <= exported.buffer.byteLength;
+  };
+  const write = (ptr, bytes) => {
+    if (!fits(ptr, bytes.length)) return ERRNO_FAULT;
+    new Uint8Array(memory(), ptr >>> 0, bytes.length).set(bytes);
+    return ERRNO_SUCCESS;
+  };
+  const u64 = (value) => {
+    const bytes = new Uint8Array(8);
+    new DataView(bytes.buffer).setBigUint64(0, value, true);
+    return bytes;
+  };
   const imports = {
     args_sizes_get(argcPtr, sizePtr) {
       const view = new DataView(memory());
@@ -131,21 +147,10 @@ function hostImports(wasi, envelope, i) {
   const rng = new SplitMix64(runSeed(envelope.seed, i));
   const clock = new Clock();
   return Object.assign(imports, {
-    random_get(ptr, len) {
-      const bytes = rng.fill(len >>> 0);
-      new Uint8Array(memory(), ptr >>> 0, bytes.length).set(bytes);
-      return ERRNO_SUCCESS;
-    },
-    clock_time_get(id, _precision, timePtr) {
-      if (id >>> 0 >= CLOCK_IDS) return ERRNO_INVAL;
-      new DataView(memory()).setBigUint64(timePtr >>> 0, clock.nowNs(), true);
-      return ERRNO_SUCCESS;
-    },
-    clock_res_get(id, resPtr) {
-      if (id >>> 0 >= CLOCK_IDS) return ERRNO_INVAL;
-      new DataView(memory()).setBigUint64(resPtr >>> 0, CLOCK_STEP_NS, true);
-      return ERRNO_SUCCESS;
-    },
+    // Checked before drawing, as on a native node: a faulting call takes no step.
+    random_get: (ptr, len) => (fits(ptr, len >>> 0) ? write(ptr, rng.fill(len >>> 0)) : ERRNO_FAULT),
+    clock_time_get: (id, _precision, timePtr) => (id >>> 0 < CLOCK_IDS ? write(timePtr, u64(clock.nowNs())) : ERRNO_INVAL),
+    clock_res_get: (id, resPtr) => (id >>> 0 < CLOCK_IDS ? write(resPtr, u64(CLOCK_STEP_NS)) : ERRNO_INVAL),
   });
 }
 
