@@ -146,7 +146,10 @@ def test_count_matches_native_and_wasmtime(page: Page, built: Path) -> None:
     envelope = RunEnvelope(
         argv=("count", "日本語" * 20, "héllo wörld", "--flag"), env=("PD_GREETING=grüß dich",), stdins=STDINS, seed=7
     )
+    logged: list[str] = []
+    page.on("console", lambda msg: logged.append(msg.text))
     runs = in_browser(page, built, "count", envelope)
+    assert not [text for text in logged if "wasi:" in text], "the shim's debug log is on"
     assert len(runs) == len(STDINS)
     for stdin, run in zip(STDINS, runs, strict=True):
         assert run == native(built, "count", envelope, stdin)

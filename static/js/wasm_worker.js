@@ -2,7 +2,7 @@
 //
 // Requests are `{id, op, ...}` (see `WorkerOp` in protocol.js); every request gets exactly
 // one reply `{id, ok: true, ...}` or `{id, ok: false, error: {name, message, stack, status?}}`.
-// Compiled modules are cached by sha256 (each fetched once); one instance per module is
+// Compiled modules are cached by sha256 (each fetched once); one instance per pd-ABI module is
 // reused across tasks and dropped after a trap or when its memory grows past MAX_MEMORY.
 //
 // Two kinds of module (shared/wasi.py says which is which):
@@ -114,9 +114,10 @@ function loadShim() {
 const utf8 = new TextEncoder();
 
 /**
- * Imports that replace the shim's for a deterministic run (shared/wasi.py): `random_get` takes a
- * fresh splitmix64 step per 8 bytes of each call, every clock read is one Clock step later.
- * `args_sizes_get` replaces the shim's, which counts UTF-16 units where args_get writes UTF-8.
+ * Imports that replace the shim's. `args_sizes_get`: the shim counts UTF-16 units where its
+ * args_get writes UTF-8 bytes (a non-ASCII argv overflows the program's buffer). In a
+ * deterministic run (shared/wasi.py), `random_get` takes a fresh splitmix64 step per 8 bytes of
+ * each call and every clock read is one Clock step later than the last.
  */
 function hostImports(wasi, envelope, i) {
   const memory = () => wasi.inst.exports.memory.buffer;
@@ -164,7 +165,8 @@ async function runWasiOnce(module, envelope, i, stdin) {
     new ConsoleStdout((bytes) => stdout.push(bytes)),
     new ConsoleStdout((bytes) => stderr.push(bytes)),
   ];
-  const wasi = new WASI(envelope.argv, envelope.env, fds);
+  // debug: false, not left out: the shim reads a missing option as "log every call".
+  const wasi = new WASI(envelope.argv, envelope.env, fds, { debug: false });
   Object.assign(wasi.wasiImport, hostImports(wasi, envelope, i));
   const instance = await WebAssembly.instantiate(module, { [WASI_MODULE]: wasi.wasiImport });
   let exitCode;
