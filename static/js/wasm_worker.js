@@ -2,13 +2,19 @@
 //
 // Requests are `{id, op, ...}` (see `WorkerOp` in protocol.js); every request gets exactly
 // one reply `{id, ok: true, ...}` or `{id, ok: false, error: {name, message, stack, status?}}`.
-// Compiled modules are cached by sha256 (each fetched once); one instance per module is
+// Compiled modules are cached by sha256 (each fetched once); one instance per pd-ABI module is
 // reused across tasks and dropped after a trap or when its memory grows past MAX_MEMORY.
 //
-// ABI (no imports): exports `memory`, `pd_alloc(len) -> ptr`, `pd_run(ptr, len) -> status`
-// (0 = ok), `pd_output_ptr() -> ptr`, `pd_output_len() -> len`.
+// Two kinds of module (shared/wasi.py says which is which):
+// - pd-ABI (no imports): exports `memory`, `pd_alloc(len) -> ptr`, `pd_run(ptr, len) -> status`
+//   (0 = ok), `pd_output_ptr() -> ptr`, `pd_output_len() -> len`.
+// - WASI command (exports `_start`, imports only `wasi_snapshot_preview1`): the input is a run
+//   envelope, the output a result envelope (wasi_envelope.js). Each stdin is one run on a fresh
+//   instance, through the vendored browser_wasi_shim with no preopened directories; a
+//   deterministic envelope's randomness and clocks are ours, the same as a native node's.
 
 import { WorkerOp } from "./protocol.js";
+import { Clock, CLOCK_STEP_NS, SplitMix64, TRAPPED, decodeRun, encodeResult, runSeed } from "./wasi_envelope.js";
 
 const MAX_MEMORY = 512 * 1024 * 1024;
 const ABI_FUNCTIONS = ["pd_alloc", "pd_run", "pd_output_ptr", "pd_output_len"];
@@ -29,6 +35,12 @@ class ModuleError extends Error {
     this.name = "ModuleError";
   }
 }
+
+const WASI_MODULE = "wasi_snapshot_preview1";
+const ERRNO_SUCCESS = 0;
+const ERRNO_FAULT = 21;
+const ERRNO_INVAL = 28;
+const CLOCK_IDS = 4; // realtime, monotonic, process and thread CPU time: all read the one Clock
 
 const modules = new Map(); // sha256 -> Promise<WebAssembly.Module>
 const instances = new Map(); // sha256 -> exports of the live instance
@@ -84,8 +96,128 @@ async function getExports(sha256, url) {
   return exports;
 }
 
+/** Whether `module` is a WASI command: exports `_start`, imports only WASI preview1. */
+function isWasiCommand(module) {
+  const exported = WebAssembly.Module.exports(module).some((e) => e.name === "_start" && e.kind === "function");
+  return exported && WebAssembly.Module.imports(module).every((i) => i.module === WASI_MODULE);
+}
+
+let shim = null; // the vendored shim, imported when the first WASI module runs
+function loadShim() {
+  if (!shim) {
+    shim = import("../vendor/browser_wasi_shim/dist/index.js");
+    shim.catch(() => (shim = null));
+  }
+  return shim;
+}
+
+const utf8 = new TextEncoder();
+
+/**
+ * Imports that replace the shim's. `args_sizes_get`: the shim counts UTF-16 units where its
+ * args_get writes UTF-8 bytes (a non-ASCII argv overflows the program's buffer). In a
+ * deterministic run (shared/wasi.py), `random_get` takes a fresh splitmix64 step per 8 bytes of
+ * each call and every clock read is one Clock step later than the last.
+ */
+function hostImports(wasi, envelope, i) {
+  const memory = () => wasi.inst.exports.memory.buffer;
+  // Out-of-bounds pointers get EFAULT, as from wasmtime on a native node (not a trap).
+  const fits = (ptr, len) => {
+    const exported = wasi.inst.exports.memory;
+    return exported instanceof WebAssembly.Memory && (ptr >>> 0) + len <= exported.buffer.byteLength;
+  };
+  const write = (ptr, bytes) => {
+    if (!fits(ptr, bytes.length)) return ERRNO_FAULT;
+    new Uint8Array(memory(), ptr >>> 0, bytes.length).set(bytes);
+    return ERRNO_SUCCESS;
+  };
+  const u64 = (value) => {
+    const bytes = new Uint8Array(8);
+    new DataView(bytes.buffer).setBigUint64(0, value, true);
+    return bytes;
+  };
+  const imports = {
+    args_sizes_get(argcPtr, sizePtr) {
+      const view = new DataView(memory());
+      view.setUint32(argcPtr >>> 0, wasi.args.length, true);
+      view.setUint32(sizePtr >>> 0, wasi.args.reduce((n, a) => n + utf8.encode(a).length + 1, 0), true);
+      return ERRNO_SUCCESS;
+    },
+  };
+  if (!envelope.deterministic) return imports;
+  const rng = new SplitMix64(runSeed(envelope.seed, i));
+  const clock = new Clock();
+  return Object.assign(imports, {
+    // Checked before drawing, as on a native node: a faulting call takes no step.
+    random_get: (ptr, len) => (fits(ptr, len >>> 0) ? write(ptr, rng.fill(len >>> 0)) : ERRNO_FAULT),
+    clock_time_get: (id, _precision, timePtr) => (id >>> 0 < CLOCK_IDS ? write(timePtr, u64(clock.nowNs())) : ERRNO_INVAL),
+    clock_res_get: (id, resPtr) => (id >>> 0 < CLOCK_IDS ? write(resPtr, u64(CLOCK_STEP_NS)) : ERRNO_INVAL),
+  });
+}
+
+/** Run `stdin` as run `i` of `envelope` on a fresh instance: {exitCode, stdout, stderr}. */
+async function runWasiOnce(module, envelope, i, stdin) {
+  const { WASI, File, OpenFile, ConsoleStdout } = await loadShim();
+  const stdout = [];
+  const stderr = [];
+  const fds = [
+    new OpenFile(new File(stdin, { readonly: true })),
+    new ConsoleStdout((bytes) => stdout.push(bytes)),
+    new ConsoleStdout((bytes) => stderr.push(bytes)),
+  ];
+  // debug: false, not left out: the shim reads a missing option as "log every call".
+  const wasi = new WASI(envelope.argv, envelope.env, fds, { debug: false });
+  Object.assign(wasi.wasiImport, hostImports(wasi, envelope, i));
+  const instance = await WebAssembly.instantiate(module, { [WASI_MODULE]: wasi.wasiImport });
+  let exitCode;
+  let trap = null;
+  try {
+    exitCode = wasi.start(instance); // proc_exit's code, 0 when _start returns
+  } catch (err) {
+    // A trap (RuntimeError, stack overflow) or a throw of the shim (an unsupported call).
+    exitCode = TRAPPED;
+    trap = trapText(err);
+  }
+  let err = concat(stderr);
+  if (trap !== null) {
+    // On a line of its own, as a native node writes it (worker/wasi_run.py).
+    const sep = err.length && err[err.length - 1] !== 0x0a ? "\n" : "";
+    err = concat([err, utf8.encode(`${sep}trap: ${trap}`)]);
+  }
+  return { exitCode, stdout: concat(stdout), stderr: err };
+}
+
+/** V8's message of a trap; wasmtime's codes are mapped to the same words on a native node. */
+function trapText(err) {
+  if (err instanceof RangeError && /call stack/i.test(err.message)) return "call stack exhausted";
+  return err instanceof Error ? err.message : String(err);
+}
+
+function concat(chunks) {
+  const out = new Uint8Array(chunks.reduce((n, c) => n + c.length, 0));
+  let pos = 0;
+  for (const c of chunks) {
+    out.set(c, pos);
+    pos += c.length;
+  }
+  return out;
+}
+
+async function runWasi(module, input) {
+  const envelope = decodeRun(input);
+  const started = performance.now();
+  const runs = [];
+  for (const [i, stdin] of envelope.stdins.entries()) runs.push(await runWasiOnce(module, envelope, i, stdin));
+  const output = encodeResult(runs).buffer;
+  return [{ output, elapsedMs: performance.now() - started }, [output]];
+}
+
 async function run({ sha256, url, input }) {
   const bytes = new Uint8Array(input);
+  if (!instances.has(sha256)) {
+    const module = await getModule(sha256, url);
+    if (isWasiCommand(module)) return runWasi(module, bytes);
+  }
   const ex = await getExports(sha256, url);
   const started = performance.now();
   try {
