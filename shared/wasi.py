@@ -20,9 +20,9 @@ Result envelope::
     b"PDWOUT1\\0"
     u32 runs, runs x (i32 exit_code, u32 n, stdout, u32 m, stderr)
 
-`exit_code` is what the program passed to `proc_exit` (0 when `_start` returns), or
-`TRAPPED` (-1) when it trapped, with the trap's message at the end of stderr. stderr keeps
-its last `STDERR_KEPT` bytes.
+`exit_code` is what the program passed to `proc_exit` (0 when `_start` returns; any
+value 0-255, not only below 126), or `TRAPPED` (-1) when it trapped, with a line
+`trap: <message>` of its own at the end of stderr. stderr keeps its last `STDERR_KEPT` bytes.
 
 Determinism: run `i` of an envelope draws `random_get` bytes from splitmix64 seeded with
 `run_seed(seed, i)`, eight bytes per step, little-endian, a fresh step for every call (left
