@@ -219,14 +219,16 @@ def test_exit_codes_trap_and_no_file_system(programs: dict[str, Program]) -> Non
             probe = programs["probe"]
             return [
                 await n.run(probe, "probe", "exit", "3"),
+                await n.run(probe, "probe", "exit", "200"),  # wasmtime's own proc_exit refuses >= 126
                 await n.run(probe, "probe", "print"),
                 await n.run(probe, "probe", "trap"),
                 await n.run(probe, "probe", "open", "/etc/passwd"),
                 await n.run(probe, "probe", "open", "notes.txt"),
             ]
 
-    exited, printed, trapped, absolute, relative = run_async(scenario())
+    exited, high, printed, trapped, absolute, relative = run_async(scenario())
     assert exited == RunResult(3, b"", b"")
+    assert high == RunResult(200, b"", b"")
     assert printed == RunResult(0, b"hello\n", b"")
     assert trapped.exit_code == TRAPPED
     assert trapped.stderr == b"about to trap\ntrap: unreachable"

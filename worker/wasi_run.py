@@ -21,10 +21,12 @@ result another node with a larger cap would not reproduce.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import math
 import struct
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import wasmtime
@@ -87,17 +89,37 @@ class _Determinism:
         self.clock = Clock()
 
 
-def _write(caller: wasmtime.Caller, ptr: int, data: bytes) -> int:
-    """Write `data` at `ptr` of the caller's memory: an errno."""
+def _room(caller: wasmtime.Caller, ptr: int, n: int) -> wasmtime.Memory | None:
+    """The caller's memory if `n` bytes at `ptr` lie inside it. Checked before a value is
+    drawn, so a refused call (EFAULT) takes no step of the generator or the clock."""
     memory = caller.get("memory")
-    if not isinstance(memory, wasmtime.Memory):
-        return ERRNO_FAULT
-    ptr &= 0xFFFFFFFF
-    if ptr + len(data) > memory.data_len(caller):
-        return ERRNO_FAULT
+    if isinstance(memory, wasmtime.Memory) and (ptr & 0xFFFFFFFF) + n <= memory.data_len(caller):
+        return memory
+    return None
+
+
+def _put(caller: wasmtime.Caller, memory: wasmtime.Memory, ptr: int, data: bytes) -> int:
     if data:
-        ctypes.memmove(ctypes.addressof(memory.data_ptr(caller).contents) + ptr, data, len(data))
+        ctypes.memmove(ctypes.addressof(memory.data_ptr(caller).contents) + (ptr & 0xFFFFFFFF), data, len(data))
     return ERRNO_SUCCESS
+
+
+class _ProcExit(Exception):
+    """Raised by our `proc_exit`; wasmtime-py re-raises it from the call into the module."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _proc_exit(code: int) -> None:
+    raise _ProcExit(code)
+
+
+def _shadow_exit(linker: wasmtime.Linker) -> None:
+    """wasmtime's `proc_exit` refuses statuses of 126 and up (an error, not an exit); a
+    program may exit with any status, and the envelope keeps it as it is."""
+    linker.define_func(WASI, "proc_exit", wasmtime.FuncType([wasmtime.ValType.i32()], []), _proc_exit)
 
 
 def _shadow(linker: wasmtime.Linker, state: _Determinism) -> None:
@@ -106,22 +128,21 @@ def _shadow(linker: wasmtime.Linker, state: _Determinism) -> None:
 
     def random_get(caller: wasmtime.Caller, buf: int, length: int) -> int:
         length &= 0xFFFFFFFF
-        memory = caller.get("memory")
-        if not isinstance(memory, wasmtime.Memory) or (buf & 0xFFFFFFFF) + length > memory.data_len(caller):
-            return ERRNO_FAULT
-        return _write(caller, buf, state.rng.fill(length))
+        memory = _room(caller, buf, length)
+        return ERRNO_FAULT if memory is None else _put(caller, memory, buf, state.rng.fill(length))
 
     def clock_time_get(caller: wasmtime.Caller, clock_id: int, _precision: int, out: int) -> int:
         if clock_id not in CLOCK_IDS:
             return ERRNO_INVAL
-        return _write(caller, out, _U64.pack(state.clock.now_ns()))
+        memory = _room(caller, out, 8)
+        return ERRNO_FAULT if memory is None else _put(caller, memory, out, _U64.pack(state.clock.now_ns()))
 
     def clock_res_get(caller: wasmtime.Caller, clock_id: int, out: int) -> int:
         if clock_id not in CLOCK_IDS:
             return ERRNO_INVAL
-        return _write(caller, out, _U64.pack(CLOCK_STEP_NS))
+        memory = _room(caller, out, 8)
+        return ERRNO_FAULT if memory is None else _put(caller, memory, out, _U64.pack(CLOCK_STEP_NS))
 
-    linker.allow_shadowing = True
     linker.define_func(WASI, "random_get", wasmtime.FuncType([i32, i32], [i32]), random_get, access_caller=True)
     linker.define_func(
         WASI, "clock_time_get", wasmtime.FuncType([i32, i64, i32], [i32]), clock_time_get, access_caller=True
@@ -135,6 +156,21 @@ def _set_stdin(config: wasmtime.WasiConfig, data: bytes) -> None:
     buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
     ffi.wasm_byte_vec_new(ctypes.byref(vec), len(data), buf)
     ffi.wasi_config_set_stdin_bytes(config.ptr(), ctypes.byref(vec))
+
+
+# wasmtime releases a store's stdout/stderr callbacks a moment after the store is closed, on
+# a thread of its own; if that happens while the interpreter is shutting down, the process
+# aborts. So the sinks are tracked, and exit waits (briefly) until wasmtime let go of them.
+_SINKS: weakref.WeakSet[_Stdout | _StderrTail] = weakref.WeakSet()
+
+
+def _await_released_sinks(timeout_s: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(_SINKS) and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+atexit.register(_await_released_sinks)
 
 
 class _Stdout:
@@ -187,7 +223,9 @@ class WasiRunner:
         linker = self._linkers.get(deterministic)
         if linker is None:
             linker = wasmtime.Linker(self.engine)
+            linker.allow_shadowing = True
             linker.define_wasi()
+            _shadow_exit(linker)
             if deterministic:
                 _shadow(linker, self._state)
             self._linkers[deterministic] = linker
@@ -237,6 +275,8 @@ class WasiRunner:
         config.env = env
         _set_stdin(config, stdin)
         stdout, stderr = _Stdout(stdout_budget), _StderrTail()
+        _SINKS.add(stdout)
+        _SINKS.add(stderr)
         config.stdout_custom = stdout
         config.stderr_custom = stderr
         store = wasmtime.Store(self.engine)
@@ -279,6 +319,8 @@ class WasiRunner:
             start = exports["_start"]
             assert isinstance(start, wasmtime.Func)
             start(store)
+        except _ProcExit as exc:
+            code = exc.code
         except wasmtime.ExitTrap as exc:
             code = exc.code
         except wasmtime.Trap as exc:
