@@ -9,13 +9,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install up test wasm wasm-check bench lint schema browser node clean
+.PHONY: help install up test wasm wasm-check bench lint schema browser node clean wasi-toolchain examples
 
 help:
 	@echo "make up        start ProcessDistro and print the join link"
 	@echo "make test      run the test suite (installs what it needs first)"
 	@echo "make install   create .venv/ and install the project with its test extras"
 	@echo "make wasm      rebuild static/wasm/*.wasm from wasm_tasks/"
+	@echo "make examples  build the WASI command examples under examples/ (and their native twins)"
 	@echo "make bench     run the benchmarks under bench/"
 	@echo "make lint      ruff and mypy"
 	@echo "make schema    export the protocol's JSON Schemas to shared/schema/"
@@ -38,11 +39,17 @@ browser:
 node:
 	@bash scripts/ensure_node.sh
 
-test: install browser node
+test: install browser node examples
 	$(PY) -m pytest
 
 wasm:
 	bash wasm_tasks/build.sh
+
+wasi-toolchain:
+	@bash scripts/ensure_wasi_toolchain.sh
+
+examples: wasi-toolchain
+	$(MAKE) -C examples
 
 wasm-check:
 	bash wasm_tasks/check.sh
@@ -60,3 +67,4 @@ schema: install
 
 clean:
 	rm -rf $(VENV) wasm_tasks/target .pytest_cache .mypy_cache .ruff_cache .lint
+	$(MAKE) -C examples clean

@@ -12,6 +12,9 @@ ABI allows. Two limits guard every run:
   which the kernels report as status 3 (or `pd_alloc` returning 0).
 
 After a trap the instance (and its store) is discarded, as the ABI requires.
+
+A module that is a WASI command (`ModuleKind.WASI`) is run by `wasi_run.WasiRunner` on the
+same engine, under the same limits: its input and output are shared/wasi.py's envelopes.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import wasmtime
 
 from .exceptions import DeadlineExceeded, MemoryCapReached, ModuleInvalid, ModuleStatus, ModuleTrapped
+from .wasi_run import WasiRunner, is_wasi_command
 
 TICK_S = 0.05
 MIB = 1024 * 1024
@@ -38,6 +43,11 @@ STATUS_MEANING = {
     2: "bad parameters",
     3: "out of memory",
 }
+
+
+class ModuleKind(Enum):
+    PD_ABI = "pd-abi"  # docs/wasm-abi.md: pd_alloc/pd_run, input and output bytes as they are
+    WASI = "wasi"  # a WASI command: run envelope in, result envelope out (shared/wasi.py)
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,8 @@ class ModuleRunner:
         self.engine = wasmtime.Engine(config)
         self._modules: dict[str, wasmtime.Module] = {}
         self._instances: dict[str, _Instance] = {}
+        self._kinds: dict[str, ModuleKind] = {}
+        self._wasi: WasiRunner | None = None
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="wasm-epoch", daemon=True)
         self._ticker.start()
@@ -92,6 +104,7 @@ class ModuleRunner:
         self._ticker.join(1.0)
         self._instances.clear()
         self._modules.clear()
+        self._wasi = None
 
     # ------------------------------------------------------------------ modules
 
@@ -113,6 +126,14 @@ class ModuleRunner:
             raise ModuleInvalid(f"module {sha256[:12]} does not compile: {_first_line(exc)}") from None
         self._modules[sha256] = module
         return module
+
+    def kind(self, sha256: str, path: Path) -> ModuleKind:
+        """Whether module `sha256` is a WASI command or a pd-ABI module (compiling it once)."""
+        kind = self._kinds.get(sha256)
+        if kind is None:
+            kind = ModuleKind.WASI if is_wasi_command(self.module(sha256, path)) else ModuleKind.PD_ABI
+            self._kinds[sha256] = kind
+        return kind
 
     def _instance(self, sha256: str, path: Path) -> _Instance:
         inst = self._instances.get(sha256)
@@ -145,7 +166,14 @@ class ModuleRunner:
     # ------------------------------------------------------------------ runs
 
     def run(self, sha256: str, path: Path, data: bytes | bytearray) -> bytes:
-        """Run module `sha256` on `data` and return its output; a failure raises a TaskError."""
+        """Run module `sha256` on `data` and return its output; a failure raises a TaskError.
+        For a WASI command `data` is a run envelope and the output a result envelope."""
+        if self.kind(sha256, path) is ModuleKind.WASI:
+            if self._wasi is None:
+                self._wasi = WasiRunner(
+                    self.engine, tick_s=TICK_S, deadline_s=self.limits.deadline_s, memory_bytes=self.limits.memory_bytes
+                )
+            return self._wasi.run(sha256[:12], self.module(sha256, path), bytes(data))
         inst = self._instance(sha256, path)
         store = inst.store
         cap_mib = self.limits.memory_bytes / MIB
