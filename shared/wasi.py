@@ -20,12 +20,13 @@ Result envelope::
     b"PDWOUT1\\0"
     u32 runs, runs x (i32 exit_code, u32 n, stdout, u32 m, stderr)
 
-`exit_code` is what the program passed to `proc_exit` (0 when `_start` returns; any
-value 0-255, not only below 126), or `TRAPPED` (-1) when it trapped, with a line
+`exit_code` is the status the program passed to `proc_exit`, its low 8 bits as POSIX
+keeps them (0 when `_start` returns; `exit(-1)` is 255; 126-255 too, which wasmtime's own
+`proc_exit` refuses), or `TRAPPED` (-1) when it trapped, with a line
 `trap: <message>` of its own at the end of stderr. stderr keeps its last `STDERR_KEPT` bytes.
 
 Determinism: run `i` of an envelope draws `random_get` bytes from splitmix64 seeded with
-`run_seed(seed, i)`, eight bytes per step, little-endian, a fresh step for every call (left
+`run_seed(seed, i)` (the first output of splitmix64 seeded `seed ^ i * GOLDEN`), eight bytes per step, little-endian, a fresh step for every call (left
 over bytes of a step are dropped); every clock reads `CLOCK_START_NS` plus `CLOCK_STEP_NS`
 for each read before it in the run (realtime and monotonic share the count); clock
 resolution is `CLOCK_STEP_NS`.
@@ -140,8 +141,9 @@ class _Reader:
 
 
 def run_seed(seed: int, run: int) -> int:
-    """The PRNG seed of run `run` of an envelope seeded `seed`."""
-    return (seed ^ ((run * GOLDEN) & MASK64)) & MASK64
+    """The PRNG seed of run `run` of an envelope seeded `seed`: mixed by one splitmix64 step,
+    so no run's stream is another's shifted (as plain `seed ^ run * GOLDEN` would often be)."""
+    return SplitMix64((seed ^ ((run * GOLDEN) & MASK64)) & MASK64).next()
 
 
 class SplitMix64:

@@ -78,3 +78,15 @@ def test_stderr_keeps_its_tail() -> None:
     long = bytes(range(256)) * 1024
     (run,) = ResultEnvelope.decode(ResultEnvelope((RunResult(1, b"", long),)).encode()).runs
     assert run.stderr == long[-64 * 1024 :]
+
+
+@pytest.mark.parametrize("seed", [0, 42, 2**64 - 1])
+def test_neighbouring_runs_do_not_share_a_stream(seed: int) -> None:
+    """Run i+1's stream is not run i's shifted by a step (it was, for seeds whose XOR with
+    i * GOLDEN carried nothing)."""
+    streams = []
+    for run in range(4):
+        g = SplitMix64(run_seed(seed, run))
+        streams.append([g.next() for _ in range(8)])
+    for a, b in zip(streams, streams[1:], strict=False):
+        assert not set(a) & set(b)

@@ -113,12 +113,12 @@ class _ProcExit(Exception):
 
 
 def _proc_exit(code: int) -> None:
-    raise _ProcExit(code)
+    raise _ProcExit(code & 0xFF)  # the low 8 bits, as POSIX keeps them: exit(-1) is 255
 
 
 def _shadow_exit(linker: wasmtime.Linker) -> None:
     """wasmtime's `proc_exit` refuses statuses of 126 and up (an error, not an exit); a
-    program may exit with any status, and the envelope keeps it as it is."""
+    program may exit with any status, and the envelope keeps its low 8 bits."""
     linker.define_func(WASI, "proc_exit", wasmtime.FuncType([wasmtime.ValType.i32()], []), _proc_exit)
 
 

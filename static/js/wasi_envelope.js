@@ -205,9 +205,10 @@ export function decodeResult(data) {
   return runs;
 }
 
-/** The PRNG seed of run `run` of an envelope seeded `seed` (BigInt). */
+/** The PRNG seed of run `run` of an envelope seeded `seed` (BigInt): mixed by one splitmix64
+ * step, so no run's stream is another's shifted (shared/wasi.py run_seed). */
 export function runSeed(seed, run) {
-  return (BigInt(seed) ^ ((BigInt(run) * GOLDEN) & MASK64)) & MASK64;
+  return new SplitMix64((BigInt(seed) ^ ((BigInt(run) * GOLDEN) & MASK64)) & MASK64).next();
 }
 
 /** The generator behind a deterministic run's `random_get`. */

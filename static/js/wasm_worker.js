@@ -172,7 +172,8 @@ async function runWasiOnce(module, envelope, i, stdin) {
   let exitCode;
   let trap = null;
   try {
-    exitCode = wasi.start(instance); // proc_exit's code, 0 when _start returns
+    // proc_exit's status, 0 when _start returns; its low 8 bits, as POSIX (and shared/wasi.py) keep
+    exitCode = (wasi.start(instance) ?? 0) & 0xff;
   } catch (err) {
     // A trap (RuntimeError, stack overflow) or a throw of the shim (an unsupported call).
     exitCode = TRAPPED;
