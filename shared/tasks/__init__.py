@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..exceptions import ParamsError
-from .base import JobFiles, Prepared, Subtask, TaskPlugin, Verdict
+from .base import Checked, JobFiles, Origin, Prepared, Subtask, TaskPlugin, Verdict
 from .crack import CrackPlugin
 from .hashing import HashPlugin
 from .mandelbrot import MandelbrotPlugin
@@ -62,6 +62,8 @@ def get_plugin(kind: str) -> TaskPlugin[Any]:
 __all__ = [
     "plugin_and_params",
     "PLUGINS",
+    "Checked",
+    "Origin",
     "JobFiles",
     "Prepared",
     "Subtask",
