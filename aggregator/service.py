@@ -129,7 +129,7 @@ class Aggregator:
             return Handled.DUPLICATE
         files = JobFiles.under(self.data_dir, job_id, block_reader(self.r, job_id))
         plugin.merge_result(files, params, index, output, origin)
-        failure = plugin.failure(params, index, output)
+        failure = plugin.failure(files, params, index, output)
         if failure is not None:
             # merged (its outputs are there to look at) but not committed: the job fails
             log.warning("job %s: task %d failed the job: %s", job_id, index, failure)

@@ -51,6 +51,12 @@ def _size(n: int) -> str:
     return f"{n / MIB:.1f} MiB ({n} bytes)" if n >= MIB else f"{n} bytes"
 
 
+def check_size(size: int, *, name: str = "module", max_bytes: int = MAX_MODULE_BYTES) -> None:
+    """ModuleRefused if a module of `size` bytes is over the cap (before reading it whole)."""
+    if size > max_bytes:
+        raise ModuleRefused(f"{name} is {_size(size)}, larger than the {_size(max_bytes)} a module may be")
+
+
 def inspect(data: bytes, *, name: str = "module", max_bytes: int = MAX_MODULE_BYTES) -> ModuleInfo:
     """The kind, sha256 and size of a module, or ModuleRefused naming what is wrong with it
     (`name`, e.g. its file name, starts the message)."""
@@ -58,8 +64,7 @@ def inspect(data: bytes, *, name: str = "module", max_bytes: int = MAX_MODULE_BY
         raise ModuleRefused(
             f"{name} is not WebAssembly: expected a file starting with the bytes \\0asm, got {bytes(data[:4])!r}"
         )
-    if len(data) > max_bytes:
-        raise ModuleRefused(f"{name} is {_size(len(data))}, larger than the {_size(max_bytes)} a module may be")
+    check_size(len(data), name=name, max_bytes=max_bytes)
     try:
         module = wasmtime.Module(wasmtime.Engine(), data)
     except wasmtime.WasmtimeError as exc:
@@ -88,4 +93,4 @@ def inspect(data: bytes, *, name: str = "module", max_bytes: int = MAX_MODULE_BY
     )
 
 
-__all__ = ["MAX_MODULE_BYTES", "ModuleInfo", "ModuleKind", "ModuleRefused", "inspect"]
+__all__ = ["MAX_MODULE_BYTES", "check_size", "ModuleInfo", "ModuleKind", "ModuleRefused", "inspect"]

@@ -16,9 +16,10 @@ from .crack import CrackPlugin
 from .hashing import HashPlugin
 from .mandelbrot import MandelbrotPlugin
 from .matmul import MatmulPlugin
+from .wasm import WasmPlugin
 
 PLUGINS: dict[str, TaskPlugin[Any]] = {
-    p.kind: p for p in (MandelbrotPlugin(), MatmulPlugin(), HashPlugin(), CrackPlugin())
+    p.kind: p for p in (MandelbrotPlugin(), MatmulPlugin(), HashPlugin(), CrackPlugin(), WasmPlugin())
 }
 
 

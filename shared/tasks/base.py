@@ -164,7 +164,7 @@ class TaskPlugin(ABC, Generic[P]):
         the result and how it was checked (`origin`). Idempotent."""
         self.merge(files, params, index, output)
 
-    def failure(self, params: P, index: int, output: bytes) -> str | None:
+    def failure(self, files: JobFiles, params: P, index: int, output: bytes) -> str | None:
         """After a merge: does this result fail the job (a user's program that exited
         non-zero, without --keep-going)? The reason, naming the input, or None."""
         return None
