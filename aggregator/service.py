@@ -19,6 +19,7 @@ Decisions live in `shared/core/replication.py`; every Redis operation in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import signal
@@ -116,6 +117,8 @@ class Aggregator:
         elapsed_ms = float(f.get(b"elapsed_ms", b"0"))
         if task.replicated:
             return self._vote(job, task, entry_id, node, output, elapsed_ms)
+        if plugin.confirm(params, index, output):
+            return self._confirm(job, task, entry_id, node, output, elapsed_ms)
         return self._merge(job, task, entry_id, output, Origin(node, elapsed_ms, Checked.SINGLE, (node,)))
 
     def _merge(self, job: JobRecord, task: TaskFields, entry_id: bytes, output: bytes, origin: Origin) -> Handled:
@@ -198,6 +201,19 @@ class Aggregator:
         )
         self.results.requeue(task, entry_id)
         return Handled.QUORUM
+
+    def _confirm(
+        self, job: JobRecord, task: TaskFields, entry_id: bytes, node: str, output: bytes, elapsed_ms: float
+    ) -> Handled:
+        """A result that counts only once another node agrees (`TaskPlugin.confirm`): the
+        subtask becomes a replicated one, this result its first vote. The copy is queued
+        before the vote, so a crash in between leaves at most a spare copy (dropped as a
+        duplicate), never a vote waiting for a copy nobody queued."""
+        task = dataclasses.replace(task, replicated=True, backup_of="")
+        self.results.mark_returned(job.id, task.index, node)  # the copy goes to another node
+        self.results.queue_copy(task)
+        log.info("job %s: task %d from node %s needs a second node's confirmation", job.id, task.index, node)
+        return self._vote(job, task, entry_id, node, output, elapsed_ms)
 
     def _decide(self, job: JobRecord, task: TaskFields, entry_id: bytes) -> Handled:
         """A gateway found no other node for a replicated subtask's copy: accept the one

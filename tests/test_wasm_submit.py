@@ -241,18 +241,24 @@ def program(stdin: bytes) -> RunResult:
     return RunResult(0, stdin.upper(), err)
 
 
-def run_as_node(r: Client, node: str = "node-a", reverse: bool = True) -> int:
+def run_as_node(
+    r: Client, node: str = "node-a", reverse: bool = True, prog: Callable[[bytes], RunResult] = program
+) -> int:
     """Take every queued task as a node would and hand its result envelope over, last first
     (so merge order is not input order)."""
     entries = r.xreadgroup(keys.NODES_GROUP, f"{node}~c1", {keys.TASKS: ">"}, count=1000) or []
     tasks = [(eid, TaskFields.from_redis(f)) for _s, es in entries for eid, f in es]
     for eid, task in reversed(tasks) if reverse else tasks:
         envelope = RunEnvelope.decode(full_input(r, task))
-        output = ResultEnvelope(tuple(program(s) for s in envelope.stdins)).encode()
+        output = ResultEnvelope(tuple(prog(s) for s in envelope.stdins)).encode()
         r.xadd(keys.RESULTS, {**task.to_redis(), "node": node, "output": output, "elapsed_ms": 12.5})
         r.xack(keys.TASKS, keys.NODES_GROUP, eid)
         r.xdel(keys.TASKS, eid)
     return len(tasks)
+
+
+def live(r: Client, *nodes: str) -> None:
+    r.zadd(keys.NODES, {f"{n}~c1": time.time() + 3600 for n in nodes})
 
 
 def settle(r: Client, sched: Scheduler, agg: Aggregator, job_id: str) -> JobState:
@@ -292,7 +298,13 @@ def test_outputs_errors_and_a_manifest_in_input_order(
     out = tmp_path / "results"
     raw = {"module": str(module), "inputs": [str(tmp_path / "in"), str(tmp_path / "more" / "w.txt")]}
     job_id = submit(r, sched, raw | {"outdir": str(out), "keep_going": True})
+    live(r, "node-a", "node-b")
     assert run_as_node(r) == 1  # five small inputs share one subtask
+    agg.step(StopFlag())
+    # some of its runs failed: that counts once a second node agrees
+    [copy] = queued(r)
+    assert copy.replicated and r.smembers(keys.job_returned(job_id, 0)) == {b"node-a"}
+    assert run_as_node(r, "node-b") == 1
     assert settle(r, sched, agg, job_id) is JobState.DONE
 
     order = ["x/1.txt", "x/2.txt", "y.txt", "z/deep/3.txt", "w.txt"]
@@ -312,7 +324,8 @@ def test_outputs_errors_and_a_manifest_in_input_order(
     for m, rel in zip(manifest, order, strict=True):
         stdout = program(texts[rel].encode()).stdout
         assert (m["bytes"], m["sha256"]) == (len(stdout), hashlib.sha256(stdout).hexdigest())
-        assert (m["node"], m["elapsed_ms"], m["verified"]) == ("node-a", 12.5, "single node")
+        assert (m["node"], m["elapsed_ms"], m["verified"]) == ("node-b", 12.5, "replicated")
+        assert m["nodes"] == ["node-a", "node-b"]
     job = load_job(r, job_id)
     assert job is not None
     assert job.outputs == {"manifest": str(out / "manifest.jsonl"), "out": str(out / "out")}
@@ -336,6 +349,7 @@ def test_many_subtasks_merge_out_of_order(tmp_path: Path, r: Client, sched: Sche
     assert [m["input"] for m in manifest] == sorted(texts)
     assert [m["index"] for m in manifest] == list(range(150))
     assert [m["subtask"] for m in manifest] == [0] * 64 + [1] * 64 + [2] * 22
+    assert {(m["node"], m["verified"]) for m in manifest} == {("node-a", "single node")}
     assert all((out / "out" / k).read_text() == v.upper() for k, v in texts.items())
     job = load_job(r, job_id)
     assert job is not None and PLUGIN.exit_code(job.outputs) == 0
@@ -359,6 +373,34 @@ def test_without_keep_going_a_failing_input_fails_the_job(
     assert not (out / "manifest.jsonl").exists()
     assert (out / "err" / "x" / "2.txt").exists()  # what it wrote is there to look at
     assert r.keys(keys.module_blob("*")) == []
+    # no other node was live to confirm the failure: it counted unconfirmed
+    assert r.hget(keys.STATS, "replicas_unconfirmed") == b"1"
+
+
+def test_a_failure_other_nodes_do_not_confirm_does_not_count(
+    tmp_path: Path, r: Client, sched: Scheduler, agg: Aggregator
+) -> None:
+    """A broken node fails every run; two others succeed: their result is merged, the job
+    completes though --keep-going is off, and the broken node's result counts against it."""
+    module = module_file(tmp_path)
+    make_inputs(tmp_path / "in", {"a": "one", "b": "two"})
+    out = tmp_path / "o"
+    job_id = submit(r, sched, {"module": str(module), "inputs": [str(tmp_path / "in")], "outdir": str(out)})
+    live(r, "broken", "node-b", "node-c")
+    run_as_node(r, "broken", prog=lambda stdin: RunResult(TRAPPED, b"", b"wasm trap: out of bounds memory access"))
+    agg.step(StopFlag())
+    run_as_node(r, "node-b")
+    agg.step(StopFlag())  # the results differ: one more node breaks the tie
+    run_as_node(r, "node-c")
+    assert settle(r, sched, agg, job_id) is JobState.DONE
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [(m["input"], m["exit_code"], m["verified"]) for m in manifest] == [
+        ("a", 0, "replicated"),
+        ("b", 0, "replicated"),
+    ]
+    assert manifest[0]["nodes"] == ["node-b", "node-c"]
+    assert (out / "out" / "b").read_text() == "TWO"
+    assert r.hget(keys.node("broken"), "rejected") == b"1"
 
 
 def test_lines_are_written_by_index_and_named_by_line(

@@ -164,6 +164,13 @@ class TaskPlugin(ABC, Generic[P]):
         the result and how it was checked (`origin`). Idempotent."""
         self.merge(files, params, index, output)
 
+    def confirm(self, params: P, index: int, output: bytes) -> bool:
+        """Must this checked result be confirmed by a second node before it counts, though
+        its subtask was not sampled for replication (a user's program that failed: one
+        broken node must not fail a job)? Then it is the first vote and a copy goes to
+        another node; with no other node live, it counts unconfirmed."""
+        return False
+
     def failure(self, files: JobFiles, params: P, index: int, output: bytes) -> str | None:
         """After a merge: does this result fail the job (a user's program that exited
         non-zero, without --keep-going)? The reason, naming the input, or None."""

@@ -448,6 +448,10 @@ class WasmPlugin(TaskPlugin[WasmParams]):
             records.append(record)
         _write(files.path(f"runs/{index:09d}.json"), json.dumps(records).encode())
 
+    def confirm(self, params: WasmParams, index: int, output: bytes) -> bool:
+        # a failed run counts once a second node agrees; without determinism, no two agree
+        return params.deterministic and any(run.exit_code != 0 for run in self._results(params, output))
+
     def failure(self, files: JobFiles, params: WasmParams, index: int, output: bytes) -> str | None:
         if params.keep_going:
             return None
