@@ -206,14 +206,19 @@ class Aggregator:
         self, job: JobRecord, task: TaskFields, entry_id: bytes, node: str, output: bytes, elapsed_ms: float
     ) -> Handled:
         """A result that counts only once another node agrees (`TaskPlugin.confirm`): the
-        subtask becomes a replicated one, this result its first vote. The copy is queued
-        before the vote, so a crash in between leaves at most a spare copy (dropped as a
-        duplicate), never a vote waiting for a copy nobody queued."""
+        subtask becomes a replicated one, this result its first vote. While another node is
+        live the copy is queued before the vote, so a crash in between leaves at most a
+        spare copy (dropped as a duplicate), not a vote waiting for a copy nobody queued."""
         task = dataclasses.replace(task, replicated=True, backup_of="")
         self.results.mark_returned(job.id, task.index, node)  # the copy goes to another node
-        self.results.queue_copy(task)
+        queued = bool(self.results.live_nodes() - {node})
+        if queued:
+            self.results.queue_copy(task)
         log.info("job %s: task %d from node %s needs a second node's confirmation", job.id, task.index, node)
-        return self._vote(job, task, entry_id, node, output, elapsed_ms)
+        handled = self._vote(job, task, entry_id, node, output, elapsed_ms)
+        if handled is Handled.AWAITING and not queued:  # a node came meanwhile
+            self.results.queue_copy(task)
+        return handled
 
     def _decide(self, job: JobRecord, task: TaskFields, entry_id: bytes) -> Handled:
         """A gateway found no other node for a replicated subtask's copy: accept the one

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -461,3 +463,127 @@ def test_a_gateway_serves_an_uploaded_module_and_so_does_its_successor(
     stored_modules.release(r, "job-1")
     assert httpx.get(url).status_code == 404
     assert httpx.get(f"{controller.url}/modules/{'0' * 64}.wasm").status_code == 404
+
+
+# ------------------------------------------------------------------ a real program, real services
+
+UPPER_C = r"""
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+int main(int argc, char **argv) {
+  char buf[4096];
+  size_t n = fread(buf, 1, sizeof buf, stdin);
+  if (n >= 4 && memcmp(buf, "fail", 4) == 0) {
+    fprintf(stderr, "cannot handle %.*s", (int)n, buf);
+    return 3;
+  }
+  const char *greeting = getenv("GREETING");
+  printf("%s:%s:", argc > 1 ? argv[1] : "-", greeting ? greeting : "-");
+  for (size_t i = 0; i < n; i++) putchar(toupper((unsigned char)buf[i]));
+  return 0;
+}
+"""
+
+
+def build_c(tmp_path: Path, source: str) -> tuple[Path, Path]:
+    """The program built to WASI and natively (`make examples` builds its own likewise)."""
+    src = tmp_path / "prog.c"
+    src.write_text(source)
+    wasm, native = tmp_path / "prog.wasm", tmp_path / "prog"
+    subprocess.run(["clang", "--target=wasm32-wasi", "--sysroot=/usr", "-O2", "-o", wasm, src], check=True)
+    subprocess.run(["clang", "-O2", "-o", native, src], check=True)
+    return wasm, native
+
+
+def wasi_run(module: wasmtime.Module, envelope: RunEnvelope, stdin: bytes, scratch: Path) -> RunResult:
+    """One run of a run envelope in wasmtime's own WASI (not deterministic: this program
+    reads no clock and no randomness). A stand-in for a node until the worker runs WASI."""
+    linker = wasmtime.Linker(ENGINE)
+    linker.define_wasi()
+    store = wasmtime.Store(ENGINE)
+    config = wasmtime.WasiConfig()
+    config.argv = list(envelope.argv)
+    config.env = [tuple(e.split("=", 1)) for e in envelope.env]  # type: ignore[misc]
+    (scratch / "in").write_bytes(stdin)
+    config.stdin_file = str(scratch / "in")
+    config.stdout_file = str(scratch / "out")
+    config.stderr_file = str(scratch / "err")
+    store.set_wasi(config)
+    instance = linker.instantiate(store, module)
+    start = instance.exports(store)["_start"]
+    assert isinstance(start, wasmtime.Func)
+    try:
+        start(store)
+        code = 0
+    except wasmtime.ExitTrap as exc:
+        code = exc.code
+    return RunResult(code, (scratch / "out").read_bytes(), (scratch / "err").read_bytes())
+
+
+ENGINE = wasmtime.Engine()
+
+
+def stand_in_node(r: Client, module: wasmtime.Module, scratch: Path, until: subprocess.Popen[str]) -> int:
+    """Run what the scheduler queues with wasmtime until the submit command exits."""
+    ran = 0
+    while until.poll() is None:
+        entries = r.xreadgroup(keys.NODES_GROUP, "stand-in~c1", {keys.TASKS: ">"}, count=100, block=200) or []
+        for _s, es in entries:
+            for eid, f in es:
+                task = TaskFields.from_redis(f)
+                envelope = RunEnvelope.decode(full_input(r, task))
+                runs = tuple(wasi_run(module, envelope, stdin, scratch) for stdin in envelope.stdins)
+                output = ResultEnvelope(runs).encode()
+                r.xadd(keys.RESULTS, {**task.to_redis(), "node": "stand-in", "output": output, "elapsed_ms": 3})
+                r.xack(keys.TASKS, keys.NODES_GROUP, eid)
+                r.xdel(keys.TASKS, eid)
+                ran += 1
+    return ran
+
+
+def test_submit_wait_runs_a_c_program_and_reports_failures(tmp_path: Path, r: Client, controller: Controller) -> None:
+    wasm, native = build_c(tmp_path, UPPER_C)
+    module = wasmtime.Module(ENGINE, wasm.read_bytes())
+    texts = {f"docs/{i:03d}.txt": f"document {i}\n" for i in range(80)} | {"docs/sub/bad.txt": "failing input\n"}
+    make_inputs(tmp_path / "in", texts)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    out = tmp_path / "results"
+    base = ["submit", "wasm", str(wasm), "--inputs", str(tmp_path / "in" / "docs"), "--arg", "first"]
+    # no replication: this stand-in is no gateway, which would keep a copy from the node
+    # that ran the first (a failed run is confirmed by another node only while one is live)
+    base += ["--env", "GREETING=hello", "--replicate", "0", "--wait", "-q", "--wait-timeout", "120"]
+
+    def submit_waiting(*extra: str) -> tuple[int, str]:
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "processdistro", *base, *extra],
+            env=controller.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert stand_in_node(r, module, scratch, cli) == 2  # 81 inputs: 64 + 17
+        said, _ = cli.communicate()
+        return cli.returncode, " ".join(said.split())
+
+    code, said = submit_waiting("-o", str(out), "--keep-going")
+    assert code == 1, said
+    assert "81 inputs, 1 failed" in said and "failed: sub/bad.txt (index 80): exited with code 3" in said
+    for rel, text in texts.items():
+        name = rel.removeprefix("docs/")
+        native_run = subprocess.run(
+            [native, "first"], input=text.encode(), capture_output=True, env={"GREETING": "hello"}
+        )
+        assert (out / "out" / name).read_bytes() == native_run.stdout, name
+        assert (out / "err" / name).exists() == bool(native_run.stderr)
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [m["input"] for m in manifest] == sorted(rel.removeprefix("docs/") for rel in texts)
+    assert {m["node"] for m in manifest} == {"stand-in"}
+
+    # without --keep-going the job fails, naming the input, its exit code and its stderr
+    code, said = submit_waiting("-o", str(tmp_path / "again"))
+    assert code == 1, said
+    assert "failed: input 'sub/bad.txt' exited with code 3; stderr ends: cannot handle failing input" in said
+    assert r.keys(keys.module_blob("*")) == []

@@ -220,16 +220,26 @@ class WasmPlugin(TaskPlugin[WasmParams]):
         inputs.add_argument("--inputs", nargs="+", type=Path, metavar="PATH", help="files or directories: a run each")
         inputs.add_argument("--lines", type=Path, metavar="FILE", help="a run per line, the line on stdin")
         inputs.add_argument("--count", type=int, metavar="N", help="N runs, empty stdin, PD_INDEX set")
-        parser.add_argument("-o", "--output", dest="outdir", type=Path, required=True, metavar="OUTDIR")
+        parser.add_argument(
+            "-o",
+            "--output",
+            dest="outdir",
+            type=Path,
+            required=True,
+            metavar="OUTDIR",
+            help="where out/, err/ and manifest.jsonl are written, as subtasks merge (by the aggregators)",
+        )
         parser.add_argument("--keep-going", action="store_true", help="a failing input does not fail the job")
-        parser.add_argument("--timeout", dest="run_timeout", type=float, metavar="S", help="limit per subtask")
+        parser.add_argument(
+            "--timeout", dest="run_timeout", type=float, metavar="S", help="seconds a subtask may run on a node"
+        )
         parser.add_argument("--memory", type=int, metavar="MB", help="memory limit of the program")
         parser.add_argument(
             "--nondeterministic",
             action="store_true",
-            help="real randomness and clocks (turns replication off)",
+            help="real randomness and clocks (turns replication off; default --replicate for wasm: 0.1)",
         )
-        parser.add_argument("--seed", type=int, help="the job's seed (default: random)")
+        parser.add_argument("--seed", type=int, help="the job's seed, to draw the same numbers again (none: random)")
 
     def params_from_args(self, args: argparse.Namespace) -> dict[str, Any]:
         if args.nondeterministic:
