@@ -587,3 +587,40 @@ def test_submit_wait_runs_a_c_program_and_reports_failures(tmp_path: Path, r: Cl
     assert code == 1, said
     assert "failed: input 'sub/bad.txt' exited with code 3; stderr ends: cannot handle failing input" in said
     assert r.keys(keys.module_blob("*")) == []
+
+
+# ------------------------------------------------------------------ a pd-ABI module
+
+PD_ABI = """(module
+  (memory (export "memory") 1)
+  (func (export "pd_alloc") (param i32) (result i32) i32.const 8)
+  (func (export "pd_run") (param i32 i32) (result i32) i32.const 0)
+  (func (export "pd_output_ptr") (result i32) i32.const 0)
+  (func (export "pd_output_len") (result i32) i32.const 0))"""
+
+
+def test_a_pd_abi_module_gets_one_input_per_subtask_as_it_is(
+    tmp_path: Path, r: Client, sched: Scheduler, agg: Aggregator
+) -> None:
+    module = module_file(tmp_path, PD_ABI, "kernel.wasm")
+    make_inputs(tmp_path / "in", {"a.bin": "first", "b.bin": "second", "c/d.bin": "third"})
+    with pytest.raises(ParamsError, match="kernel.wasm is a pd-ABI module: it takes no --arg, --env or --count"):
+        client.submit(r, "wasm", {"module": str(module), "count": 2, "outdir": str(tmp_path / "x")})
+    out = tmp_path / "o"
+    job_id = submit(r, sched, {"module": str(module), "inputs": [str(tmp_path / "in")], "outdir": str(out)})
+    tasks = sorted(queued(r), key=lambda t: t.index)
+    assert [(t.input, full_input(r, t)) for t in tasks] == [(b"", b"first"), (b"", b"second"), (b"", b"third")]
+    for entry_id, f in r.xreadgroup(keys.NODES_GROUP, "node-a~c1", {keys.TASKS: ">"}, count=10)[0][1]:
+        task = TaskFields.from_redis(f)
+        output = full_input(r, task)[::-1]  # what this "kernel" computes
+        r.xadd(keys.RESULTS, {**task.to_redis(), "node": "node-a", "output": output, "elapsed_ms": 1})
+        r.xack(keys.TASKS, keys.NODES_GROUP, entry_id)
+    assert settle(r, sched, agg, job_id) is JobState.DONE
+    assert [(out / "out" / n).read_text() for n in ("a.bin", "b.bin", "c/d.bin")] == ["tsrif", "dnoces", "driht"]
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [(m["input"], m["exit_code"], m["bytes"]) for m in manifest] == [
+        ("a.bin", 0, 5),
+        ("b.bin", 0, 6),
+        ("c/d.bin", 0, 5),
+    ]
+    assert not (out / "err").exists()
