@@ -505,7 +505,7 @@ def wasi_run(module: wasmtime.Module, envelope: RunEnvelope, stdin: bytes, scrat
     store = wasmtime.Store(ENGINE)
     config = wasmtime.WasiConfig()
     config.argv = list(envelope.argv)
-    config.env = [tuple(e.split("=", 1)) for e in envelope.env]  # type: ignore[misc]
+    config.env = [tuple(e.split("=", 1)) for e in envelope.env]
     (scratch / "in").write_bytes(stdin)
     config.stdin_file = str(scratch / "in")
     config.stdout_file = str(scratch / "out")

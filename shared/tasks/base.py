@@ -1,7 +1,9 @@
 """The task plugin interface: everything task-specific lives in a plugin on the controller.
 
 A node only ever sees `(module sha256, input bytes) -> output bytes`. The scheduler calls
-`count` and `split`; the aggregator calls `verify`, `merge` and `finalize`. The CLI builds
+`count` and `split` (and `module_sha` and `replication` once per job); the aggregator calls
+`verify`, `confirm`, `merge_result` (which is `merge` unless a plugin records where results
+came from), `failure` and `finalize`. The CLI builds
 `processdistro submit <kind>` from the plugin (`describe`, `add_arguments`), turns the parsed
 flags into raw params (`params_from_args`), and calls `prepare` and `parse_params` so bad
 parameters are refused at submit time; once the job is done it copies the outputs the user
