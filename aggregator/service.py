@@ -19,6 +19,7 @@ Decisions live in `shared/core/replication.py`; every Redis operation in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import signal
@@ -47,7 +48,7 @@ from ..shared.store.jobs import block_reader, load_job
 from ..shared.store.liveness import start_beating
 from ..shared.store.results import Commit, Entry, ResultStream
 from ..shared.store.streams import ensure_groups, full_input
-from ..shared.tasks import JobFiles, Verdict, plugin_and_params
+from ..shared.tasks import Checked, JobFiles, Origin, Verdict, plugin_and_params
 from .finalize import enqueue_finalize, finalizer_name
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class Handled(StrEnum):
     AWAITING = "awaiting"  # a replicated subtask's first result: waiting for a confirmation
     QUORUM = "quorum"  # replicated results differ: one more node was asked
     NO_QUORUM = "no quorum"  # too many distinct results: the job is failed
+    FAILED = "failed"  # merged, and the plugin says the result fails the job (`TaskPlugin.failure`)
     MERGED = "merged"
     FINALIZE = "finalize"  # merged, and the job is finalizing
 
@@ -112,12 +114,15 @@ class Aggregator:
             self.results.requeue(task, entry_id)
             self._reject(node)
             return Handled.REJECTED
+        elapsed_ms = float(f.get(b"elapsed_ms", b"0"))
         if task.replicated:
-            return self._vote(job, task, entry_id, node, output)
-        return self._merge(job, task, entry_id, node, output)
+            return self._vote(job, task, entry_id, node, output, elapsed_ms)
+        if plugin.confirm(params, index, output):
+            return self._confirm(job, task, entry_id, node, output, elapsed_ms)
+        return self._merge(job, task, entry_id, output, Origin(node, elapsed_ms, Checked.SINGLE, (node,)))
 
-    def _merge(self, job: JobRecord, task: TaskFields, entry_id: bytes, node: str, output: bytes) -> Handled:
-        job_id, index = job.id, task.index
+    def _merge(self, job: JobRecord, task: TaskFields, entry_id: bytes, output: bytes, origin: Origin) -> Handled:
+        job_id, index, node = job.id, task.index, origin.node
         plugin, params = plugin_and_params(job_id, job.kind, job.params)
         # Claim the index before writing: only the first valid result may touch the files
         # (a later one could differ: a subtle liar's). The claim names this result entry, so
@@ -126,7 +131,14 @@ class Aggregator:
             self.results.duplicate(entry_id)
             return Handled.DUPLICATE
         files = JobFiles.under(self.data_dir, job_id, block_reader(self.r, job_id))
-        plugin.merge(files, params, index, output)
+        plugin.merge_result(files, params, index, output, origin)
+        failure = plugin.failure(files, params, index, output)
+        if failure is not None:
+            # merged (its outputs are there to look at) but not committed: the job fails
+            log.warning("job %s: task %d failed the job: %s", job_id, index, failure)
+            self.results.fail_job(job_id, failure)
+            self.results.drop(entry_id)
+            return Handled.FAILED
         commit = self.results.commit(job_id, index, entry_id)
         self.results.credit(node, job_id, index)
         if self.results.banned(node) and self.results.unmerge(job_id, index):
@@ -153,7 +165,9 @@ class Aggregator:
 
     # ------------------------------------------------------------------ replication
 
-    def _vote(self, job: JobRecord, task: TaskFields, entry_id: bytes, node: str, output: bytes) -> Handled:
+    def _vote(
+        self, job: JobRecord, task: TaskFields, entry_id: bytes, node: str, output: bytes, elapsed_ms: float
+    ) -> Handled:
         """Record a replicated subtask's checked result and carry out the decision."""
         vote = self.results.vote(job.id, task.index, node, output)
         decision = judge_vote(
@@ -166,13 +180,14 @@ class Aggregator:
             self.results.count(_VOTE_STATS[outcome])
         if outcome is VoteOutcome.MERGE:
             self.results.forget_first_vote(job.id, task.index)
-            handled = self._merge(job, task, entry_id, node, output)
+            agreeing = tuple(sorted(n for n, d in vote.votes.items() if d == vote.digest))
+            handled = self._merge(job, task, entry_id, output, Origin(node, elapsed_ms, Checked.REPLICATED, agreeing))
             for other in decision.dissenters:  # outvoted: a wrong result that passed the cheap check
                 log.warning("job %s: node %s was outvoted on task %d", job.id, other, task.index)
                 self._reject(other)
             return handled
         if outcome is VoteOutcome.ACCEPT_UNCONFIRMED:
-            return self._merge(job, task, entry_id, node, output)
+            return self._merge(job, task, entry_id, output, Origin(node, elapsed_ms, Checked.UNCONFIRMED, (node,)))
         if outcome is VoteOutcome.AWAIT:
             self.results.drop(entry_id)
             return Handled.AWAITING
@@ -187,6 +202,24 @@ class Aggregator:
         self.results.requeue(task, entry_id)
         return Handled.QUORUM
 
+    def _confirm(
+        self, job: JobRecord, task: TaskFields, entry_id: bytes, node: str, output: bytes, elapsed_ms: float
+    ) -> Handled:
+        """A result that counts only once another node agrees (`TaskPlugin.confirm`): the
+        subtask becomes a replicated one, this result its first vote. While another node is
+        live the copy is queued before the vote, so a crash in between leaves at most a
+        spare copy (dropped as a duplicate), not a vote waiting for a copy nobody queued."""
+        task = dataclasses.replace(task, replicated=True, backup_of="")
+        self.results.mark_returned(job.id, task.index, node)  # the copy goes to another node
+        queued = bool(self.results.live_nodes() - {node})
+        if queued:
+            self.results.queue_copy(task)
+        log.info("job %s: task %d from node %s needs a second node's confirmation", job.id, task.index, node)
+        handled = self._vote(job, task, entry_id, node, output, elapsed_ms)
+        if handled is Handled.AWAITING and not queued:  # a node came meanwhile
+            self.results.queue_copy(task)
+        return handled
+
     def _decide(self, job: JobRecord, task: TaskFields, entry_id: bytes) -> Handled:
         """A gateway found no other node for a replicated subtask's copy: accept the one
         result in, or remember the decision for when it comes."""
@@ -198,7 +231,8 @@ class Aggregator:
         assert first is not None  # ACCEPT_FIRST: the one result is in
         node, output = first
         self.results.count("replicas_unconfirmed")
-        return self._merge(job, task, entry_id, node, output)
+        # the result's own time is not kept with the first vote
+        return self._merge(job, task, entry_id, output, Origin(node, 0.0, Checked.UNCONFIRMED, (node,)))
 
     def ban(self, node: str, rejected: int) -> None:
         """Ban a node that keeps failing checks, and recompute what it merged into jobs

@@ -36,7 +36,7 @@ def submit(r: Redis, kind: str, params: dict[str, Any], *, priority: int = 0, re
         replicate=replicate,
         created=time.time(),
     )
-    store.submit(r, command, prepared.blocks)
+    store.submit(r, command, prepared.blocks, prepared.modules)
     return command.job_id
 
 

@@ -53,7 +53,10 @@ def _add_job_arguments(sp: argparse.ArgumentParser) -> None:
         help="share of subtasks (0 to 1) computed on two distinct nodes and compared (default: PD_REPLICATE, 0.05)",
     )
     sp.add_argument("--wait", action="store_true", help="show progress and wait for the result")
-    sp.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    try:
+        sp.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    except argparse.ArgumentError:  # the kind's own --timeout (a wasm run's limit): waiting is --wait-timeout
+        sp.add_argument("--wait-timeout", dest="timeout", type=float, help="give up waiting after this many seconds")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -90,7 +93,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     for line in plugin.summary(job.outputs):
         console.print(line, markup=False)
     console.print(f"job {job_id} done in {(job.finished or time.time()) - job.created:.1f}s")
-    return 0
+    return plugin.exit_code(job.outputs)
 
 
 def main_output(job_kind: str, outputs: dict[str, str]) -> str:

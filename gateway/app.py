@@ -41,6 +41,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from ..shared.capacity import plan_slots
+from ..shared.modules import Module
 from ..shared.protocol import CloseCode, NodeAccepted, NodeReport
 from ..shared.settings import Settings
 from ..shared.store.gateway import GatewayStore
@@ -62,6 +63,10 @@ class _RevalidatedStatic(StaticFiles):
         response = super().file_response(*args, **kwargs)
         response.headers["Cache-Control"] = "no-cache"
         return response
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def _client_ip(request: Request | WebSocket) -> str:
@@ -94,21 +99,28 @@ def create_app(settings: Settings, *, store: GatewayStore | None = None) -> Star
         return FileResponse(static_dir / "dashboard.html", headers={"Cache-Control": "no-cache"})
 
     async def module(request: Request) -> Response:
-        mod = gw.modules.by_sha.get(request.path_params["sha"])
+        # the registry's own modules, else one a job uploaded (in Redis: every gateway has it)
+        sha = request.path_params["sha"]
+        mod = gw.modules.by_sha.get(sha)
+        if mod is None and _is_sha256(sha) and await store.module_stored(sha):
+            mod = Module.uploaded(sha)
         if mod is None:
             return JSONResponse({"error": "no such module"}, status_code=404)
         etag = f'"{mod.sha256}"'
         headers = {"Cache-Control": "public, max-age=31536000, immutable", "ETag": etag}
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
-        return Response(mod.data, media_type="application/wasm", headers=headers)
+        data = mod.data if mod.path is not None else await store.module(sha)
+        if data is None:  # its last job ended a moment ago
+            return JSONResponse({"error": "no such module"}, status_code=404)
+        return Response(data, media_type="application/wasm", headers=headers)
 
     async def block(request: Request) -> Response:
         check = gw.signer.check(request.query_params.get("token"))
         if check.status is not TokenStatus.VALID:
             return JSONResponse({"error": f"session token {check.status.value}"}, status_code=401)
         sha = request.path_params["sha"]
-        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        if not _is_sha256(sha):
             return JSONResponse({"error": "expected a lowercase hex sha256"}, status_code=400)
         data = await store.block(request.path_params["job"], sha)
         if data is None:

@@ -22,7 +22,7 @@ from ..shared.capacity import EWMA_PREFIX
 from ..shared.core import dispatch
 from ..shared.core.dispatch import Held, Replica, Verdict
 from ..shared.messages import DropCopies, Fail
-from ..shared.modules import ModuleRegistry
+from ..shared.modules import Module, ModuleRegistry
 from ..shared.protocol import (
     MULTIPART_SINCE,
     CancelTasks,
@@ -335,6 +335,8 @@ class NodeSession:
         if not await self._usable(task_id, fields):
             return
         module = dispatch.pick_module(self.modules.by_sha, self.modules.by_name, fields.module, simd=self.simd)
+        if module is None and await self.store.module_stored(fields.module):
+            module = Module.uploaded(fields.module)  # a job's own module: nodes fetch it from Redis through us
         if module is None:
             log.error("task %s needs unknown module %s; requeueing", task_id, fields.module)
             await self.store.requeue([task_id], bump=1)

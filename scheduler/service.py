@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
-from ..shared.exceptions import ProcessDistroError
+from ..shared.exceptions import ParamsError, ProcessDistroError
 from ..shared.jobs import JobState, allowed
 from ..shared.messages import Cancel, CancelJob, Fail, Submit
 from ..shared.modules import ModuleRegistry
@@ -28,9 +29,10 @@ from ..shared.store.commands import CommandStream, Received, publish_control
 from ..shared.store.connection import Client
 from ..shared.store.jobs import JobStore, drop_blocks, event
 from ..shared.store.liveness import beat
+from ..shared.store.modules import stored as module_stored
 from ..shared.store.streams import ensure_groups
 from ..shared.store.tasks import TaskStream
-from ..shared.tasks import get_plugin
+from ..shared.tasks import TaskPlugin, get_plugin
 from .feeding import Feeder
 from .reaper import Reaper
 from .tail import Tail
@@ -89,8 +91,14 @@ class Scheduler:
 
     def submit(self, cmd: Submit) -> None:
         plugin = get_plugin(cmd.kind)
-        params = plugin.parse_params(cmd.params)
-        total = plugin.count(params)
+        try:
+            params = plugin.parse_params(cmd.params)
+            total = plugin.count(params)
+            module = self._module(plugin, params)
+        except (ProcessDistroError, ValueError):
+            if self.jobs.load(cmd.job_id) is None:  # refused: let go of what its submit stored
+                drop_blocks(self.r, cmd.job_id)
+            raise
         record: dict[str, str | float | int] = {
             "id": cmd.job_id,
             "kind": plugin.kind,
@@ -101,13 +109,23 @@ class Scheduler:
             "next_index": 0,
             "created": cmd.created,
             "priority": cmd.priority,
-            "replicate": self.settings.replicate if cmd.replicate is None else cmd.replicate,
-            "module": self.modules.get(plugin.module).sha256,
+            "replicate": plugin.replication(params, cmd.replicate, self.settings.replicate),
+            "module": module,
         }
         if not self.jobs.create(cmd.job_id, record, priority=cmd.priority, created=cmd.created):
             return  # a replayed command
         event(self.r, "job", job_id=cmd.job_id, state="queued", total=total)
         log.info("job %s: %s queued, %d subtasks", cmd.job_id, plugin.kind, total)
+
+    def _module(self, plugin: TaskPlugin[Any], params: Any) -> str:
+        """The sha256 of the module the job's subtasks run: its own (uploaded, and still
+        stored), else the registry's by name."""
+        sha = plugin.module_sha(params)
+        if sha is None:
+            return self.modules.get(plugin.module).sha256
+        if not module_stored(self.r, sha):
+            raise ParamsError(f"module {sha} is not stored: submit it again")
+        return sha
 
     def cancel(self, job_id: str, reason: str, *, state: JobState = JobState.CANCELLED) -> bool:
         """End a job early (`cancelled` by the user, or `failed`): a compare-and-set from

@@ -87,6 +87,22 @@ def job_first_vote(job_id: str, index: int) -> str:
     return f"{PREFIX}job:{job_id}:vote:{index}"
 
 
+def job_modules(job_id: str) -> str:
+    """Set of the sha256 of the uploaded modules a job runs (`store.modules`): released, and
+    each deleted once no job needs it, when the job ends."""
+    return f"{PREFIX}job:{job_id}:modules"
+
+
+def module_blob(sha256: str) -> str:
+    """An uploaded WASM module's bytes, stored once whatever the number of jobs running it."""
+    return f"{PREFIX}module:{sha256}"
+
+
+def module_jobs(sha256: str) -> str:
+    """Set of the job ids that need uploaded module `sha256`; the module goes with the last."""
+    return f"{PREFIX}module:{sha256}:jobs"
+
+
 def backup_marker(entry_id: str) -> str:
     """Set (with a TTL) once a backup copy of task entry `entry_id` exists."""
     return f"{PREFIX}backup:{entry_id}"

@@ -1,7 +1,9 @@
 """The WASM module registry: module name -> bytes and sha256, from `static/wasm/`.
 
 Nodes are told a module's sha256 and fetch it from `/modules/<sha256>.wasm`, so a cached
-copy is valid forever and a changed module can never be mistaken for the old one.
+copy is valid forever and a changed module can never be mistaken for the old one. Modules
+users upload are not in the registry: their bytes live in Redis (`store.modules`), and a
+gateway names one with `Module.uploaded` and serves it from there.
 """
 
 from __future__ import annotations
@@ -19,8 +21,13 @@ DEFAULT_STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 class Module:
     name: str
     sha256: str
-    path: Path
-    data: bytes  # held in memory: the bytes served are always the bytes hashed
+    path: Path | None  # None: uploaded, its bytes in Redis
+    data: bytes  # held in memory: the bytes served are always the bytes hashed (b"" if uploaded)
+
+    @classmethod
+    def uploaded(cls, sha256: str) -> Module:
+        """A module a job brought (`store.modules`): known by its hash, its bytes not held here."""
+        return cls(f"uploaded-{sha256[:12]}", sha256, None, b"")
 
     @property
     def url(self) -> str:

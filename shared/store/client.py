@@ -7,6 +7,8 @@ everything else is a read.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import redis
 
 from .. import keys
@@ -16,6 +18,7 @@ from ..messages import Cancel, Submit
 from .commands import send_command
 from .connection import Client, sync_client
 from .jobs import load_job, store_blocks
+from .modules import acquire as acquire_module
 from .streams import live_node_ids
 
 #: The sync client type, for callers that hold one but must not import redis.
@@ -40,9 +43,12 @@ def connect(url: str | None, *, retry: bool = True) -> redis.Redis:
     return redis.Redis.from_url(url) if url and not retry else sync_client(url)
 
 
-def submit(client: redis.Redis, command: Submit, blocks: dict[str, bytes]) -> None:
-    """Store the job's shared input blocks, then send its submit command: its tasks may
-    refer to the blocks as soon as the scheduler reads the command."""
+def submit(client: redis.Redis, command: Submit, blocks: dict[str, bytes], modules: Iterable[bytes] = ()) -> None:
+    """Store the job's uploaded modules (`store.modules`, once by content) and shared input
+    blocks, then send its submit command: its tasks may refer to them as soon as the
+    scheduler reads the command."""
+    for data in modules:
+        acquire_module(client, command.job_id, data)
     store_blocks(client, command.job_id, blocks)
     send_command(client, command)
 

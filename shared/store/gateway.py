@@ -107,6 +107,15 @@ class GatewayStore:
         data = await self.r.get(keys.block(job_id, sha))
         return None if data is None else bytes(data)
 
+    async def module(self, sha: str) -> bytes | None:
+        """An uploaded module's bytes (`store.modules`); None if no job needs it any more."""
+        data = await self.r.get(keys.module_blob(sha))
+        return None if data is None else bytes(data)
+
+    async def module_stored(self, sha: str) -> bool:
+        """Is uploaded module `sha` in Redis (a task of a job that brought its own module)?"""
+        return bool(await self.r.exists(keys.module_blob(sha)))
+
     # ------------------------------------------------------------------ nodes
 
     async def node(self, node_id: str) -> dict[bytes, bytes]:

@@ -208,6 +208,18 @@ class ResultStream:
     def forget_first_vote(self, job_id: str, index: int) -> None:
         self.r.delete(keys.job_first_vote(job_id, index))
 
+    def live_nodes(self) -> set[str]:
+        """The ids of the live nodes."""
+        return node_ids(self.r.zrangebyscore(keys.NODES, live_since(self.node_timeout_s), "+inf"))
+
+    def mark_returned(self, job_id: str, index: int, node: str) -> None:
+        """Record that `node` returned a result for the subtask (`keys.job_returned`, as a
+        gateway does for replicated copies): its copies go to other nodes."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.sadd(keys.job_returned(job_id, index), node)
+        pipe.expire(keys.job_returned(job_id, index), VOTES_TTL_S)
+        pipe.execute()
+
     def mark_decided(self, job_id: str, index: int) -> None:
         """Remember a `decide` that came before the one result: that result is accepted."""
         self.r.set(keys.job_decided(job_id, index), 1, ex=VOTES_TTL_S)

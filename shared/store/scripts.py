@@ -164,3 +164,21 @@ for i = 1, #all do
 end
 return {fresh, #all, same}
 """
+
+# A job no longer needs an uploaded module: forget it, and delete the module if no other job
+# needs it. One script, so a submit that adds its job to the set (in a transaction) either
+# comes first and keeps the module, or after and stores it again.
+RELEASE_MODULE_LUA = """
+local users_key = KEYS[1]      -- keys.module_jobs(sha)
+local blob_key = KEYS[2]       -- keys.module_blob(sha)
+local job_modules_key = KEYS[3]  -- keys.job_modules(job)
+local job_id = ARGV[1]
+local sha = ARGV[2]
+redis.call('SREM', users_key, job_id)
+redis.call('SREM', job_modules_key, sha)
+if redis.call('SCARD', users_key) == 0 then
+  redis.call('DEL', blob_key)
+  return 1
+end
+return 0
+"""

@@ -11,14 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 from ..exceptions import ParamsError
-from .base import JobFiles, Prepared, Subtask, TaskPlugin, Verdict
+from .base import Checked, JobFiles, Origin, Prepared, Subtask, TaskPlugin, Verdict
 from .crack import CrackPlugin
 from .hashing import HashPlugin
 from .mandelbrot import MandelbrotPlugin
 from .matmul import MatmulPlugin
+from .wasm import WasmPlugin
 
 PLUGINS: dict[str, TaskPlugin[Any]] = {
-    p.kind: p for p in (MandelbrotPlugin(), MatmulPlugin(), HashPlugin(), CrackPlugin())
+    p.kind: p for p in (MandelbrotPlugin(), MatmulPlugin(), HashPlugin(), CrackPlugin(), WasmPlugin())
 }
 
 
@@ -62,6 +63,8 @@ def get_plugin(kind: str) -> TaskPlugin[Any]:
 __all__ = [
     "plugin_and_params",
     "PLUGINS",
+    "Checked",
+    "Origin",
     "JobFiles",
     "Prepared",
     "Subtask",

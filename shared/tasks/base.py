@@ -1,7 +1,9 @@
 """The task plugin interface: everything task-specific lives in a plugin on the controller.
 
 A node only ever sees `(module sha256, input bytes) -> output bytes`. The scheduler calls
-`count` and `split`; the aggregator calls `verify`, `merge` and `finalize`. The CLI builds
+`count` and `split` (and `module_sha` and `replication` once per job); the aggregator calls
+`verify`, `confirm`, `merge_result` (which is `merge` unless a plugin records where results
+came from), `failure` and `finalize`. The CLI builds
 `processdistro submit <kind>` from the plugin (`describe`, `add_arguments`), turns the parsed
 flags into raw params (`params_from_args`), and calls `prepare` and `parse_params` so bad
 parameters are refused at submit time; once the job is done it copies the outputs the user
@@ -16,7 +18,7 @@ import os
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, Generic, TypeVar
@@ -41,15 +43,36 @@ class Subtask:
 
 @dataclass
 class Prepared:
-    """What `prepare` hands to the submit command: JSON-able params and the blocks to store."""
+    """What `prepare` hands to the submit command: JSON-able params and the blocks to store,
+    and the modules the job brings (stored once by content: `store.modules`)."""
 
     params: dict[str, Any]
     blocks: dict[str, bytes]
+    modules: list[bytes] = field(default_factory=list)
 
 
 class Verdict(StrEnum):
     ACCEPT = "accept"
     REJECT = "reject"
+
+
+class Checked(StrEnum):
+    """How a merged result was checked, beyond the plugin's own `verify`."""
+
+    REPLICATED = "replicated"  # two distinct nodes returned the same bytes
+    UNCONFIRMED = "unconfirmed"  # replicated, but no other node could confirm it
+    SINGLE = "single node"  # not replicated
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a merged result came from, for plugins that record it (`merge_result`)."""
+
+    node: str
+    elapsed_ms: float
+    checked: Checked
+    #: the nodes whose results agreed (replicated), this one included
+    agreeing: tuple[str, ...] = ()
 
 
 def _no_blocks(sha: str) -> bytes:
@@ -137,6 +160,38 @@ class TaskPlugin(ABC, Generic[P]):
     @abstractmethod
     def merge(self, files: JobFiles, params: P, index: int, output: bytes) -> None:
         """Write one verified result into the job's files. Idempotent."""
+
+    def merge_result(self, files: JobFiles, params: P, index: int, output: bytes, origin: Origin) -> None:
+        """What the aggregator calls: `merge`, for a plugin that also records who computed
+        the result and how it was checked (`origin`). Idempotent."""
+        self.merge(files, params, index, output)
+
+    def confirm(self, params: P, index: int, output: bytes) -> bool:
+        """Must this checked result be confirmed by a second node before it counts, though
+        its subtask was not sampled for replication (a user's program that failed: one
+        broken node must not fail a job)? Then it is the first vote and a copy goes to
+        another node; with no other node live, it counts unconfirmed."""
+        return False
+
+    def failure(self, files: JobFiles, params: P, index: int, output: bytes) -> str | None:
+        """After a merge: does this result fail the job (a user's program that exited
+        non-zero, without --keep-going)? The reason, naming the input, or None."""
+        return None
+
+    def module_sha(self, params: P) -> str | None:
+        """The sha256 of the module this job's subtasks run when the job brought its own
+        (uploaded with `Prepared.modules`); None: the registry's `module`, by name."""
+        return None
+
+    def replication(self, params: P, requested: float | None, default: float) -> float:
+        """The share of this job's subtasks computed on two nodes: what the user asked for
+        (`--replicate`), else `default` (PD_REPLICATE)."""
+        return default if requested is None else requested
+
+    def exit_code(self, outputs: dict[str, str]) -> int:
+        """`submit --wait`'s exit status for a job that is done (non-zero: some of its
+        inputs failed, which `summary` names)."""
+        return 0
 
     def finished_early(self, files: JobFiles, params: P, index: int, output: bytes) -> bool:
         """After a merge: is the job's answer known already (a search that found its

@@ -1,0 +1,500 @@
+"""`wasm`: the user's own WebAssembly program, run over many inputs, outputs checked by
+replication.
+
+`processdistro submit wasm MODULE.wasm [--arg A]... [--env K=V]... INPUTS -o OUTDIR`, where
+INPUTS is `--inputs PATH...` (files; directories walked recursively, one run per file, its
+relative path kept), `--lines FILE` (one run per line: the line and a newline on stdin) or
+`--count N` (N runs, empty stdin, `PD_INDEX=<i>` in the environment).
+
+The CLI (`prepare`) inspects the module (`shared.wasm_module`: refused before anything is
+stored), uploads it (`Prepared.modules`, stored once by content) and stores the inputs as job
+blocks, so the scheduler splits lazily without the user's files. Many small inputs share a
+subtask: consecutive inputs, up to `GROUP_RUNS` or `GROUP_BYTES`, are one block holding the
+runs section of a run envelope (`shared/wasi.py`); the subtask's inline bytes are the head
+(argv, env, seed), so inline + block is the envelope a node runs. `--count` runs differ in
+their environment, which an envelope holds once, so each is a subtask of its own. A pd-ABI
+module (docs/wasm-abi.md) gets one input per subtask, its bytes as they are.
+
+Results go where the user asked, as each subtask merges: `OUTDIR/out/<relative path>` (for
+`--lines`/`--count`: `OUTDIR/out/<index>`) with stdout, `OUTDIR/err/<same>` with stderr when
+there is any; finalize writes `OUTDIR/manifest.jsonl`, one line per input in input order. So
+OUTDIR must be where the aggregators run (with compose: on the shared data volume), as
+crack's wordlist must be where the scheduler runs. A run that exits non-zero or traps fails
+the job, naming it, unless `--keep-going`: then the manifest records it and `submit --wait`
+exits non-zero.
+
+Deterministic by default (seeded randomness, a stepped clock: any two nodes give the same
+bytes), so a share of the subtasks (`DEFAULT_REPLICATE`, more than the built-in kinds: a
+user's program has no cheap check) runs on two nodes and is compared. `--nondeterministic`
+turns that off. `--timeout` and `--memory` are carried in the params (`timeout_s`,
+`memory_mb`) for the nodes' limits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import secrets
+import sys
+from collections.abc import Iterable, Iterator
+from enum import StrEnum
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..exceptions import ParamsError
+from ..wasi import TRAPPED, EnvelopeError, ResultEnvelope, RunEnvelope, RunResult
+from ..wasm_module import WASM_MAGIC, ModuleKind, check_size, inspect
+from .base import Checked, JobFiles, Origin, Prepared, Subtask, TaskPlugin, Verdict, atomic_write
+
+GROUP_RUNS = 64  # inputs per subtask at most
+GROUP_BYTES = 1024 * 1024  # stdin bytes per subtask at most (a larger input is a subtask alone)
+MAX_INPUT_BYTES = 256 * 1024 * 1024
+DEFAULT_REPLICATE = 0.1
+STDERR_IN_ERROR = 400  # characters of stderr a failed job's message ends with
+FAILED_NAMED = 20  # failed inputs `summary` names
+MANIFEST = "manifest.jsonl"
+_EMPTY_HEAD = len(RunEnvelope((), (), ()).encode()) - 4  # an envelope's bytes before its runs count
+
+
+class Source(StrEnum):
+    """Where the inputs came from, which decides their names."""
+
+    INPUTS = "inputs"  # files: named by relative path
+    LINES = "lines"  # lines of a file: out/<index>, the manifest shows the line
+    COUNT = "count"  # no input: out/<index>, PD_INDEX in the environment
+    ITEMS = "items"  # byte strings from Python: out/<index>
+
+
+class WasmParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    module: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the uploaded module")
+    module_kind: ModuleKind
+    program: str = Field(default="main.wasm", min_length=1, description="argv[0]")
+    args: list[str] = Field(default_factory=list)
+    env: list[str] = Field(default_factory=list, description="KEY=VALUE")
+    source: Source
+    inputs: int = Field(ge=1, description="how many runs")
+    # per subtask: [first input, inputs, stdins block, names block ("" if none)]; none for count
+    groups: list[tuple[int, int, str, str]] = Field(default_factory=list)
+    outdir: str
+    keep_going: bool = False
+    timeout_s: float | None = Field(default=None, gt=0)
+    memory_mb: int | None = Field(default=None, ge=1)
+    deterministic: bool = True
+    seed: int = Field(default=0, ge=0, lt=2**64)
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: list[str]) -> list[str]:
+        for item in v:
+            if "=" not in item or item.startswith("="):
+                raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        return v
+
+    @field_validator("outdir")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not os.path.isabs(v):
+            raise ValueError(f"expected an absolute path, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _groups(self) -> WasmParams:
+        if self.source is Source.COUNT:
+            if self.groups:
+                raise ValueError("a --count job has no input groups")
+            return self
+        expected = 0
+        for first, n, _stdins, _names in self.groups:
+            if first != expected or n < 1:
+                raise ValueError(f"input groups must follow each other from 0, got one at {first} of {n}")
+            expected += n
+        if expected != self.inputs:
+            raise ValueError(f"the groups hold {expected} inputs, not {self.inputs}")
+        return self
+
+
+def subtask_seed(seed: int, index: int) -> int:
+    """The run envelope seed of subtask `index` of a job seeded `seed`: stable, so every copy
+    of a subtask (replicas, retries) draws the same numbers."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little")
+
+
+def envelope_head(params: WasmParams, index: int, extra_env: tuple[str, ...] = ()) -> bytes:
+    """A subtask's run envelope up to its runs: magic, flags, seed, argv, env."""
+    argv = (params.program, *params.args)
+    env = (*params.env, *extra_env)
+    head = RunEnvelope(argv, env, (), subtask_seed(params.seed, index), params.deterministic).encode()
+    return head[:-4]  # without the runs count of an envelope of no runs
+
+
+def runs_section(stdins: tuple[bytes, ...]) -> bytes:
+    """The end of a run envelope: the runs count and one stdin per run."""
+    return RunEnvelope((), (), stdins).encode()[_EMPTY_HEAD:]
+
+
+def _safe_relative(name: str) -> bool:
+    path = PurePosixPath(name)
+    return bool(name) and not path.is_absolute() and ".." not in path.parts and "\\" not in name
+
+
+def walk_inputs(paths: Iterable[Path]) -> Iterator[tuple[str, Path]]:
+    """(relative name, file) of every input: a file as its own name, a directory's files by
+    their path inside it (sorted, recursively). Refuses a missing path and a name twice."""
+    seen: dict[str, Path] = {}
+    for given in paths:
+        root = Path(os.path.expanduser(str(given)))
+        if root.is_dir():
+            found = sorted(
+                (Path(d) / f).relative_to(root).as_posix() for d, _dirs, files in os.walk(root) for f in files
+            )
+            pairs = [(name, root / name) for name in found]
+        elif root.is_file():
+            pairs = [(root.name, root)]
+        else:
+            raise ParamsError(f"input {given} is neither a file nor a directory")
+        for name, path in pairs:
+            if name in seen:
+                raise ParamsError(f"two inputs would both write out/{name}: {seen[name]} and {path}")
+            seen[name] = path
+            yield name, path
+
+
+def _read_input(path: Path) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > MAX_INPUT_BYTES:
+            raise ParamsError(f"input {path} is {size} bytes, more than the {MAX_INPUT_BYTES} an input may be")
+        return path.read_bytes()
+    except OSError as exc:
+        raise ParamsError(f"cannot read input {path}: {exc}") from None
+
+
+def read_lines(path: Path) -> Iterator[tuple[str, bytes]]:
+    """(the line as text, stdin) of each line: the line and a newline, as `echo` gives it."""
+    try:
+        with open(path, "rb") as fh:
+            for raw in fh:
+                line = raw.rstrip(b"\n").rstrip(b"\r")
+                yield line.decode("utf-8", errors="replace")[:200], line + b"\n"
+    except OSError as exc:
+        raise ParamsError(f"cannot read {path}: {exc}") from None
+
+
+def read_module(path: Path) -> bytes:
+    """The module's bytes, its size checked before it is read whole."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(WASM_MAGIC))
+            if head != WASM_MAGIC:
+                inspect(head, name=path.name)  # refuses: not WebAssembly
+            check_size(os.fstat(fh.fileno()).st_size, name=path.name)
+            return head + fh.read()
+    except OSError as exc:
+        raise ParamsError(f"cannot read module {path}: {exc}") from None
+
+
+class WasmPlugin(TaskPlugin[WasmParams]):
+    """run your own WebAssembly program (WASI command or pd-ABI) over many inputs"""
+
+    kind = "wasm"
+    module = ""  # none from the registry: each job brings its own (`module_sha`)
+    params_model = WasmParams
+    main_output = "manifest"
+
+    # ------------------------------------------------------------ the command line
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("module", type=Path, metavar="MODULE.wasm", help="a WASI command or a pd-ABI module")
+        parser.add_argument(
+            "--arg", action="append", default=[], metavar="A", help="one argument for the program (--arg=-x for flags)"
+        )
+        parser.add_argument("--env", action="append", default=[], metavar="K=V", help="one environment variable")
+        inputs = parser.add_mutually_exclusive_group(required=True)
+        inputs.add_argument("--inputs", nargs="+", type=Path, metavar="PATH", help="files or directories: a run each")
+        inputs.add_argument("--lines", type=Path, metavar="FILE", help="a run per line, the line on stdin")
+        inputs.add_argument("--count", type=int, metavar="N", help="N runs, empty stdin, PD_INDEX set")
+        parser.add_argument(
+            "-o",
+            "--output",
+            dest="outdir",
+            type=Path,
+            required=True,
+            metavar="OUTDIR",
+            help="where out/, err/ and manifest.jsonl are written, as subtasks merge (by the aggregators)",
+        )
+        parser.add_argument("--keep-going", action="store_true", help="a failing input does not fail the job")
+        parser.add_argument(
+            "--timeout", dest="run_timeout", type=float, metavar="S", help="seconds a subtask may run on a node"
+        )
+        parser.add_argument("--memory", type=int, metavar="MB", help="memory limit of the program")
+        parser.add_argument(
+            "--nondeterministic",
+            action="store_true",
+            help="real randomness and clocks (turns replication off; default --replicate for wasm: 0.1)",
+        )
+        parser.add_argument("--seed", type=int, help="the job's seed, to draw the same numbers again (none: random)")
+
+    def params_from_args(self, args: argparse.Namespace) -> dict[str, Any]:
+        if args.nondeterministic:
+            print(
+                "warning: --nondeterministic: outputs cannot be compared, so no subtask is replicated;"
+                " results are checked by no second node",
+                file=sys.stderr,
+            )
+        raw: dict[str, Any] = {
+            "module": str(args.module),
+            "args": list(args.arg),
+            "env": list(args.env),
+            "outdir": str(args.outdir),
+            "keep_going": args.keep_going,
+            "timeout_s": args.run_timeout,
+            "memory_mb": args.memory,
+            "deterministic": not args.nondeterministic,
+            "seed": args.seed,
+        }
+        if args.inputs is not None:
+            raw["inputs"] = [str(p) for p in args.inputs]
+        elif args.lines is not None:
+            raw["lines"] = str(args.lines)
+        else:
+            raw["count"] = args.count
+        return raw
+
+    def summary(self, outputs: dict[str, str]) -> list[str]:
+        rows = _manifest(outputs)
+        failed = [r for r in rows if r["exit_code"] != 0]
+        lines = [f"{len(rows)} inputs, {len(failed)} failed; outputs in {outputs.get('out', '?')}"]
+        for r in failed[:FAILED_NAMED]:
+            lines.append(f"failed: {r['input']} (index {r['index']}): {_exit_text(r['exit_code'])}")
+        if len(failed) > FAILED_NAMED:
+            lines.append(f"... and {len(failed) - FAILED_NAMED} more (see {outputs['manifest']})")
+        return lines
+
+    def exit_code(self, outputs: dict[str, str]) -> int:
+        return 1 if any(r["exit_code"] != 0 for r in _manifest(outputs)) else 0
+
+    # ------------------------------------------------------------ submit
+
+    def prepare(self, raw: dict[str, Any]) -> Prepared:
+        module_path = Path(os.path.expanduser(str(raw["module"])))
+        data = read_module(module_path)
+        info = inspect(data, name=module_path.name)
+        wasi = info.kind is ModuleKind.WASI_COMMAND
+        if not wasi and (raw.get("args") or raw.get("env") or raw.get("count") is not None):
+            raise ParamsError(f"{module_path.name} is a pd-ABI module: it takes no --arg, --env or --count")
+        outdir = Path(os.path.expanduser(str(raw["outdir"]))).resolve()
+        if (outdir / "out").exists() and any((outdir / "out").iterdir()):
+            raise ParamsError(f"{outdir}/out holds an earlier job's outputs: choose another -o or remove them")
+        blocks: dict[str, bytes] = {}
+        groups: list[tuple[int, int, str, str]] = []
+        if raw.get("count") is not None:
+            source, total = Source.COUNT, int(raw["count"])
+            if total < 1:
+                raise ParamsError(f"--count must be at least 1, got {total}")
+        else:
+            if raw.get("inputs") is not None:
+                source = Source.INPUTS
+                items: Iterable[tuple[str, bytes]] = (
+                    (name, _read_input(path)) for name, path in walk_inputs(Path(p) for p in raw["inputs"])
+                )
+            elif raw.get("lines") is not None:
+                source, items = Source.LINES, read_lines(Path(os.path.expanduser(str(raw["lines"]))))
+            else:
+                source, items = Source.ITEMS, ((str(i), bytes(b)) for i, b in enumerate(raw.get("items") or ()))
+            total = self._group(items, source, wasi, blocks, groups)
+            if total == 0:
+                raise ParamsError("no inputs: the files, directories or lines given hold none")
+        seed = raw.get("seed")
+        params = {
+            "module": info.sha256,
+            "module_kind": info.kind.value,
+            "program": module_path.name,
+            "args": list(raw.get("args") or []),
+            "env": list(raw.get("env") or []),
+            "source": source.value,
+            "inputs": total,
+            "groups": groups,
+            "outdir": str(outdir),
+            "keep_going": bool(raw.get("keep_going")),
+            "timeout_s": raw.get("timeout_s"),
+            "memory_mb": raw.get("memory_mb"),
+            "deterministic": bool(raw.get("deterministic", True)),
+            "seed": secrets.randbits(63) if seed is None else int(seed),
+        }
+        self.parse_params(params)  # a bad --env or --timeout is refused here, with nothing stored
+        return Prepared(params=params, blocks=blocks, modules=[data])
+
+    @staticmethod
+    def _group(
+        items: Iterable[tuple[str, bytes]],
+        source: Source,
+        wasi: bool,
+        blocks: dict[str, bytes],
+        groups: list[tuple[int, int, str, str]],
+    ) -> int:
+        """Cut the inputs into subtasks (consecutive ones, up to GROUP_RUNS and GROUP_BYTES;
+        one each for a pd-ABI module) and their blocks; returns how many inputs there were."""
+        names: list[str] = []
+        stdins: list[bytes] = []
+        total = 0
+
+        def add(data: bytes) -> str:
+            sha = hashlib.sha256(data).hexdigest()
+            blocks[sha] = data
+            return sha
+
+        def flush() -> None:
+            body = add(runs_section(tuple(stdins)) if wasi else stdins[0])
+            named = add(json.dumps(names).encode()) if source in (Source.INPUTS, Source.LINES) else ""
+            groups.append((total - len(stdins), len(stdins), body, named))
+            names.clear()
+            stdins.clear()
+
+        size = 0
+        for name, data in items:
+            if stdins and (not wasi or len(stdins) == GROUP_RUNS or size + len(data) > GROUP_BYTES):
+                flush()
+                size = 0
+            names.append(name)
+            stdins.append(data)
+            size += len(data)
+            total += 1
+        if stdins:
+            flush()
+        return total
+
+    # ------------------------------------------------------------ the controller
+
+    def module_sha(self, params: WasmParams) -> str | None:
+        return params.module
+
+    def replication(self, params: WasmParams, requested: float | None, default: float) -> float:
+        if not params.deterministic:
+            return 0.0  # two honest runs differ: comparing them proves nothing
+        return max(default, DEFAULT_REPLICATE) if requested is None else requested
+
+    def count(self, params: WasmParams) -> int:
+        return params.inputs if params.source is Source.COUNT else len(params.groups)
+
+    def split(self, params: WasmParams, start: int = 0) -> Iterator[Subtask]:
+        if params.source is Source.COUNT:
+            for i in range(start, params.inputs):
+                yield Subtask(envelope_head(params, i, (f"PD_INDEX={i}",)) + runs_section((b"",)))
+            return
+        wasi = params.module_kind is ModuleKind.WASI_COMMAND
+        for index in range(start, len(params.groups)):
+            stdins = params.groups[index][2]
+            yield Subtask(envelope_head(params, index) if wasi else b"", (stdins,))
+
+    def _runs(self, params: WasmParams, index: int) -> tuple[int, int]:
+        """(first input, inputs) of subtask `index`."""
+        if params.source is Source.COUNT:
+            return index, 1
+        first, n, _stdins, _names = params.groups[index]
+        return first, n
+
+    def _results(self, params: WasmParams, output: bytes) -> tuple[RunResult, ...]:
+        if params.module_kind is ModuleKind.PD_ABI:
+            return (RunResult(0, output),)  # a failed pd-ABI run never returns a result
+        return ResultEnvelope.decode(output).runs
+
+    def verify(self, params: WasmParams, index: int, task_input: bytes, output: bytes, rng: random.Random) -> Verdict:
+        # a user's program has no cheap check beyond the shape of its result: replication
+        # compares whole results instead
+        try:
+            runs = self._results(params, output)
+        except EnvelopeError:
+            return Verdict.REJECT
+        return Verdict.ACCEPT if len(runs) == self._runs(params, index)[1] else Verdict.REJECT
+
+    def _labels(self, files: JobFiles, params: WasmParams, index: int) -> list[tuple[str, str]]:
+        """(manifest input, path under out/) of each input of subtask `index`."""
+        first, n = self._runs(params, index)
+        indexes = [str(first + k) for k in range(n)]
+        if params.source is Source.COUNT:
+            return [(f"PD_INDEX={i}", i) for i in indexes]
+        names_block = params.groups[index][3]
+        names: list[str] = json.loads(files.read_block(names_block)) if names_block else indexes
+        if params.source is Source.INPUTS:
+            # a name from a hand-made submit that would leave out/ is written by index
+            return [(name, name if _safe_relative(name) else i) for name, i in zip(names, indexes, strict=True)]
+        return list(zip(names, indexes, strict=True))
+
+    def merge(self, files: JobFiles, params: WasmParams, index: int, output: bytes) -> None:
+        self.merge_result(files, params, index, output, Origin("", 0.0, Checked.SINGLE))
+
+    def merge_result(self, files: JobFiles, params: WasmParams, index: int, output: bytes, origin: Origin) -> None:
+        runs = self._results(params, output)
+        first, _n = self._runs(params, index)
+        outdir = Path(params.outdir)
+        records = []
+        for k, ((label, rel), run) in enumerate(zip(self._labels(files, params, index), runs, strict=True)):
+            _write(outdir / "out" / rel, run.stdout)
+            err = outdir / "err" / rel
+            if run.stderr:
+                _write(err, run.stderr)
+            else:
+                err.unlink(missing_ok=True)  # a result merged again (after a ban) may have none
+            record: dict[str, Any] = {
+                "input": label,
+                "index": first + k,
+                "exit_code": run.exit_code,
+                "bytes": len(run.stdout),
+                "sha256": hashlib.sha256(run.stdout).hexdigest(),
+                "node": origin.node,
+                "elapsed_ms": round(origin.elapsed_ms, 1),  # of the whole subtask
+                "verified": origin.checked.value,
+                "subtask": index,
+            }
+            if len(origin.agreeing) > 1:
+                record["nodes"] = list(origin.agreeing)
+            records.append(record)
+        _write(files.path(f"runs/{index:09d}.json"), json.dumps(records).encode())
+
+    def confirm(self, params: WasmParams, index: int, output: bytes) -> bool:
+        # a failed run counts once a second node agrees; without determinism, no two agree
+        return params.deterministic and any(run.exit_code != 0 for run in self._results(params, output))
+
+    def failure(self, files: JobFiles, params: WasmParams, index: int, output: bytes) -> str | None:
+        if params.keep_going:
+            return None
+        runs = self._results(params, output)
+        for (label, _rel), run in zip(self._labels(files, params, index), runs, strict=True):
+            if run.exit_code != 0:
+                tail = run.stderr.decode("utf-8", errors="replace")[-STDERR_IN_ERROR:].strip()
+                return f"input {label!r} {_exit_text(run.exit_code)}; stderr ends: {tail or '(empty)'}"
+        return None
+
+    def finalize(self, files: JobFiles, params: WasmParams) -> dict[str, str]:
+        outdir = Path(params.outdir)
+        lines = []
+        for index in range(self.count(params)):
+            path = files.path(f"runs/{index:09d}.json")
+            lines += [json.dumps(r) + "\n" for r in json.loads(path.read_text())]
+        manifest = outdir / MANIFEST
+        _write(manifest, "".join(lines).encode())
+        return {"manifest": str(manifest), "out": str(outdir / "out")}
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda fh: fh.write(data))
+
+
+def _exit_text(code: int) -> str:
+    return "trapped" if code == TRAPPED else f"exited with code {code}"
+
+
+def _manifest(outputs: dict[str, str]) -> list[dict[str, Any]]:
+    path = Path(outputs["manifest"])
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+__all__ = ["DEFAULT_REPLICATE", "WasmParams", "WasmPlugin", "envelope_head", "runs_section", "subtask_seed"]
