@@ -26,7 +26,8 @@ keeps them (0 when `_start` returns; `exit(-1)` is 255; 126-255 too, which wasmt
 `trap: <message>` of its own at the end of stderr. stderr keeps its last `STDERR_KEPT` bytes.
 
 Determinism: run `i` of an envelope draws `random_get` bytes from splitmix64 seeded with
-`run_seed(seed, i)` (the first output of splitmix64 seeded `seed ^ i * GOLDEN`), eight bytes per step, little-endian, a fresh step for every call (left
+`run_seed(seed, i)` (the first output of splitmix64 seeded `seed ^ i * GOLDEN`), eight
+bytes per step, little-endian, a fresh step for every call (left
 over bytes of a step are dropped); every clock reads `CLOCK_START_NS` plus `CLOCK_STEP_NS`
 for each read before it in the run (realtime and monotonic share the count); clock
 resolution is `CLOCK_STEP_NS`.
