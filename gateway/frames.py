@@ -56,7 +56,8 @@ def parse_frame(text: str | None, cap: int) -> NodeFrame | Refusal:
 
 
 def task_frame(parts: list[tuple[str, TaskFields]], module: Module) -> TaskAssign:
-    """One task of one or more parts (task entry id, fields), run with `module`."""
+    """One task of one or more parts (task entry id, fields), run with `module`. Its limits
+    are the first part's: every part of a task belongs to one job."""
     (first_id, first), rest = parts[0], parts[1:]
     return TaskAssign(
         task_id=first_id,
@@ -70,4 +71,6 @@ def task_frame(parts: list[tuple[str, TaskFields]], module: Module) -> TaskAssig
             TaskPart(task_id=tid, input_b64=base64.b64encode(f.input).decode(), blocks=list(f.blocks))
             for tid, f in rest
         ],
+        deadline_s=first.deadline_s,
+        memory_mb=first.memory_mb,
     )

@@ -130,6 +130,8 @@ class Welcome(_Msg):
 
 
 MAX_PARTS = 32  # parts in one task, the first included
+MAX_DEADLINE_S = 86400.0  # a task's per-part deadline, at most (`TaskAssign.deadline_s`)
+MAX_MEMORY_MB = 65536  # a task's memory cap, at most (`TaskAssign.memory_mb`)
 
 
 class TaskPart(_Msg):
@@ -151,7 +153,14 @@ class TaskAssign(_Msg):
     A longer task has parts (`more`): the node runs them after the first, one after the
     other in the same slot, and sends each part's `result` as soon as it is done. Those
     results are the task's checkpoints: if the node goes away, only the parts it has not
-    reported are handed out again. The whole task counts as one against `ready.free`."""
+    reported are handed out again. The whole task counts as one against `ready.free`.
+
+    `deadline_s` and `memory_mb` are the job's limits for each part (all parts share them):
+    wall-clock seconds from the part's start on the node, and MiB of the module's linear
+    memory. A node applies them where they are lower than its own limits; a part that runs
+    past its deadline is stopped and reported as `task_failed` with a message starting
+    `DeadlineExceeded:`, one that needs more memory as `MemoryCapReached:` (or the module's
+    own out-of-memory failure). Absent: the node's own limits."""
 
     type: Literal["task"] = "task"
     task_id: TaskId
@@ -162,6 +171,12 @@ class TaskAssign(_Msg):
     input_b64: str
     blocks: list[Sha256] = Field(default_factory=list, max_length=64)
     more: list[TaskPart] = Field(default_factory=list, max_length=MAX_PARTS - 1)
+    deadline_s: float | None = Field(
+        default=None, gt=0, le=MAX_DEADLINE_S, description="wall-clock seconds each part may run"
+    )
+    memory_mb: int | None = Field(
+        default=None, ge=1, le=MAX_MEMORY_MB, description="MiB of linear memory each part may use"
+    )
 
 
 class CancelTasks(_Msg):

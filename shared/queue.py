@@ -29,6 +29,10 @@ class TaskFields:
     backup_of: str = ""  # a backup copy of a straggler held by this node: never give it back to that node
     blocks: tuple[str, ...] = ()  # sha256 of shared input blocks appended to `input`, in order
     replicated: bool = False  # computed on distinct nodes until two results agree (aggregator votes)
+    # the job's per-subtask limits (`TaskPlugin.limits`), sent to the node with the task; None:
+    # the node's own
+    deadline_s: float | None = None
+    memory_mb: int | None = None
 
     def to_redis(self) -> dict[str, Any]:
         fields: dict[str, Any] = {
@@ -45,6 +49,10 @@ class TaskFields:
             fields["blocks"] = ",".join(self.blocks)
         if self.replicated:
             fields["replicated"] = 1
+        if self.deadline_s is not None:
+            fields["deadline_s"] = repr(float(self.deadline_s))
+        if self.memory_mb is not None:
+            fields["memory_mb"] = int(self.memory_mb)
         return fields
 
     @classmethod
@@ -59,6 +67,8 @@ class TaskFields:
             backup_of=fields.get(b"backup_of", b"").decode(),
             blocks=tuple(b for b in fields.get(b"blocks", b"").decode().split(",") if b),
             replicated=fields.get(b"replicated") == b"1",
+            deadline_s=float(fields[b"deadline_s"]) if b"deadline_s" in fields else None,
+            memory_mb=int(fields[b"memory_mb"]) if b"memory_mb" in fields else None,
         )
 
     def retry(self) -> TaskFields:

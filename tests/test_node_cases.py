@@ -2,7 +2,8 @@
 
 The browser agent's `static/js/node_state.js` runs the same file: one table, two nodes.
 Each step feeds one event; the instructions returned must be exactly the expected list, in
-order (a `send` is compared on the keys the table gives only)."""
+order (a `send` is compared on the keys the table gives only; a `start` names the part and,
+when the task has them, its limits)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def as_json(instruction: Instruction) -> dict[str, Any]:
     if isinstance(instruction, Send):
         return {"send": instruction.message.model_dump(mode="json")}
     if isinstance(instruction, Start):
-        return {"start": instruction.task_id}
+        limits = {"deadline_s": instruction.deadline_s, "memory_mb": instruction.memory_mb}
+        return {"start": instruction.task_id, **{k: v for k, v in limits.items() if v is not None}}
     if isinstance(instruction, Stop):
         return {"stop": instruction.task_id}
     raise TypeError(f"expected an instruction, got {instruction!r}")

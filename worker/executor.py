@@ -40,7 +40,8 @@ class Executor(Protocol):
 
 
 class WasmExecutor:
-    """The worker's own executor: the part's module (by sha256) in wasmtime, one process per slot."""
+    """The worker's own executor: the part's module (by sha256) in wasmtime, one process per slot,
+    under the worker's limits lowered to the part's own (`Start.deadline_s`, `.memory_mb`)."""
 
     def __init__(self, *, limits: Limits, modules: ModuleStore) -> None:
         self.limits = limits
@@ -56,7 +57,8 @@ class WasmExecutor:
     async def run(self, part: Start, data: bytes) -> tuple[bytes, float]:
         assert self.pool is not None, "resize() before run()"
         path = await self.modules.get(part.module_sha256, part.module_url)
-        return await self.pool.run(part.task_id, part.module_sha256, path, data)
+        limits = self.limits.within(part.deadline_s, part.memory_mb)  # the task's, where lower
+        return await self.pool.run(part.task_id, part.module_sha256, path, data, limits=limits)
 
     def begin_close(self) -> None:
         if self.pool is not None:

@@ -54,8 +54,9 @@ STOP_GRACE_S = 2.0
 RETIRING = {DeadlineExceeded.__name__, MemoryCapReached.__name__, ExecutorCrashed.__name__}
 
 
-# One request on the pipe: (task id, module sha256, module file, input bytes); None = exit.
-Request = tuple[str, str, str, bytes]
+# One request on the pipe: (task id, module sha256, module file, input bytes, the run's limits
+# as (deadline_s, memory_bytes)); None = exit.
+Request = tuple[str, str, str, bytes, tuple[float, int]]
 
 
 # ---------------------------------------------------------------------------- child side
@@ -80,10 +81,10 @@ def _serve(conn: Connection, limits: Limits) -> None:
             return
         if request is None:
             return
-        _task_id, sha256, path, data = request
+        _task_id, sha256, path, data, (deadline_s, memory_bytes) = request
         started = time.perf_counter()
         try:
-            output = runner.run(sha256, Path(path), data)
+            output = runner.run(sha256, Path(path), data, Limits(deadline_s=deadline_s, memory_bytes=memory_bytes))
         except TaskError as exc:
             name = type(exc).__name__
             conn.send(("error", name, str(exc)))
@@ -185,15 +186,20 @@ class ExecutorPool:
         self._procs.add(proc)
         self._idle.put_nowait(proc)
 
-    async def run(self, task_id: str, sha256: str, path: Path, data: bytes) -> tuple[bytes, float]:
-        """Run one task: `(output, elapsed_ms)`, or a `TaskError`. Cancelling the awaiting
+    async def run(
+        self, task_id: str, sha256: str, path: Path, data: bytes, *, limits: Limits | None = None
+    ) -> tuple[bytes, float]:
+        """Run one task: `(output, elapsed_ms)`, or a `TaskError`. `limits` are this run's (a
+        task's own, lowered by `Limits.within`; None: the pool's). Cancelling the awaiting
         task kills the process that runs it (and starts a replacement)."""
         if self._closed:
             raise ExecutorCrashed("the executor pool is closed")
+        limits = limits or self.limits
         proc = await self._idle.get()
         proc.task_id = task_id
-        timeout = self.limits.deadline_s + GUARD_GRACE_S
-        call: Future[tuple[Any, ...]] = self._threads.submit(proc.call, (task_id, sha256, str(path), data), timeout)
+        timeout = limits.deadline_s + GUARD_GRACE_S  # the guard follows the run's own deadline
+        request: Request = (task_id, sha256, str(path), data, (limits.deadline_s, limits.memory_bytes))
+        call: Future[tuple[Any, ...]] = self._threads.submit(proc.call, request, timeout)
         retire = True
         try:
             reply = await asyncio.wrap_future(call)
@@ -206,7 +212,7 @@ class ExecutorPool:
                 raise task_error(reply[1], reply[2])
             if kind == "timeout":
                 raise DeadlineExceeded(
-                    f"no answer within {timeout:g}s (deadline {self.limits.deadline_s:g}s); executor process killed"
+                    f"no answer within {timeout:g}s (deadline {limits.deadline_s:g}s); executor process killed"
                 )
             raise ExecutorCrashed(f"executor process died (exit code {reply[1]}) while running the task")
         finally:

@@ -11,6 +11,10 @@ ABI allows. Two limits guard every run:
 - a **memory cap**, by `Store.set_limits(memory_size=...)`: `memory.grow` past it returns -1,
   which the kernels report as status 3 (or `pd_alloc` returning 0).
 
+Both are the worker's own (`Limits`), lowered for a task that brings its own
+(`TaskAssign.deadline_s`/`memory_mb`, `Limits.within`): `run` takes the limits of each call,
+so the epoch deadline and the store's limiter are set per run and cost nothing while it runs.
+
 After a trap the instance (and its store) is discarded, as the ABI requires.
 
 A module that is a WASI command (`ModuleKind.WASI`) is run by `wasi_run.WasiRunner` on the
@@ -57,6 +61,12 @@ class Limits:
 
     deadline_s: float = 300.0
     memory_bytes: int = 1024 * MIB
+
+    def within(self, deadline_s: float | None = None, memory_mb: int | None = None) -> Limits:
+        """These limits, lowered to a task's own where it has lower ones (None: keep ours)."""
+        deadline = self.deadline_s if deadline_s is None else min(self.deadline_s, deadline_s)
+        memory = self.memory_bytes if memory_mb is None else min(self.memory_bytes, memory_mb * MIB)
+        return Limits(deadline_s=deadline, memory_bytes=memory)
 
     @property
     def deadline_ticks(self) -> int:
@@ -165,20 +175,28 @@ class ModuleRunner:
 
     # ------------------------------------------------------------------ runs
 
-    def run(self, sha256: str, path: Path, data: bytes | bytearray) -> bytes:
+    def run(self, sha256: str, path: Path, data: bytes | bytearray, limits: Limits | None = None) -> bytes:
         """Run module `sha256` on `data` and return its output; a failure raises a TaskError.
-        For a WASI command `data` is a run envelope and the output a result envelope."""
+        For a WASI command `data` is a run envelope and the output a result envelope.
+        `limits` are this run's (a task's own, `Limits.within`); None: the runner's."""
+        limits = limits or self.limits
         if self.kind(sha256, path) is ModuleKind.WASI:
             if self._wasi is None:
                 self._wasi = WasiRunner(
-                    self.engine, tick_s=TICK_S, deadline_s=self.limits.deadline_s, memory_bytes=self.limits.memory_bytes
+                    self.engine, tick_s=TICK_S, deadline_s=limits.deadline_s, memory_bytes=limits.memory_bytes
                 )
+            # the runner reads its limits at each run: set this run's
+            self._wasi.deadline_s, self._wasi.memory_bytes = limits.deadline_s, limits.memory_bytes
             return self._wasi.run(sha256[:12], self.module(sha256, path), bytes(data))
+        kept = self._instances.get(sha256)
+        if kept is not None and kept.memory.data_len(kept.store) > limits.memory_bytes:
+            del self._instances[sha256]  # grown past this run's cap by an earlier run: start afresh
         inst = self._instance(sha256, path)
         store = inst.store
-        cap_mib = self.limits.memory_bytes / MIB
+        cap_mib = limits.memory_bytes / MIB
         started = time.monotonic()
-        store.set_epoch_deadline(self.limits.deadline_ticks)
+        store.set_limits(memory_size=limits.memory_bytes)
+        store.set_epoch_deadline(limits.deadline_ticks)
         try:
             ptr = _u32(inst.alloc(store, len(data)))
             if ptr == 0:
@@ -211,7 +229,7 @@ class ModuleRunner:
             elapsed = time.monotonic() - started
             if exc.trap_code is wasmtime.TrapCode.INTERRUPT:
                 raise DeadlineExceeded(
-                    f"task ran past its {self.limits.deadline_s:g}s deadline (stopped after {elapsed:.1f}s)"
+                    f"task ran past its {limits.deadline_s:g}s deadline (stopped after {elapsed:.1f}s)"
                 ) from None
             mib = inst.memory.data_len(store) / MIB
             note = ""

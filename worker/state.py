@@ -11,7 +11,8 @@ The rules:
 
 - A task is a queue of parts (`TaskAssign` and its `more`). A task waits in `queue` until a
   slot is free (`running` holds up to `slots` tasks); its parts then run one after the other
-  in that slot, each reported (`result` / `task_failed`) as soon as it is done.
+  in that slot, each reported (`result` / `task_failed`) as soon as it is done. Every part
+  starts with the task's limits (`deadline_s`, `memory_mb`); the executor enforces them.
 - `ready.free` is absolute: `slots + prefetch - queued - running` tasks, sent only when it is
   above zero and differs from the last one sent. A task assignment makes the last one stale
   (the gateway counted the task against it).
@@ -121,6 +122,9 @@ class Start:
     module_url: str
     input_b64: str
     blocks: tuple[str, ...]
+    #: the task's limits (`TaskAssign.deadline_s`, `.memory_mb`); None: the executor's own
+    deadline_s: float | None = None
+    memory_mb: int | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,9 @@ class Work:
     waiting: deque[TaskPart]
     #: the part running now (None while queued, or between parts)
     current: str | None = None
+    #: limits every part of the task runs under (None: the executor's own)
+    deadline_s: float | None = None
+    memory_mb: int | None = None
 
     def held(self) -> list[str]:
         return ([self.current] if self.current else []) + [p.task_id for p in self.waiting]
@@ -258,7 +265,16 @@ class NodeState:
                 parts.append(p)
         if not parts:
             return None
-        return Work(parts[0].task_id, m.job_id, m.kind, m.module_sha256, m.module_url, deque(parts))
+        return Work(
+            parts[0].task_id,
+            m.job_id,
+            m.kind,
+            m.module_sha256,
+            m.module_url,
+            deque(parts),
+            deadline_s=m.deadline_s,
+            memory_mb=m.memory_mb,
+        )
 
     def _cancel(self, ids: set[str]) -> list[Instruction]:
         for task_id in ids:
@@ -323,6 +339,8 @@ class NodeState:
             module_url=work.module_url,
             input_b64=part.input_b64,
             blocks=tuple(part.blocks),
+            deadline_s=work.deadline_s,
+            memory_mb=work.memory_mb,
         )
 
     def _ready(self) -> list[Instruction]:

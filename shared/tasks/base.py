@@ -29,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 from .. import validation
 from ..exceptions import ParamsError
+from ..protocol import MAX_DEADLINE_S, MAX_MEMORY_MB
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -49,6 +50,24 @@ class Prepared:
     params: dict[str, Any]
     blocks: dict[str, bytes]
     modules: list[bytes] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TaskLimits:
+    """What one subtask of a job may use on a node: wall-clock seconds (`deadline_s`) and
+    linear memory in MiB (`memory_mb`). None leaves the node's own limit; a node applies
+    the lower of the two. A part past either fails like any failed part (and is retried)."""
+
+    deadline_s: float | None = None
+    memory_mb: int | None = None
+
+    def __post_init__(self) -> None:
+        # the bounds of the task frame (shared/protocol.py): a plugin's params model should
+        # refuse anything else at submit time; this catches a plugin that did not
+        if self.deadline_s is not None and not 0 < self.deadline_s <= MAX_DEADLINE_S:
+            raise ValueError(f"expected a deadline in (0, {MAX_DEADLINE_S:g}] seconds, got {self.deadline_s!r}")
+        if self.memory_mb is not None and not 1 <= self.memory_mb <= MAX_MEMORY_MB:
+            raise ValueError(f"expected a memory cap in [1, {MAX_MEMORY_MB}] MiB, got {self.memory_mb!r}")
 
 
 class Verdict(StrEnum):
@@ -201,6 +220,11 @@ class TaskPlugin(ABC, Generic[P]):
     @abstractmethod
     def finalize(self, files: JobFiles, params: P) -> dict[str, str]:
         """Write the output files; return them by role (e.g. {"image": path})."""
+
+    def limits(self, params: P) -> TaskLimits:
+        """Per-subtask limits for this job (e.g. from its `--timeout`/`--memory`), carried to
+        every node with its tasks. The default sets none: the nodes' own defaults apply."""
+        return TaskLimits()
 
 
 def shared_memmap(path: Path, shape: tuple[int, ...], dtype: Any) -> np.memmap:

@@ -12,7 +12,8 @@
 //   {failed: partId, message}               a part could not run
 //   {tick: true}                            the heartbeat timer fired
 //   {disconnected: true}                    the socket closed
-// Instructions: {send: frame}, {start: partId}, {stop: partId}.
+// Instructions: {send: frame}, {start: partId, deadline_s?, memory_mb?}, {stop: partId}; a start
+// carries the task's limits when it has them (the runner enforces them on the pool).
 //
 // A task holds one slot; its parts run one after the other in that slot, and each part's
 // result is sent as soon as it is done (the task's checkpoints). A task survives reconnects:
@@ -20,7 +21,7 @@
 // hello lists every part still held. Only a cancel drops a part: a waiting one is skipped, a
 // running one is stopped, and the task's other parts go on.
 
-import { ServerType, heartbeat, hello, ready, result, taskFailed } from "./protocol.js";
+import { ServerType, heartbeat, hello, ready, result, taskFailed, taskLimits } from "./protocol.js";
 
 /** Hello and Ready carry at most this many ids / this much room (shared/protocol.py). */
 const MAX_IDS = 1024;
@@ -31,6 +32,8 @@ class Task {
     this.job = frame.job_id;
     this.sha256 = frame.module_sha256;
     this.url = frame.module_url;
+    /** The limits every part runs under ({deadline_s, memory_mb}, each null: the node's own). */
+    this.limits = taskLimits(frame);
     /** @type {Array<{task_id: string, input_b64: string, blocks: string[]}>} not started yet, in order */
     this.waiting = parts;
     /** @type {?object} the part running now (null between parts and while queued) */
@@ -79,12 +82,16 @@ export class NodeState {
     return [...new Set([...ids, ...this.outbox.keys()])].slice(0, MAX_IDS);
   }
 
-  /** What a runner needs for a started part: {id, job, sha256, url, input_b64, blocks}; null if unknown. */
+  /**
+   * What a runner needs for a started part: {id, job, sha256, url, input_b64, blocks, deadline_s,
+   * memory_mb} (limits null when the task has none); null if unknown.
+   */
   part(id) {
     for (const task of this.running.values()) {
       if (task.current && task.current.task_id === id) {
         const p = task.current;
-        return { id, job: task.job, sha256: task.sha256, url: task.url, input_b64: p.input_b64, blocks: p.blocks };
+        const { url, sha256, job } = task;
+        return { id, job, sha256, url, input_b64: p.input_b64, blocks: p.blocks, ...task.limits };
       }
     }
     return null;
@@ -222,7 +229,8 @@ export class NodeState {
   #advance(out, task) {
     if (task.waiting.length) {
       task.current = task.waiting.shift();
-      out.push({ start: task.current.task_id });
+      const limits = Object.entries(task.limits).filter(([, v]) => v !== null);
+      out.push({ start: task.current.task_id, ...Object.fromEntries(limits) });
       return false;
     }
     this.running.delete(task);

@@ -8,11 +8,25 @@
 
 import { WorkerOp } from "./protocol.js";
 
+const defaultTimers = {
+  setTimeout: (fn, ms) => globalThis.setTimeout(fn, ms),
+  clearTimeout: (handle) => globalThis.clearTimeout(handle),
+  now: () => performance.now(),
+};
+
 /** The pending call was dropped because its worker was terminated (stopped, crashed, retired). */
 export class WorkerStopped extends Error {
   constructor(reason) {
     super(reason);
     this.name = "WorkerStopped";
+  }
+}
+
+/** A run went on past its task's deadline: its worker was terminated (named like the native node's). */
+export class DeadlineExceeded extends Error {
+  constructor(message) {
+    super(message);
+    this.name = "DeadlineExceeded";
   }
 }
 
@@ -85,13 +99,20 @@ export class WorkerClient {
 /**
  * Workers for the node's running parts. `run(key, request)` waits for an idle worker (first
  * come, first served), `stop(key)` ends the worker running it (the only way to stop a module
- * that loops) and puts a fresh one in its place.
+ * that loops) and puts a fresh one in its place. A run with a deadline is timed from when it
+ * reaches a worker; past it, that worker is replaced the same way and the run fails with
+ * `DeadlineExceeded` (the module is never interrupted while it runs: no cost to the kernel).
  */
 export class Pool {
-  /** @param {{spawn: (name: string) => object, prefix?: string}} options */
-  constructor({ spawn, prefix = "pd-worker" }) {
+  /**
+   * @param {{spawn: (name: string) => object, prefix?: string,
+   *          timers?: {setTimeout: Function, clearTimeout: Function, now: () => number}}} options
+   *   `timers` defaults to the global ones (tests pass a fake clock)
+   */
+  constructor({ spawn, prefix = "pd-worker", timers = defaultTimers }) {
     this.spawn = spawn;
     this.prefix = prefix;
+    this.timers = timers;
     /** @type {WorkerClient[]} */
     this.workers = [];
     /** @type {Map<string, WebAssembly.Module>} sha256 -> compiled module, preloaded into new workers */
@@ -135,21 +156,43 @@ export class Pool {
     this.#dispatch();
   }
 
-  /** Run `request` on an idle worker; `key` names the run for `stop`. */
-  run(key, request, transfer = []) {
+  /**
+   * Run `request` on an idle worker; `key` names the run for `stop`. `deadlineS` (seconds, or
+   * null for none): once the run is on a worker, how long it may take before that worker is
+   * terminated and replaced and the run fails with `DeadlineExceeded`.
+   */
+  run(key, request, transfer = [], { deadlineS = null } = {}) {
     return new Promise((resolve, reject) => {
       const start = (client) => {
         client.busy = key;
+        let overrun = null;
+        let timer = null;
+        if (deadlineS !== null && deadlineS > 0) {
+          const started = this.timers.now();
+          timer = this.timers.setTimeout(() => {
+            timer = null;
+            if (client.busy !== key || !this.workers.includes(client)) return;
+            const took = (this.timers.now() - started) / 1000;
+            overrun = new DeadlineExceeded(
+              `task ran past its ${deadlineS}s deadline (stopped after ${took.toFixed(1)}s); its worker was terminated`,
+            );
+            this.#replace(client, overrun.message);
+          }, deadlineS * 1000);
+        }
         client
           .call(request, transfer)
           .then(resolve, (err) => {
+            if (overrun && err instanceof WorkerStopped) return reject(overrun);
             // A worker that died under its run is replaced; the run fails.
             if (err instanceof WorkerStopped && this.workers.includes(client) && client.busy === key) {
               this.#replace(client);
             }
             reject(err);
           })
-          .finally(() => this.#release(client, key));
+          .finally(() => {
+            if (timer !== null) this.timers.clearTimeout(timer);
+            this.#release(client, key);
+          });
       };
       this.waiting.push({ key, start, fail: reject });
       this.#dispatch();

@@ -49,7 +49,7 @@ export const CloseCode = Object.freeze({
 
 /** Operations between pool.js and wasm_worker.js (`{id, op, ...}` requests, `{id, ok, ...}` replies). */
 export const WorkerOp = Object.freeze({
-  RUN: "run", // {sha256, url, input: ArrayBuffer} -> {output: ArrayBuffer, elapsedMs}
+  RUN: "run", // {sha256, url, input: ArrayBuffer, memoryMb?} -> {output: ArrayBuffer, elapsedMs}
   PRELOAD: "preload", // {sha256, module: WebAssembly.Module} -> {}
   EXPORT: "export", // {sha256} -> {module: WebAssembly.Module | null}
 });
@@ -61,9 +61,27 @@ export const Limits = Object.freeze({
   MAX_FREE: 1024,
   MAX_FAILURE_MESSAGE: 2000,
   MAX_DEVICE_TEXT: 200,
+  MAX_DEADLINE_S: 86400, // a task's per-part deadline (`task.deadline_s`), at most
+  MAX_MEMORY_MB: 65536, // a task's memory cap (`task.memory_mb`), at most
 });
 
 const clampInt = (value, lo, hi) => Math.min(hi, Math.max(lo, Math.trunc(Number(value) || 0)));
+
+/**
+ * A task frame's per-part limits (`deadline_s`, `memory_mb` of shared/protocol.py TaskAssign),
+ * each null when absent or out of the protocol's range (then the node's own limit applies).
+ */
+export function taskLimits(frame) {
+  const deadline = Number(frame && frame.deadline_s);
+  const memory = Number(frame && frame.memory_mb);
+  return {
+    deadline_s: frame && frame.deadline_s != null && deadline > 0 && deadline <= Limits.MAX_DEADLINE_S ? deadline : null,
+    memory_mb:
+      frame && frame.memory_mb != null && Number.isInteger(memory) && memory >= 1 && memory <= Limits.MAX_MEMORY_MB
+        ? memory
+        : null,
+  };
+}
 
 // ------------------------------------------------------------------ node -> server
 

@@ -83,8 +83,9 @@ export class Runner {
       }
       const input = (await this.blocks.assemble(part.job, inline, part.blocks)).buffer; // exactly sized
       if (gone()) return;
-      const request = { op: WorkerOp.RUN, sha256: part.sha256, url: part.url, input };
-      const reply = await this.pool.run(id, request, [input]);
+      const request = { op: WorkerOp.RUN, sha256: part.sha256, url: part.url, input, memoryMb: part.memory_mb };
+      // the task's limits: the pool times the deadline, the worker checks the memory cap
+      const reply = await this.pool.run(id, request, [input], { deadlineS: part.deadline_s });
       if (gone()) return;
       event = { done: id, output_b64: toBase64(new Uint8Array(reply.output)), elapsed_ms: reply.elapsedMs };
     } catch (err) {

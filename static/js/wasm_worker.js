@@ -36,6 +36,30 @@ class ModuleError extends Error {
   }
 }
 
+/** A module's linear memory grew past its task's cap (`memory_mb`): named like the native node's. */
+class MemoryCapReached extends Error {
+  constructor(bytes, memoryMb) {
+    super(`linear memory at ${Math.ceil(bytes / MIB)} MiB; the memory cap is ${memoryMb} MiB`);
+    this.name = "MemoryCapReached";
+  }
+}
+
+const MIB = 1024 * 1024;
+
+/**
+ * A check of a run's memory against its task's cap (null: none). The browser cannot refuse
+ * `memory.grow` of a module's own memory, so the run is failed once memory is seen past the cap:
+ * after the run, and for WASI modules at each host call too (one byteLength read).
+ */
+function memoryGuard(memoryMb) {
+  const cap = Number.isInteger(memoryMb) && memoryMb > 0 ? memoryMb * MIB : null;
+  return (memory) => {
+    if (cap !== null && memory instanceof WebAssembly.Memory && memory.buffer.byteLength > cap) {
+      throw new MemoryCapReached(memory.buffer.byteLength, memoryMb);
+    }
+  };
+}
+
 const WASI_MODULE = "wasi_snapshot_preview1";
 const ERRNO_SUCCESS = 0;
 const ERRNO_FAULT = 21;
@@ -156,7 +180,7 @@ function hostImports(wasi, envelope, i) {
 }
 
 /** Run `stdin` as run `i` of `envelope` on a fresh instance: {exitCode, stdout, stderr}. */
-async function runWasiOnce(module, envelope, i, stdin) {
+async function runWasiOnce(module, envelope, i, stdin, guard) {
   const { WASI, File, OpenFile, ConsoleStdout } = await loadShim();
   const stdout = [];
   const stderr = [];
@@ -168,6 +192,12 @@ async function runWasiOnce(module, envelope, i, stdin) {
   // debug: false, not left out: the shim reads a missing option as "log every call".
   const wasi = new WASI(envelope.argv, envelope.env, fds, { debug: false });
   Object.assign(wasi.wasiImport, hostImports(wasi, envelope, i));
+  for (const [name, fn] of Object.entries(wasi.wasiImport)) {
+    wasi.wasiImport[name] = (...args) => {
+      guard(wasi.inst.exports.memory); // throws through the module: the run ends here
+      return fn(...args);
+    };
+  }
   const instance = await WebAssembly.instantiate(module, { [WASI_MODULE]: wasi.wasiImport });
   let exitCode;
   let trap = null;
@@ -175,10 +205,12 @@ async function runWasiOnce(module, envelope, i, stdin) {
     // proc_exit's status, 0 when _start returns; its low 8 bits, as POSIX (and shared/wasi.py) keep
     exitCode = (wasi.start(instance) ?? 0) & 0xff;
   } catch (err) {
+    if (err instanceof MemoryCapReached) throw err; // the subtask fails, as on a native node
     // A trap (RuntimeError, stack overflow) or a throw of the shim (an unsupported call).
     exitCode = TRAPPED;
     trap = trapText(err);
   }
+  guard(instance.exports.memory);
   let err = concat(stderr);
   if (trap !== null) {
     // On a line of its own, as a native node writes it (worker/wasi_run.py).
@@ -204,28 +236,35 @@ function concat(chunks) {
   return out;
 }
 
-async function runWasi(module, input) {
+async function runWasi(module, input, guard) {
   const envelope = decodeRun(input);
   const started = performance.now();
   const runs = [];
-  for (const [i, stdin] of envelope.stdins.entries()) runs.push(await runWasiOnce(module, envelope, i, stdin));
+  for (const [i, stdin] of envelope.stdins.entries()) runs.push(await runWasiOnce(module, envelope, i, stdin, guard));
   const output = encodeResult(runs).buffer;
   return [{ output, elapsedMs: performance.now() - started }, [output]];
 }
 
-async function run({ sha256, url, input }) {
+async function run({ sha256, url, input, memoryMb = null }) {
   const bytes = new Uint8Array(input);
+  const guard = memoryGuard(memoryMb);
   if (!instances.has(sha256)) {
     const module = await getModule(sha256, url);
-    if (isWasiCommand(module)) return runWasi(module, bytes);
+    if (isWasiCommand(module)) return runWasi(module, bytes, guard);
+  }
+  const kept = instances.get(sha256);
+  if (kept && memoryMb !== null && kept.memory.buffer.byteLength > memoryMb * MIB) {
+    instances.delete(sha256); // grown past this task's cap by an earlier run: start afresh
   }
   const ex = await getExports(sha256, url);
   const started = performance.now();
   try {
+    guard(ex.memory);
     const ptr = ex.pd_alloc(bytes.length) >>> 0;
     // Re-read memory.buffer after every call: a call may grow memory and detach the old one.
     new Uint8Array(ex.memory.buffer, ptr, bytes.length).set(bytes);
     const status = ex.pd_run(ptr, bytes.length);
+    guard(ex.memory); // before the status: a module out of memory may say so by status 3
     if (status !== 0) throw new TaskStatusError(status);
     const outPtr = ex.pd_output_ptr() >>> 0;
     const outLen = ex.pd_output_len() >>> 0;

@@ -4,7 +4,7 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 
-import { Pool, WorkerClient, WorkerStopped } from "../../static/js/pool.js";
+import { DeadlineExceeded, Pool, WorkerClient, WorkerStopped } from "../../static/js/pool.js";
 
 /** A fake worker: replies to each request with `answer(request)` (a reply object or a promise). */
 class FakeEndpoint extends EventTarget {
@@ -55,7 +55,33 @@ function gated() {
   return { answer, open, waiters };
 }
 
-function makePool(answer) {
+/** A clock moved by hand: `advance(ms)` fires the timers that are due, in order. */
+function fakeTimers() {
+  let now = 0;
+  let next = 1;
+  const pending = new Map(); // handle -> {at, fn}
+  return {
+    pending,
+    now: () => now,
+    setTimeout(fn, ms) {
+      pending.set(next, { at: now + ms, fn });
+      return next++;
+    },
+    clearTimeout(handle) {
+      pending.delete(handle);
+    },
+    advance(ms) {
+      now += ms;
+      for (const [handle, t] of [...pending].sort((a, b) => a[1].at - b[1].at)) {
+        if (t.at > now) break;
+        pending.delete(handle);
+        t.fn();
+      }
+    },
+  };
+}
+
+function makePool(answer, timers = undefined) {
   const endpoints = [];
   const pool = new Pool({
     spawn: (name) => {
@@ -63,6 +89,7 @@ function makePool(answer) {
       endpoints.push(ep);
       return ep;
     },
+    ...(timers ? { timers } : {}),
   });
   return { pool, endpoints };
 }
@@ -255,5 +282,65 @@ describe("Pool", () => {
     assert.equal(pool.workers.length, 0);
     pool.resize(2);
     assert.equal(pool.workers.length, 0, "a closed pool stays closed");
+  });
+});
+
+describe("Pool deadlines", () => {
+  const timed = (pool, key, deadlineS) =>
+    pool.run(key, { op: "run", sha256: "s", url: "/m", input: key }, [], { deadlineS });
+
+  it("a run past its deadline has its worker terminated and replaced, and fails with DeadlineExceeded", async () => {
+    const gate = gated();
+    const timers = fakeTimers();
+    const { pool, endpoints } = makePool(gate.answer, timers);
+    pool.resize(1);
+    const loop = timed(pool, "loop", 2);
+    const next = timed(pool, "next", 2);
+    await tick();
+    assert.equal(timers.pending.size, 1, "only the run on a worker is timed; the waiting one is not yet");
+    timers.advance(1999);
+    assert.ok(!endpoints[0].terminated, "not before its deadline");
+    timers.advance(1);
+    await assert.rejects(loop, (e) => {
+      assert.ok(e instanceof DeadlineExceeded);
+      assert.equal(e.name, "DeadlineExceeded");
+      assert.match(e.message, /ran past its 2s deadline \(stopped after 2\.0s\)/);
+      return true;
+    });
+    assert.ok(endpoints[0].terminated, "the worker running it was terminated");
+    await tick();
+    assert.equal(endpoints.length, 2, "and replaced");
+    assert.equal(endpoints[1].received.at(-1).input, "next", "the waiting run went to the fresh worker");
+    assert.equal(timers.pending.size, 1, "its own deadline starts now");
+    timers.advance(1000);
+    gate.open("next");
+    assert.equal((await next).output, "out:next");
+    await tick();
+    assert.equal(timers.pending.size, 0, "a run that ends in time clears its timer");
+    assert.ok(!endpoints[1].terminated);
+  });
+
+  it("without a deadline nothing is timed; stop and a module's own failure still win over the timer", async () => {
+    const timers = fakeTimers();
+    const error = { name: "TaskStatusError", message: "module returned status 7", stack: "", status: 7 };
+    const gate = gated();
+    const { pool, endpoints } = makePool((m) => (m.input === "bad" ? { ok: false, error } : gate.answer(m)), timers);
+    pool.resize(1);
+    const free = timed(pool, "free", null);
+    await tick();
+    assert.equal(timers.pending.size, 0);
+    gate.open("free");
+    await free;
+    await assert.rejects(timed(pool, "bad", 5), (e) => e.name === "TaskStatusError" && e.status === 7);
+    await tick();
+    assert.equal(timers.pending.size, 0, "the failed run's timer is cleared");
+    const stopped = timed(pool, "stopped", 5);
+    await tick();
+    pool.stop("stopped", "cancelled");
+    await assert.rejects(stopped, (e) => e instanceof WorkerStopped && e.message === "cancelled");
+    await tick();
+    assert.equal(timers.pending.size, 0);
+    timers.advance(10_000);
+    assert.equal(endpoints.length, 2, "only the cancel replaced a worker");
   });
 });
