@@ -246,7 +246,17 @@ class Aggregator:
                 continue  # finished jobs keep their output; see ARCHITECTURE.md
             plugin, params = plugin_and_params(job_id, job.kind, job.params)
             sub = next(plugin.split(params, index))
-            task = TaskFields(job_id, index, job.kind, job.module, sub.input, blocks=sub.blocks)
+            limits = plugin.limits(params)
+            task = TaskFields(
+                job_id,
+                index,
+                job.kind,
+                job.module,
+                sub.input,
+                blocks=sub.blocks,
+                deadline_s=limits.deadline_s,
+                memory_mb=limits.memory_mb,
+            )
             if self.results.unmerge(job_id, index):
                 self.results.queue_copy(task)
                 redone += 1

@@ -107,7 +107,37 @@ class Controller:
         self.procs.clear()
 
     def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.home.glob("*.log")))
+        """The services' logs and what Redis holds: what a failed test needs to say why."""
+        text = "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.home.glob("*.log")))
+        try:
+            return text + "\n--- redis\n" + self.queue_state()
+        except Exception as exc:  # the dump must never hide the failure it explains
+            return text + f"\n--- redis: unreadable ({exc})"
+
+    def queue_state(self) -> str:
+        """Jobs, the task stream (undelivered, pending per consumer, parked) and the results
+        stream, as plain lines."""
+        client = plain_client(self.redis_url)
+        try:
+            lines = []
+            for job_id in client.zrange(keys.JOBS, 0, -1):
+                h = {k.decode(): v.decode() for k, v in client.hgetall(keys.job(job_id.decode())).items()}
+                lines.append(
+                    f"job {job_id.decode()}: {h.get('state')} done {h.get('done')}/{h.get('total')}"
+                    f" next_index {h.get('next_index')}"
+                )
+            groups = {g["name"]: g for g in client.xinfo_groups(keys.TASKS)}
+            last = groups.get(keys.NODES_GROUP.encode(), {}).get("last-delivered-id", b"0-0")
+            undelivered = len(client.xrange(keys.TASKS, b"(" + last, "+"))
+            lines.append(f"tasks: {client.xlen(keys.TASKS)} entries, undelivered {undelivered}")
+            for c in client.xpending(keys.TASKS, keys.NODES_GROUP).get("consumers") or []:
+                lines.append(f"  pending for {c['name']}: {c['pending']}")
+            lines.append(f"  parked: {sorted(m.decode() for m in client.smembers(keys.PARKED))}")
+            lines.append(f"  live connections: {[m.decode() for m in client.zrange(keys.NODES, 0, -1)]}")
+            lines.append(f"results: {client.xlen(keys.RESULTS)} entries")
+            return "\n".join(lines)
+        finally:
+            client.close()
 
     @property
     def join_code(self) -> str:

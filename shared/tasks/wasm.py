@@ -26,8 +26,8 @@ exits non-zero.
 Deterministic by default (seeded randomness, a stepped clock: any two nodes give the same
 bytes), so a share of the subtasks (`DEFAULT_REPLICATE`, more than the built-in kinds: a
 user's program has no cheap check) runs on two nodes and is compared. `--nondeterministic`
-turns that off. `--timeout` and `--memory` are carried in the params (`timeout_s`,
-`memory_mb`) for the nodes' limits.
+turns that off. `--timeout` and `--memory` become every task's limits (`TaskPlugin.limits`):
+the node stops a run past its deadline or over its memory cap and reports it failed.
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..exceptions import ParamsError
+from ..protocol import MAX_DEADLINE_S, MAX_MEMORY_MB
 from ..wasi import TRAPPED, EnvelopeError, ResultEnvelope, RunEnvelope, RunResult
 from ..wasm_module import WASM_MAGIC, ModuleKind, check_size, inspect
-from .base import Checked, JobFiles, Origin, Prepared, Subtask, TaskPlugin, Verdict, atomic_write
+from .base import Checked, JobFiles, Origin, Prepared, Subtask, TaskLimits, TaskPlugin, Verdict, atomic_write
 
 GROUP_RUNS = 64  # inputs per subtask at most
 GROUP_BYTES = 1024 * 1024  # stdin bytes per subtask at most (a larger input is a subtask alone)
@@ -84,8 +85,8 @@ class WasmParams(BaseModel):
     groups: list[tuple[int, int, str, str]] = Field(default_factory=list)
     outdir: str
     keep_going: bool = False
-    timeout_s: float | None = Field(default=None, gt=0)
-    memory_mb: int | None = Field(default=None, ge=1)
+    timeout_s: float | None = Field(default=None, gt=0, le=MAX_DEADLINE_S)
+    memory_mb: int | None = Field(default=None, ge=1, le=MAX_MEMORY_MB)
     deterministic: bool = True
     seed: int = Field(default=0, ge=0, lt=2**64)
 
@@ -371,6 +372,10 @@ class WasmPlugin(TaskPlugin[WasmParams]):
         return total
 
     # ------------------------------------------------------------ the controller
+
+    def limits(self, params: WasmParams) -> TaskLimits:
+        """`--timeout` and `--memory` travel with every task to the node, which enforces them."""
+        return TaskLimits(deadline_s=params.timeout_s, memory_mb=params.memory_mb)
 
     def module_sha(self, params: WasmParams) -> str | None:
         return params.module
