@@ -20,6 +20,7 @@ Decisions live in `shared/core/replication.py`; every Redis operation in
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import random
 import signal
@@ -32,14 +33,17 @@ from rq.exceptions import StopRequested
 
 from ..shared import keys
 from ..shared.core.replication import (
+    CONTROLLER,
     DecideOutcome,
     Penalty,
     VoteOutcome,
     decide,
     judge_vote,
+    outvoted_by,
     penalty,
 )
 from ..shared.jobs import JobRecord, JobState
+from ..shared.modules import ModuleRegistry
 from ..shared.queue import TaskFields
 from ..shared.service import StopFlag, captured_signals, instance_name, run_forever
 from ..shared.settings import Settings
@@ -50,6 +54,7 @@ from ..shared.store.results import Commit, Entry, ResultStream
 from ..shared.store.streams import ensure_groups, full_input
 from ..shared.tasks import Checked, JobFiles, Origin, Verdict, plugin_and_params
 from .finalize import enqueue_finalize, finalizer_name
+from .resolve import Resolver
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +84,18 @@ _VOTE_STATS = {
 
 
 class Aggregator:
-    def __init__(self, *, client: Client, data_dir: Path, ban_after: int = 3, node_timeout_s: float = 4.0) -> None:
+    def __init__(
+        self,
+        *,
+        client: Client,
+        data_dir: Path,
+        ban_after: int = 3,
+        node_timeout_s: float = 4.0,
+        modules: ModuleRegistry | None = None,
+    ) -> None:
         self.r = client
         self.data_dir = data_dir
+        self.resolver = Resolver(client=client, cache_dir=data_dir / "modules", registry=modules)
         self.name = instance_name()
         self.results = ResultStream(client, consumer=self.name, node_timeout_s=node_timeout_s)
         self.ban_after = ban_after
@@ -109,6 +123,8 @@ class Aggregator:
         task = TaskFields.from_redis(f)
         if f.get(b"decide") == b"1":
             return self._decide(job, task, entry_id)
+        if f.get(b"resolve") == b"1":
+            return self._resolve(job, task, entry_id)
         if plugin.verify(params, index, full_input(self.r, task), output, self.rng) is Verdict.REJECT:
             log.warning("job %s: task %d from node %s failed verification; redoing it", job_id, index, node)
             self.results.requeue(task, entry_id)
@@ -220,6 +236,25 @@ class Aggregator:
             self.results.queue_copy(task)
         return handled
 
+    def _resolve(self, job: JobRecord, task: TaskFields, entry_id: bytes) -> Handled:
+        """A disputed subtask no live node may run again: compute it here. The controller's
+        bytes are merged, and the nodes whose results differ count as rejected."""
+        plugin, params = plugin_and_params(job.id, job.kind, job.params)
+        try:
+            output, elapsed_ms = self.resolver.run(task.module, full_input(self.r, task), plugin.limits(params))
+        except Exception as exc:  # the module fails on the controller too: nothing can settle it
+            reason = f"subtask {task.index} is disputed and failed on the controller too: {exc}"
+            self.results.fail_job(job.id, reason[:1000])
+            self.results.drop(entry_id)
+            return Handled.NO_QUORUM
+        outvoted = outvoted_by(hashlib.sha256(output).hexdigest(), self.results.votes(job.id, task.index))
+        log.warning("job %s: subtask %d computed by the controller; outvoted: %s", job.id, task.index, outvoted)
+        self.results.count("replicas_resolved")
+        handled = self._merge(job, task, entry_id, output, Origin(CONTROLLER, elapsed_ms, Checked.CONTROLLER, ()))
+        for node in outvoted:
+            self._reject(node)
+        return handled
+
     def _decide(self, job: JobRecord, task: TaskFields, entry_id: bytes) -> Handled:
         """A gateway found no other node for a replicated subtask's copy: accept the one
         result in, or remember the decision for when it comes."""
@@ -308,7 +343,11 @@ def run(settings: Settings) -> None:
     client = sync_client(settings.resolved_redis_url())
     ensure_groups(client)
     agg = Aggregator(
-        client=client, data_dir=settings.data_path, ban_after=settings.ban_after, node_timeout_s=settings.node_timeout_s
+        client=client,
+        data_dir=settings.data_path,
+        ban_after=settings.ban_after,
+        node_timeout_s=settings.node_timeout_s,
+        modules=ModuleRegistry(static_dir=settings.static_path),
     )
     flag = StopFlag()
     log.info("aggregator %s started, data in %s", agg.name, agg.data_dir)

@@ -11,6 +11,7 @@ import logging
 import time
 
 from ..shared import keys
+from ..shared.core.replication import ParkedFate, parked_fate
 from ..shared.jobs import LIVE
 from ..shared.settings import Settings
 from ..shared.store.connection import Client
@@ -47,8 +48,9 @@ class Reaper:
 
     def release_parked(self) -> int:
         """Parked replicated copies no live node may run any more go back to the stream, where
-        a node that cannot run them tells the aggregator to accept the one result in; those of
-        jobs that are over, or of subtasks merged meanwhile, are dropped."""
+        a node that cannot run them tells the aggregator to accept the one result in, or, when
+        the results in disagree, to the aggregator to compute the subtask itself; those of jobs
+        that are over, or of subtasks merged meanwhile, are dropped (`core.replication.parked_fate`)."""
         parked = self.tasks.parked()
         if not parked:
             return 0
@@ -56,8 +58,24 @@ class Reaper:
         moved = 0
         for copy in parked:
             job = self.jobs.load(copy.task.job) if copy.task else None
-            if job is None or job.state not in LIVE or copy.merged:
-                self.tasks.drop_parked(copy.entry_id)
-            elif not live - copy.returned and copy.votes < 2:
-                moved += self.tasks.release_parked(copy.entry_id)
+            fate = parked_fate(
+                job_live=job is not None and job.state in LIVE,
+                merged=copy.merged,
+                live=live,
+                returned=copy.returned,
+                votes=copy.votes,
+            )
+            match fate:
+                case ParkedFate.DROP:
+                    self.tasks.drop_parked(copy.entry_id)
+                case ParkedFate.RELEASE:
+                    moved += self.tasks.release_parked(copy.entry_id)
+                case ParkedFate.RESOLVE if copy.task is not None:
+                    if self.tasks.to_controller(copy.entry_id, copy.task):
+                        log.info(
+                            "job %s: subtask %d disputed, no node left to ask: the controller computes it",
+                            copy.task.job,
+                            copy.task.index,
+                        )
+                        moved += 1
         return moved

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import pytest
 from processdistro.shared.core.replication import (
+    CONTROLLER,
     MAX_VOTES,
     UNKNOWN_NODE,
     Ballot,
     DecideOutcome,
+    ParkedFate,
     Penalty,
     VoteDecision,
     VoteOutcome,
     confirmers,
     decide,
     judge_vote,
+    outvoted_by,
+    parked_fate,
     penalty,
     sampled,
 )
@@ -269,3 +273,44 @@ def test_decide(first_vote_in: bool, expected: DecideOutcome) -> None:
 )
 def test_penalty(node: str, rejected: int, ban_after: int, expected: Penalty) -> None:
     assert penalty(node, rejected, ban_after) is expected
+
+
+# ---------------------------------------------------------------- parked copies
+
+
+@pytest.mark.parametrize(
+    ("job_live", "merged", "live", "returned", "votes", "fate"),
+    [
+        (False, False, {"a", "b"}, set(), 0, ParkedFate.DROP),
+        (True, True, {"a", "b"}, {"a"}, 1, ParkedFate.DROP),
+        (True, False, {"a", "b"}, {"a"}, 1, ParkedFate.KEEP),
+        (True, False, {"a", "b"}, {"a"}, 2, ParkedFate.KEEP),
+        (True, False, {"a"}, {"a"}, 1, ParkedFate.RELEASE),
+        (True, False, set(), {"a"}, 0, ParkedFate.RELEASE),
+        (True, False, {"a", "b"}, {"a", "b"}, 2, ParkedFate.RESOLVE),
+        (True, False, {"b"}, {"a", "b"}, 3, ParkedFate.RESOLVE),
+    ],
+    ids=[
+        "job-over",
+        "index-merged",
+        "another-node-may-run-it",
+        "a-tie-another-node-may-break",
+        "one-result-nobody-else",
+        "no-node-at-all",
+        "a-tie-and-everyone-has-voted",
+        "a-tie-and-the-others-gone",
+    ],
+)
+def test_parked_fate(
+    job_live: bool, merged: bool, live: set[str], returned: set[str], votes: int, fate: ParkedFate
+) -> None:
+    assert parked_fate(job_live=job_live, merged=merged, live=live, returned=returned, votes=votes) is fate
+
+
+def test_the_controller_outvotes_whoever_differs_from_its_own_result() -> None:
+    assert outvoted_by("t", {"a": "t", "b": "x", "c": "y"}) == ["b", "c"]
+    assert outvoted_by("t", {"a": "t"}) == []
+
+
+def test_the_controller_is_never_banned() -> None:
+    assert penalty(CONTROLLER, 99, 3) is Penalty.COUNTED

@@ -129,3 +129,20 @@ def test_a_rejected_copy_does_not_count_as_a_vote(controller: Controller, tmp_pa
     assert proc.returncode == 0, (tmp_path / "submit.log").read_text() + controller.logs()
     np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
     assert liar.closed_with == 4004 and int(r.hget(keys.node(liar.device_id), "completed") or 0) == 0
+
+
+def test_a_dispute_with_no_node_left_to_ask_is_settled_by_the_controller(
+    controller: Controller, tmp_path: Path, r: Client
+) -> None:
+    """Two nodes, one a subtle liar, every tile replicated: a tie has no third node to break
+    it, so the controller computes those tiles itself instead of waiting for ever."""
+    before = stats(r)
+    proc = submit(controller, tmp_path, "--tile", "64", "--replicate", "1")
+    liar = Node(controller.url, controller.join_code, cores=1, corrupt=flip_first_pixel)
+    honest = Node(controller.url, controller.join_code, cores=1)
+    run_async(run_nodes_until(proc, liar, honest, timeout=150))
+    assert proc.returncode == 0, (tmp_path / "submit.log").read_text() + controller.logs()
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
+    after = stats(r)
+    assert gained(before, after, "replicas_resolved") >= 1, after
+    assert int(r.hget(keys.node(liar.device_id), "rejected") or 0) >= 1

@@ -22,6 +22,7 @@ from enum import StrEnum
 REPLICA_FREE_TAIL = 0.1  # the share of a job's last subtasks never replicated (unless --replicate 1)
 MAX_VOTES = 5  # distinct results for one replicated subtask before its job fails
 UNKNOWN_NODE = "?"  # a result entry that names no node: counted, never banned
+CONTROLLER = "controller"  # the controller itself, when it computes a disputed subtask
 
 
 def sampled(job_id: str, index: int, total: int, share: float) -> bool:
@@ -135,6 +136,31 @@ class Penalty(StrEnum):
 def penalty(node: str, rejected: int, ban_after: int) -> Penalty:
     """A node's result was rejected (failed a check, or outvoted); `rejected` is its count
     with this one. A node rejected `ban_after` times is banned; an unnamed one never is."""
-    if rejected >= ban_after and node != UNKNOWN_NODE:
+    if rejected >= ban_after and node not in (UNKNOWN_NODE, CONTROLLER):
         return Penalty.BAN
     return Penalty.COUNTED
+
+
+class ParkedFate(StrEnum):
+    """What the reaper does with a parked copy of a replicated subtask."""
+
+    DROP = "drop"  # its job is over or its index merged: nobody needs it
+    KEEP = "keep"  # a live node that has not run it may still take it
+    RELEASE = "release"  # no live node may run it and at most one result is in: back to the
+    # stream, where a node that cannot run it tells the aggregator to accept that result
+    RESOLVE = "resolve"  # no live node may run it and the results disagree: the controller
+    # computes the subtask itself, so a dispute never waits for a node that may never come
+
+
+def parked_fate(*, job_live: bool, merged: bool, live: Set[str], returned: Set[str], votes: int) -> ParkedFate:
+    """The fate of a parked replicated copy, from what Redis says about its subtask."""
+    if not job_live or merged:
+        return ParkedFate.DROP
+    if live - returned:
+        return ParkedFate.KEEP
+    return ParkedFate.RELEASE if votes < 2 else ParkedFate.RESOLVE
+
+
+def outvoted_by(truth: str, votes: Mapping[str, str]) -> list[str]:
+    """The nodes whose vote (the sha256 of their result) differs from the controller's own."""
+    return sorted(node for node, digest in votes.items() if digest != truth)

@@ -197,6 +197,10 @@ class ResultStream:
             live=node_ids(live),
         )
 
+    def votes(self, job_id: str, index: int) -> dict[str, str]:
+        """node -> sha256 of its result, for every vote on a replicated subtask."""
+        return {n.decode(): d.decode() for n, d in self.r.hgetall(keys.job_votes(job_id, index)).items()}
+
     def first_vote(self, job_id: str, index: int) -> tuple[str, bytes] | None:
         """The node and result of a replicated subtask's only vote, if it is in."""
         first = self.r.get(keys.job_first_vote(job_id, index))

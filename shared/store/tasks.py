@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import redis
 
 from .. import keys
+from ..core.replication import CONTROLLER
 from ..core.tail import Pending
 from ..queue import TaskFields
-from .scripts import REQUEUE_LUA
+from .scripts import HANDOVER_LUA, REQUEUE_LUA
 
 BACKUP_MARKER_TTL_S = 3600
 PENDING_SCAN = 1000  # pending entries read for the backup decision (oldest first)
@@ -54,6 +55,7 @@ class TaskStream:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
         self._requeue = client.register_script(REQUEUE_LUA)
+        self._handover = client.register_script(HANDOVER_LUA)
 
     # ------------------------------------------------------------------ feeding
 
@@ -183,6 +185,19 @@ class TaskStream:
         pipe.xack(keys.TASKS, keys.NODES_GROUP, entry_id)
         pipe.xdel(keys.TASKS, entry_id)
         pipe.execute()
+
+    def to_controller(self, entry_id: str, task: TaskFields) -> bool:
+        """Hand a parked copy to the aggregators as a `resolve` entry: the controller computes
+        the subtask itself (no live node may run it and the results disagree)."""
+        if not self.r.srem(keys.PARKED, entry_id):
+            return False  # another process took it first
+        entry = {**task.to_redis(), "node": CONTROLLER, "output": b"", "elapsed_ms": 0, "resolve": 1}
+        flat = [x for kv in entry.items() for x in kv]
+        self._handover(
+            keys=[keys.TASKS, keys.RESULTS, keys.job_returned(task.job, task.index)],
+            args=[keys.NODES_GROUP, entry_id, "", 0, *flat],
+        )
+        return True
 
     def release_parked(self, entry_id: str) -> int:
         """Send a parked copy back to the stream (unless another process took it first)."""

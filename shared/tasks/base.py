@@ -81,6 +81,7 @@ class Checked(StrEnum):
     REPLICATED = "replicated"  # two distinct nodes returned the same bytes
     UNCONFIRMED = "unconfirmed"  # replicated, but no other node could confirm it
     SINGLE = "single node"  # not replicated
+    CONTROLLER = "controller"  # disputed with no node left to ask: the controller computed it
 
 
 @dataclass(frozen=True)
