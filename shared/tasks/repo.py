@@ -270,8 +270,8 @@ def load_kind(directory: Path) -> TaskPlugin[Any]:
         plugin = cls()
     except Exception as exc:  # user code again
         raise ParamsError(f"{PLUGIN_FILE}'s {cls.__name__}() raised: {type(exc).__name__}: {exc}") from None
-    if type(plugin).describe is TaskPlugin.describe:
-        # kind.toml's description, unless the plugin says its own
+    if getattr(type(plugin).describe, "__module__", None) != cls.__module__:
+        # kind.toml's description, unless plugin.py itself says another (not one inherited)
         plugin.describe = lambda: spec.description  # type: ignore[method-assign]
     return plugin
 
