@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 import wasmtime
 from conftest import Controller
 from processdistro.shared.exceptions import ParamsError
+from processdistro.shared.redis_server import free_port
 from processdistro.shared.tasks import BUILTIN, PLUGINS, WasmKind, load_task_repo, task_repo
 from processdistro.shared.tasks.repo import scan
 from processdistro.shared.tasks.wasm import WasmParams
@@ -278,6 +281,43 @@ def test_submit_has_the_repo_kind_and_warns_of_broken_ones(tmp_path: Path) -> No
     refused = cli("submit", "missing", "--inputs", ".", "-o", str(tmp_path / "o"), repo=tmp_path)
     assert refused.returncode == 2
     assert "kind 'missing' not loaded" in refused.stderr and "invalid choice: 'missing'" in refused.stderr
+
+
+def test_up_task_repo_gives_every_service_the_repo(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    good_repo(repo)
+    make_kind(repo, "missing", {"kind.toml": GOOD_TOML})
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("PD_REDIS_URL", "PD_TASK_REPO")}
+    env.update({"PD_HOME": str(home), "PD_PORT": str(free_port()), "PD_HOST": "127.0.0.1"})
+    log = tmp_path / "up.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "processdistro", "up", "--task-repo", str(repo)],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "Join link" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        text = " ".join(log.read_text().split())
+        assert f"Task repo {repo}: good" in text
+        assert "kind 'missing' not loaded" in text
+        for service in ("gateway", "scheduler", "aggregator"):
+            path = home / "logs" / f"{service}.log"
+            while f"task repo {repo}: kinds good" not in path.read_text():
+                assert time.monotonic() < deadline, path.read_text()
+                time.sleep(0.1)
+            assert "kind 'missing' not loaded: module" in path.read_text()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 # ------------------------------------------------------------------ end to end
