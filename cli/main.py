@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from .console import console, err
 from .shared.exceptions import ProcessDistroError
 from .shared.logs import setup_logging
@@ -189,7 +191,7 @@ def _broken_lines() -> list[str]:
 
 def _warn_broken() -> None:
     for line in _broken_lines():
-        err.print(f"[yellow]warning:[/] {line}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False)
 
 
 def _load_task_repo(argv: list[str]) -> None:
@@ -200,8 +202,10 @@ def _load_task_repo(argv: list[str]) -> None:
     pre.add_argument("--home")
     pre.add_argument("command", nargs="?")
     command = pre.parse_known_args(argv)[0].command
+    if command in NO_TASK_REPO:
+        return
     path = Settings().task_repo
-    if command in NO_TASK_REPO or path is None:
+    if path is None:
         return
     load_task_repo(path.expanduser().resolve())
     if command not in SAY_BROKEN:

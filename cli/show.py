@@ -7,6 +7,7 @@ import argparse
 import json
 import time
 
+from rich.markup import escape
 from rich.table import Table
 
 from .console import Subcommands, console
@@ -51,12 +52,12 @@ def cmd_kinds(args: argparse.Namespace, settings: Settings) -> int:
         return 1 if broken else 0
     table = Table("kind", "from", "description")
     for row in rows:
-        table.add_row(row["kind"], row["source"], row["description"])
+        table.add_row(*(escape(row[k]) for k in ("kind", "source", "description")))
     console.print(table)
     if broken:
         bad = Table("broken kind", "directory", "error", title="not loaded", title_justify="left")
         for b in broken:
-            bad.add_row(b["kind"], b["directory"], b["error"])
+            bad.add_row(*(escape(b[k]) for k in ("kind", "directory", "error")))
         console.print(bad)
     elif report.path is None:
         console.print("no task repo: set PD_TASK_REPO (or `processdistro up --task-repo DIR`) to add your own kinds")
