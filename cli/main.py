@@ -11,21 +11,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
+
+from rich.markup import escape
 
 from .console import console, err
 from .shared.exceptions import ProcessDistroError
 from .shared.logs import setup_logging
 from .shared.settings import Settings
+from .shared.tasks import load_task_repo, task_repo
 from .show import add_show_parsers
 from .submit import add_cancel_parser, add_result_parser, add_submit_parser
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
-    for name in ("host", "port", "redis_url", "home"):
+    for name in ("host", "port", "redis_url", "home", "task_repo"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -39,11 +43,22 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from .up import run_up
 
     setup_logging("up", settings.log_level)
+    if settings.task_repo is not None:
+        settings = settings.model_copy(update={"task_repo": settings.task_repo.expanduser().resolve()})
+        report = load_task_repo(settings.task_repo)
+        console.print(f"Task repo {settings.task_repo}: {', '.join(report.plugins) or 'no kinds'}")
+        _warn_broken()
     return run_up(settings, console=console, workers=args.workers)
 
 
 def cmd_service(args: argparse.Namespace, settings: Settings) -> int:
     setup_logging(args.command, settings.log_level)
+    report = task_repo()
+    if report.path is not None:
+        log = logging.getLogger(__name__)
+        log.info("task repo %s: kinds %s", report.path, ", ".join(report.plugins) or "none")
+        for line in _broken_lines():
+            log.warning("%s", line)
     if args.command == "gateway":
         from .gateway.app import run
     elif args.command == "scheduler":
@@ -55,7 +70,6 @@ def cmd_service(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    import logging
     import os
 
     from .shared.exceptions import ConfigError
@@ -113,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", help="gateway bind address (default 0.0.0.0)")
     up.add_argument("--port", type=int, help="gateway port (default 30000)")
     up.add_argument(
+        "--task-repo", type=Path, metavar="DIR", help="directory of your own task kinds (default: $PD_TASK_REPO)"
+    )
+    up.add_argument(
         "--workers", type=int, default=0, metavar="N", help="also start N local native workers (one core each)"
     )
     up.set_defaults(func=cmd_up)
@@ -159,7 +176,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# commands that never look a task kind up: they do not load (or run) the task repo
+NO_TASK_REPO = ("up", "worker", "schema", "healthcheck")
+# commands that say what is broken in the task repo themselves
+SAY_BROKEN = ("kinds", "gateway", "scheduler", "aggregator")
+
+
+def _broken_lines() -> list[str]:
+    report = task_repo()
+    lines = [f"task repo: {report.error}"] if report.error else []
+    lines += [f"task repo {report.path}: kind {b.name!r} not loaded: {b.error}" for b in report.broken]
+    return lines
+
+
+def _warn_broken() -> None:
+    for line in _broken_lines():
+        err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False)
+
+
+def _load_task_repo(argv: list[str]) -> None:
+    """Register the task repo's kinds ($PD_TASK_REPO) before the parser is built, so that
+    `submit <kind>` exists for them; every service started through here has them too."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--redis-url")
+    pre.add_argument("--home")
+    pre.add_argument("command", nargs="?")
+    command = pre.parse_known_args(argv)[0].command
+    if command in NO_TASK_REPO:
+        return
+    path = Settings().task_repo
+    if path is None:
+        return
+    load_task_repo(path.expanduser().resolve())
+    if command not in SAY_BROKEN:
+        _warn_broken()
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        _load_task_repo(argv)
+    except ProcessDistroError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        sys.exit(2)
     args = build_parser().parse_args(argv)
     try:
         settings = _settings(args)

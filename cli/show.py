@@ -1,4 +1,5 @@
-"""`processdistro jobs` and `nodes`: tables (or JSON) of what Redis holds."""
+"""`processdistro jobs` and `nodes`: tables (or JSON) of what Redis holds; `kinds`: the task
+kinds this CLI can submit (built-in, and the task repo's: `shared/tasks/repo.py`)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import argparse
 import json
 import time
 
+from rich.markup import escape
 from rich.table import Table
 
 from .console import Subcommands, console
 from .shared.settings import Settings
 from .shared.store import client as store
+from .shared.tasks import BUILTIN, PLUGINS, task_repo
 
 
 def add_show_parsers(sub: Subcommands) -> None:
@@ -23,6 +26,42 @@ def add_show_parsers(sub: Subcommands) -> None:
     nodes = sub.add_parser("nodes", help="list nodes")
     nodes.add_argument("--json", action="store_true")
     nodes.set_defaults(func=cmd_nodes)
+
+    kinds = sub.add_parser(
+        "kinds", help="list task kinds: built-in and the task repo's ($PD_TASK_REPO), with broken ones and why"
+    )
+    kinds.add_argument("--json", action="store_true")
+    kinds.set_defaults(func=cmd_kinds)
+
+
+def cmd_kinds(args: argparse.Namespace, settings: Settings) -> int:
+    """Exits 1 when a kind of the task repo (or the repo itself) is broken."""
+    report = task_repo()
+
+    def source(kind: str) -> str:
+        if kind in report.plugins and report.path is not None:
+            return str(report.path / kind)
+        return "built-in" if kind in BUILTIN else "registered"
+
+    rows = [{"kind": k, "source": source(k), "description": p.describe()} for k, p in PLUGINS.items()]
+    broken = [{"kind": b.name, "directory": str(b.directory), "error": b.error} for b in report.broken]
+    if report.error:
+        broken.append({"kind": "", "directory": str(report.path), "error": report.error})
+    if args.json:
+        console.print_json(json.dumps({"kinds": rows, "broken": broken}))
+        return 1 if broken else 0
+    table = Table("kind", "from", "description")
+    for row in rows:
+        table.add_row(*(escape(row[k]) for k in ("kind", "source", "description")))
+    console.print(table)
+    if broken:
+        bad = Table("broken kind", "directory", "error", title="not loaded", title_justify="left")
+        for b in broken:
+            bad.add_row(*(escape(b[k]) for k in ("kind", "directory", "error")))
+        console.print(bad)
+    elif report.path is None:
+        console.print("no task repo: set PD_TASK_REPO (or `processdistro up --task-repo DIR`) to add your own kinds")
+    return 1 if broken else 0
 
 
 def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:

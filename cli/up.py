@@ -1,5 +1,6 @@
 """`processdistro up`: Redis (embedded unless PD_REDIS_URL is set), the three services as
-supervised child processes, the join link and its QR code; Ctrl-C stops all of it."""
+supervised child processes (given the task repo, `--task-repo`/PD_TASK_REPO, if any), the
+join link and its QR code; Ctrl-C stops all of it."""
 
 from __future__ import annotations
 
@@ -110,6 +111,10 @@ def run_up(settings: Settings, *, console: Console, workers: int = 0) -> int:
         "PD_PORT": str(settings.port),
         "PD_HOST": settings.host,
     }
+    if settings.task_repo is not None:
+        # every service registers the repo's kinds (and the CLI run from this shell needs
+        # PD_TASK_REPO too, to submit them)
+        env["PD_TASK_REPO"] = str(settings.task_repo.expanduser().resolve())
     argv0 = [sys.executable, "-m", "processdistro"]
     children = [Child(n, [*argv0, n], env, log_path=logs / f"{n}.log") for n in SERVICES]
 

@@ -195,7 +195,14 @@ class Controller:
 
 
 @pytest.fixture
-def controller(r: Client, redis_url: str, tmp_path: Path) -> Iterator[Controller]:
+def controller_env() -> dict[str, str]:
+    """Extra environment for the `controller` services (and its CLI): a test module
+    overrides this fixture, e.g. to set PD_TASK_REPO."""
+    return {}
+
+
+@pytest.fixture
+def controller(r: Client, redis_url: str, tmp_path: Path, controller_env: dict[str, str]) -> Iterator[Controller]:
     home = tmp_path / "pd-home"
     home.mkdir()
     port = free_port()
@@ -207,6 +214,7 @@ def controller(r: Client, redis_url: str, tmp_path: Path) -> Iterator[Controller
         "PD_PORT": str(port),
         "PD_LOG_LEVEL": "INFO",
         "PD_MAX_MESSAGE_BYTES": str(4 * 1024 * 1024),
+        **controller_env,
     }
     ctl = Controller(redis_url=redis_url, home=home, port=port, env=env)
     for name in ("gateway", "scheduler", "aggregator"):

@@ -3,11 +3,14 @@
 `PLUGINS` is the one registry: the scheduler, gateways and aggregators look a job's kind up
 in it, and the CLI builds one `submit <kind>` subcommand per entry. A new kind is a module
 with a `TaskPlugin` subclass, added to the tuple below (or `register`ed at import time by
-code that runs before the CLI builds its parser, such as a test).
+code that runs before the CLI builds its parser, such as a test). A task repo's kinds
+(`PD_TASK_REPO`: `repo.py`) join it through `load_task_repo`, which every process that
+handles jobs calls once, before it reads `PLUGINS` (`processdistro.main` does).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ..exceptions import ParamsError
@@ -16,11 +19,35 @@ from .crack import CrackPlugin
 from .hashing import HashPlugin
 from .mandelbrot import MandelbrotPlugin
 from .matmul import MatmulPlugin
+from .repo import Broken, RepoReport, WasmKind, scan
 from .wasm import WasmPlugin
 
 PLUGINS: dict[str, TaskPlugin[Any]] = {
     p.kind: p for p in (MandelbrotPlugin(), MatmulPlugin(), HashPlugin(), CrackPlugin(), WasmPlugin())
 }
+
+BUILTIN: frozenset[str] = frozenset(PLUGINS)
+_REPO = RepoReport()
+
+
+def load_task_repo(path: Path | None) -> RepoReport:
+    """Register the kinds of the task repo at `path` (Settings.task_repo; None: no repo) and
+    return what was found, broken kinds included. Once per path: calling it again returns
+    the first report; another path replaces the first one's kinds."""
+    global _REPO
+    if path is None or path == _REPO.path:
+        return _REPO
+    for kind in _REPO.plugins:
+        unregister(kind)
+    _REPO = scan(path, taken=frozenset(PLUGINS))
+    for plugin in _REPO.plugins.values():
+        PLUGINS[plugin.kind] = plugin
+    return _REPO
+
+
+def task_repo() -> RepoReport:
+    """What `load_task_repo` loaded (an empty report if nothing was)."""
+    return _REPO
 
 
 def register(plugin: TaskPlugin[Any]) -> None:
@@ -61,6 +88,12 @@ def get_plugin(kind: str) -> TaskPlugin[Any]:
 
 
 __all__ = [
+    "BUILTIN",
+    "Broken",
+    "RepoReport",
+    "WasmKind",
+    "load_task_repo",
+    "task_repo",
     "plugin_and_params",
     "PLUGINS",
     "Checked",
