@@ -98,7 +98,10 @@ class Job:
         return self._poll() or Progress(JobState.QUEUED, 0, 0)
 
     def cancel(self) -> None:
-        """Ask the scheduler to cancel the job (its queued and running subtasks are dropped)."""
+        """Ask the scheduler to cancel the job (its queued and running subtasks are dropped).
+        Right after a submit, it first waits for the scheduler to have created the job."""
+        while self._poll() is None:
+            time.sleep(POLL_S)
         store.cancel(self._r, self.id)
 
     def wait(self, timeout: float | None = None) -> JobRecord:
