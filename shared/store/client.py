@@ -131,8 +131,11 @@ class BlockWriter:
 def job_fields(client: redis.Redis, job_id: str, *names: str) -> dict[str, str] | None:
     """Some fields of a job's record as text (a missing one as ""), None if there is no such
     job: what polling needs, without the params a large job carries."""
-    values = client.hmget(keys.job(job_id), list(names))
-    if all(v is None for v in values) and not client.exists(keys.job(job_id)):
+    pipe = client.pipeline(transaction=True)  # one moment: a record created in between is whole
+    pipe.exists(keys.job(job_id))
+    pipe.hmget(keys.job(job_id), list(names))
+    exists, values = pipe.execute()
+    if not exists:
         return None
     return {n: (v.decode() if v is not None else "") for n, v in zip(names, values, strict=True)}
 
