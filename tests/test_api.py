@@ -6,6 +6,7 @@ streamed into Redis in bounded memory; cancel; any kind through `submit`."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import tracemalloc
@@ -16,8 +17,9 @@ import pytest
 from conftest import Controller
 from processdistro import JobFailed, connect
 from processdistro.shared import keys
-from processdistro.shared.exceptions import ConfigError, ParamsError
+from processdistro.shared.exceptions import ConfigError, JobNotFound, ParamsError
 from processdistro.shared.jobs import JobState
+from processdistro.shared.redis_server import free_port
 from processdistro.shared.store.connection import Client
 from processdistro.shared.tasks.wasm import GROUP_RUNS
 from test_worker import Worker, workers  # noqa: F401 - `workers` is a fixture
@@ -161,7 +163,18 @@ def test_a_generator_is_streamed_in_bounded_memory_and_a_job_can_be_cancelled(
     assert blocks_in_redis(r) == 0  # a cancelled job's blocks are dropped
 
 
-def test_connect_says_when_there_is_no_controller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_connect_finds_the_running_up_or_says_there_is_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, r: Client, redis_url: str
+) -> None:
     monkeypatch.delenv("PD_REDIS_URL", raising=False)
     with pytest.raises(ConfigError, match="no controller found"):
         connect(home=tmp_path)
+    (tmp_path / "controller.json").write_text(json.dumps({"redis_url": f"redis://127.0.0.1:{free_port()}/0"}))
+    with pytest.raises(ConfigError, match="cannot reach Redis"):  # an `up` that is gone
+        connect(home=tmp_path)
+    (tmp_path / "controller.json").write_text(json.dumps({"redis_url": redis_url}))  # as `up` writes it
+    with connect(home=tmp_path) as pd, pytest.raises(JobNotFound):
+        pd.job("no-such-job")
+    monkeypatch.setenv("PD_REDIS_URL", redis_url)  # the environment, as for the CLI
+    with connect(home=tmp_path / "elsewhere") as pd:
+        assert pd.settings.redis_url == redis_url
