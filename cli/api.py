@@ -41,7 +41,7 @@ from .shared.settings import Settings
 from .shared.store import client as store
 from .shared.store.connection import UNAVAILABLE
 from .shared.tasks import get_plugin
-from .shared.tasks.wasm import WasmPlugin
+from .shared.tasks.wasm import Source, WasmPlugin
 
 log = logging.getLogger(__name__)
 
@@ -200,10 +200,15 @@ class Connection:
         self._r.close()
 
     def job(self, job_id: str) -> Job:
-        """A job submitted earlier, by id (JobNotFound if there is none)."""
+        """A job submitted earlier, by id (JobNotFound if there is none): a MapJob for one
+        `map` submitted, so its outputs can be read again from another process."""
         record = store.load_job(self._r, job_id)
         if record is None:
             raise JobNotFound(job_id)
+        if record.kind == WasmPlugin.kind and record.params.get("source") == Source.ITEMS.value:
+            params = WasmPlugin().parse_params(record.params)
+            groups = [(first, n) for first, n, _blocks, _names in params.groups]
+            return MapJob(self._r, job_id, inputs=params.inputs, groups=groups, outdir=Path(params.outdir))
         return Job(self._r, job_id, record.kind)
 
     def submit(self, kind: str, *, priority: int = 0, replicate: float | None = None, **params: Any) -> Job:

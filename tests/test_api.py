@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Controller
-from processdistro import JobFailed, connect
+from processdistro import JobFailed, MapJob, connect
 from processdistro.shared import keys
 from processdistro.shared.exceptions import ConfigError, JobNotFound, ParamsError
 from processdistro.shared.jobs import JobState
@@ -90,6 +90,8 @@ def test_map_over_10000_inputs_returns_every_output_in_order(
         assert sorted(seen) == list(range(n)), controller.logs()
         results = job.results(timeout=60)
         progress = job.progress
+        again = pd.job(job.id)  # as another process would find it
+        assert isinstance(again, MapJob) and again.results(timeout=60) == results
     assert len(results) == n
     bad = [i for i in range(n) if results[i] != shout(lines[i])]
     assert not bad, f"{len(bad)} wrong outputs, first {bad[0]}: {results[bad[0]]!r}"
