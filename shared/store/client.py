@@ -17,7 +17,7 @@ from ..jobs import JobRecord
 from ..messages import Cancel, Submit
 from .commands import send_command
 from .connection import Client, sync_client
-from .jobs import load_job, store_blocks
+from .jobs import drop_blocks, load_job, store_blocks
 from .modules import acquire as acquire_module
 from .streams import live_node_ids
 
@@ -25,8 +25,11 @@ from .streams import live_node_ids
 Redis = Client  # the client type, for callers to name
 
 __all__ = [
+    "BlockWriter",
     "Redis",
     "cancel",
+    "done_indexes",
+    "job_fields",
     "connect",
     "join_code",
     "list_jobs",
@@ -84,3 +87,59 @@ def join_code(client: redis.Redis) -> str | None:
     """The gateways' join code, once the first gateway has written it."""
     code = client.get(keys.JOIN_CODE)
     return code.decode() if code else None
+
+
+# ---------------------------------------------------------------------------- the Python API
+
+BLOCK_CHUNK_BYTES = 4 * 1024 * 1024  # what a BlockWriter holds before it writes
+
+
+class BlockWriter:
+    """A job's shared input blocks written as they are made, in pipelines of about
+    `chunk_bytes`, so a submit from a generator holds one chunk, never all its inputs. Call
+    it with (sha256, bytes); `flush` before the submit command is sent; `discard` if the
+    submit is given up (it deletes what was written)."""
+
+    def __init__(self, client: redis.Redis, job_id: str, *, chunk_bytes: int = BLOCK_CHUNK_BYTES) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.chunk_bytes = chunk_bytes
+        self.written = 0  #: blocks written so far
+        self._pending: dict[str, bytes] = {}
+        self._pending_bytes = 0
+
+    def __call__(self, sha: str, data: bytes) -> None:
+        if sha in self._pending:
+            return
+        self._pending[sha] = data
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= self.chunk_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        store_blocks(self.client, self.job_id, self._pending)
+        self.written += len(self._pending)
+        self._pending = {}
+        self._pending_bytes = 0
+
+    def discard(self) -> None:
+        self._pending = {}
+        self._pending_bytes = 0
+        drop_blocks(self.client, self.job_id)
+
+
+def job_fields(client: redis.Redis, job_id: str, *names: str) -> dict[str, str] | None:
+    """Some fields of a job's record as text (a missing one as ""), None if there is no such
+    job: what polling needs, without the params a large job carries."""
+    pipe = client.pipeline(transaction=True)  # one moment: a record created in between is whole
+    pipe.exists(keys.job(job_id))
+    pipe.hmget(keys.job(job_id), list(names))
+    exists, values = pipe.execute()
+    if not exists:
+        return None
+    return {n: (v.decode() if v is not None else "") for n, v in zip(names, values, strict=True)}
+
+
+def done_indexes(client: redis.Redis, job_id: str) -> set[int]:
+    """The subtasks of a job merged and committed so far (their outputs are written)."""
+    return {int(i) for i in client.smembers(keys.job_done(job_id))}

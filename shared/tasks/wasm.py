@@ -39,7 +39,7 @@ import os
 import random
 import secrets
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -60,6 +60,11 @@ STDERR_IN_ERROR = 400  # characters of stderr a failed job's message ends with
 FAILED_NAMED = 20  # failed inputs `summary` names
 MANIFEST = "manifest.jsonl"
 _EMPTY_HEAD = len(RunEnvelope((), (), ()).encode()) - 4  # an envelope's bytes before its runs count
+
+#: Where `prepare` puts each block as it is cut: (sha256, bytes). The Python API passes one
+#: that writes them to Redis in bounded chunks, so a generator of a million inputs is never
+#: held in memory at once; without one, `prepare` collects them in `Prepared.blocks`.
+BlockSink = Callable[[str, bytes], None]
 
 
 class Source(StrEnum):
@@ -283,13 +288,21 @@ class WasmPlugin(TaskPlugin[WasmParams]):
 
     # ------------------------------------------------------------ submit
 
-    def prepare(self, raw: dict[str, Any]) -> Prepared:
-        module_path = Path(os.path.expanduser(str(raw["module"])))
-        data = read_module(module_path)
-        info = inspect(data, name=module_path.name)
+    def prepare(self, raw: dict[str, Any], store_block: BlockSink | None = None) -> Prepared:
+        """Inspect the module and cut the inputs into subtasks and blocks. `raw["module"]` is
+        a path, or the module's bytes (`raw["program"]` names it, default main.wasm);
+        `raw["items"]` (Python API) any iterable of bytes, read once, lazily. With
+        `store_block`, each block goes there as it is cut and `Prepared.blocks` is empty."""
+        if isinstance(raw["module"], bytes | bytearray | memoryview):
+            program = str(raw.get("program") or "main.wasm")
+            data = bytes(raw["module"])
+        else:
+            module_path = Path(os.path.expanduser(str(raw["module"])))
+            program, data = module_path.name, read_module(module_path)
+        info = inspect(data, name=program)
         wasi = info.kind is ModuleKind.WASI_COMMAND
         if not wasi and (raw.get("args") or raw.get("env") or raw.get("count") is not None):
-            raise ParamsError(f"{module_path.name} is a pd-ABI module: it takes no --arg, --env or --count")
+            raise ParamsError(f"{program} is a pd-ABI module: it takes no --arg, --env or --count")
         outdir = Path(os.path.expanduser(str(raw["outdir"]))).resolve()
         if (outdir / "out").exists() and any((outdir / "out").iterdir()):
             raise ParamsError(f"{outdir}/out holds an earlier job's outputs: choose another -o or remove them")
@@ -308,15 +321,15 @@ class WasmPlugin(TaskPlugin[WasmParams]):
             elif raw.get("lines") is not None:
                 source, items = Source.LINES, read_lines(Path(os.path.expanduser(str(raw["lines"]))))
             else:
-                source, items = Source.ITEMS, ((str(i), bytes(b)) for i, b in enumerate(raw.get("items") or ()))
-            total = self._group(items, source, wasi, blocks, groups)
+                source, items = Source.ITEMS, ((str(i), _item(i, b)) for i, b in enumerate(raw.get("items") or ()))
+            total = self._group(items, source, wasi, store_block or blocks.__setitem__, groups)
             if total == 0:
                 raise ParamsError("no inputs: the files, directories or lines given hold none")
         seed = raw.get("seed")
         params = {
             "module": info.sha256,
             "module_kind": info.kind.value,
-            "program": module_path.name,
+            "program": program,
             "args": list(raw.get("args") or []),
             "env": list(raw.get("env") or []),
             "source": source.value,
@@ -337,18 +350,19 @@ class WasmPlugin(TaskPlugin[WasmParams]):
         items: Iterable[tuple[str, bytes]],
         source: Source,
         wasi: bool,
-        blocks: dict[str, bytes],
+        store_block: BlockSink,
         groups: list[tuple[int, int, str, str]],
     ) -> int:
         """Cut the inputs into subtasks (consecutive ones, up to GROUP_RUNS and GROUP_BYTES;
-        one each for a pd-ABI module) and their blocks; returns how many inputs there were."""
+        one each for a pd-ABI module) and their blocks, each handed to `store_block` as it is
+        cut (only one subtask's inputs are held); returns how many inputs there were."""
         names: list[str] = []
         stdins: list[bytes] = []
         total = 0
 
         def add(data: bytes) -> str:
             sha = hashlib.sha256(data).hexdigest()
-            blocks[sha] = data
+            store_block(sha, data)
             return sha
 
         def flush() -> None:
@@ -488,6 +502,15 @@ class WasmPlugin(TaskPlugin[WasmParams]):
         return {"manifest": str(manifest), "out": str(outdir / "out")}
 
 
+def _item(index: int, item: object) -> bytes:
+    """One input from Python: bytes as they are, text as UTF-8."""
+    if isinstance(item, str):
+        return item.encode()
+    if isinstance(item, bytes | bytearray | memoryview):
+        return bytes(item)
+    raise ParamsError(f"input {index} is a {type(item).__name__}: expected bytes or str")
+
+
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda fh: fh.write(data))
@@ -502,4 +525,12 @@ def _manifest(outputs: dict[str, str]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-__all__ = ["DEFAULT_REPLICATE", "WasmParams", "WasmPlugin", "envelope_head", "runs_section", "subtask_seed"]
+__all__ = [
+    "DEFAULT_REPLICATE",
+    "BlockSink",
+    "WasmParams",
+    "WasmPlugin",
+    "envelope_head",
+    "runs_section",
+    "subtask_seed",
+]

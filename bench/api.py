@@ -1,0 +1,313 @@
+"""Python API throughput: items/s of `pd.map` over many small inputs on two native workers,
+against a single-process wasmtime loop over the same module and inputs.
+
+The module is `examples/wordfreq` (built by `make examples`: a C program compiled to WASI),
+the inputs N lines of text of about 60 bytes (N = 10,000; `--quick` 2,000), each one run of
+the program (stdin the line; stdout its counts, checksum and top words).
+
+- `pd.map`: a fresh embedded Redis, the three services as real processes (the test suite's
+  `Controller`), two `processdistro worker --cores 1` processes; `processdistro.connect()`
+  then `pd.map(module, generator)` and its `as_completed()`, timed from the call (inputs
+  streamed into Redis, grouped 64 to a subtask) to the last output read back. With
+  `--replicate 0` (the throughput of the machinery), with the wasm default (0.1 of the
+  subtasks run twice and compared), and with `--replicate 0` writing the outputs to tmpfs
+  (`outdir=` under /dev/shm: the aggregator writes one file per input, and what that costs
+  depends on the disk). 3 runs each, interleaved (`--quick`: 1), median reported; a
+  warm-up job first (the workers fetch and compile the module), reported apart. The CPU
+  each process used (/proc) says where the time goes.
+- Baseline: the worker's own `ModuleRunner` (its wasmtime engine and settings, epoch
+  deadline, memory cap, deterministic WASI) in this one process, looping over the inputs
+  as a user would: one run envelope, one run, per input. And the same loop in envelopes of
+  64 runs (what one subtask of `pd.map` is), to separate per-call from per-run costs.
+  Measured before and after the jobs; the median is the reference.
+
+Every output of every `pd.map` run is compared with the baseline's; a difference fails the
+benchmark. The services, the workers and this process share the machine's cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from processdistro import connect
+from processdistro.shared.redis_server import EmbeddedRedis
+from processdistro.shared.tasks.wasm import GROUP_RUNS
+from processdistro.shared.wasi import ResultEnvelope, RunEnvelope
+from processdistro.worker.runtime import Limits, ModuleRunner
+from rich.console import Console
+
+from . import Report, Table
+from .pipeline import _test_helpers, make_controller, notable_log_lines, proc_cpu_s
+from .stealing import Worker
+
+REPO = Path(__file__).resolve().parent.parent
+MODULE = REPO / "examples" / "wordfreq" / "wordfreq.wasm"
+N = {False: 10_000, True: 2_000}
+REPS = {False: 3, True: 1}
+WORKERS = 2
+WARM_UP = 4 * GROUP_RUNS
+JOB_TIMEOUT_S = 600
+TMPFS = Path("/dev/shm")
+IN_MEMORY = "replicate 0, outputs on tmpfs"
+# mode -> (replicate, outputs on tmpfs): the aggregator writes one file per input, which on a
+# VM's disk costs more than running the program (see docs/benchmarks.md); tmpfs shows the rest
+MODES: dict[str, tuple[float | None, bool]] = {
+    "replicate 0": (0.0, False),
+    "replicate 0.1 (wasm default)": (None, False),
+    IN_MEMORY: (0.0, True),
+}
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "box"]
+
+
+def lines(n: int) -> Iterator[bytes]:
+    """The inputs: n distinct lines of about 60 bytes."""
+    for i in range(n):
+        words = [WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(8)]
+        yield f"{i} {' '.join(words)} {i % 97}\n".encode()
+
+
+# ---------------------------------------------------------------------------- baseline
+
+
+def baseline(n: int, batch: int) -> tuple[float, float, list[bytes]]:
+    """Items/s of the worker's ModuleRunner over the inputs in this process, `batch` runs
+    per envelope, the CPU seconds it used, and the outputs."""
+    data = MODULE.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    runner = ModuleRunner(limits=Limits())
+    outputs: list[bytes] = []
+    try:
+        runner.module(sha, MODULE)  # compiled once, as a worker does before its first task
+        started, cpu = time.perf_counter(), time.process_time()
+        pending: list[bytes] = []
+
+        def flush() -> None:
+            envelope = RunEnvelope(("wordfreq.wasm",), (), tuple(pending), seed=len(outputs), deterministic=True)
+            for run in ResultEnvelope.decode(runner.run(sha, MODULE, envelope.encode())).runs:
+                if run.exit_code != 0:
+                    raise RuntimeError(f"the baseline run {len(outputs)} exited with {run.exit_code}")
+                outputs.append(run.stdout)
+            pending.clear()
+
+        for line in lines(n):
+            pending.append(line)
+            if len(pending) == batch:
+                flush()
+        if pending:
+            flush()
+        return n / (time.perf_counter() - started), time.process_time() - cpu, outputs
+    finally:
+        runner.close()
+
+
+# ---------------------------------------------------------------------------- pd.map
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def cpu_now(ctl: Any, workers: list[Worker], redis_pid: int) -> dict[str, float]:
+    """CPU seconds used so far by each part: the services, the workers (with their executor
+    processes), Redis, and this process (the API: streaming inputs, polling, reading outputs)."""
+    cpu = {name: proc_cpu_s(proc.pid) for name, proc in ctl.procs.items()}
+    cpu["workers"] = sum(proc_cpu_s(p) for w in workers for p in (w.proc.pid, *children_of(w.proc.pid)))
+    cpu["redis"] = proc_cpu_s(redis_pid)
+    cpu["api"] = time.process_time()
+    return cpu
+
+
+@dataclass
+class MapRun:
+    mode: str
+    seconds: float  # the map call to the last output read back
+    submit_s: float  # the map call's return: inputs streamed, module stored, command sent
+    first_s: float  # the map call to the first output
+    subtasks: int
+    inputs: int
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds each part used meanwhile
+
+    @property
+    def rate(self) -> float:
+        return self.inputs / self.seconds
+
+
+def map_run(
+    url: str,
+    home: Path,
+    n: int,
+    mode: str,
+    replicate: float | None,
+    expected: list[bytes],
+    cpu: Callable[[], dict[str, float]],
+    outdir: Path | None = None,
+) -> MapRun:
+    before = cpu()
+    with connect(url, home=home) as pd:
+        started = time.perf_counter()
+        job = pd.map(MODULE, lines(n), replicate=replicate, timeout=120, outdir=outdir)
+        submitted = time.perf_counter()
+        outputs: list[bytes | None] = [None] * n
+        first = 0.0
+        for index, output in job.as_completed(timeout=JOB_TIMEOUT_S):
+            first = first or time.perf_counter()
+            outputs[index] = output
+        elapsed = time.perf_counter() - started
+        total = job.progress.total
+    used = {k: v - before.get(k, 0.0) for k, v in cpu().items()}
+    wrong = [i for i in range(n) if outputs[i] != expected[i]]
+    if wrong:
+        raise RuntimeError(f"pd.map gave {len(wrong)} outputs unlike the baseline's, first at input {wrong[0]}")
+    return MapRun(mode, elapsed, submitted - started, first - started, total, n, used)
+
+
+def run(*, quick: bool, console: Console) -> Report:
+    subprocess.run(["make", "-s", "-C", str(REPO / "examples")], check=True)
+    n = N[quick]
+    base: dict[int, list[float]] = {1: [], GROUP_RUNS: []}
+    base_cpu: dict[int, list[float]] = {1: [], GROUP_RUNS: []}
+    modes = {k: v for k, v in MODES.items() if not v[1] or TMPFS.is_dir()}
+    runs: dict[str, list[MapRun]] = {mode: [] for mode in modes}
+    log_lines: list[str] = []
+    cold: MapRun | None = None
+
+    def measure_baseline() -> list[bytes]:
+        out: list[bytes] = []
+        for batch in base:
+            console.print(f"baseline: {n} inputs through one ModuleRunner, {batch} run(s) per envelope")
+            rate, used, out = baseline(n, batch)
+            base[batch].append(rate)
+            base_cpu[batch].append(used)
+        return out
+
+    expected = measure_baseline()
+    controller_cls, _py_node = _test_helpers()
+    with tempfile.TemporaryDirectory(prefix="pd-bench-api-") as tmp:
+        work = Path(tmp)
+        server = EmbeddedRedis(directory=work / "redis", persist=False)
+        url = server.start()
+        home = work / "pd-home"
+        home.mkdir()
+        ctl = make_controller(controller_cls, url, home, None)
+        workers: list[Worker] = []
+        try:
+            ctl.wait_ready()
+            workers = [Worker(ctl, work / f"w{i}") for i in range(WORKERS)]
+            # a first job fetches and compiles the module on each worker (the loop compiles
+            # it before timing too); what it costs is reported apart
+            console.print(f"pd.map warm-up: {WARM_UP} inputs, the workers fetch and compile the module")
+            assert server.process is not None
+            redis_pid = server.process.pid
+
+            def cpu() -> dict[str, float]:
+                return cpu_now(ctl, workers, redis_pid)
+
+            cold = map_run(url, home, WARM_UP, "warm-up", 0.0, expected[:WARM_UP], cpu)
+            for rep in range(REPS[quick]):  # interleaved, so drift on a shared machine hits both modes
+                for mode, (replicate, tmpfs) in modes.items():
+                    console.print(f"pd.map {rep + 1}/{REPS[quick]}: {n} inputs on {WORKERS} workers, {mode}")
+                    outdir = None
+                    if tmpfs:
+                        outdir = Path(tempfile.mkdtemp(prefix="pd-bench-api-", dir=TMPFS))
+                    try:
+                        runs[mode].append(map_run(url, home, n, mode, replicate, expected, cpu, outdir))
+                    finally:
+                        if outdir is not None:
+                            shutil.rmtree(outdir, ignore_errors=True)
+            log_lines = notable_log_lines(home)
+        finally:
+            for w in workers:
+                w.stop()
+            ctl.stop()
+            server.stop()
+    if measure_baseline() != expected:
+        raise RuntimeError("the baseline's outputs changed between its two runs")
+    assert cold is not None
+    return _report(n, base, base_cpu, runs, cold, log_lines)
+
+
+def _report(
+    n: int,
+    base: dict[int, list[float]],
+    base_cpu: dict[int, list[float]],
+    runs: dict[str, list[MapRun]],
+    cold: MapRun,
+    log_lines: list[str],
+) -> Report:
+    reference = statistics.median(base[1])
+    batched = statistics.median(base[GROUP_RUNS])
+    table = Table(
+        f"{n} lines of ~60 bytes through examples/wordfreq (WASI); pd.map on {WORKERS} native workers"
+        f" (1 core each) vs one process looping in wasmtime",
+        ["how", "items/s", "x loop", "x loop (64/envelope)", "wall s", "submit s", "first output s", "subtasks"],
+    )
+    table.rows.append(["loop: ModuleRunner, 1 run per envelope", reference, 1.0, reference / batched, n / reference])
+    table.rows[-1] += ["", "", ""]
+    table.rows.append(["loop: ModuleRunner, 64 runs per envelope", batched, batched / reference, 1.0, n / batched])
+    table.rows[-1] += ["", "", ""]
+    data_runs = {}
+    for mode, rs in runs.items():
+        med = sorted(rs, key=lambda x: x.rate)[(len(rs) - 1) // 2]
+        table.rows.append(
+            [
+                f"pd.map, {mode}",
+                med.rate,
+                med.rate / reference,
+                med.rate / batched,
+                med.seconds,
+                med.submit_s,
+                med.first_s,
+                med.subtasks,
+            ]
+        )
+        data_runs[mode] = {
+            "median_items_per_s": med.rate,
+            "ratio_to_loop": med.rate / reference,
+            "ratio_to_batched_loop": med.rate / batched,
+            "runs": [vars(x) | {"items_per_s": x.rate} for x in rs],
+        }
+    parts = ["workers", "gateway", "scheduler", "aggregator", "redis", "api"]
+    cpu = Table(
+        "CPU seconds per 1,000 inputs, by process (the median run of each); cores busy = all CPU / wall time",
+        ["how", *parts, "all", "cores busy"],
+    )
+    loop_cpu = statistics.median(base_cpu[1]) * 1000 / n
+    cpu.rows.append(["loop: ModuleRunner, 1 run per envelope", loop_cpu, "", "", "", "", "", loop_cpu, ""])
+    for mode, rs in runs.items():
+        med = sorted(rs, key=lambda x: x.rate)[(len(rs) - 1) // 2]
+        per = [med.cpu_s.get(p, 0.0) * 1000 / n for p in parts]
+        cpu.rows.append([f"pd.map, {mode}", *per, sum(per), sum(med.cpu_s.values()) / med.seconds])
+    report = Report(
+        name="api",
+        title="Python API",
+        tables=[table, cpu],
+        notes=[
+            "x loop: pd.map's items/s over the single-process loop's, both measured in this run;"
+            " the baseline ran before and after the jobs (median of both)",
+            f"the controller's three services, {WORKERS} workers and this process share the machine's cores",
+            f"before the timed jobs, a warm-up pd.map of {cold.inputs} inputs (the workers fetch and compile the"
+            f" module) took {cold.seconds:.2f} s, first output after {cold.first_s:.2f} s",
+        ],
+        data={
+            "inputs": n,
+            "workers": WORKERS,
+            "group_runs": GROUP_RUNS,
+            "baseline_items_per_s": {"per_input": base[1], "per_64": base[GROUP_RUNS]},
+            "baseline_cpu_s": {"per_input": base_cpu[1], "per_64": base_cpu[GROUP_RUNS]},
+            "map": data_runs,
+            "warm_up": vars(cold),
+        },
+    )
+    if log_lines:
+        report.notes.append("service log lines worth a look:\n    " + "\n    ".join(log_lines))
+    return report
