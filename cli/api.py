@@ -40,7 +40,7 @@ from .shared.messages import Submit
 from .shared.settings import Settings
 from .shared.store import client as store
 from .shared.store.connection import UNAVAILABLE
-from .shared.tasks import get_plugin
+from .shared.tasks import get_plugin, load_task_repo
 from .shared.tasks.wasm import Source, WasmPlugin
 
 log = logging.getLogger(__name__)
@@ -291,6 +291,7 @@ def connect(url: str | None = None, *, home: str | Path | None = None) -> Connec
     submit` run from the same shell would. Nothing below this reads the environment.
     """
     settings = Settings() if home is None else Settings(home=Path(home))
+    load_task_repo(settings.task_repo)  # `pd.submit("<repo kind>")`, as the CLI knows them
     resolved = url or settings.resolved_redis_url()
     if not resolved:
         raise ConfigError(

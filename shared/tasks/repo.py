@@ -48,7 +48,7 @@ from ..exceptions import ParamsError
 from ..protocol import MAX_DEADLINE_S, MAX_MEMORY_MB
 from ..wasm_module import inspect
 from .base import Prepared, TaskPlugin
-from .wasm import WasmParams, WasmPlugin, read_module
+from .wasm import BlockSink, WasmParams, WasmPlugin, read_module
 
 KIND_FILE = "kind.toml"
 PLUGIN_FILE = "plugin.py"
@@ -154,7 +154,7 @@ class WasmKind(WasmPlugin):
             del raw["args"]  # no --arg given: kind.toml's args
         return raw
 
-    def prepare(self, raw: dict[str, Any]) -> Prepared:
+    def prepare(self, raw: dict[str, Any], store_block: BlockSink | None = None) -> Prepared:
         """kind.toml's values under what the caller gave (the CLI's flags, or Python's
         keyword arguments); the module is always the kind's own."""
         given = raw.get("module")
@@ -175,7 +175,7 @@ class WasmKind(WasmPlugin):
         for key in ("timeout_s", "memory_mb"):
             if raw.get(key) is None:
                 merged[key] = getattr(self.spec, key)
-        return super().prepare(merged)
+        return super().prepare(merged, store_block)
 
     def replication(self, params: WasmParams, requested: float | None, default: float) -> float:
         return super().replication(params, self.spec.replicate if requested is None else requested, default)
