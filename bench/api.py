@@ -117,11 +117,18 @@ def children_of(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
+_WORKER_CPU: dict[int, float] = {}  # pid -> CPU seconds, every worker process seen this run
+
+
 def cpu_now(ctl: Any, workers: list[Worker], redis_pid: int) -> dict[str, float]:
     """CPU seconds used so far by each part: the services, the workers (with their executor
     processes), Redis, and this process (the API: streaming inputs, polling, reading outputs)."""
     cpu = {name: proc_cpu_s(proc.pid) for name, proc in ctl.procs.items()}
-    cpu["workers"] = sum(proc_cpu_s(p) for w in workers for p in (w.proc.pid, *children_of(w.proc.pid)))
+    # a worker replaces an executor process now and then: keep the last figure of every
+    # process ever seen, so the sum never drops (a replaced process's last moments are lost)
+    for pid in (p for w in workers for p in (w.proc.pid, *children_of(w.proc.pid))):
+        _WORKER_CPU[pid] = max(_WORKER_CPU.get(pid, 0.0), proc_cpu_s(pid))
+    cpu["workers"] = sum(_WORKER_CPU.values())
     cpu["redis"] = proc_cpu_s(redis_pid)
     cpu["api"] = time.process_time()
     return cpu

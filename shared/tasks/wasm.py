@@ -213,6 +213,10 @@ class WasmPlugin(TaskPlugin[WasmParams]):
     module = ""  # none from the registry: each job brings its own (`module_sha`)
     params_model = WasmParams
     main_output = "manifest"
+    # Subtasks of consecutive small inputs are parts: a gateway gives each node as many per
+    # task as fit PD_TARGET_TASK_S at its measured speed, as for hash and crack, so a fast
+    # node is not held back by one task frame per subtask.
+    adaptive = True
 
     # ------------------------------------------------------------ the command line
 
