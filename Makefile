@@ -9,14 +9,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install up test wasm wasm-check bench lint schema browser node clean wasi-toolchain examples
+.PHONY: help install up test wasm wasm-check bench lint schema browser node clean wasi-toolchain examples wasm-toolchain rust-example
 
 help:
 	@echo "make up        start ProcessDistro and print the join link"
 	@echo "make test      run the test suite (installs what it needs first)"
 	@echo "make install   create .venv/ and install the project with its test extras"
 	@echo "make wasm      rebuild static/wasm/*.wasm from wasm_tasks/"
-	@echo "make examples  build the WASI command examples under examples/ (and their native twins)"
+	@echo "make examples  build the examples under examples/: WASI commands in C (and their native twins)"
+	@echo "               and pd-ABI modules in Rust (\`make rust-example\` builds only those)"
 	@echo "make bench     run the benchmarks under bench/"
 	@echo "make lint      ruff and mypy"
 	@echo "make schema    export the protocol's JSON Schemas to shared/schema/"
@@ -48,8 +49,15 @@ wasm:
 wasi-toolchain:
 	@bash scripts/ensure_wasi_toolchain.sh
 
-examples: wasi-toolchain
-	$(MAKE) -C examples
+examples: wasi-toolchain wasm-toolchain
+	$(MAKE) -C examples all rust
+
+# the wasm32 Rust toolchain of `make wasm` (Debian's, unless rustup has the target)
+wasm-toolchain:
+	@bash .ci/ensure_wasm_toolchain.sh
+
+rust-example: wasm-toolchain
+	$(MAKE) -C examples rust
 
 wasm-check:
 	bash wasm_tasks/check.sh

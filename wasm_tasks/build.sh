@@ -27,7 +27,11 @@
 #
 # Other environment knobs:
 #   PD_WASM_OUT_DIR   where the .wasm files go (default: <repo>/static/wasm)
-#   CARGO_TARGET_DIR  cargo's target dir (default: wasm_tasks/target, gitignored)
+#   PD_WASM_PROJECT   build another cargo project the same way instead of wasm_tasks/ (e.g.
+#                     examples/rust_rot13, a pd-ABI module depending on wasm_tasks/pd_abi): its
+#                     cdylibs only, no VARIANTS; `make examples` sets it with PD_WASM_OUT_DIR
+#   CARGO_TARGET_DIR  cargo's target dir (default: <project>/target, i.e. wasm_tasks/target,
+#                     gitignored)
 #   PD_WASM_LOCKED=1  pass --locked (Cargo.lock must be up to date; used by check.sh)
 #   PD_DEBIAN_RUSTC, PD_DEBIAN_CARGO, PD_DEBIAN_RUST_SRC
 #                     Debian route paths (default /usr/bin/rustc, /usr/bin/cargo,
@@ -37,7 +41,8 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)" # .../wasm_tasks
 REPO="$(dirname "$HERE")"
 OUT_DIR="${PD_WASM_OUT_DIR:-$REPO/static/wasm}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HERE/target}"
+PROJECT="$(cd "${PD_WASM_PROJECT:-$HERE}" && pwd -P)" # the cargo project (workspace) built
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PROJECT/target}"
 TARGET=wasm32-unknown-unknown
 STD_VENDOR_MODE="${PD_WASM_STD_VENDOR:-auto}"
 DEBIAN_RUSTC="${PD_DEBIAN_RUSTC:-/usr/bin/rustc}"
@@ -102,6 +107,11 @@ flags=()
 [[ -n "$rust_src" ]] && flags+=("--remap-path-prefix=$rust_src=/rust")
 flags+=("--remap-path-prefix=$cargo_home=/cargo")
 flags+=("--remap-path-prefix=$HERE=/processdistro/wasm_tasks")
+if [[ "$PROJECT" != "$HERE" ]]; then
+    project_rel="${PROJECT#"$REPO"/}" # examples/<name>; a project outside the repo: its name
+    [[ "$project_rel" != "$PROJECT" ]] || project_rel="$(basename "$PROJECT")"
+    flags+=("--remap-path-prefix=$PROJECT=/processdistro/$project_rel")
+fi
 mkdir -p "$CARGO_TARGET_DIR"
 flags+=("--remap-path-prefix=$(cd "$CARGO_TARGET_DIR" && pwd -P)=/processdistro/target")
 CARGO_ENCODED_RUSTFLAGS="$(IFS=$'\x1f'; echo "${flags[*]}")"
@@ -123,7 +133,7 @@ json="$(mktemp)"
 trap 'rm -f "$log" "$json"' EXIT
 
 run_cargo() { # extra args...; stdout (JSON) -> $json, stderr shown and kept in $log
-    { (cd "$HERE" && "$cargo_bin" "${cargo_args[@]}" "$@") >"$json"; } 2>&1 | tee "$log" >&2
+    { (cd "$PROJECT" && "$cargo_bin" "${cargo_args[@]}" "$@") >"$json"; } 2>&1 | tee "$log" >&2
 }
 
 vendor_args=(--config "source.crates-io.replace-with=\"pd-rust-std-vendor\""
@@ -179,6 +189,7 @@ done
 # ---- variants -----------------------------------------------------------------------------
 base_rustflags="$CARGO_ENCODED_RUSTFLAGS"
 main_target_dir="$CARGO_TARGET_DIR"
+[[ "$PROJECT" == "$HERE" ]] || VARIANTS=() # the variants are wasm_tasks/ members
 for v in "${VARIANTS[@]}"; do
     read -r v_name v_pkg v_feature v_target_features <<<"$v"
     export CARGO_TARGET_DIR="$main_target_dir/variant-$v_name"
