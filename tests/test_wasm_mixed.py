@@ -1,0 +1,222 @@
+"""`submit wasm` on a real Chromium tab and a real `processdistro worker` (issue 14's checks
+that need both kinds of node): examples/wordfreq over 200 files on both at once, equal to its
+native build; examples/dice (randomness, clocks) replicated on every input across the two
+with no dispute; a never-ending program stopped at `--timeout` on a browser alone and on a
+native worker alone; failing inputs named with their exit codes on a browser, the rest exact."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Controller
+from processdistro.shared import keys
+from processdistro.shared.store.connection import Client
+from test_e2e_browser import close_all, join
+from test_worker import Worker, workers  # noqa: F401 - `workers` is a fixture
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+LOOP_C = "int main(void) { for (;;); }\n"
+FAILS_C = r"""
+#include <stdio.h>
+#include <string.h>
+int main(void) {
+  char buf[256]; size_t n = fread(buf, 1, sizeof buf, stdin);
+  if (n >= 4 && memcmp(buf, "fail", 4) == 0) { fprintf(stderr, "refusing %.*s", (int)n, buf); return 3 + (int)n % 5; }
+  for (size_t i = 0; i < n; i++) buf[i] ^= 0x20;
+  fwrite(buf, 1, n, stdout);
+  return 0;
+}
+"""
+
+
+def build_examples() -> None:
+    subprocess.run(["make", "-s", "-C", str(EXAMPLES)], check=True)
+
+
+def compile_c(tmp: Path, name: str, source: str) -> Path:
+    src, wasm = tmp / f"{name}.c", tmp / f"{name}.wasm"
+    src.write_text(source)
+    subprocess.run(["clang", "--target=wasm32-wasi", "--sysroot=/usr", "-O2", "-o", str(wasm), str(src)], check=True)
+    return wasm
+
+
+def submit(ctl: Controller, *args: str, wait_s: int = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "processdistro", "submit", "wasm", *args, "--wait", "-q"]
+        + ["--wait-timeout", str(wait_s)],
+        env=ctl.env,
+        capture_output=True,
+        text=True,
+        timeout=wait_s + 60,
+    )
+
+
+def manifest(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def stats(r: Client) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in r.hgetall(keys.STATS).items()}
+
+
+def node_ids(r: Client) -> set[str]:
+    """The ids of the nodes the gateway knows (`node:<id>` hashes, not their sub-keys)."""
+    prefix = keys.node("")
+    return {k.decode()[len(prefix) :] for k in r.scan_iter(match=keys.node("*")) if b":" not in k[len(prefix) :]}
+
+
+def wait_nodes(r: Client, n: int, timeout: float = 30) -> set[str]:
+    deadline = time.monotonic() + timeout
+    while len(ids := node_ids(r)) < n:
+        assert time.monotonic() < deadline, f"expected {n} nodes, have {ids}"
+        time.sleep(0.1)
+    return ids
+
+
+def native(ctl: Controller, tmp: Path, started: list[Worker]) -> Worker:
+    w = Worker(ctl, tmp / "worker-home", "--cores", "1")
+    started.append(w)
+    w.wait_connected()
+    return w
+
+
+@pytest.fixture
+def tab(controller: Controller, browser: Any) -> Iterator[Any]:
+    page = join(browser, controller)
+    yield page
+    close_all([page])
+
+
+# ---------------------------------------------------------------------------- both nodes at once
+
+
+def test_wordfreq_over_200_files_on_a_browser_and_a_native_worker(
+    tmp_path: Path,
+    r: Client,
+    controller: Controller,
+    tab: Any,
+    workers: list[Worker],  # noqa: F811
+) -> None:
+    build_examples()
+    native(controller, tmp_path, workers)
+    both = wait_nodes(r, 2)
+    inputs = tmp_path / "in"
+    for i in range(200):
+        (inputs / f"d{i % 7}").mkdir(parents=True, exist_ok=True)
+        words = " ".join(f"w{(i * 7 + k * 13) % 37}" for k in range(40 + i % 50))
+        (inputs / f"d{i % 7}" / f"{i:03d}.txt").write_text(f"The quick brown fox {i}\n{words}\n" * (1 + i % 9))
+    out = tmp_path / "out"
+    done = submit(
+        controller, str(EXAMPLES / "wordfreq" / "wordfreq.wasm"), "--inputs", str(inputs), "-o", str(out),
+        "--replicate", "0",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr + controller.logs()
+    for path in sorted(inputs.rglob("*.txt")):
+        rel = path.relative_to(inputs).as_posix()
+        expected = subprocess.run([EXAMPLES / "wordfreq" / "wordfreq"], input=path.read_bytes(), capture_output=True)
+        assert expected.returncode == 0 and expected.stdout, rel
+        assert (out / "out" / rel).read_bytes() == expected.stdout, rel
+    rows = manifest(out)
+    assert [m["input"] for m in rows] == sorted(p.relative_to(inputs).as_posix() for p in inputs.rglob("*.txt"))
+    assert {m["exit_code"] for m in rows} == {0}
+    assert {m["node"] for m in rows} == both, f"both nodes should run inputs: {both}"
+    assert r.keys(keys.module_blob("*")) == []
+
+
+def test_dice_replicated_on_every_input_across_a_browser_and_a_native_worker(
+    tmp_path: Path,
+    r: Client,
+    controller: Controller,
+    tab: Any,
+    workers: list[Worker],  # noqa: F811
+) -> None:
+    build_examples()
+    native(controller, tmp_path, workers)
+    both = wait_nodes(r, 2)
+    out = tmp_path / "dice"
+    done = submit(controller, str(EXAMPLES / "dice" / "dice.wasm"), "--count", "12", "-o", str(out), "--replicate", "1")
+    assert done.returncode == 0, done.stdout + done.stderr + controller.logs()
+    rows = manifest(out)
+    assert [m["input"] for m in rows] == [f"PD_INDEX={i}" for i in range(12)]
+    assert {m["verified"] for m in rows} == {"replicated"}
+    assert all(set(m["nodes"]) == both for m in rows), rows
+    assert stats(r).get("replicas_disputed", 0) == 0, stats(r)
+    rolls = {(out / "out" / str(i)).read_text() for i in range(12)}
+    assert len(rolls) == 12 and all("dice " in x and "realtime " in x for x in rolls)  # seeded per run
+
+
+# ---------------------------------------------------------------------------- deadlines, failures
+
+
+def check_stopped_at_deadline(ctl: Controller, tmp: Path, name: str) -> None:
+    loop = compile_c(tmp, "loop", LOOP_C)
+    inputs = tmp / "one"
+    inputs.mkdir(exist_ok=True)
+    (inputs / "x.txt").write_text("x")
+    started = time.monotonic()
+    done = submit(ctl, str(loop), "--inputs", str(inputs), "-o", str(tmp / f"o-{name}"), "--timeout", "2", wait_s=180)
+    took = time.monotonic() - started
+    said = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode != 0, said + ctl.logs()
+    assert "deadline" in said and "2" in said, said + ctl.logs()
+    assert took < 120, f"the job took {took:.0f}s to fail: {said}"
+
+
+def test_a_never_ending_program_is_stopped_at_timeout_on_a_browser(
+    tmp_path: Path, r: Client, controller: Controller, tab: Any
+) -> None:
+    wait_nodes(r, 1)
+    check_stopped_at_deadline(controller, tmp_path, "browser")
+
+
+def test_a_never_ending_program_is_stopped_at_timeout_on_a_native_worker(
+    tmp_path: Path,
+    r: Client,
+    controller: Controller,
+    workers: list[Worker],  # noqa: F811
+) -> None:
+    native(controller, tmp_path, workers)
+    wait_nodes(r, 1)
+    check_stopped_at_deadline(controller, tmp_path, "native")
+
+
+def test_failing_inputs_are_named_and_the_rest_exact_on_a_browser(
+    tmp_path: Path, r: Client, controller: Controller, tab: Any
+) -> None:
+    wait_nodes(r, 1)
+    wasm = compile_c(tmp_path, "fails", FAILS_C)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(30):
+        (inputs / f"{i:02d}.txt").write_text("fail" + "!" * i if i in (4, 17) else f"ok {i} " * (i + 1))
+    out = tmp_path / "o"
+    done = submit(controller, str(wasm), "--inputs", str(inputs), "-o", str(out), "--replicate", "0", "--keep-going")
+    said = " ".join(done.stdout.split())
+    assert done.returncode == 1, done.stdout + done.stderr + controller.logs()
+    assert "30 inputs, 2 failed" in said, said
+    # "fail" + i "!" is 4 + i bytes: exit code 3 + (4 + i) % 5
+    assert "failed: 04.txt (index 4): exited with code 6" in said, said
+    assert "failed: 17.txt (index 17): exited with code 4" in said, said
+    rows = manifest(out)
+    assert [(m["input"], m["exit_code"]) for m in rows if m["exit_code"]] == [("04.txt", 6), ("17.txt", 4)]
+    for path in sorted(inputs.iterdir()):
+        data = path.read_bytes()
+        if data.startswith(b"fail"):
+            assert (out / "err" / path.name).read_bytes() == b"refusing " + data
+        else:
+            assert (out / "out" / path.name).read_bytes() == bytes(b ^ 0x20 for b in data), path.name
+            assert not (out / "err" / path.name).exists()
+    done = submit(controller, str(wasm), "--inputs", str(inputs), "-o", str(tmp_path / "o2"), "--replicate", "0")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "exited with code" in done.stderr and "stderr ends: refusing fail" in " ".join(done.stderr.split())
