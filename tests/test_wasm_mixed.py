@@ -29,9 +29,13 @@ EXAMPLES = ROOT / "examples"
 LOOP_C = "int main(void) { for (;;); }\n"
 FAILS_C = r"""
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+static char buf[4 << 20];
 int main(void) {
-  char buf[256]; size_t n = fread(buf, 1, sizeof buf, stdin);
+  size_t n = fread(buf, 1, sizeof buf, stdin);
+  if (n >= 4 && memcmp(buf, "trap", 4) == 0) { fputs("about to trap", stderr); __builtin_trap(); }
+  if (n >= 3 && memcmp(buf, "div", 3) == 0) { volatile int zero = 0; printf("%d", (int)n / zero); }
   if (n >= 4 && memcmp(buf, "fail", 4) == 0) { fprintf(stderr, "refusing %.*s", (int)n, buf); return 3 + (int)n % 5; }
   for (size_t i = 0; i < n; i++) buf[i] ^= 0x20;
   fwrite(buf, 1, n, stdout);
@@ -191,32 +195,63 @@ def test_a_never_ending_program_is_stopped_at_timeout_on_a_native_worker(
     check_stopped_at_deadline(controller, tmp_path, "native")
 
 
-def test_failing_inputs_are_named_and_the_rest_exact_on_a_browser(
-    tmp_path: Path, r: Client, controller: Controller, tab: Any
+FAILING = {4: b"fail", 17: b"fail!!!!!!", 23: b"trap", 41: b"div"}  # input index -> its bytes
+BIG = 55  # a 1.5 MiB input: a subtask of its own (GROUP_BYTES), stdin read in many chunks
+
+
+def failing_inputs(inputs: Path) -> None:
+    inputs.mkdir()
+    for i in range(70):
+        data = FAILING.get(i, f"ok {i} ".encode() * (i + 1))
+        if i == BIG:
+            data = bytes(range(32, 127)) * (1536 * 1024 // 95)
+        (inputs / f"{i:02d}.txt").write_bytes(data)
+
+
+@pytest.mark.parametrize("with_native", [False, True], ids=["browser alone", "browser and native, replicated"])
+def test_failing_inputs_are_named_with_their_exit_codes_and_the_rest_exact(
+    tmp_path: Path,
+    r: Client,
+    controller: Controller,
+    tab: Any,
+    workers: list[Worker],  # noqa: F811
+    with_native: bool,
 ) -> None:
-    wait_nodes(r, 1)
+    if with_native:
+        native(controller, tmp_path, workers)
+    nodes = wait_nodes(r, 2 if with_native else 1)
     wasm = compile_c(tmp_path, "fails", FAILS_C)
     inputs = tmp_path / "in"
-    inputs.mkdir()
-    for i in range(30):
-        (inputs / f"{i:02d}.txt").write_text("fail" + "!" * i if i in (4, 17) else f"ok {i} " * (i + 1))
+    failing_inputs(inputs)
     out = tmp_path / "o"
-    done = submit(controller, str(wasm), "--inputs", str(inputs), "-o", str(out), "--replicate", "0", "--keep-going")
+    replicate = "1" if with_native else "0"
+    done = submit(
+        controller, str(wasm), "--inputs", str(inputs), "-o", str(out), "--replicate", replicate, "--keep-going"
+    )
     said = " ".join(done.stdout.split())
     assert done.returncode == 1, done.stdout + done.stderr + controller.logs()
-    assert "30 inputs, 2 failed" in said, said
-    # "fail" + i "!" is 4 + i bytes: exit code 3 + (4 + i) % 5
-    assert "failed: 04.txt (index 4): exited with code 6" in said, said
-    assert "failed: 17.txt (index 17): exited with code 4" in said, said
+    assert "70 inputs, 4 failed" in said, said
+    # "fail" + "!"s exits with 3 + its length % 5; __builtin_trap and a division by zero trap
+    for named in ("04.txt (index 4): exited with code 7", "17.txt (index 17): exited with code 3",
+                  "23.txt (index 23): trapped", "41.txt (index 41): trapped"):  # fmt: skip
+        assert f"failed: {named}" in said, said
     rows = manifest(out)
-    assert [(m["input"], m["exit_code"]) for m in rows if m["exit_code"]] == [("04.txt", 6), ("17.txt", 4)]
+    assert [m["input"] for m in rows] == [f"{i:02d}.txt" for i in range(70)]
+    assert [(m["index"], m["exit_code"]) for m in rows if m["exit_code"]] == [(4, 7), (17, 3), (23, -1), (41, -1)]
+    assert (out / "err" / "04.txt").read_bytes() == b"refusing fail"
+    assert (out / "err" / "23.txt").read_bytes() == b"about to trap\ntrap: unreachable"
+    assert (out / "err" / "41.txt").read_bytes() == b"trap: divide by zero"
     for path in sorted(inputs.iterdir()):
-        data = path.read_bytes()
-        if data.startswith(b"fail"):
-            assert (out / "err" / path.name).read_bytes() == b"refusing " + data
-        else:
-            assert (out / "out" / path.name).read_bytes() == bytes(b ^ 0x20 for b in data), path.name
-            assert not (out / "err" / path.name).exists()
-    done = submit(controller, str(wasm), "--inputs", str(inputs), "-o", str(tmp_path / "o2"), "--replicate", "0")
+        if int(path.stem) not in FAILING:
+            expected = bytes(b ^ 0x20 for b in path.read_bytes())
+            assert (out / "out" / path.name).read_bytes() == expected, path.name
+            assert not (out / "err" / path.name).exists(), path.name
+    if with_native:
+        assert {m["verified"] for m in rows} == {"replicated"}
+        assert all(set(m["nodes"]) == nodes for m in rows), rows
+        assert stats(r).get("replicas_disputed", 0) == 0, stats(r)
+    else:
+        assert {m["node"] for m in rows} == nodes
+    done = submit(controller, str(wasm), "--inputs", str(inputs), "-o", str(tmp_path / "o2"), "--replicate", replicate)
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "exited with code" in done.stderr and "stderr ends: refusing fail" in " ".join(done.stderr.split())
+    assert "input '04.txt' exited with code 7; stderr ends: refusing fail" in " ".join(done.stderr.split())
