@@ -55,7 +55,7 @@ def compile_c(tmp: Path, name: str, source: str) -> Path:
     return wasm
 
 
-def submit(ctl: Controller, *args: str, wait_s: int = 300) -> subprocess.CompletedProcess[str]:
+def submit(ctl: Controller, *args: str, wait_s: int = 200) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "processdistro", "submit", "wasm", *args, "--wait", "-q"]
         + ["--wait-timeout", str(wait_s)],
@@ -158,6 +158,62 @@ def test_dice_replicated_on_every_input_across_a_browser_and_a_native_worker(
     assert stats(r).get("replicas_disputed", 0) == 0, stats(r)
     rolls = {(out / "out" / str(i)).read_text() for i in range(12)}
     assert len(rolls) == 12 and all("dice " in x and "realtime " in x for x in rolls)  # seeded per run
+
+
+# What a program learns of its stdin, stdout and stderr (file type, rights, size, whether it may
+# seek, whether a terminal): wasmtime's answers for its in-memory stdio, which a browser must
+# give too, or a program that asks (isatty, fstat, lseek: Rust's is_terminal, a sized read of
+# stdin, a second pass over it) prints different bytes on the two kinds of node.
+STDIO_C = r"""
+#include <stdio.h>
+#include <unistd.h>
+#include <wasi/api.h>
+int main(void) {
+  char buf[64]; size_t n = fread(buf, 1, sizeof buf, stdin);
+  printf("read %zu\n", n);
+  for (int fd = 0; fd < 4; fd++) {
+    __wasi_fdstat_t s = {0}; __wasi_filestat_t f = {0}; __wasi_filesize_t at = 0;
+    int e1 = __wasi_fd_fdstat_get(fd, &s), e2 = __wasi_fd_filestat_get(fd, &f);
+    int e3 = __wasi_fd_seek(fd, 0, __WASI_WHENCE_SET, &at), e4 = __wasi_fd_tell(fd, &at);
+    printf("fd %d: fdstat %d type %d rights %llx %llx; filestat %d type %d size %llu; seek %d tell %d;"
+           " advise %d sync %d; tty %d\n", fd, e1, s.fs_filetype, (unsigned long long)s.fs_rights_base,
+           (unsigned long long)s.fs_rights_inheriting, e2, f.filetype, (unsigned long long)f.size, e3, e4,
+           __wasi_fd_advise(fd, 0, 1, 0), __wasi_fd_sync(fd), isatty(fd));
+  }
+  printf("again %zu\n", fread(buf, 1, sizeof buf, stdin));
+  return 0;
+}
+"""
+STDIO_FDS = (
+    "fd 0: fdstat 0 type 0 rights 2 2; filestat 0 type 0 size 0; seek 70 tell 70; advise 8 sync 8; tty 0\n"
+    "fd 1: fdstat 0 type 0 rights 40 40; filestat 0 type 0 size 0; seek 70 tell 70; advise 8 sync 8; tty 0\n"
+    "fd 2: fdstat 0 type 0 rights 40 40; filestat 0 type 0 size 0; seek 70 tell 70; advise 8 sync 8; tty 0\n"
+    "fd 3: fdstat 8 type 0 rights 0 0; filestat 8 type 0 size 0; seek 8 tell 8; advise 8 sync 8; tty 0\n"
+)
+
+
+def test_stdio_looks_the_same_to_a_program_on_a_browser_and_a_native_worker(
+    tmp_path: Path,
+    r: Client,
+    controller: Controller,
+    tab: Any,
+    workers: list[Worker],  # noqa: F811
+) -> None:
+    native(controller, tmp_path, workers)
+    both = wait_nodes(r, 2)
+    wasm = compile_c(tmp_path, "stdio", STDIO_C)
+    lines = tmp_path / "lines.txt"
+    lines.write_text("".join(f"line {i}\n" for i in range(6)))
+    out = tmp_path / "o"
+    done = submit(
+        controller, str(wasm), "--lines", str(lines), "-o", str(out), "--replicate", "1", wait_s=120
+    )  # a dispute waits for a third node
+    assert done.returncode == 0, done.stdout + done.stderr + controller.logs()
+    assert stats(r).get("replicas_disputed", 0) == 0, stats(r)
+    rows = manifest(out)
+    assert {m["verified"] for m in rows} == {"replicated"} and all(set(m["nodes"]) == both for m in rows), rows
+    for i in range(6):
+        assert (out / "out" / str(i)).read_text() == f"read {len(f'line {i}') + 1}\n{STDIO_FDS}again 0\n"
 
 
 # ---------------------------------------------------------------------------- deadlines, failures

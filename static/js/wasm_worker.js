@@ -15,6 +15,7 @@
 
 import { WorkerOp } from "./protocol.js";
 import { Clock, CLOCK_STEP_NS, SplitMix64, TRAPPED, decodeRun, encodeResult, runSeed } from "./wasi_envelope.js";
+import { fdAdvise, stdioFds } from "./wasi_stdio.js";
 
 const MAX_MEMORY = 512 * 1024 * 1024;
 const ABI_FUNCTIONS = ["pd_alloc", "pd_run", "pd_output_ptr", "pd_output_len"];
@@ -181,17 +182,14 @@ function hostImports(wasi, envelope, i) {
 
 /** Run `stdin` as run `i` of `envelope` on a fresh instance: {exitCode, stdout, stderr}. */
 async function runWasiOnce(module, envelope, i, stdin, guard) {
-  const { WASI, File, OpenFile, ConsoleStdout } = await loadShim();
+  const { WASI, Fd } = await loadShim();
   const stdout = [];
   const stderr = [];
-  const fds = [
-    new OpenFile(new File(stdin, { readonly: true })),
-    new ConsoleStdout((bytes) => stdout.push(bytes)),
-    new ConsoleStdout((bytes) => stderr.push(bytes)),
-  ];
+  // streams as a native node's wasmtime shows them (not a terminal, not seekable): wasi_stdio.js
+  const fds = stdioFds(Fd, stdin, (bytes) => stdout.push(bytes), (bytes) => stderr.push(bytes));
   // debug: false, not left out: the shim reads a missing option as "log every call".
   const wasi = new WASI(envelope.argv, envelope.env, fds, { debug: false });
-  Object.assign(wasi.wasiImport, hostImports(wasi, envelope, i));
+  Object.assign(wasi.wasiImport, hostImports(wasi, envelope, i), { fd_advise: fdAdvise });
   for (const [name, fn] of Object.entries(wasi.wasiImport)) {
     wasi.wasiImport[name] = (...args) => {
       guard(wasi.inst.exports.memory); // throws through the module: the run ends here
