@@ -229,7 +229,7 @@ def check_stopped_at_deadline(ctl: Controller, tmp: Path, name: str) -> None:
     took = time.monotonic() - started
     said = " ".join((done.stdout + done.stderr).split())
     assert done.returncode != 0, said + ctl.logs()
-    assert "deadline" in said and "2" in said, said + ctl.logs()
+    assert "ran past its 2s deadline" in said, said + ctl.logs()  # the same words on both kinds of node
     assert took < 120, f"the job took {took:.0f}s to fail: {said}"
 
 
