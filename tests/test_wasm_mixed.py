@@ -311,3 +311,48 @@ def test_failing_inputs_are_named_with_their_exit_codes_and_the_rest_exact(
     done = submit(controller, str(wasm), "--inputs", str(inputs), "-o", str(tmp_path / "o2"), "--replicate", replicate)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "input '04.txt' exited with code 7; stderr ends: refusing fail" in " ".join(done.stderr.split())
+
+
+# The memory cap: a native node's wasmtime refuses `memory.grow` past it, so malloc returns NULL
+# and the program goes on; a browser must refuse it the same way, not fail the whole subtask.
+MALLOC_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+int main(void) {
+  char line[32] = {0}; fread(line, 1, sizeof line - 1, stdin);
+  long n = atol(line); char *p = malloc(n);
+  if (!p) { fprintf(stderr, "no memory for %ld bytes", n); return 2; }
+  memset(p, 1, n); volatile char *q = p;
+  printf("%ld bytes: %d\n", n, q[0] + q[n - 1]);
+  return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("on", ["browser", "native"])
+def test_the_memory_cap_refuses_growth_alike_on_a_browser_and_a_native_worker(
+    tmp_path: Path,
+    r: Client,
+    controller: Controller,
+    browser: Any,
+    workers: list[Worker],  # noqa: F811
+    on: str,
+) -> None:
+    pages = [join(browser, controller)] if on == "browser" else []
+    try:
+        if on == "native":
+            native(controller, tmp_path, workers)
+        wait_nodes(r, 1)
+        wasm = compile_c(tmp_path, "malloc", MALLOC_C)
+        lines = tmp_path / "sizes.txt"
+        lines.write_text("100000000\n1000000\n")
+        out = tmp_path / "o"
+        done = submit(controller, str(wasm), "--lines", str(lines), "-o", str(out), "--memory", "32", "--keep-going")
+        said = " ".join(done.stdout.split())
+        assert done.returncode == 1, done.stdout + done.stderr + controller.logs()
+        assert "2 inputs, 1 failed" in said and "failed: 100000000 (index 0): exited with code 2" in said, said
+        assert (out / "err" / "0").read_text() == "no memory for 100000000 bytes"
+        assert (out / "out" / "1").read_text() == "1000000 bytes: 2\n"
+    finally:
+        close_all(pages)
