@@ -2,7 +2,9 @@
 that need both kinds of node): examples/wordfreq over 200 files on both at once, equal to its
 native build; examples/dice (randomness, clocks) replicated on every input across the two
 with no dispute; a never-ending program stopped at `--timeout` on a browser alone and on a
-native worker alone; failing inputs named with their exit codes on a browser, the rest exact."""
+native worker alone; failing inputs named with their exit codes on a browser, the rest exact.
+And what a program sees must not depend on the kind of node: its stdio (file type, seeking,
+isatty) and its memory cap (growth refused, not the subtask failed) alike on both."""
 
 from __future__ import annotations
 
