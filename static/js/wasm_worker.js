@@ -15,6 +15,8 @@
 
 import { WorkerOp } from "./protocol.js";
 import { Clock, CLOCK_STEP_NS, SplitMix64, TRAPPED, decodeRun, encodeResult, runSeed } from "./wasi_envelope.js";
+import { capMemory } from "./wasm_memcap.js";
+import { fdAdvise, stdioFds } from "./wasi_stdio.js";
 
 const MAX_MEMORY = 512 * 1024 * 1024;
 const ABI_FUNCTIONS = ["pd_alloc", "pd_run", "pd_output_ptr", "pd_output_len"];
@@ -38,8 +40,8 @@ class ModuleError extends Error {
 
 /** A module's linear memory grew past its task's cap (`memory_mb`): named like the native node's. */
 class MemoryCapReached extends Error {
-  constructor(bytes, memoryMb) {
-    super(`linear memory at ${Math.ceil(bytes / MIB)} MiB; the memory cap is ${memoryMb} MiB`);
+  constructor(bytes, memoryMb, why = `linear memory at ${Math.ceil(bytes / MIB)} MiB`) {
+    super(`${why}; the memory cap is ${memoryMb} MiB`);
     this.name = "MemoryCapReached";
   }
 }
@@ -73,7 +75,7 @@ function hex(buffer) {
   return Array.from(new Uint8Array(buffer), (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-async function fetchModule(sha256, url) {
+async function fetchBytes(sha256, url) {
   const response = await fetch(new URL(url, self.location.href), { credentials: "same-origin" });
   if (!response.ok) {
     throw new ModuleError(`module ${sha256.slice(0, 12)}: HTTP ${response.status} from ${url}`);
@@ -87,17 +89,26 @@ async function fetchModule(sha256, url) {
       throw new ModuleError(`module from ${url} has sha256 ${actual}, expected ${sha256}`);
     }
   }
-  return WebAssembly.compile(bytes);
+  return bytes;
 }
 
-function getModule(sha256, url) {
-  let pending = modules.get(sha256);
+/** `sha256`'s module compiled, or with `memoryMb` its memory capped (wasm_memcap.js): cached. */
+function getModule(sha256, url, memoryMb = null) {
+  const key = memoryMb === null ? sha256 : `${sha256}@${memoryMb}`;
+  let pending = modules.get(key);
   if (!pending) {
-    pending = fetchModule(sha256, url);
-    modules.set(sha256, pending);
+    pending = fetchBytes(sha256, url).then((bytes) => {
+      if (memoryMb === null) return WebAssembly.compile(bytes);
+      try {
+        return WebAssembly.compile(capMemory(new Uint8Array(bytes), memoryMb));
+      } catch (err) {
+        throw err instanceof RangeError ? new MemoryCapReached(0, memoryMb, err.message) : err;
+      }
+    });
+    modules.set(key, pending);
     // A failed fetch is not cached: the next task for this module tries again.
     pending.catch(() => {
-      if (modules.get(sha256) === pending) modules.delete(sha256);
+      if (modules.get(key) === pending) modules.delete(key);
     });
   }
   return pending;
@@ -180,18 +191,15 @@ function hostImports(wasi, envelope, i) {
 }
 
 /** Run `stdin` as run `i` of `envelope` on a fresh instance: {exitCode, stdout, stderr}. */
-async function runWasiOnce(module, envelope, i, stdin, guard) {
-  const { WASI, File, OpenFile, ConsoleStdout } = await loadShim();
+async function runWasiOnce(module, envelope, i, stdin, guard, memoryMb) {
+  const { WASI, Fd } = await loadShim();
   const stdout = [];
   const stderr = [];
-  const fds = [
-    new OpenFile(new File(stdin, { readonly: true })),
-    new ConsoleStdout((bytes) => stdout.push(bytes)),
-    new ConsoleStdout((bytes) => stderr.push(bytes)),
-  ];
+  // streams as a native node's wasmtime shows them (not a terminal, not seekable): wasi_stdio.js
+  const fds = stdioFds(Fd, stdin, (bytes) => stdout.push(bytes), (bytes) => stderr.push(bytes));
   // debug: false, not left out: the shim reads a missing option as "log every call".
   const wasi = new WASI(envelope.argv, envelope.env, fds, { debug: false });
-  Object.assign(wasi.wasiImport, hostImports(wasi, envelope, i));
+  Object.assign(wasi.wasiImport, hostImports(wasi, envelope, i), { fd_advise: fdAdvise });
   for (const [name, fn] of Object.entries(wasi.wasiImport)) {
     wasi.wasiImport[name] = (...args) => {
       guard(wasi.inst.exports.memory); // throws through the module: the run ends here
@@ -211,6 +219,11 @@ async function runWasiOnce(module, envelope, i, stdin, guard) {
     trap = trapText(err);
   }
   guard(instance.exports.memory);
+  const size = instance.exports.memory instanceof WebAssembly.Memory ? instance.exports.memory.buffer.byteLength : 0;
+  if (exitCode !== 0 && memoryMb !== null && size >= (memoryMb * MIB) / 2) {
+    // as a native node judges it: a failure with memory near the cap is the cap's doing
+    throw new MemoryCapReached(size, memoryMb, `failed (exit code ${exitCode}) with linear memory at ${Math.ceil(size / MIB)} MiB`);
+  }
   let err = concat(stderr);
   if (trap !== null) {
     // On a line of its own, as a native node writes it (worker/wasi_run.py).
@@ -236,11 +249,11 @@ function concat(chunks) {
   return out;
 }
 
-async function runWasi(module, input, guard) {
+async function runWasi(module, input, guard, memoryMb) {
   const envelope = decodeRun(input);
   const started = performance.now();
   const runs = [];
-  for (const [i, stdin] of envelope.stdins.entries()) runs.push(await runWasiOnce(module, envelope, i, stdin, guard));
+  for (const [i, stdin] of envelope.stdins.entries()) runs.push(await runWasiOnce(module, envelope, i, stdin, guard, memoryMb));
   const output = encodeResult(runs).buffer;
   return [{ output, elapsedMs: performance.now() - started }, [output]];
 }
@@ -250,7 +263,10 @@ async function run({ sha256, url, input, memoryMb = null }) {
   const guard = memoryGuard(memoryMb);
   if (!instances.has(sha256)) {
     const module = await getModule(sha256, url);
-    if (isWasiCommand(module)) return runWasi(module, bytes, guard);
+    if (isWasiCommand(module)) {
+      const capped = Number.isInteger(memoryMb) && memoryMb > 0 ? await getModule(sha256, url, memoryMb) : module;
+      return runWasi(capped, bytes, guard, capped === module ? null : memoryMb);
+    }
   }
   const kept = instances.get(sha256);
   if (kept && memoryMb !== null && kept.memory.buffer.byteLength > memoryMb * MIB) {
