@@ -280,18 +280,7 @@ class Aggregator:
             if job is None or job.state is not JobState.RUNNING:
                 continue  # finished jobs keep their output; see ARCHITECTURE.md
             plugin, params = plugin_and_params(job_id, job.kind, job.params)
-            sub = next(plugin.split(params, index))
-            limits = plugin.limits(params)
-            task = TaskFields(
-                job_id,
-                index,
-                job.kind,
-                job.module,
-                sub.input,
-                blocks=sub.blocks,
-                deadline_s=limits.deadline_s,
-                memory_mb=limits.memory_mb,
-            )
+            task = next(plugin.entries(job, params, index, 1))
             if self.results.unmerge(job_id, index):
                 self.results.queue_copy(task)
                 redone += 1

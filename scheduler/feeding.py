@@ -80,22 +80,8 @@ class Feeder:
         plugin, params = plugin_and_params(job.id, job.kind, job.params)
         entries: list[TaskFields] = []
         replicas: list[TaskFields] = []
-        limits = plugin.limits(params)  # every subtask of a job runs under the same limits
-        for offset, sub in enumerate(plugin.split(params, start)):
-            if offset >= limit:
-                break
-            index = start + offset
-            fields = TaskFields(
-                job.id,
-                index,
-                job.kind,
-                job.module,
-                sub.input,
-                blocks=sub.blocks,
-                deadline_s=limits.deadline_s,
-                memory_mb=limits.memory_mb,
-            )
-            if sampled(job.id, index, job.total, job.replicate):
+        for fields in plugin.entries(job, params, start, limit):
+            if sampled(job.id, fields.index, job.total, job.replicate):
                 fields = dataclasses.replace(fields, replicated=True)
                 replicas.append(fields)
             entries.append(fields)

@@ -29,7 +29,9 @@ from pydantic import BaseModel, ValidationError
 
 from .. import validation
 from ..exceptions import ParamsError
+from ..jobs import JobRecord
 from ..protocol import MAX_DEADLINE_S, MAX_MEMORY_MB
+from ..queue import TaskFields
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -226,6 +228,24 @@ class TaskPlugin(ABC, Generic[P]):
         """Per-subtask limits for this job (e.g. from its `--timeout`/`--memory`), carried to
         every node with its tasks. The default sets none: the nodes' own defaults apply."""
         return TaskLimits()
+
+    def entries(self, job: JobRecord, params: P, start: int, count: int) -> Iterator[TaskFields]:
+        """The task entries of subtasks `start`, `start + 1`, ... (at most `count`): what the
+        scheduler feeds, and what an aggregator queues again for a subtask it takes back."""
+        limits = self.limits(params)  # every subtask of a job runs under the same limits
+        for offset, sub in enumerate(self.split(params, start)):
+            if offset >= count:
+                return
+            yield TaskFields(
+                job.id,
+                start + offset,
+                job.kind,
+                job.module,
+                sub.input,
+                blocks=sub.blocks,
+                deadline_s=limits.deadline_s,
+                memory_mb=limits.memory_mb,
+            )
 
 
 def shared_memmap(path: Path, shape: tuple[int, ...], dtype: Any) -> np.memmap:
