@@ -48,7 +48,8 @@ from ..exceptions import ParamsError
 from ..protocol import MAX_DEADLINE_S, MAX_MEMORY_MB
 from ..wasm_module import inspect
 from .base import Prepared, TaskPlugin
-from .wasm import BlockSink, WasmParams, WasmPlugin, read_module
+from .wasm import BlockSink, WasmParams, WasmPlugin
+from .wasm_inputs import read_module
 
 KIND_FILE = "kind.toml"
 PLUGIN_FILE = "plugin.py"

@@ -41,7 +41,7 @@ import secrets
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -49,12 +49,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..exceptions import ParamsError
 from ..protocol import MAX_DEADLINE_S, MAX_MEMORY_MB
 from ..wasi import TRAPPED, EnvelopeError, ResultEnvelope, RunEnvelope, RunResult
-from ..wasm_module import WASM_MAGIC, ModuleKind, check_size, inspect
+from ..wasm_module import ModuleKind, inspect
 from .base import Checked, JobFiles, Origin, Prepared, Subtask, TaskLimits, TaskPlugin, Verdict, atomic_write
+from .wasm_inputs import python_item, read_input, read_lines, read_module, safe_relative, walk_inputs
 
 GROUP_RUNS = 64  # inputs per subtask at most
 GROUP_BYTES = 1024 * 1024  # stdin bytes per subtask at most (a larger input is a subtask alone)
-MAX_INPUT_BYTES = 256 * 1024 * 1024
 DEFAULT_REPLICATE = 0.1
 STDERR_IN_ERROR = 400  # characters of stderr a failed job's message ends with
 FAILED_NAMED = 20  # failed inputs `summary` names
@@ -143,67 +143,6 @@ def envelope_head(params: WasmParams, index: int, extra_env: tuple[str, ...] = (
 def runs_section(stdins: tuple[bytes, ...]) -> bytes:
     """The end of a run envelope: the runs count and one stdin per run."""
     return RunEnvelope((), (), stdins).encode()[_EMPTY_HEAD:]
-
-
-def _safe_relative(name: str) -> bool:
-    path = PurePosixPath(name)
-    return bool(name) and not path.is_absolute() and ".." not in path.parts and "\\" not in name
-
-
-def walk_inputs(paths: Iterable[Path]) -> Iterator[tuple[str, Path]]:
-    """(relative name, file) of every input: a file as its own name, a directory's files by
-    their path inside it (sorted, recursively). Refuses a missing path and a name twice."""
-    seen: dict[str, Path] = {}
-    for given in paths:
-        root = Path(os.path.expanduser(str(given)))
-        if root.is_dir():
-            found = sorted(
-                (Path(d) / f).relative_to(root).as_posix() for d, _dirs, files in os.walk(root) for f in files
-            )
-            pairs = [(name, root / name) for name in found]
-        elif root.is_file():
-            pairs = [(root.name, root)]
-        else:
-            raise ParamsError(f"input {given} is neither a file nor a directory")
-        for name, path in pairs:
-            if name in seen:
-                raise ParamsError(f"two inputs would both write out/{name}: {seen[name]} and {path}")
-            seen[name] = path
-            yield name, path
-
-
-def _read_input(path: Path) -> bytes:
-    try:
-        size = path.stat().st_size
-        if size > MAX_INPUT_BYTES:
-            raise ParamsError(f"input {path} is {size} bytes, more than the {MAX_INPUT_BYTES} an input may be")
-        return path.read_bytes()
-    except OSError as exc:
-        raise ParamsError(f"cannot read input {path}: {exc}") from None
-
-
-def read_lines(path: Path) -> Iterator[tuple[str, bytes]]:
-    """(the line as text, stdin) of each line: the line and a newline, as `echo` gives it."""
-    try:
-        with open(path, "rb") as fh:
-            for raw in fh:
-                line = raw.rstrip(b"\n").rstrip(b"\r")
-                yield line.decode("utf-8", errors="replace")[:200], line + b"\n"
-    except OSError as exc:
-        raise ParamsError(f"cannot read {path}: {exc}") from None
-
-
-def read_module(path: Path) -> bytes:
-    """The module's bytes, its size checked before it is read whole."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(len(WASM_MAGIC))
-            if head != WASM_MAGIC:
-                inspect(head, name=path.name)  # refuses: not WebAssembly
-            check_size(os.fstat(fh.fileno()).st_size, name=path.name)
-            return head + fh.read()
-    except OSError as exc:
-        raise ParamsError(f"cannot read module {path}: {exc}") from None
 
 
 class WasmPlugin(TaskPlugin[WasmParams]):
@@ -320,12 +259,15 @@ class WasmPlugin(TaskPlugin[WasmParams]):
             if raw.get("inputs") is not None:
                 source = Source.INPUTS
                 items: Iterable[tuple[str, bytes]] = (
-                    (name, _read_input(path)) for name, path in walk_inputs(Path(p) for p in raw["inputs"])
+                    (name, read_input(path)) for name, path in walk_inputs(Path(p) for p in raw["inputs"])
                 )
             elif raw.get("lines") is not None:
                 source, items = Source.LINES, read_lines(Path(os.path.expanduser(str(raw["lines"]))))
             else:
-                source, items = Source.ITEMS, ((str(i), _item(i, b)) for i, b in enumerate(raw.get("items") or ()))
+                source, items = (
+                    Source.ITEMS,
+                    ((str(i), python_item(i, b)) for i, b in enumerate(raw.get("items") or ())),
+                )
             total = self._group(items, source, wasi, store_block or blocks.__setitem__, groups)
             if total == 0:
                 raise ParamsError("no inputs: the files, directories or lines given hold none")
@@ -447,7 +389,7 @@ class WasmPlugin(TaskPlugin[WasmParams]):
         names: list[str] = json.loads(files.read_block(names_block)) if names_block else indexes
         if params.source is Source.INPUTS:
             # a name from a hand-made submit that would leave out/ is written by index
-            return [(name, name if _safe_relative(name) else i) for name, i in zip(names, indexes, strict=True)]
+            return [(name, name if safe_relative(name) else i) for name, i in zip(names, indexes, strict=True)]
         return list(zip(names, indexes, strict=True))
 
     def merge(self, files: JobFiles, params: WasmParams, index: int, output: bytes) -> None:
@@ -504,15 +446,6 @@ class WasmPlugin(TaskPlugin[WasmParams]):
         manifest = outdir / MANIFEST
         _write(manifest, "".join(lines).encode())
         return {"manifest": str(manifest), "out": str(outdir / "out")}
-
-
-def _item(index: int, item: object) -> bytes:
-    """One input from Python: bytes as they are, text as UTF-8."""
-    if isinstance(item, str):
-        return item.encode()
-    if isinstance(item, bytes | bytearray | memoryview):
-        return bytes(item)
-    raise ParamsError(f"input {index} is a {type(item).__name__}: expected bytes or str")
 
 
 def _write(path: Path, data: bytes) -> None:
