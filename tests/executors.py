@@ -46,7 +46,9 @@ def mandelbrot_tile(payload: bytes) -> bytes:
 
 
 def hash_batch(payload: bytes) -> bytes:
-    """password_hash mode 0 (docs/wasm-abi.md) with hashlib."""
+    """password_hash mode 0 (docs/wasm-abi.md) with hashlib: what both the hash and the
+    crack kinds send (a crack subtask is its candidates with the job's salt, and a short
+    dklen: the node never sees the target)."""
     _mode, iterations, dklen, count = struct.unpack_from("<B3xIII", payload)
     pos, out = 16, b""
     for _ in range(count):
@@ -64,7 +66,7 @@ def flip_first_pixel(out: bytes) -> bytes:
     return struct.pack("<I", v ^ 1) + out[4:]
 
 
-COMPUTE: dict[str, Callable[[bytes], bytes]] = {"mandelbrot": mandelbrot_tile, "hash": hash_batch}
+COMPUTE: dict[str, Callable[[bytes], bytes]] = {"mandelbrot": mandelbrot_tile, "hash": hash_batch, "crack": hash_batch}
 
 
 class PythonExecutor:

@@ -92,46 +92,62 @@ def test_refused_at_submit(tmp_path: Path) -> None:
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ParamsError, match="empty"):
         plugin.prepare({"target": "ab", "salt": "s", "wordlist": str(tmp_path / "empty.txt")})
+    with pytest.raises(ParamsError, match="is a directory"):
+        plugin.prepare({"target": "ab", "salt": "s", "wordlist": str(tmp_path)})
 
 
-def test_hit_is_rehashed_on_the_controller(tmp_path: Path) -> None:
-    import random as rnd
-    import struct
+def prefixes(task: bytes, iterations: int, salt: bytes, dklen: int) -> bytes:
+    """What an honest node returns: password_hash mode 0 over the task's records."""
+    from processdistro.shared.tasks.crack import decode_candidates
 
+    return b"".join(hashlib.pbkdf2_hmac("sha256", c, salt, iterations, dklen) for c in decode_candidates(task))
+
+
+@pytest.mark.parametrize("dklen", [32, 8, 3], ids=["dklen-32", "dklen-8", "dklen-3"])
+def test_hit_is_rehashed_on_the_controller(tmp_path: Path, dklen: int) -> None:
+    """A node returns key prefixes, never sees the target; the controller finds the hit in
+    them and re-hashes it in full; a false match or a made-up prefix is rejected."""
     plugin = get_plugin("crack")
     (tmp_path / "w.txt").write_text("alpha\nbeta\ngamma\n")
-    target = hashlib.pbkdf2_hmac("sha256", b"beta", b"s", 3, 32).hex()
-    params = plugin.parse_params(
-        plugin.prepare(
-            {"target": target, "salt": "s", "iterations": 3, "wordlist": str(tmp_path / "w.txt"), "chunk": 64}
-        ).params
-    )
+    target = hashlib.pbkdf2_hmac("sha256", b"beta", b"s", 3, dklen)
+    raw = {"target": target.hex(), "salt": "s", "iterations": 3, "wordlist": str(tmp_path / "w.txt"), "chunk": 64}
+    params = plugin.parse_params(plugin.prepare(raw).params)
     task = next(plugin.split(params)).input
-    assert plugin.verify(params, 0, task, struct.pack("<II", 1, 2), rnd.Random()).value == "accept"
-    assert plugin.verify(params, 0, task, struct.pack("<II", 2, 3), rnd.Random()).value == "reject"  # a false hit
-    assert (
-        plugin.verify(params, 0, task, struct.pack("<II", 0xFFFFFFFF, 1), rnd.Random()).value == "reject"
-    )  # skipped work
+    assert target not in task and target[: min(dklen, 8)] not in task  # nothing of the target travels
+    d = min(dklen, 8)
+    honest = prefixes(task, 3, b"s", d)
+    assert len(honest) == 3 * d
+    rng = random.Random(0)
+    assert plugin.verify(params, 0, task, honest, rng).value == "accept"
+    false_hit = target[:d] + honest[d:]  # "alpha" claimed to match the target
+    assert plugin.verify(params, 0, task, false_hit, rng).value == "reject"
+    hidden = honest[:d] + bytes(d) + honest[2 * d :]  # the hit's prefix made up
+    assert plugin.verify(params, 0, task, hidden, random.Random(1)).value == "reject"
+    assert plugin.verify(params, 0, task, honest[:-1], rng).value == "reject"  # wrong length
+    found = tmp_path / "job"
+    from processdistro.shared.tasks import JobFiles
+
+    files = JobFiles("j", found)
+    assert plugin.finished_early(files, params, 0, honest)
+    plugin.merge(files, params, 0, honest)
+    record = json.loads((found / "chunk-000000000.json").read_text())
+    assert record == {"chunk": 0, "hashed": 2, "password": "beta", "line_in_chunk": 1}
 
 
-def test_ringers_catch_a_node_that_skips_work(tmp_path: Path) -> None:
-    import random as rnd
-    import struct
-
+def test_made_up_prefixes_are_caught(tmp_path: Path) -> None:
+    """Every result has real candidates recomputed, chosen by the controller after it
+    arrives: a node that makes them up never passes."""
     plugin = get_plugin("crack")
     (tmp_path / "w.txt").write_text("".join(f"word{i}\n" for i in range(400)))
     target = hashlib.pbkdf2_hmac("sha256", b"absent", b"s", 2, 32).hex()
     raw = {"target": target, "salt": "s", "iterations": 2, "wordlist": str(tmp_path / "w.txt"), "chunk": 64}
     params = plugin.parse_params(plugin.prepare(raw).params)
-    tasks = list(plugin.split(params))
-    assert len(tasks) == params.chunks + params.ringers and params.ringers >= 2
-    for index in range(params.chunks, len(tasks)):
-        task = tasks[index].input
-        lazy = struct.pack("<II", 0xFFFFFFFF, len(tasks[index].input))  # "searched it all, nothing"
-        assert plugin.verify(params, index, task, lazy, rnd.Random()).value == "reject"
-        from processdistro.shared.tasks.crack import decode_candidates, ringer_answer
-
-        position, key = ringer_answer(params, index, decode_candidates(params, task))
-        honest = struct.pack("<II", position, position + 1)
-        assert plugin.verify(params, index, task, honest, rnd.Random()).value == "accept"
+    tasks = [sub.input for sub in plugin.split(params)]
+    assert len(tasks) == params.chunks  # no extra, recognisable check tasks
+    rng = random.Random(7)
+    for index, task in enumerate(tasks):
+        honest = prefixes(task, 2, b"s", 8)
+        assert plugin.verify(params, index, task, honest, rng).value == "accept"
+        made_up = bytes(len(honest))
+        assert plugin.verify(params, index, task, made_up, rng).value == "reject"
         assert not plugin.finished_early(None, params, index, honest)  # type: ignore[arg-type]

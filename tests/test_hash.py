@@ -62,16 +62,86 @@ def test_ringer_catches_wrong_keys(tmp_path: Path) -> None:
     params = plugin.parse_params(prepared.params)
     sub = next(plugin.split(params))
     records = prepared.blocks[sub.blocks[0]]
+    task = sub.input + records  # what the aggregator's verify gets: inline bytes, then blocks
     from processdistro.shared.tasks.hashing import decode_records
 
     pairs = decode_records(records, 11)
     honest = b"".join(hashlib.pbkdf2_hmac("sha256", p, s, 10, 32) for p, s in pairs)
     rng = random.Random(0)
-    assert plugin.verify(params, 0, b"", honest, rng).value == "accept"
+    assert plugin.verify(params, 0, task, honest, rng).value == "accept"
     lazy = bytes(len(honest))
-    assert plugin.verify(params, 0, b"", lazy, rng).value == "reject"
+    assert plugin.verify(params, 0, task, lazy, rng).value == "reject"
     wrong_iterations = b"".join(hashlib.pbkdf2_hmac("sha256", p, s, 9, 32) for p, s in pairs)
-    assert plugin.verify(params, 0, b"", wrong_iterations, rng).value == "reject"
+    assert plugin.verify(params, 0, task, wrong_iterations, rng).value == "reject"
+
+
+def test_real_rows_are_spot_checked(tmp_path: Path) -> None:
+    """A node that computes the planted row (even knowing which it is) and makes up the real
+    rows is caught by the real rows the controller recomputes."""
+    write_rows(tmp_path / "rows.csv", 40, with_ids=False)
+    plugin = get_plugin("hash")
+    prepared = plugin.prepare({"input": str(tmp_path / "rows.csv"), "iterations": 10, "batch": 10})
+    params = plugin.parse_params(prepared.params)
+    from processdistro.shared.tasks.hashing import decode_records
+
+    rng = random.Random(3)
+    for index, sub in enumerate(plugin.split(params)):
+        records = prepared.blocks[sub.blocks[0]]
+        pos = params.batches[index][4]
+        pairs = decode_records(records, 11)
+        keys_ = [hashlib.pbkdf2_hmac("sha256", p, s, 10, 32) for p, s in pairs]
+        only_planted = b"".join(k if i == pos else bytes(32) for i, k in enumerate(keys_))
+        assert plugin.verify(params, index, sub.input + records, only_planted, rng).value == "reject"
+        assert plugin.verify(params, index, sub.input + records, b"".join(keys_), rng).value == "accept"
+
+
+def test_planted_row_looks_like_the_batch(tmp_path: Path) -> None:
+    """The planted row's password and salt have a real row's lengths and the batch's own
+    characters: none of the old tells (16 URL-safe characters, binary salt)."""
+    write_rows(tmp_path / "rows.csv", 200, with_ids=False)
+    plugin = get_plugin("hash")
+    prepared = plugin.prepare({"input": str(tmp_path / "rows.csv"), "iterations": 1, "batch": 20})
+    params = plugin.parse_params(prepared.params)
+    from processdistro.shared.tasks.hashing import decode_records
+
+    for index, sub in enumerate(plugin.split(params)):
+        pairs = decode_records(prepared.blocks[sub.blocks[0]], 21)
+        pos = params.batches[index][4]
+        planted, real = pairs[pos], pairs[:pos] + pairs[pos + 1 :]
+        password, salt = planted[0].decode(), planted[1].decode()  # UTF-8 text, as real rows are
+        assert (len(password), len(salt)) in {(len(p.decode()), len(s.decode())) for p, s in real}
+        assert set(password) <= set("".join(p.decode() for p, _ in real))
+        assert set(salt) <= set("".join(s.decode() for _, s in real))
+
+
+@pytest.mark.parametrize(
+    ("items", "cost", "expected"),
+    [
+        pytest.param(100, 1_000, 4, id="cheap: the most"),
+        pytest.param(3, 1_000, 3, id="cheap, few items: all"),
+        pytest.param(100, 100_000, 2, id="default iterations: what the budget pays"),
+        pytest.param(100, 200_000, 1, id="exactly the budget: one"),
+        pytest.param(100, 0, 4, id="free"),
+    ],
+)
+def test_spot_checks_stay_within_the_budget(items: int, cost: int, expected: int) -> None:
+    from processdistro.shared.tasks.hashing import CHECK_HMACS, spot_positions
+
+    assert CHECK_HMACS == 200_000
+    picked = spot_positions(items, cost, random.Random(1))
+    assert len(picked) == expected == len(set(picked)) and all(0 <= p < items for p in picked)
+    assert len(picked) * cost <= CHECK_HMACS
+
+
+def test_spot_checks_beyond_the_budget_are_sampled() -> None:
+    """One row costing 10x the budget is recomputed in about 1 result of 10: the expected
+    cost per result stays at the budget."""
+    from processdistro.shared.tasks.hashing import CHECK_HMACS, spot_positions
+
+    rng = random.Random(5)
+    picks = [len(spot_positions(50, 10 * CHECK_HMACS, rng)) for _ in range(4000)]
+    assert set(picks) <= {0, 1}
+    assert 0.08 < sum(picks) / len(picks) < 0.12
 
 
 def test_refused_at_submit(tmp_path: Path) -> None:

@@ -2,10 +2,18 @@
 
 The wordlist is never read whole: subtask `i` is the lines that *start* in bytes
 `[i*chunk, (i+1)*chunk)` of the file, found by a seek, so the scheduler streams any size
-and can resume at any subtask after a restart. Every claimed hit is re-hashed on the
-controller before it counts; the first one ends the job and cancels what is left. The
-scheduler reads the wordlist by path, so it must be where the scheduler runs (with compose:
-on the shared data volume).
+and can resume at any subtask after a restart. The scheduler reads the wordlist by path, so
+it must be where the scheduler runs (with compose: on the shared data volume).
+
+Nodes never see the target. A subtask is the kernel's *hash* mode (docs/wasm-abi.md,
+`password_hash` mode 0) over the records `(candidate, salt)` with `dklen = prefix` (the
+first `PREFIX` bytes of the target's length; a PBKDF2 key with a shorter `dklen` is a prefix
+of the longer one), and a node returns one short key prefix per candidate. The controller
+compares them with the target, so a node cannot know which candidate is the hit and cannot
+hide it selectively; it recomputes a few random candidates of every result
+(`hashing.spot_positions`, within `hashing.CHECK_HMACS`), so a node that makes prefixes up
+is caught; and a prefix that matches is re-hashed in full before it counts (`first_hit`).
+The first hit in list order ends the job and cancels what is left.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import hashlib
 import json
 import os
 import random
-import struct
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -24,11 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..exceptions import ParamsError
 from .base import JobFiles, Prepared, Subtask, TaskPlugin, Verdict, atomic_write
-from .hashing import HEADER, WASM_SLOWDOWN, _int
+from .hashing import HEADER, MODE_HASH, WASM_SLOWDOWN, _int, decode_records, encode_records, pbkdf2_cost, spot_positions
 
-MODE_CRACK = 1
-NO_HIT = 0xFFFFFFFF
-RESULT = struct.Struct("<II")  # index of the first hit (or NO_HIT), candidates hashed
+#: Bytes of derived key a node returns per candidate (fewer when the target is shorter):
+#: enough that an honest prefix matches by chance once in 2**64 candidates.
+PREFIX = 8
 TARGET_TASK_S = 1.0
 AVG_LINE_BYTES = 10
 
@@ -42,8 +50,6 @@ class CrackParams(BaseModel):
     wordlist: str
     size: int = Field(ge=1, description="wordlist size in bytes when submitted")
     chunk: int = Field(ge=16, description="bytes of wordlist per subtask")
-    ringer_every: int = Field(default=20, ge=0, description="one known-answer task per this many chunks (0: none)")
-    ringer_seed: int = 0
 
     @field_validator("target")
     @classmethod
@@ -61,19 +67,13 @@ class CrackParams(BaseModel):
         return len(self.target) // 2
 
     @property
-    def chunks(self) -> int:
-        return -(-self.size // self.chunk)
+    def prefix(self) -> int:
+        """Bytes of key per candidate that a node computes and returns."""
+        return min(self.dklen, PREFIX)
 
     @property
-    def ringers(self) -> int:
-        return -(-self.chunks // self.ringer_every) if self.ringer_every else 0
-
-    def ringer(self, index: int) -> tuple[int, random.Random] | None:
-        """For a ringer task (the indexes after the chunks): its chunk and its chooser."""
-        k = index - self.chunks
-        if k < 0:
-            return None
-        return k * self.ringer_every, random.Random(self.ringer_seed * 1_000_003 + k)
+    def chunks(self) -> int:
+        return -(-self.size // self.chunk)
 
 
 def chunk_lines(fh: BinaryIO, index: int, chunk: int, size: int) -> list[bytes]:
@@ -94,32 +94,50 @@ def chunk_lines(fh: BinaryIO, index: int, chunk: int, size: int) -> list[bytes]:
     return lines
 
 
-def encode_task(params: CrackParams, candidates: list[bytes], target: bytes | None = None) -> bytes:
+def read_chunk(params: CrackParams, index: int) -> list[bytes]:
+    """Chunk `index`'s candidates; an empty chunk (inside one long line) is one empty word,
+    so that it still makes a well-formed task."""
+    with open(params.wordlist, "rb") as fh:
+        return chunk_lines(fh, index, params.chunk, params.size) or [b""]
+
+
+def encode_task(params: CrackParams, candidates: list[bytes]) -> bytes:
+    """A node's input: `password_hash` mode 0 over `(candidate, salt)`, `dklen = prefix`."""
     salt = params.salt.encode()
-    head = HEADER.pack(MODE_CRACK, params.iterations, params.dklen, len(candidates))
-    body = b"".join(struct.pack("<I", len(c)) + c for c in candidates)
-    return head + struct.pack("<I", len(salt)) + salt + (target or bytes.fromhex(params.target)) + body
+    head = HEADER.pack(MODE_HASH, params.iterations, params.prefix, len(candidates))
+    return head + encode_records([(c, salt) for c in candidates])
 
 
-def ringer_answer(params: CrackParams, index: int, candidates: list[bytes]) -> tuple[int, bytes]:
-    """The hidden word of ringer task `index`: (first position it appears at, its key)."""
-    found = params.ringer(index)
-    assert found is not None
-    _chunk, chooser = found
-    word = candidates[chooser.randrange(len(candidates))]
-    key = hashlib.pbkdf2_hmac("sha256", word, params.salt.encode(), params.iterations, params.dklen)
-    return candidates.index(word), key
-
-
-def decode_candidates(params: CrackParams, task_input: bytes) -> list[bytes]:
+def decode_candidates(task_input: bytes) -> list[bytes]:
     _mode, _it, _dklen, count = HEADER.unpack_from(task_input)
-    pos = HEADER.size + 4 + len(params.salt.encode()) + params.dklen
-    out = []
-    for _ in range(count):
-        (n,) = struct.unpack_from("<I", task_input, pos)
-        out.append(task_input[pos + 4 : pos + 4 + n])
-        pos += 4 + n
-    return out
+    return [candidate for candidate, _salt in decode_records(task_input[HEADER.size :], count)]
+
+
+def prefix_matches(params: CrackParams, output: bytes) -> list[int]:
+    """Positions whose returned prefix equals the target's (no hashing: bytes compared)."""
+    d = params.prefix
+    want = bytes.fromhex(params.target)[:d]
+    found, at = [], output.find(want)
+    while at >= 0:
+        if at % d == 0:
+            found.append(at // d)
+        at = output.find(want, at + 1)
+    return found
+
+
+def first_hit(params: CrackParams, candidates: list[bytes], output: bytes) -> tuple[int | None, bool]:
+    """(the first candidate whose full key is the target, or None; whether every prefix
+    re-hashed on the way was honest). Matches are re-hashed in order: a dishonest one ends
+    the search at once, so a node claiming many matches costs one PBKDF2, not many; an
+    honest prefix whose full key differs (a 64-bit coincidence) is not a hit."""
+    d = params.prefix
+    for p in prefix_matches(params, output):
+        key = hashlib.pbkdf2_hmac("sha256", candidates[p], params.salt.encode(), params.iterations, params.dklen)
+        if key[:d] != output[p * d : (p + 1) * d]:
+            return None, False
+        if key.hex() == params.target:
+            return p, True
+    return None, True
 
 
 class CrackPlugin(TaskPlugin[CrackParams]):
@@ -164,7 +182,14 @@ class CrackPlugin(TaskPlugin[CrackParams]):
     def prepare(self, raw: dict[str, Any]) -> Prepared:
         path = Path(os.path.expanduser(str(raw["wordlist"]))).resolve()
         try:
-            size = path.stat().st_size
+            mode = path.stat().st_mode
+            if stat.S_ISDIR(mode):
+                raise ParamsError(f"wordlist {path} is a directory: expected a file with one candidate per line")
+            if not stat.S_ISREG(mode):
+                raise ParamsError(f"wordlist {path} is not a regular file: expected one candidate per line")
+            with open(path, "rb") as fh:  # readable by us, hence (usually) by the scheduler
+                fh.read(1)
+                size = os.fstat(fh.fileno()).st_size
         except OSError as exc:
             raise ParamsError(f"cannot read wordlist {path}: {exc}") from None
         if size == 0:
@@ -178,7 +203,6 @@ class CrackPlugin(TaskPlugin[CrackParams]):
             "wordlist": str(path),
             "size": size,
             "chunk": max(16, chunk),
-            "ringer_seed": random.SystemRandom().getrandbits(48),
         }
         self.parse_params(params)  # refuse a bad target here, with the model's message
         return Prepared(params=params, blocks={})
@@ -190,51 +214,51 @@ class CrackPlugin(TaskPlugin[CrackParams]):
         return max(16, estimate_batch(iterations, min(dklen, 32)) * AVG_LINE_BYTES)
 
     def count(self, params: CrackParams) -> int:
-        # the chunks, then the known-answer "ringer" tasks: a chunk searched for one of its
-        # own words, so a node that claims "no hit" without doing the work is caught
-        return params.chunks + params.ringers
+        return params.chunks
 
     def split(self, params: CrackParams, start: int = 0) -> Iterator[Subtask]:
         with open(params.wordlist, "rb") as fh:
             for index in range(start, self.count(params)):
-                ringer = params.ringer(index)
-                chunk = ringer[0] if ringer else index
                 # an empty chunk (inside one long line) still needs a well-formed task
-                lines = chunk_lines(fh, chunk, params.chunk, params.size) or [b""]
-                target = ringer_answer(params, index, lines)[1] if ringer else None
-                yield Subtask(encode_task(params, lines, target))
+                lines = chunk_lines(fh, index, params.chunk, params.size) or [b""]
+                yield Subtask(encode_task(params, lines))
 
     def verify(self, params: CrackParams, index: int, task_input: bytes, output: bytes, rng: random.Random) -> Verdict:
-        if len(output) != RESULT.size:
+        candidates = decode_candidates(task_input)
+        d = params.prefix
+        if len(output) != len(candidates) * d:
             return Verdict.REJECT
-        hit, hashed = RESULT.unpack(output)
-        candidates = decode_candidates(params, task_input)
-        if params.ringer(index) is not None:
-            position, _key = ringer_answer(params, index, candidates)
-            return Verdict.ACCEPT if (hit, hashed) == (position, position + 1) else Verdict.REJECT
-        if hit == NO_HIT:
-            return Verdict.ACCEPT if hashed == len(candidates) else Verdict.REJECT
-        if hit >= len(candidates) or hashed != hit + 1:
-            return Verdict.REJECT
-        key = hashlib.pbkdf2_hmac("sha256", candidates[hit], params.salt.encode(), params.iterations, params.dklen)
-        return Verdict.ACCEPT if key.hex() == params.target else Verdict.REJECT
+        _hit, honest = first_hit(params, candidates, output)
+        if not honest:
+            return Verdict.REJECT  # claimed a match that is not one
+        salt = params.salt.encode()
+        for p in spot_positions(len(candidates), pbkdf2_cost(params.iterations, d), rng):
+            if hashlib.pbkdf2_hmac("sha256", candidates[p], salt, params.iterations, d) != output[p * d : (p + 1) * d]:
+                return Verdict.REJECT  # made up (or miscomputed): it could have hidden the hit
+        return Verdict.ACCEPT
+
+    def _hit(self, params: CrackParams, index: int, output: bytes) -> tuple[int, bytes] | None:
+        """A verified result's first hit and its word (the chunk is read again only when a
+        prefix matches: at most once per job, bar 64-bit coincidences)."""
+        if not prefix_matches(params, output):
+            return None
+        candidates = read_chunk(params, index)
+        hit = first_hit(params, candidates, output)[0]
+        return None if hit is None else (hit, candidates[hit])
 
     def merge(self, files: JobFiles, params: CrackParams, index: int, output: bytes) -> None:
-        if params.ringer(index) is not None:
-            return  # verified; its hit is ours, not the user's
-        hit, hashed = RESULT.unpack(output)
+        found = self._hit(params, index, output)
+        # `hashed`: the candidates the search needed, as the kernel's mode 1 counts them
+        hashed = len(output) // params.prefix if found is None else found[0] + 1
         record: dict[str, Any] = {"chunk": index, "hashed": hashed}
-        if hit != NO_HIT:
-            with open(params.wordlist, "rb") as fh:
-                lines = chunk_lines(fh, index, params.chunk, params.size) or [b""]
-            record["password"] = lines[hit].decode("utf-8", errors="replace")
-            record["line_in_chunk"] = hit
+        if found is not None:
+            record["password"] = found[1].decode("utf-8", errors="replace")
+            record["line_in_chunk"] = found[0]
         files.directory.mkdir(parents=True, exist_ok=True)
         atomic_write(files.path(f"chunk-{index:09d}.json"), lambda fh: fh.write(json.dumps(record).encode()))
 
     def finished_early(self, files: JobFiles, params: CrackParams, index: int, output: bytes) -> bool:
-        hit: int = RESULT.unpack(output)[0]
-        return hit != NO_HIT and params.ringer(index) is None
+        return self._hit(params, index, output) is not None
 
     def finalize(self, files: JobFiles, params: CrackParams) -> dict[str, str]:
         records = [json.loads(p.read_text()) for p in sorted(files.directory.glob("chunk-*.json"))]

@@ -2,10 +2,18 @@
 
 The CLI (`prepare`) streams the CSV, checks its columns, and cuts the rows into batches of
 about `TARGET_TASK_S` of work on a typical node. Each batch is one shared block of records
-(layout: docs/wasm-abi.md, `password_hash` mode 0) with one known-answer "ringer" row hidden
-at a random position: a node that skips work or makes up keys gets the ringer wrong, and the
-batch is never merged. The output CSV keeps the input order: `id` (or `row`), `salt`,
-`dk_hex`.
+(layout: docs/wasm-abi.md, `password_hash` mode 0). Two checks, neither of which a node can
+tell from work:
+- the aggregator recomputes a few *real* rows of each result, chosen at random when the
+  result arrives (`spot_positions`, within `CHECK_HMACS` of PBKDF2 work per result), as
+  Mandelbrot pixels are recomputed;
+- one known-answer row is planted at a random position of each batch (`planted_row`): its
+  password and salt take the length of a random real row of the batch and characters drawn
+  from the batch's own, so no byte marks it. It costs the controller nothing when checked
+  (its key is computed once, at submit), so it catches a node that makes keys up even where
+  the spot checks are sampled (`iterations` too large for the budget).
+A node that skips work or makes up keys fails one of them, and the batch is never merged.
+The output CSV keeps the input order: `id` (or `row`), `salt`, `dk_hex`.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import json
 import os
 import random
 import secrets
+import stat
 import struct
 import time
 from collections.abc import Iterator
@@ -35,6 +44,44 @@ MODE_HASH = 0
 TARGET_TASK_S = 1.0
 WASM_SLOWDOWN = 4.0  # PBKDF2 in WASM runs ~4x slower per core than OpenSSL (docs/benchmarks.md)
 MAX_BATCH = 5000
+#: The controller's PBKDF2 budget for the spot checks of one result, in HMAC-SHA256 calls
+#: (`pbkdf2_cost`): about 50 ms of hashlib on one core. `spot_positions` keeps the expected
+#: cost per result at or under it, so no result (and no node) can make an aggregator stall.
+CHECK_HMACS = 200_000
+#: At most this many real rows (or crack candidates) are recomputed per result.
+SPOT_CHECKS = 4
+
+
+def pbkdf2_cost(iterations: int, dklen: int) -> int:
+    """HMAC-SHA256 calls of one PBKDF2-HMAC-SHA256 key: one chain of `iterations` per 32 bytes."""
+    return iterations * -(-dklen // 32)
+
+
+def spot_positions(
+    items: int, cost: int, rng: random.Random, *, budget: int = CHECK_HMACS, most: int = SPOT_CHECKS
+) -> list[int]:
+    """Which of a result's `items` (each `cost` HMAC calls to recompute) the controller
+    recomputes: up to `most` of them, chosen by `rng` after the result arrived, as many as
+    `budget` pays for; when even one costs more than `budget`, one with probability
+    `budget / cost`, so the expected cost per result stays within the budget."""
+    if items <= 0:
+        return []
+    k = min(items, most, budget // max(cost, 1))
+    if k == 0 and rng.random() < budget / cost:
+        k = 1
+    return rng.sample(range(items), k)
+
+
+def planted_row(rows: list[tuple[bytes, bytes]], rnd: random.Random) -> tuple[bytes, bytes]:
+    """A known-answer row shaped like the batch's own `rows` (UTF-8 text, as the CSV gave
+    them): the password and salt lengths of one real row picked at random, each character
+    drawn from the characters of the batch's passwords (salts) with their frequencies."""
+    passwords = "".join(p.decode() for p, _ in rows)
+    salts = "".join(s.decode() for _, s in rows)
+    like_p, like_s = rnd.choice(rows)
+    password = "".join(rnd.choice(passwords) for _ in like_p.decode())
+    salt = "".join(rnd.choice(salts) for _ in like_s.decode())
+    return password.encode(), salt.encode()
 
 
 def encode_records(rows: list[tuple[bytes, bytes]]) -> bytes:
@@ -131,15 +178,19 @@ class HashPlugin(TaskPlugin[HashParams]):
             blocks[sha] = data
             return sha
 
+        chooser = random.SystemRandom()
+
         def flush(start: int, rows: list[tuple[bytes, bytes]], ids: list[str] | None) -> None:
             pos = secrets.randbelow(len(rows) + 1)
-            ringer = (secrets.token_urlsafe(12).encode(), secrets.token_bytes(max(1, len(rows[0][1]))))
+            ringer = planted_row(rows, chooser)
             dk = hashlib.pbkdf2_hmac("sha256", ringer[0], ringer[1], iterations, dklen)
             records = add(encode_records(rows[:pos] + [ringer] + rows[pos:]))
             meta = add(json.dumps(ids).encode()) if ids is not None else ""
             batches.append((start, len(rows), records, meta, pos, dk.hex()))
 
         try:
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                raise ParamsError(f"{path} is not a file: expected a CSV of password,salt rows")
             with open(path, encoding="utf-8", newline="") as fh:
                 reader = csv.DictReader(fh)
                 fields = reader.fieldnames or []
@@ -190,10 +241,19 @@ class HashPlugin(TaskPlugin[HashParams]):
 
     def verify(self, params: HashParams, index: int, task_input: bytes, output: bytes, rng: random.Random) -> Verdict:
         _first, rows, _records, _meta, pos, dk_hex = params.batches[index]
-        if len(output) != (rows + 1) * params.dklen:
+        dklen = params.dklen
+        if len(output) != (rows + 1) * dklen:
             return Verdict.REJECT
-        ringer = output[pos * params.dklen : (pos + 1) * params.dklen]
-        return Verdict.ACCEPT if ringer.hex() == dk_hex else Verdict.REJECT
+        if output[pos * dklen : (pos + 1) * dklen].hex() != dk_hex:
+            return Verdict.REJECT  # the planted row
+        records = decode_records(task_input[HEADER.size :], rows + 1)
+        for k in spot_positions(rows, pbkdf2_cost(params.iterations, dklen), rng):
+            at = k + (k >= pos)  # the k-th real row, past the planted one
+            password, salt = records[at]
+            key = hashlib.pbkdf2_hmac("sha256", password, salt, params.iterations, dklen)
+            if output[at * dklen : (at + 1) * dklen] != key:
+                return Verdict.REJECT
+        return Verdict.ACCEPT
 
     def merge(self, files: JobFiles, params: HashParams, index: int, output: bytes) -> None:
         first, rows, _records, _meta, pos, _dk = params.batches[index]
