@@ -39,6 +39,7 @@ from .hashing import HEADER, MODE_HASH, WASM_SLOWDOWN, _int, decode_records, enc
 PREFIX = 8
 TARGET_TASK_S = 1.0
 AVG_LINE_BYTES = 10
+MAX_CHUNK = 4 * 1024 * 1024
 
 
 class CrackParams(BaseModel):
@@ -49,7 +50,9 @@ class CrackParams(BaseModel):
     iterations: int = Field(default=100_000, ge=1, le=100_000_000)
     wordlist: str
     size: int = Field(ge=1, description="wordlist size in bytes when submitted")
-    chunk: int = Field(ge=16, description="bytes of wordlist per subtask")
+    # bounded so that a result (PREFIX bytes per line, 2 bytes at least per line) stays far
+    # below the gateway's frame cap (PD_MAX_MESSAGE_BYTES, 32 MiB by default, base64)
+    chunk: int = Field(ge=16, le=MAX_CHUNK, description="bytes of wordlist per subtask")
 
     @field_validator("target")
     @classmethod
