@@ -241,8 +241,8 @@ class CrackPlugin(TaskPlugin[CrackParams]):
         return Verdict.ACCEPT
 
     def _hit(self, params: CrackParams, index: int, output: bytes) -> tuple[int, bytes] | None:
-        """A verified result's first hit and its word (the chunk is read again only when a
-        prefix matches: at most once per job, bar 64-bit coincidences)."""
+        """A verified result's first hit and its word (the chunk is read again, and the match
+        re-hashed, only when a prefix matches: a hit, bar 64-bit coincidences)."""
         if not prefix_matches(params, output):
             return None
         candidates = read_chunk(params, index)
