@@ -7,7 +7,8 @@
   closes idle keep-alive connections (`timeout_keep_alive`) but has no such timer, so a
   client sending its headers a byte at a time held a connection open for ever.
 - a **per-address cap**: at most `max_connections_per_address` open connections (HTTP or
-  upgraded to WebSocket) from one peer address; one more is answered `429` and closed.
+  upgraded to WebSocket) from one peer address; one more is answered `429` (when its
+  request comes) and closed.
   Trusted proxies (`trusted_proxies`) are exempt: their connections carry many clients.
 
 It counts TCP connections, before any request is parsed, so a flood of half-open requests
@@ -34,8 +35,9 @@ from ..shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-MAX_HEAD_BYTES = 32 * 1024  # a request line and headers (a WebSocket URL carries a token)
-REFUSED_LINGER_S = 1.0  # a refused connection is closed after this, so its client reads the 429
+MAX_HEAD_BYTES = 16 * 1024  # a request line and headers (a WebSocket URL carries a token: ~200 bytes)
+REFUSED_LINGER_S = 1.0  # a refused connection is closed this long after its 429, so its client reads it
+REFUSED_WAIT_S = 2.0  # how long a refused connection may take to send its request
 PRUNE_AT = 4096  # addresses remembered before closed connections are swept out
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -78,15 +80,18 @@ class GuardedH11Protocol(H11Protocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._upgraded = False
         self._refused = False
+        self._answered = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         host = self.client[0] if self.client else ""
         if host and not is_trusted(host, self.trusted) and not self._count(host, transport):
+            # answered 429 once the client has sent something (a client may not expect an
+            # answer before its request); closed after the header timeout at the latest
             self._refused = True
             log.info("connection from %s refused: %d open already", host, self.max_connections)
-            transport.write(refusal(self.max_connections))
-            self.loop.call_later(REFUSED_LINGER_S, transport.close)
+            wait = min(self.header_timeout_s, REFUSED_WAIT_S)
+            self._head_timer = self.loop.call_later(wait, self._head_too_slow)
             return
         self._arm()
 
@@ -108,7 +113,12 @@ class GuardedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
-            return  # the 429 is on its way; what the client sends is not read
+            if not self._answered:
+                self._answered = True
+                self._disarm()
+                self.transport.write(refusal(self.max_connections))
+                self.loop.call_later(REFUSED_LINGER_S, self.transport.close)
+            return  # what a refused client sends is not read
         before = self.cycle
         super().data_received(data)
         if self.cycle is not before:
@@ -136,7 +146,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
-        if self._upgraded or not (self.cycle is None or self.cycle.response_complete):
+        if not self._refused and (self._upgraded or not (self.cycle is None or self.cycle.response_complete)):
             return
         log.info(
             "connection from %s closed: no whole request head within %gs",

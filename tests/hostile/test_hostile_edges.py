@@ -4,6 +4,7 @@ keeps of jobs and nodes that are gone. Real gateway processes (`Controller`), re
 from __future__ import annotations
 
 import inspect
+import json
 import secrets
 import select
 import socket
@@ -66,26 +67,38 @@ def test_slow_request_heads_are_cut_off(controller: Controller) -> None:
     """Issue 9.10: a client that opens a connection and sends its headers a byte at a time
     (or nothing at all) held it open for ever. Fix: the gateway closes a connection whose
     request head is not complete within PD_HEADER_TIMEOUT_S (gateway/edge.py)."""
-    slow, silent = connect(controller.port), connect(controller.port)
-    opened = time.monotonic()
-    slow.sendall(b"GET /agent HTTP/1.1\r\nHost: x\r\n")
-    closed: dict[str, float] = {}
-    while len(closed) < 2:
-        elapsed = time.monotonic() - opened
-        assert elapsed < HEADER_TIMEOUT_S + 15, f"still open after {elapsed:.1f}s: {closed}"
-        if "slow" not in closed:
-            try:
-                slow.sendall(b"X")  # one more byte of a header that never ends
-            except (BrokenPipeError, ConnectionResetError):
-                closed["slow"] = elapsed
-            if closed_by_peer(slow, 0.25):
-                closed["slow"] = elapsed
-        if "silent" not in closed and closed_by_peer(silent, 0.25):
-            closed["silent"] = time.monotonic() - opened
-    for name, when in closed.items():
-        assert HEADER_TIMEOUT_S - 0.5 <= when <= HEADER_TIMEOUT_S + 15, (name, when)
-    slow.close()
-    silent.close()
+    # a node's WebSocket session, upgraded from HTTP on the same kind of connection
+    accepted = report_answer(controller.url, controller.join_code, {})
+    ws_url = f"ws://127.0.0.1:{controller.port}/ws?token={accepted['token']}"
+    with ws_client.connect(ws_url, open_timeout=10) as session:
+        session.send(json.dumps({"type": "hello"}))
+        assert json.loads(session.recv(10))["type"] == "welcome"
+        slow, silent = connect(controller.port), connect(controller.port)
+        opened = time.monotonic()
+        slow.sendall(b"GET /agent HTTP/1.1\r\nHost: x\r\n")
+        closed: dict[str, float] = {}
+        while len(closed) < 2:
+            elapsed = time.monotonic() - opened
+            assert elapsed < HEADER_TIMEOUT_S + 15, f"still open after {elapsed:.1f}s: {closed}"
+            if "slow" not in closed:
+                try:
+                    slow.sendall(b"X")  # one more byte of a header that never ends
+                except (BrokenPipeError, ConnectionResetError):
+                    closed["slow"] = elapsed
+                if closed_by_peer(slow, 0.25):
+                    closed["slow"] = elapsed
+            if "silent" not in closed and closed_by_peer(silent, 0.25):
+                closed["silent"] = time.monotonic() - opened
+            session.send(json.dumps({"type": "heartbeat", "running": 0, "done": 0}))
+        for name, when in closed.items():
+            assert HEADER_TIMEOUT_S - 0.5 <= when <= HEADER_TIMEOUT_S + 15, (name, when)
+        slow.close()
+        silent.close()
+        # the session outlived the header timeout: a head timer never cuts an upgraded connection
+        session.send(json.dumps({"type": "heartbeat", "running": 0, "done": 0}))
+        session.send(json.dumps({"type": "ready", "free": 0}))
+        with pytest.raises(TimeoutError):
+            session.recv(1)  # nothing to say, and above all no close
     # a whole request head in time is served as before, keep-alive included
     with httpx.Client(base_url=controller.url) as http:
         assert http.get("/agent").status_code == 200
@@ -104,8 +117,9 @@ def test_connections_over_the_per_address_cap_are_refused(controller: Controller
         refused = httpx.get(f"{controller.url}/agent")
         assert refused.status_code == 429, refused.text
         assert "too many connections" in refused.json()["error"]
-        with pytest.raises(InvalidStatus) as ws_refused:
-            ws_client.connect(f"ws://127.0.0.1:{controller.port}/ws?token=x", open_timeout=10).close()
+        ws_url = f"ws://127.0.0.1:{controller.port}/ws?token=x"
+        with pytest.raises(InvalidStatus) as ws_refused, ws_client.connect(ws_url, open_timeout=10):
+            pass
         assert ws_refused.value.response.status_code == 429
         other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"))
         with other:
@@ -124,6 +138,11 @@ def test_connections_over_the_per_address_cap_are_refused(controller: Controller
 
 def report(base_url: str, join_code: str, headers: dict[str, str]) -> str:
     """A node report (with `headers`); returns the node id it was given."""
+    return str(report_answer(base_url, join_code, headers)["node_id"])
+
+
+def report_answer(base_url: str, join_code: str, headers: dict[str, str]) -> dict[str, object]:
+    """The gateway's answer to a node report (with `headers`) of a fresh device."""
     resp = httpx.post(
         f"{base_url}/node-report",
         headers=headers,
@@ -136,7 +155,7 @@ def report(base_url: str, join_code: str, headers: dict[str, str]) -> str:
         },
     )
     assert resp.status_code == 200, resp.text
-    return str(resp.json()["node_id"])
+    return dict(resp.json())
 
 
 @pytest.fixture
