@@ -126,9 +126,13 @@ def test_up_redis_has_a_password_and_state_files_are_private(
     client = plain_client(url)
     assert client.ping()
     # every service connected with it: they are all registered and the gateway is healthy
-    services = {k.decode().split(":")[2] for k in client.scan_iter(match="pd:service:*")}
+    deadline = time.monotonic() + 30
+    while not {"scheduler", "aggregator"} <= (
+        services := {k.decode().split(":")[2] for k in client.scan_iter(match="pd:service:*")}
+    ):
+        assert time.monotonic() < deadline, (services, log.read_text())
+        time.sleep(0.1)
     client.close()
-    assert {"scheduler", "aggregator"} <= services
     assert httpx.get(f"http://127.0.0.1:{env['PD_PORT']}/healthz").status_code == 200
     # the command line of redis-server does not carry the password
     redis_pid = next(k for k in children_of(proc.pid) if "redis" in Path(f"/proc/{k}/cmdline").read_text())
