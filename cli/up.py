@@ -19,7 +19,7 @@ from pathlib import Path
 import qrcode
 from rich.console import Console
 
-from .shared.redis_server import EmbeddedRedis
+from .shared.redis_server import EmbeddedRedis, redis_password, write_private
 from .shared.settings import Settings
 from .shared.store import client as store
 
@@ -94,15 +94,18 @@ def print_join(console: Console, join_url: str, gateway_url: str) -> None:
 
 def run_up(settings: Settings, *, console: Console, workers: int = 0) -> int:
     home = settings.home_dir
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)  # a new home is ours alone
     logs = home / "logs"
-    logs.mkdir(exist_ok=True)
+    logs.mkdir(exist_ok=True, mode=0o700)
     embedded: EmbeddedRedis | None = None
     redis_url = settings.redis_url
     if not redis_url:
-        embedded = EmbeddedRedis(directory=home / "redis")
+        # with a password (kept in $PD_HOME/redis.password, 0600), passed on in the URL
+        embedded = EmbeddedRedis(directory=home / "redis", password=redis_password(home))
         redis_url = embedded.start()
-        console.print(f"Started embedded Redis at {redis_url} (files in {home / 'redis'})")
+        console.print(
+            f"Started embedded Redis on 127.0.0.1:{embedded.port} with a password (files in {home / 'redis'})"
+        )
 
     env = {
         **os.environ,
@@ -154,7 +157,8 @@ def run_up(settings: Settings, *, console: Console, workers: int = 0) -> int:
             "pid": os.getpid(),
             "logs": str(logs),
         }
-        settings.controller_file.write_text(json.dumps(info, indent=2) + "\n")
+        # it holds the join link and the Redis URL with its password: this user's alone
+        write_private(settings.controller_file, json.dumps(info, indent=2) + "\n")
         print_join(console, join_url, gateway_url)
         if workers > 0:
             console.print(f"Started {workers} local native worker(s); logs in {logs}/worker-*.log")

@@ -47,12 +47,14 @@ from ..shared.settings import Settings
 from ..shared.store.gateway import GatewayStore
 from ..shared.validation import problems
 from .auth import TokenStatus, origin_allowed
+from .edge import uvicorn_options
 from .hub import Hub
 
 log = logging.getLogger(__name__)
 
 mimetypes.add_type("application/wasm", ".wasm")
 MAX_REPORT_BYTES = 64 * 1024
+REPORT_BODY_TIMEOUT_S = 10.0  # a node report's body, however slowly it is sent (issue 9.10)
 
 
 class _RevalidatedStatic(StaticFiles):
@@ -137,10 +139,14 @@ def create_app(settings: Settings, *, store: GatewayStore | None = None) -> Star
         if not await store.within_rate("report", _client_ip(request), settings.report_rate_per_min):
             return JSONResponse({"error": "too many node reports; wait a minute"}, status_code=429)
         body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_REPORT_BYTES:
-                return JSONResponse({"error": f"report larger than {MAX_REPORT_BYTES} bytes"}, status_code=413)
+        try:
+            async with asyncio.timeout(REPORT_BODY_TIMEOUT_S):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > MAX_REPORT_BYTES:
+                        return JSONResponse({"error": f"report larger than {MAX_REPORT_BYTES} bytes"}, status_code=413)
+        except TimeoutError:
+            return JSONResponse({"error": f"report not received within {REPORT_BODY_TIMEOUT_S:g}s"}, status_code=408)
         try:
             report = NodeReport.model_validate_json(body)
         except ValidationError as exc:
@@ -269,4 +275,5 @@ def run(settings: Settings) -> None:
         timeout_graceful_shutdown=5,
         log_config=None,
         access_log=False,  # one line per static file, and WebSocket URLs carry tokens
+        **uvicorn_options(settings),  # header timeout, per-address cap, forwarded headers (gateway/edge.py)
     )

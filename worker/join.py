@@ -4,26 +4,36 @@ report and its answer, and the backoff between attempts. The socket is `node.py`
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from pydantic import ValidationError
 
 from ..shared.exceptions import ConfigError
-from ..shared.protocol import PROTOCOL_VERSION, NodeAccepted, NodeReport
+from ..shared.protocol import PROTOCOL_VERSION, NodeAccepted, NodeReport, Welcome
 from .device import benchmark, describe
 from .exceptions import Banned, JoinRefused, TaskError
-from .fetch import ModuleStore
+from .fetch import MAX_JSON_BYTES, ModuleStore, read_capped
 from .runtime import Limits, ModuleRunner
 
 log = logging.getLogger(__name__)
 
 BACKOFF_FIRST_S = 0.5
 BACKOFF_CAP_S = 10.0
+# What a controller may ask of this worker, whatever it says (issue 9.9): slots never above
+# the worker's own cores; a bounded prefetch (Settings.prefetch allows up to 16); heartbeats
+# neither a busy loop nor so rare that the node looks dead.
+MAX_PREFETCH = 16
+HEARTBEAT_BOUNDS_S = (0.1, 60.0)
+
+M = TypeVar("M")
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,25 @@ def node_report(config: WorkerConfig, *, join_code: str, device_id: str, score: 
     )
 
 
+def within_means(message: M, cores: int, *, who: str = "") -> M:
+    """A `NodeAccepted` or `Welcome` with what the controller asks bounded by this worker's
+    means: `slots` at most `cores` (and at least 1), `prefetch` at most `MAX_PREFETCH`, the
+    heartbeat interval finite and within `HEARTBEAT_BOUNDS_S`. Any other message as it is."""
+    if not isinstance(message, NodeAccepted | Welcome):
+        return message
+    low, high = HEARTBEAT_BOUNDS_S
+    interval = message.heartbeat_interval_s
+    bounded = {
+        "slots": min(max(1, message.slots), max(1, cores)),
+        "prefetch": min(max(0, message.prefetch), MAX_PREFETCH),
+        "heartbeat_interval_s": min(max(interval, low), high) if math.isfinite(interval) else 2.0,
+    }
+    asked = {k: getattr(message, k) for k in bounded}
+    if asked != bounded:
+        log.warning("node %s: the controller asked for %s; this worker (%d cores) uses %s", who, asked, cores, bounded)
+    return message.model_copy(update=bounded)  # type: ignore[return-value]
+
+
 def accepted(resp: httpx.Response) -> NodeAccepted:
     """The gateway's 200 answer to a node report, checked (`JoinRefused` if unusable)."""
     try:
@@ -109,16 +138,19 @@ async def measure(
     """The benchmark score (Mandelbrot iterations per second on one core) with the gateway's
     mandelbrot module, which this also puts in the module cache; None if it cannot run."""
     try:
-        resp = await http.get(f"{base_url}/api/modules")
-        resp.raise_for_status()
-        entry = resp.json().get("mandelbrot")
+        status, body = await read_capped(
+            http, f"{base_url}/api/modules", limit=MAX_JSON_BYTES, what="the gateway's module list"
+        )
+        if status != 200:
+            raise ValueError(f"HTTP {status} from {base_url}/api/modules")
+        entry = json.loads(body).get("mandelbrot")
         if not entry:
             log.info("node %s: no mandelbrot module on the gateway; joining without a score", who)
             return None
         sha, url = str(entry["sha256"]), str(entry["url"])
         path = await modules.get(sha, url)
         score = await asyncio.to_thread(_benchmark_blocking, limits, sha, path)
-    except (httpx.HTTPError, ValueError, KeyError, TaskError) as exc:
+    except (httpx.HTTPError, OSError, ValueError, KeyError, AttributeError, TaskError) as exc:
         log.warning("node %s: benchmark failed (%s); joining without a score", who, exc)
         return None
     log.info("node %s: benchmark %.1f M iterations/s per core", who, score / 1e6)

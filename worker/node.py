@@ -46,7 +46,7 @@ from .device import Identity, claim_identity
 from .exceptions import Banned, Replaced
 from .executor import Executor, WasmExecutor, run_part
 from .fetch import BlockCache, ModuleStore
-from .join import WorkerConfig, accepted, backoff_s, measure, node_report, parse_join_url, refusal
+from .join import WorkerConfig, accepted, backoff_s, measure, node_report, parse_join_url, refusal, within_means
 from .state import (
     Connected,
     Disconnected,
@@ -247,7 +247,7 @@ class WorkerNode:
                     return None
                 problem = f"HTTP {resp.status_code}"
             if resp is not None and resp.status_code == 200:
-                return self._accept(accepted(resp))
+                return self._accept(within_means(accepted(resp), self.config.cores, who=self.node_id))
             if resp is not None and resp.status_code not in (429,) and resp.status_code < 500:
                 raise refusal(resp, self.node_id)
             delay = backoff_s(attempt)
@@ -363,11 +363,12 @@ class WorkerNode:
 
     def _parse(self, frame: str | bytes) -> ServerMessage | None:
         try:
-            return server_message_adapter.validate_json(frame)
+            message = server_message_adapter.validate_json(frame)
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
             log.warning("node %s: ignored a frame the gateway sent (%s)", self.node_id, problems)
             return None
+        return within_means(message, self.config.cores, who=self.node_id)  # slots never above our cores
 
     # ------------------------------------------------------------------ carrying out decisions
 

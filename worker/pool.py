@@ -48,6 +48,7 @@ from .runtime import Limits, ModuleRunner
 
 log = logging.getLogger(__name__)
 
+MAX_PROCESSES = 1024  # whatever the caller asks (the CLI's --cores bound); issue 9.9
 GUARD_GRACE_S = 10.0  # also covers a fresh process's start-up (interpreter, wasmtime, compile)
 STOP_GRACE_S = 2.0
 # failures after which the process that reported them exits (and is replaced)
@@ -166,7 +167,7 @@ class ExecutorPool:
 
     def resize(self, size: int) -> None:
         """Grow at once; shrink by stopping idle processes now and busy ones when they finish."""
-        self._target = max(1, size)
+        self._target = max(1, min(size, MAX_PROCESSES))
         while len(self._procs) < self._target and not self._closed:
             self._spawn()
         while len(self._procs) > self._target and not self._idle.empty():

@@ -29,6 +29,7 @@ from ..jobs import JobState
 from ..messages import Ban, Cancel, CancelJob, DropCopies, Fail, Steal, Submit
 from ..queue import TaskFields, live_since, node_ids
 from .connection import async_client
+from .expiry import node_seen
 from .scripts import HANDOVER_LUA, REQUEUE_LUA
 from .streams import ensure_groups_async
 
@@ -127,7 +128,10 @@ class GatewayStore:
         return bool(banned) and banned != b"0"
 
     async def save_node(self, node_id: str, fields: Mapping[str, str | int | float]) -> None:
-        await self.r.hset(keys.node(node_id), mapping=dict(fields))
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(keys.node(node_id), mapping=dict(fields))
+        node_seen(pipe, node_id)  # a report that never connects leaves no record for ever
+        await pipe.execute()
 
     async def touch(self, node_id: str, consumer: str, connection: str, **extra: str | int | float) -> None:
         """The connection is alive (its score in `keys.NODES`), with figures for the record."""
@@ -135,10 +139,14 @@ class GatewayStore:
         pipe = self.r.pipeline(transaction=False)
         pipe.zadd(keys.NODES, {consumer: now})
         pipe.hset(keys.node(node_id), mapping={"last_seen": now, "connection": connection, **extra})
+        node_seen(pipe, node_id)
         await pipe.execute()
 
     async def node_left(self, node_id: str) -> None:
-        await self.r.hset(keys.node(node_id), mapping={"state": "disconnected", "last_seen": time.time()})
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(keys.node(node_id), mapping={"state": "disconnected", "last_seen": time.time()})
+        node_seen(pipe, node_id)  # its keys go NODE_KEEP_S after it left
+        await pipe.execute()
 
     async def record_time(
         self, node_id: str, kind_field: str, average_ms: float, sample_ms: float, task_id: str

@@ -17,7 +17,7 @@ import redis
 
 from .. import keys
 from ..jobs import JobRecord, JobState, allowed
-from . import modules
+from . import expiry, modules
 from .scripts import TRANSITION_LUA
 
 
@@ -91,7 +91,8 @@ def store_blocks(client: redis.Redis, job_id: str, blocks: dict[str, bytes]) -> 
 
 def drop_blocks(client: redis.Redis, job_id: str) -> None:
     """Free what a finished job kept in Redis for its subtasks: blocks and merge claims,
-    and its uploaded modules (deleted if no other job needs them)."""
+    and its uploaded modules (deleted if no other job needs them); its record and done set
+    expire later (`expiry.job_ended`)."""
     shas = [s.decode() for s in client.smembers(keys.job_blocks(job_id))]
     pipe = client.pipeline(transaction=False)
     for sha in shas:
@@ -100,6 +101,7 @@ def drop_blocks(client: redis.Redis, job_id: str) -> None:
     pipe.delete(keys.job_claims(job_id))
     pipe.execute()
     modules.release(client, job_id)
+    expiry.job_ended(client, job_id)
 
 
 def block_reader(client: redis.Redis, job_id: str) -> Callable[[str], bytes]:

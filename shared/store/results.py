@@ -27,6 +27,7 @@ from ..messages import Ban, CancelJob, Fail
 from ..queue import TaskFields, live_since, node_ids
 from .commands import publish_control, send_command
 from .connection import Client
+from .expiry import node_seen
 from .scripts import CLAIM_LUA, COMMIT_LUA, EARLY_LUA, UNMERGE_LUA, VOTE_LUA
 
 #: The sync client type, for code outside the store that passes one along (rq's queue and
@@ -239,6 +240,7 @@ class ResultStream:
         pipe.hincrby(keys.node(node), "completed", 1)
         pipe.lpush(keys.node_merged(node), f"{job_id}:{index}")
         pipe.ltrim(keys.node_merged(node), 0, MERGED_MEMORY - 1)
+        node_seen(pipe, node)  # LPUSH made the list: it expires with the node's record
         pipe.execute()
 
     def reject(self, node: str) -> int:
