@@ -344,8 +344,9 @@ class Aggregator:
 
     def _fault(self, entry_id: bytes, task: TaskFields, node: str, exc: Exception) -> None:
         """A result whose handling raised: the job's problem, not the service's."""
-        if plugin_step(exc) == "verify":
+        if plugin_step(exc) == "verify" and not isinstance(exc, OSError):
             # the node's bytes made the check itself fail: a wrong result, redone elsewhere
+            # (an OSError is the controller's own file, not the node's doing: the job's problem)
             log.warning(
                 "job %s: task %d from node %s broke verification (%r); redoing it", task.job, task.index, node, exc
             )

@@ -16,10 +16,12 @@ import logging
 import os
 import signal
 import socket
+import sysconfig
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -88,10 +90,21 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+_LIBRARIES = tuple({sysconfig.get_paths()[k] for k in ("stdlib", "purelib", "platlib")})
+_OURS = str(Path(__file__).resolve().parent.parent)  # this package, wherever it is installed
+
+
 def plugin_step(exc: BaseException) -> str | None:
-    """The outermost `TaskPlugin` step (`PLUGIN_STEPS`) on the error's traceback, if any."""
-    for frame in traceback.extract_tb(exc.__traceback__):
-        if frame.name in PLUGIN_STEPS:
+    """The innermost `TaskPlugin` step (`PLUGIN_STEPS`) on the error's traceback, if any
+    (frames of the standard library and other installed packages, e.g. numpy's `split`,
+    are not steps)."""
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if frame.name not in PLUGIN_STEPS:
+            continue
+        library = frame.filename.startswith(_LIBRARIES)
+        # ours: in this package (under the libraries only if the package itself is there),
+        # or in no library at all (a task repo's plugin.py)
+        if not library or (frame.filename.startswith(_OURS) and _OURS.startswith(_LIBRARIES)):
             return frame.name
     return None
 
