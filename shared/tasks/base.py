@@ -14,6 +14,7 @@ in `tasks/__init__.py` (`register`); the CLI needs no edit.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import random
 from abc import ABC, abstractmethod
@@ -308,9 +309,24 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], *, durable: bo
                 fh.flush()
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        full = exc.errno is None and _disk_full(tmp.parent)  # numpy says only "N requested and M written"
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _disk_full(directory: Path) -> bool:
+    """Is (next to) no space left where a short write just stopped?"""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
 
 
 def keep_or_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
