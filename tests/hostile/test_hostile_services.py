@@ -8,6 +8,7 @@ log no loop error."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import random
@@ -21,8 +22,10 @@ from conftest import Controller
 from mandel_ref import reference_counts
 from processdistro import client
 from processdistro.shared.jobs import JobRecord, JobState
+from processdistro.shared.service import StopFlag, describe_error, job_error, run_forever
 from processdistro.shared.store.connection import Client
 from processdistro.shared.store.jobs import load_job
+from processdistro.shared.tasks.base import atomic_write
 from test_worker import Worker, workers  # noqa: F401 - `workers` is a fixture
 
 MANDEL = {"width": 96, "height": 80, "max_iter": 200, "tile": 16}  # 30 tiles
@@ -191,3 +194,92 @@ def test_plugin_raising_in_merge_fails_only_its_job(
     assert shown[broken.group(1)]["state"] == "failed"
     assert shown[broken.group(1)]["error"] == failed.error
     assert_services_never_restarted(controller, pids)
+
+
+# ------------------------------------------------------------------ the pieces, in milliseconds
+
+
+class _Plugin:
+    def split(self) -> None:
+        open("/nonexistent/words.txt", "rb")  # noqa: SIM115 - it raises
+
+    def merge(self) -> None:
+        np.split(np.arange(3), 2)  # numpy's own `split` is not the plugin's step
+
+
+def _raised(f: object) -> BaseException:
+    try:
+        f()  # type: ignore[operator]
+    except BaseException as exc:
+        return exc
+    raise AssertionError("did not raise")
+
+
+@pytest.mark.parametrize(
+    ("exc", "doing", "reason"),
+    [
+        pytest.param(
+            _raised(_Plugin().split),
+            "splitting subtask 7",
+            "splitting subtask 7 failed: file /nonexistent/words.txt is gone (moved or deleted after the job"
+            " was submitted)",
+            id="file-gone",
+        ),
+        pytest.param(
+            IsADirectoryError(errno.EISDIR, "Is a directory", "/w"),
+            "subtask 2",
+            "subtask 2 failed: /w is a directory, not a file",
+            id="directory",
+        ),
+        pytest.param(
+            OSError(errno.ENOSPC, "No space left on device", "/d/counts.npy"),
+            "finalize",
+            "finalize failed: disk full: no space left writing /d/counts.npy (No space left on device)",
+            id="disk-full",
+        ),
+        pytest.param(
+            _raised(_Plugin().merge),
+            "subtask 3",
+            "subtask 3 (merge) failed: ValueError: array split does not result in an equal division",
+            id="plugin-step-named",
+        ),
+    ],
+)
+def test_a_jobs_failure_reason_says_what_and_where(exc: BaseException, doing: str, reason: str) -> None:
+    """Issue 9.6: the reason a job fails with names the step and the cause in words."""
+    assert job_error(exc, doing) == reason
+    assert describe_error(RuntimeError("boom")) == "RuntimeError: boom"
+
+
+def test_run_forever_survives_an_unexpected_error_and_backs_off() -> None:
+    """Issue 9.6: `run_forever` caught only Redis outages, so any other error ended the
+    service (and its supervisor restarted it into the same error, for ever). Now it logs,
+    backs off (capped), and carries on."""
+    flag, calls = StopFlag(), []
+
+    def step() -> None:
+        calls.append(time.monotonic())
+        if len(calls) >= 4:
+            flag.stopping = True
+            return
+        raise KeyError("a bug")
+
+    run_forever("test", flag, step)
+    gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
+    assert len(calls) == 4 and gaps[0] >= 0.1 and gaps[1] >= 0.2 and gaps[2] >= 0.4  # doubling backoff
+
+
+def test_atomic_write_leaves_nothing_when_the_write_fails(tmp_path: Path) -> None:
+    """Issue 9.7: a failed output write (a full disk) must leave neither a partial file nor
+    its temporary, and never replace an earlier complete file."""
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"complete")
+
+    def broken(fh: object) -> None:
+        fh.write(b"half")  # type: ignore[attr-defined]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write(target, broken, durable=True)
+    assert target.read_bytes() == b"complete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
