@@ -13,6 +13,11 @@ For each result entry:
 A result is ACKed and deleted only after it is merged (or dropped), so a killed aggregator's
 pending results are claimed by another (XAUTOCLAIM) and merged again, harmlessly.
 
+A plugin that raises on a result fails that result's job only (`_fault`): after `verify`
+(a merge into a full disk, a wordlist gone by the time a hit is read) the job is failed with
+the error as its reason; inside `verify` the node's bytes broke the check, so the result is
+rejected like a wrong one. The loop carries on with every other result.
+
 Decisions live in `shared/core/replication.py`; every Redis operation in
 `shared/store/results.py` (`ResultStream`). This module carries the decisions out.
 """
@@ -45,9 +50,9 @@ from ..shared.core.replication import (
 from ..shared.jobs import JobRecord, JobState
 from ..shared.modules import ModuleRegistry
 from ..shared.queue import TaskFields
-from ..shared.service import StopFlag, captured_signals, instance_name, run_forever
+from ..shared.service import StopFlag, captured_signals, instance_name, job_error, plugin_step, run_forever
 from ..shared.settings import Settings
-from ..shared.store.connection import Client
+from ..shared.store.connection import UNAVAILABLE, Client
 from ..shared.store.jobs import block_reader, load_job
 from ..shared.store.liveness import start_beating
 from ..shared.store.results import Commit, Entry, ResultStream
@@ -293,7 +298,12 @@ class Aggregator:
         """Re-enqueue finalization for jobs stuck in `finalizing` (an aggregator died between
         the commit and the enqueue, or mid-finalize)."""
         for job_id in self.results.finalizing_jobs():
-            enqueue_finalize(self.r, job_id, self.data_dir)
+            try:
+                enqueue_finalize(self.r, job_id, self.data_dir)
+            except UNAVAILABLE:
+                raise
+            except Exception:  # one job's rq record must not keep the others from finalizing
+                log.exception("job %s: could not enqueue its finalize job", job_id)
 
     def run_finalizers(self, flag: StopFlag) -> None:
         if self.queue.count == 0:
@@ -319,11 +329,34 @@ class Aggregator:
             self._last_sweep = now
         for entry_id, fields in entries:
             try:
-                self.handle(entry_id, fields)
+                task = TaskFields.from_redis(fields)
             except (KeyError, ValueError) as exc:
                 log.error("result %s is malformed (%s); dropped", entry_id, exc)
                 self.results.drop(entry_id)
+                continue
+            try:
+                self.handle(entry_id, fields)
+            except UNAVAILABLE:
+                raise  # the entry stays pending: it is handled again after the outage
+            except Exception as exc:
+                self._fault(entry_id, task, fields.get(b"node", b"?").decode(errors="replace"), exc)
         self.run_finalizers(flag)
+
+    def _fault(self, entry_id: bytes, task: TaskFields, node: str, exc: Exception) -> None:
+        """A result whose handling raised: the job's problem, not the service's."""
+        if plugin_step(exc) == "verify" and not isinstance(exc, OSError):
+            # the node's bytes made the check itself fail: a wrong result, redone elsewhere
+            # (an OSError is the controller's own file, not the node's doing: the job's problem)
+            log.warning(
+                "job %s: task %d from node %s broke verification (%r); redoing it", task.job, task.index, node, exc
+            )
+            self.results.requeue(task, entry_id)
+            self._reject(node)
+            return
+        reason = job_error(exc, f"subtask {task.index}")
+        log.error("job %s: %s; failing the job", task.job, reason, exc_info=exc)
+        self.results.fail_job(task.job, reason)
+        self.results.drop(entry_id)
 
 
 def run(settings: Settings) -> None:

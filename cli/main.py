@@ -19,6 +19,7 @@ from typing import Any
 from rich.markup import escape
 
 from .console import console, err
+from .retry import add_retry_parser
 from .shared.exceptions import ProcessDistroError
 from .shared.logs import setup_logging
 from .shared.settings import Settings
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_result_parser(sub)
     add_show_parsers(sub)
     add_cancel_parser(sub)
+    add_retry_parser(sub)
 
     sc = sub.add_parser("schema", help="export the protocol's JSON Schemas")
     sc.add_argument("--out", type=Path, default=Path("shared/schema"))

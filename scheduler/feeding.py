@@ -5,19 +5,24 @@ it needs, splits the jobs' next subtasks (`split` is lazy) and writes them. A jo
 `queued -> running` through `JobStore.transition` before its first entries; the entries
 and the job's `next_index` cursor are written in one transaction, so a crash neither skips
 nor repeats a subtask.
+
+A job whose plugin raises while it is split (its wordlist moved or replaced after submit)
+is handed to `fail` with the reason; the other jobs are fed as usual.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 from ..shared.core import feed
 from ..shared.core.replication import sampled
 from ..shared.jobs import LIVE, JobRecord, JobState
 from ..shared.queue import TaskFields
+from ..shared.service import job_error
 from ..shared.settings import Settings
-from ..shared.store.connection import Client
+from ..shared.store.connection import UNAVAILABLE, Client
 from ..shared.store.jobs import JobStore, event
 from ..shared.store.nodes import live_nodes
 from ..shared.store.tasks import TaskStream
@@ -31,11 +36,21 @@ def adaptive_kinds() -> frozenset[str]:
 
 
 class Feeder:
-    def __init__(self, *, client: Client, jobs: JobStore, tasks: TaskStream, settings: Settings) -> None:
+    def __init__(
+        self,
+        *,
+        client: Client,
+        jobs: JobStore,
+        tasks: TaskStream,
+        settings: Settings,
+        fail: Callable[[str, str], object] | None = None,
+    ) -> None:
         self.r = client
         self.jobs = jobs
         self.tasks = tasks
         self.settings = settings
+        #: fails a job (id, reason) whose plugin raised; None: the job is only logged
+        self.fail = fail
 
     def open_backlog(self) -> int:
         """Undelivered entries that an idle node could take. A replicated subtask's second
@@ -67,8 +82,22 @@ class Feeder:
                 refused.add(batch.job_id)  # no longer queued (cancelled meanwhile): not ours to feed
                 continue
             if batch.count:
-                added += self._feed(jobs[batch.job_id], batch.start, batch.count)
+                try:
+                    added += self._feed(jobs[batch.job_id], batch.start, batch.count)
+                except UNAVAILABLE:
+                    raise
+                except Exception as exc:  # this job's plugin (split): the job fails, the rest go on
+                    refused.add(batch.job_id)
+                    self._fault(batch.job_id, batch.start, exc)
         return added
+
+    def _fault(self, job_id: str, start: int, exc: Exception) -> None:
+        reason = job_error(exc, f"splitting subtask {start}")
+        if self.fail is None:
+            log.error("job %s: %s", job_id, reason, exc_info=exc)
+            return
+        log.debug("job %s: split failed", job_id, exc_info=exc)
+        self.fail(job_id, reason)
 
     def _start(self, job_id: str) -> bool:
         if not self.jobs.transition(job_id, JobState.QUEUED, JobState.RUNNING):

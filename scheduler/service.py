@@ -8,6 +8,11 @@ Loop (about every 100 ms):
 3. when nothing was fed, balance the tail (`tail.Tail`): stealing and backups;
 4. reap (`reaper.Reaper`): requeue what dead node connections hold.
 
+One job's problem never stops the loop: a plugin that raises while its job is fed (a
+wordlist moved after submit) fails that job (`shared/service.job_error` is its reason), and
+a command that cannot be applied is refused and logged; anything else is logged and backed
+off by `run_forever`.
+
 Every change of a job's state the scheduler makes goes through `JobStore.transition`, a
 compare-and-set from the state it loaded: a cancel that meets a job the finalizer has just
 moved to `done` leaves it `done`.
@@ -23,10 +28,10 @@ from ..shared.exceptions import ParamsError, ProcessDistroError
 from ..shared.jobs import JobState, allowed
 from ..shared.messages import Cancel, CancelJob, Fail, Submit
 from ..shared.modules import ModuleRegistry
-from ..shared.service import StopFlag, captured_signals, instance_name, run_forever
+from ..shared.service import StopFlag, captured_signals, describe_error, instance_name, run_forever
 from ..shared.settings import Settings
 from ..shared.store.commands import CommandStream, Received, publish_control
-from ..shared.store.connection import Client
+from ..shared.store.connection import UNAVAILABLE, Client
 from ..shared.store.jobs import JobStore, drop_blocks, event
 from ..shared.store.liveness import beat
 from ..shared.store.modules import stored as module_stored
@@ -52,7 +57,7 @@ class Scheduler:
         self.jobs = JobStore(client)
         self.tasks = TaskStream(client)
         self.commands = CommandStream(client, self.name)
-        self.feeder = Feeder(client=client, jobs=self.jobs, tasks=self.tasks, settings=settings)
+        self.feeder = Feeder(client=client, jobs=self.jobs, tasks=self.tasks, settings=settings, fail=self.fail)
         self.tail = Tail(client=client, tasks=self.tasks, feeder=self.feeder, settings=settings)
         self.reaper = Reaper(client=client, jobs=self.jobs, tasks=self.tasks, settings=settings)
         self._last_beat = 0.0
@@ -88,6 +93,10 @@ class Scheduler:
                     log.error("command %s refused: %s", entry.entry_id, entry.problem)
         except (ProcessDistroError, ValueError) as exc:  # an unknown kind, bad params, a missing module
             log.error("command %s refused: %s", entry.entry_id, exc)
+        except UNAVAILABLE:
+            raise  # not the command's fault: it stays pending and is applied after the outage
+        except Exception as exc:  # a plugin that raised on it: refused, so it is not retried for ever
+            log.exception("command %s refused: %s", entry.entry_id, describe_error(exc))
 
     def submit(self, cmd: Submit) -> None:
         plugin = get_plugin(cmd.kind)
@@ -95,7 +104,9 @@ class Scheduler:
             params = plugin.parse_params(cmd.params)
             total = plugin.count(params)
             module = self._module(plugin, params)
-        except (ProcessDistroError, ValueError):
+        except UNAVAILABLE:
+            raise
+        except Exception:
             if self.jobs.load(cmd.job_id) is None:  # refused: let go of what its submit stored
                 drop_blocks(self.r, cmd.job_id)
             raise
@@ -149,6 +160,11 @@ class Scheduler:
         # gateways drop the job's tasks when they meet them and tell nodes to stop
         publish_control(self.r, CancelJob(job_id=job_id))
         return True
+
+    def fail(self, job_id: str, reason: str) -> bool:
+        """Fail a job whose plugin raised (the feeder's split): `failed`, with the reason."""
+        log.error("job %s: %s", job_id, reason)
+        return self.cancel(job_id, reason, state=JobState.FAILED)
 
     # ------------------------------------------------------------------ loop
 

@@ -4,6 +4,9 @@
        \\         \\            \\
         `---------`------------`--> failed | cancelled
 
+The one move out of a terminal state is `failed -> finalizing`: `processdistro retry` of a
+job whose finalize failed (disk full); its merged work was kept for it (`RETRY_FINALIZE`).
+
 `TRANSITIONS` is the table of allowed moves; every write of a job's state goes through
 `store.jobs.JobStore.transition` (or the same compare-and-set inside a store script), which
 refuses a move not in it. Each job is a hash at `keys.job(id)`; `keys.JOBS` orders all jobs
@@ -53,7 +56,12 @@ TRANSITIONS: dict[tuple[JobState, JobState], str] = {
     (JobState.FINALIZING, JobState.CANCELLED): "scheduler: cancel command",
     (JobState.QUEUED, JobState.FAILED): "scheduler: fail command",
     (JobState.RUNNING, JobState.FAILED): "scheduler: fail command",
+    (JobState.FAILED, JobState.FINALIZING): "operator: retry a failed finalize (`processdistro retry`)",
 }
+
+#: The job hash field the finalizer writes with a failed finalize ("finalize"): the merged
+#: work was kept, and `failed -> finalizing` (a retry) is allowed for this job only.
+RETRY_FINALIZE = "retry"
 
 
 def allowed(frm: JobState, to: JobState) -> bool:

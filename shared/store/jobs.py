@@ -16,7 +16,7 @@ from typing import Any
 import redis
 
 from .. import keys
-from ..jobs import JobRecord, JobState, allowed
+from ..jobs import RETRY_FINALIZE, JobRecord, JobState, allowed
 from . import expiry, modules
 from .scripts import TRANSITION_LUA
 
@@ -68,6 +68,16 @@ class JobStore:
         pipe.zadd(keys.ACTIVE_JOBS, {job_id: -priority * 1e10 + created})
         pipe.execute()
         return True
+
+    def retry_finalize(self, job_id: str) -> bool:
+        """Move a job whose finalize failed (marked `jobs.RETRY_FINALIZE`, its merged work
+        kept) back to `finalizing` (listed active again by the move), where an aggregator's
+        sweep enqueues its finalize. False for any other job."""
+        if self.r.hget(keys.job(job_id), RETRY_FINALIZE) != b"finalize":
+            return False
+        # the mark is cleared with the move: a finalize that fails again sets it again
+        fields: dict[str, str | float | int] = {"error": "", "finished": "", RETRY_FINALIZE: ""}
+        return self.transition(job_id, JobState.FAILED, JobState.FINALIZING, **fields)
 
     def active(self) -> list[JobRecord]:
         """The jobs not yet terminal, in `keys.ACTIVE_JOBS` order (priority, then age)."""

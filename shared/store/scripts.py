@@ -16,7 +16,8 @@ assert allowed(JobState.RUNNING, JobState.FINALIZING)  # what COMMIT_LUA and EAR
 _TERMINAL_LUA = ", ".join(f"['{s.value}'] = true" for s in sorted(TERMINAL))
 
 # move(job_key, active_key, job_id, to, from_csv) -> true if the job was in one of the
-# states of `from_csv` and is now `to`. A terminal state leaves `keys.ACTIVE_JOBS`;
+# states of `from_csv` and is now `to`. A terminal state leaves `keys.ACTIVE_JOBS` (and the
+# one move out of one, a retry, lists the job again);
 # `done` counts `finalized` (a job is finalized once: tests read the count).
 MOVE_FN = f"""
 local TERMINAL = {{{_TERMINAL_LUA}}}
@@ -30,6 +31,11 @@ local function move(job_key, active_key, job_id, to, from_csv)
   if not ok then return false end
   redis.call('HSET', job_key, 'state', to)
   if TERMINAL[to] then redis.call('ZREM', active_key, job_id) end
+  if TERMINAL[state] and not TERMINAL[to] then  -- a retry: listed again, as `JobStore.create` lists it
+    local priority = tonumber(redis.call('HGET', job_key, 'priority') or '0') or 0
+    local created = tonumber(redis.call('HGET', job_key, 'created') or '0') or 0
+    redis.call('ZADD', active_key, -priority * 1e10 + created, job_id)
+  end
   if to == 'done' then redis.call('HINCRBY', job_key, 'finalized', 1) end
   return true
 end

@@ -14,6 +14,7 @@ in `tasks/__init__.py` (`register`); the CLI needs no edit.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import random
 from abc import ABC, abstractmethod
@@ -222,7 +223,17 @@ class TaskPlugin(ABC, Generic[P]):
 
     @abstractmethod
     def finalize(self, files: JobFiles, params: P) -> dict[str, str]:
-        """Write the output files; return them by role (e.g. {"image": path})."""
+        """Write the output files; return them by role (e.g. {"image": path}).
+
+        Idempotent: it may run again after a crash, or after Redis forgot the `done` it
+        recorded, also after `clean_up` ran. So write each output to a temporary name and
+        rename it (`atomic_write`), keep an output that is there already (`keep_or_write`),
+        never remove merged work here (that is `clean_up`, once the job is `done`), and
+        never rebuild merged work that is gone as if nothing had been merged (`merged`)."""
+
+    def clean_up(self, files: JobFiles, params: P) -> None:
+        """Remove the merged work `finalize` no longer needs. Called once the job is
+        recorded `done`, never before; a `finalize` after it finds the outputs in place."""
 
     def limits(self, params: P) -> TaskLimits:
         """Per-subtask limits for this job (e.g. from its `--timeout`/`--memory`), carried to
@@ -252,11 +263,19 @@ def shared_memmap(path: Path, shape: tuple[int, ...], dtype: Any) -> np.memmap:
     """Open (creating it first if needed) an .npy file that several aggregators write into.
 
     Creating races are settled by building the file aside and hard-linking it into place,
-    which fails for all but the first (a rename would clobber results already written)."""
+    which fails for all but the first (a rename would clobber results already written).
+    The file's blocks are allocated when it is made: a full disk is an OSError then, never
+    a SIGBUS on a later write into the map (which would kill the aggregator)."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{random.getrandbits(32):08x}")
-        open_memmap(tmp, mode="w+", dtype=dtype, shape=shape).flush()
+        try:
+            open_memmap(tmp, mode="w+", dtype=dtype, shape=shape).flush()
+            with open(tmp, "r+b") as fh:
+                os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -266,9 +285,53 @@ def shared_memmap(path: Path, shape: tuple[int, ...], dtype: Any) -> np.memmap:
     return open_memmap(path, mode="r+")
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write a file so that readers see either nothing or all of it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-    os.replace(tmp, path)
+class MergedWorkGone(Exception):
+    """A finalize found neither a job's merged work nor the output made from it."""
+
+
+def merged(path: Path) -> Path:
+    """`path` of merged work that must be there (a finalize must not start from nothing)."""
+    if not path.exists():
+        raise MergedWorkGone(f"the merged work {path} is gone, and no output was written from it")
+    return path
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], *, durable: bool = False) -> None:
+    """Write a file so that readers see either nothing or all of it; `durable`: even after
+    the machine crashes (the data reaches the disk before the rename: for final outputs,
+    not for the many small files of merges). A failed write (a full disk) leaves nothing
+    behind: neither a partial file nor its temporary."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{random.getrandbits(32):08x}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        full = exc.errno is None and _disk_full(tmp.parent)  # numpy says only "N requested and M written"
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _disk_full(directory: Path) -> bool:
+    """Is (next to) no space left where a short write just stopped?"""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
+
+
+def keep_or_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """An output of a finalize: kept if a finalize before wrote it (outputs are written
+    whole, from merged work that no longer changes), else written (`atomic_write`)."""
+    if not path.exists():
+        atomic_write(path, write, durable=True)
+    return path

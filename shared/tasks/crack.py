@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..exceptions import ParamsError
-from .base import JobFiles, Prepared, Subtask, TaskPlugin, Verdict, atomic_write
+from .base import JobFiles, MergedWorkGone, Prepared, Subtask, TaskPlugin, Verdict, atomic_write, keep_or_write
 from .hashing import HEADER, MODE_HASH, WASM_SLOWDOWN, _int, decode_records, encode_records, pbkdf2_cost, spot_positions
 
 #: Bytes of derived key a node returns per candidate (fewer when the target is shorter):
@@ -264,7 +264,12 @@ class CrackPlugin(TaskPlugin[CrackParams]):
         return self._hit(params, index, output) is not None
 
     def finalize(self, files: JobFiles, params: CrackParams) -> dict[str, str]:
+        result = files.path(self.RESULT)
+        if result.exists():  # a finalize before wrote it (the chunk records may be cleaned up since)
+            return {"json": str(result)}
         records = [json.loads(p.read_text()) for p in sorted(files.directory.glob("chunk-*.json"))]
+        if not records:  # at least the chunk that ended the job is merged: never report "not found" from nothing
+            raise MergedWorkGone(f"no merged chunk record under {files.directory}, and no {self.RESULT}")
         hits = [r for r in records if "password" in r]
         first = min(hits, key=lambda r: (r["chunk"], r["line_in_chunk"])) if hits else None
         summary = {
@@ -276,11 +281,12 @@ class CrackPlugin(TaskPlugin[CrackParams]):
             "chunks_done": len(records),
             "chunks_total": params.chunks,
         }
-        result = files.path(self.RESULT)
-        atomic_write(result, lambda fh: fh.write((json.dumps(summary, indent=2) + "\n").encode()))
-        for p in files.directory.glob("chunk-*.json"):
-            p.unlink()
+        keep_or_write(result, lambda fh: fh.write((json.dumps(summary, indent=2) + "\n").encode()))
         return {"json": str(result)}
+
+    def clean_up(self, files: JobFiles, params: CrackParams) -> None:
+        for p in files.directory.glob("chunk-*.json"):
+            p.unlink(missing_ok=True)
 
 
 __all__ = ["CrackPlugin", "WASM_SLOWDOWN"]

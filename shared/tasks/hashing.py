@@ -34,10 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib.format import open_memmap
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..exceptions import ParamsError
-from .base import JobFiles, Prepared, Subtask, TaskPlugin, Verdict, atomic_write, shared_memmap
+from .base import JobFiles, Prepared, Subtask, TaskPlugin, Verdict, keep_or_write, merged, shared_memmap
 
 HEADER = struct.Struct("<B3xIII")  # mode, padding, iterations, dklen, count
 MODE_HASH = 0
@@ -265,8 +266,10 @@ class HashPlugin(TaskPlugin[HashParams]):
         del out
 
     def finalize(self, files: JobFiles, params: HashParams) -> dict[str, str]:
-        keys = shared_memmap(files.path(self.PARTIAL), (params.rows, params.dklen), np.uint8)
         result = files.path(self.RESULT)
+        if result.exists():  # a finalize before wrote it (the keys may be cleaned up since)
+            return {"csv": str(result)}
+        keys = open_memmap(merged(files.path(self.PARTIAL)), mode="r")
 
         def write(fh: io.BufferedWriter) -> None:
             text = io.TextIOWrapper(fh, encoding="utf-8", newline="")
@@ -282,5 +285,8 @@ class HashPlugin(TaskPlugin[HashParams]):
             text.flush()
             text.detach()
 
-        atomic_write(result, write)  # type: ignore[arg-type]
+        keep_or_write(result, write)  # type: ignore[arg-type]
         return {"csv": str(result)}
+
+    def clean_up(self, files: JobFiles, params: HashParams) -> None:
+        files.path(self.PARTIAL).unlink(missing_ok=True)

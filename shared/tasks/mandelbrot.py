@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from numpy.lib.format import open_memmap
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .base import JobFiles, Subtask, TaskPlugin, Verdict, atomic_write, shared_memmap
+from .base import JobFiles, Subtask, TaskPlugin, Verdict, keep_or_write, merged, shared_memmap
 
 # The module's 64-byte input, little-endian: xmin xmax ymin ymax (f64), then the image's W H,
 # the tile's x0 y0 tile_w tile_h, max_iter and a reserved 0 (u32).
@@ -240,9 +241,23 @@ class MandelbrotPlugin(TaskPlugin[MandelbrotParams]):
         del canvas
 
     def finalize(self, files: JobFiles, params: MandelbrotParams) -> dict[str, str]:
-        counts = np.array(self._canvas(files, params))
         raw, image = files.path(self.RAW), files.path(self.IMAGE)
-        atomic_write(raw, lambda p: np.save(p, counts))
-        atomic_write(image, lambda p: Image.fromarray(colourize(counts, params.max_iter), "RGB").save(p, format="PNG"))
-        files.path(self.PARTIAL).unlink(missing_ok=True)
+        if not (raw.exists() and image.exists()):
+            counts = self._counts(files)
+            keep_or_write(raw, lambda p: np.save(p, counts))
+            keep_or_write(
+                image, lambda p: Image.fromarray(colourize(counts, params.max_iter), "RGB").save(p, format="PNG")
+            )
         return {"raw": str(raw), "image": str(image)}
+
+    def _counts(self, files: JobFiles) -> np.ndarray:
+        """The merged counts: the canvas, or (cleaned up after a finalize) the raw output;
+        never a fresh canvas, which would be all zeros."""
+        partial = files.path(self.PARTIAL)
+        if partial.exists():
+            return np.array(open_memmap(partial, mode="r"))
+        counts: np.ndarray = np.load(merged(files.path(self.RAW)))
+        return counts
+
+    def clean_up(self, files: JobFiles, params: MandelbrotParams) -> None:
+        files.path(self.PARTIAL).unlink(missing_ok=True)

@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..exceptions import ParamsError
-from .base import JobFiles, Prepared, Subtask, TaskPlugin, Verdict, shared_memmap
+from .base import JobFiles, Prepared, Subtask, TaskPlugin, Verdict, merged, shared_memmap
 
 HEADER = struct.Struct("<4I")  # dtype code, m, k, n
 DTYPES: dict[str, tuple[int, str]] = {"float64": (0, "<f8"), "float32": (1, "<f4")}
@@ -173,5 +173,5 @@ class MatmulPlugin(TaskPlugin[MatmulParams]):
         result: Path = files.path(self.RESULT)
         partial = files.path(self.PARTIAL)
         if partial.exists() or not result.exists():  # a re-run after a crash finds it renamed
-            os.replace(partial, result)
+            os.replace(merged(partial), result)
         return {"c": str(result)}

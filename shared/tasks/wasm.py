@@ -443,14 +443,17 @@ class WasmPlugin(TaskPlugin[WasmParams]):
         for index in range(self.count(params)):
             path = files.path(f"runs/{index:09d}.json")
             lines += [json.dumps(r) + "\n" for r in json.loads(path.read_text())]
+        # rewritten whole each time, from the per-subtask records, which are never removed:
+        # a second finalize writes the same bytes (a manifest left in the user's outdir by
+        # another job is not kept)
         manifest = outdir / MANIFEST
-        _write(manifest, "".join(lines).encode())
+        _write(manifest, "".join(lines).encode(), durable=True)
         return {"manifest": str(manifest), "out": str(outdir / "out")}
 
 
-def _write(path: Path, data: bytes) -> None:
+def _write(path: Path, data: bytes, *, durable: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda fh: fh.write(data))
+    atomic_write(path, lambda fh: fh.write(data), durable=durable)
 
 
 def _exit_text(code: int) -> str:
