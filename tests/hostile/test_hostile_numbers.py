@@ -18,9 +18,11 @@ send such numbers; real `WorkerNode`s (tests/nodes.py) for the honest work.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from processdistro.shared.protocol import MAX_SCORE
 from processdistro.shared.store.connection import Client
 from processdistro.shared.validation import UnsafeJSON, nesting_over, strict_loads
 from test_pipeline import expected_small, run_nodes_until, submit
+from websockets.exceptions import ConnectionClosed
 
 POISON = ["Infinity", "-Infinity", "NaN", "1e999", "-1e999"]
 
@@ -49,6 +52,25 @@ async def recv_type(ws: websockets.ClientConnection, wanted: str, timeout: float
         msg: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), timeout))
         if msg["type"] == wanted:
             return msg
+
+
+@contextlib.asynccontextmanager
+async def heartbeats(ws: websockets.ClientConnection) -> AsyncIterator[None]:
+    """Heartbeats on a raw socket meanwhile, so the gateway never closes it as silent (a
+    task can take longer than `node_timeout_s` to come on a loaded machine)."""
+
+    async def beat() -> None:
+        while True:
+            await ws.send(json.dumps({"type": "heartbeat", "running": 0, "done": 0}))
+            await asyncio.sleep(0.5)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+            await task
 
 
 def strict_json(text: str) -> Any:
@@ -159,7 +181,7 @@ def test_non_finite_numbers_refused_with_a_clear_error(controller: Controller, r
     seen: dict[str, Any] = {}
 
     async def frames() -> None:
-        async with websockets.connect(ws_url(controller, token), max_size=None) as ws:
+        async with websockets.connect(ws_url(controller, token), max_size=None) as ws, heartbeats(ws):
             await recv_type(ws, "welcome")
             for literal in POISON:
                 await ws.send(f'{{"type": "result", "task_id": "1-1", "output_b64": "", "elapsed_ms": {literal}}}')
@@ -214,7 +236,7 @@ def test_infinity_in_elapsed_ms_changes_nothing(controller: Controller, tmp_path
     seen: dict[str, Any] = {}
 
     async def lie() -> None:
-        async with websockets.connect(ws_url(controller, token), max_size=None) as ws:
+        async with websockets.connect(ws_url(controller, token), max_size=None) as ws, heartbeats(ws):
             await recv_type(ws, "welcome")
             await ws.send(json.dumps({"type": "hello", "protocol": 2, "running": []}))
             await ws.send(json.dumps({"type": "ready", "free": 1}))
@@ -259,7 +281,7 @@ def test_metrics_json_finite_when_redis_holds_poison(controller: Controller, r: 
     token = node.join()["token"]
 
     async def poisoned() -> dict[str, Any]:
-        async with websockets.connect(ws_url(controller, token), max_size=None) as ws:
+        async with websockets.connect(ws_url(controller, token), max_size=None) as ws, heartbeats(ws):
             await recv_type(ws, "welcome")
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:  # live once its gateway has touched it
