@@ -27,7 +27,9 @@ def describe(exc: ValidationError, *, limit: int = 5, root: str = "body") -> str
 MAX_JSON_DEPTH = 32  # arrays and objects nested in one frame, at most
 MAX_INT_DIGITS = 20  # an integer literal's digits, at most (a 64-bit value has 20)
 
-_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string, escapes included
+# a JSON string, escapes included; one left open runs to the end of the text. Every `"`
+# starts a match that cannot fail (so none is tried again from a later quote: linear time)
+_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
 
 

@@ -116,13 +116,37 @@ def test_strict_loads_refuses_non_finite_numbers(literal: str) -> None:
         ('{"m": "' + "[" * 100_000 + '"}', False),
         ('{"m": "\\"' + "[" * 100 + '"}', False),
         ("[]" * 100_000, False),
+        ("[" * 40 + '"abc', True),
+        ('["' + "[" * 40, False),
+        ("[" * 33 + '"]]]]"' + "]" * 33, True),
     ],
-    ids=["100k open", "33 deep", "33 objects deep", "32 deep", "brackets in a string", "escaped quote", "flat"],
+    ids=[
+        "100k open",
+        "33 deep",
+        "33 objects deep",
+        "32 deep",
+        "brackets in a string",
+        "escaped quote",
+        "flat",
+        "deep, then a string left open",
+        "brackets in a string left open",
+        "closing brackets in a string do not close",
+    ],
 )
 def test_nesting_depth_checked_before_parsing(text: str, too_deep: bool) -> None:
     """Issue 9.10: the depth is read off the raw text (brackets in strings do not count),
     so the parser never recurses past 32."""
     assert nesting_over(text) is too_deep
+
+
+def test_nesting_scan_is_linear_on_escaped_quotes() -> None:
+    """Issue 9.10: the scan itself must not be the denial of service: a string left open
+    full of escaped quotes made a naive string pattern retry from every quote (quadratic:
+    about three minutes for these 200 kB). It takes milliseconds."""
+    text = "[" * 40 + '"' + '\\"' * 100_000
+    started = time.monotonic()
+    assert nesting_over(text)
+    assert time.monotonic() - started < 5
 
 
 @pytest.mark.parametrize(
