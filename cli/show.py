@@ -1,5 +1,9 @@
 """`processdistro jobs` and `nodes`: tables (or JSON) of what Redis holds; `kinds`: the task
-kinds this CLI can submit (built-in, and the task repo's: `shared/tasks/repo.py`)."""
+kinds this CLI can submit (built-in, and the task repo's: `shared/tasks/repo.py`).
+
+Every cell of `jobs` and `nodes` may hold text a node wrote (its browser and OS, a failure
+message in a job's error): each goes through `console.literal`, never through rich markup,
+and numbers through `capacity.finite` (issues 9.2 and 9.8)."""
 
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ import time
 from rich.markup import escape
 from rich.table import Table
 
-from .console import Subcommands, console
+from .console import Subcommands, console, literal
+from .shared.capacity import MAX_TASK_MS, finite
+from .shared.protocol import MAX_SCORE
 from .shared.settings import Settings
 from .shared.store import client as store
 from .shared.tasks import BUILTIN, PLUGINS, task_repo
@@ -72,7 +78,8 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
     table = Table("job", "kind", "state", "progress", "age", "error")
     for j in jobs:
         age = time.time() - j.created
-        table.add_row(j.id, j.kind, j.state.value, f"{j.done}/{j.total}", f"{age:.0f}s", j.error[:60])
+        cells = (j.id, j.kind, j.state.value, f"{j.done}/{j.total}", f"{age:.0f}s", j.error[:60])
+        table.add_row(*(literal(c) for c in cells))
     console.print(table if jobs else "no jobs yet")
     return 0
 
@@ -84,20 +91,25 @@ def cmd_nodes(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     table = Table("node", "live", "kind", "browser/os", "cores", "slots", "score", "avg task ms", "done", "rejected")
     for n in nodes:
-        ewma = sorted((k.split(":", 1)[1], float(v)) for k, v in n.items() if k.startswith("ewma_ms:"))
+        ewma = sorted(
+            (k.split(":", 1)[1], ms)
+            for k, v in n.items()
+            if k.startswith("ewma_ms:") and (ms := finite(v, MAX_TASK_MS)) is not None
+        )
         speeds = ", ".join(f"{kind} {ms:.0f}" for kind, ms in ewma)
-        score = f"{float(n['score']):.3g}" if n.get("score") else ""
-        table.add_row(
+        score = finite(n.get("score"), MAX_SCORE)
+        cells = (
             n["id"],
             n["live"],
             n.get("kind", ""),
             f"{n.get('browser', '')} {n.get('os', '')}".strip(),
             n.get("cores", ""),
             n.get("slots", ""),
-            score,
+            f"{score:.3g}" if score is not None else "",
             speeds,
             n.get("completed", "0"),
             n.get("rejected", "0"),
         )
+        table.add_row(*(literal(c) for c in cells))
     console.print(table if nodes else "no nodes have joined yet")
     return 0

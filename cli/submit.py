@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import client
-from .console import Subcommands, console, err
+from .console import Subcommands, console, err, literal
 from .shared.jobs import JobState
 from .shared.settings import Settings
 from .shared.store import client as store
@@ -86,7 +86,7 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     job = client.wait(r, job_id, console=console, timeout=args.timeout, progress=not args.quiet)
     if job.state is not JobState.DONE:
-        err.print(f"[red]{client.describe_failure(job)}[/]")
+        err.print(literal(client.describe_failure(job), style="red"))  # the reason quotes node text
         return 1
     for role, path in client.copy_outputs(job, plugin.outputs_from_args(args)).items():
         console.print(f"{role}: {path}")

@@ -41,6 +41,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from ..shared.capacity import plan_slots
+from ..shared.logs import safe_text
 from ..shared.modules import Module
 from ..shared.protocol import CloseCode, NodeAccepted, NodeReport
 from ..shared.settings import Settings
@@ -182,7 +183,7 @@ def create_app(settings: Settings, *, store: GatewayStore | None = None) -> Star
         log.info(
             "node %s: joined (%s, %d cores, score %s)",
             node_id,
-            report.browser or report.kind,
+            safe_text(report.browser or report.kind),
             report.cores,
             report.benchmark_score,
         )

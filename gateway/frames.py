@@ -1,12 +1,15 @@
 """WebSocket frames: one inbound text frame -> a typed node message, or why it is refused
 (refusals say "expected X, got Y", so a node's author can see what was wrong); the task
 frame a node is sent.
+
+A frame is parsed with `validation.strict_loads`: no `Infinity`/`NaN`/`1e999` (Python's
+`json` takes them), and nesting depth is checked on the raw text before parsing, so a frame
+of 100,000 `[` is refused like any other malformed frame instead of raising RecursionError.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -25,7 +28,7 @@ from ..shared.protocol import (
     node_message_adapter,
 )
 from ..shared.queue import TaskFields
-from ..shared.validation import describe
+from ..shared.validation import UnsafeJSON, describe, strict_loads
 
 NodeFrame = Hello | Ready | Heartbeat | TaskResult | TaskFailed | Leave
 
@@ -44,8 +47,10 @@ def parse_frame(text: str | None, cap: int) -> NodeFrame | Refusal:
     if len(text) > cap:
         return Refusal(ErrorCode.TOO_LARGE, f"frame of {len(text)} bytes exceeds the {cap}-byte cap", close=True)
     try:
-        raw = json.loads(text)
-    except ValueError as exc:
+        raw = strict_loads(text)
+    except UnsafeJSON as exc:
+        return Refusal(ErrorCode.MALFORMED, str(exc))  # "expected finite numbers, got Infinity", ...
+    except (ValueError, RecursionError) as exc:  # RecursionError: belt and braces, depth is checked first
         return Refusal(ErrorCode.MALFORMED, f"expected JSON, got a parse error: {exc}")
     if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
         return Refusal(ErrorCode.MALFORMED, "expected an object with a string 'type'")

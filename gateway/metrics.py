@@ -2,6 +2,11 @@
 
 Cluster-wide figures are read from Redis at scrape time, so every gateway reports the same
 numbers; the latency histogram is this gateway's own (Prometheus sums across gateways).
+
+Scores and latencies come from nodes. Reports are validated now, but Redis may hold a
+non-finite figure written before (issue 9.2), and one `inf` made `/metrics.json` a 500 (JSON
+has no Infinity) until 200 newer results pushed it out: figures are read through
+`capacity.finite`, so every value served is a finite number.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ..shared.capacity import MAX_TASK_MS, finite
+from ..shared.protocol import MAX_SCORE
 from ..shared.store.gateway import GatewayStore
 
 COUNTERS = {  # STATS field -> (metric name, help)
@@ -34,6 +41,13 @@ COUNTERS = {  # STATS field -> (metric name, help)
         "Replicated subtasks accepted on one checked result (no other node to ask)",
     ),
 }
+
+
+def mean(values: list[float], cap: float) -> float:
+    """The mean of the finite figures in [0, `cap`] (huge ones capped), to one decimal; 0.0
+    when there is none."""
+    kept = [v for x in values if (v := finite(x, cap)) is not None]
+    return round(sum(kept) / len(kept), 1) if kept else 0.0
 
 
 class _ClusterCollector(Collector):
@@ -84,10 +98,10 @@ class GatewayMetrics:
         f = await store.cluster_figures(node_timeout_s)
         return {
             "nodes_connected": len(f.live_nodes),
-            "avg_score": round(sum(f.scores) / len(f.scores), 1) if f.scores else 0.0,
+            "avg_score": mean(f.scores, MAX_SCORE),
             "tasks_queued": max(0, f.stream_length - f.pending),
             "tasks_running": f.pending,
-            "avg_latency_ms": round(sum(f.latencies_ms) / len(f.latencies_ms), 1) if f.latencies_ms else 0.0,
+            "avg_latency_ms": mean(f.latencies_ms, MAX_TASK_MS),
             **{field: f.stats.get(field, 0) for field in COUNTERS},
             "jobs_active": f.active_jobs,
         }

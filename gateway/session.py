@@ -21,6 +21,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from ..shared.capacity import EWMA_PREFIX
 from ..shared.core import dispatch
 from ..shared.core.dispatch import Held, Replica, Verdict
+from ..shared.logs import safe_text
 from ..shared.messages import DropCopies, Fail
 from ..shared.modules import Module, ModuleRegistry
 from ..shared.protocol import (
@@ -101,7 +102,7 @@ class NodeSession:
 
     async def refuse(self, code: ErrorCode, message: str) -> None:
         self.metrics.messages_rejected.labels(code.value).inc()
-        log.info("node %s: refused a frame (%s): %s", self.node_id, code.value, message)
+        log.info("node %s: refused a frame (%s): %s", self.node_id, code.value, safe_text(message, 500))
         await self.send(ErrorMessage(code=code, message=message))
 
     async def close(self, code: int, reason: str) -> None:
@@ -255,7 +256,7 @@ class NodeSession:
             m.task_id,
             fields.job,
             fields.index,
-            m.message[:200],
+            safe_text(m.message),  # the node's own text: literal, one line
         )
         await self.store.count_failure(self.node_id)
         if dispatch.retry_failed(fields):

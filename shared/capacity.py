@@ -16,6 +16,12 @@ The resource optimizer is deliberately simple and explainable:
   `target_task_s` at the node's observed part time (`parts_per_task`).
 
 The scheduler uses these speeds to decide whether moving work to an idle node pays off.
+
+Every figure here comes, in the end, from what nodes report, and Redis may still hold a
+non-finite one written before reports were validated (issue 9.2). So figures are read
+through `finite` (non-finite, negative or unreadable: unknown; huge: capped at `MAX_TASK_MS`
+or `MAX_SCORE`), and what is derived from them is clamped the same way, so no average,
+ratio or chunk size here is ever infinite or NaN.
 """
 
 from __future__ import annotations
@@ -24,17 +30,33 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .protocol import MAX_PARTS
+from .protocol import MAX_ELAPSED_MS, MAX_PARTS, MAX_SCORE
 from .queue import consumer_name
 
 SLOT_MEMORY_GB = 0.25  # a module instance's memory cap and its worker's overhead, roughly
 EWMA_PREFIX = b"ewma_ms:"
+MAX_TASK_MS = MAX_ELAPSED_MS  # a task time, observed or estimated, at most
+
+
+def finite(raw: bytes | str | float | int | None, cap: float) -> float | None:
+    """A stored or reported figure as a float in [0, `cap`]: None when it is missing,
+    unreadable, negative or not finite (`inf`, `nan`); capped at `cap` when larger."""
+    if raw is None or raw == b"" or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(value) or value < 0:
+        return None
+    return min(value, cap)
 
 
 def parts_per_task(part_ms: float | None, target_task_s: float) -> int:
     """Adaptive chunk size: how many parts (consecutive subtasks of a hash or crack job) make
     one task of about `target_task_s` on a node whose parts take `part_ms` (one until the
     node has been measured)."""
+    part_ms = finite(part_ms, MAX_TASK_MS)
     if not part_ms:
         return 1
     return max(1, min(MAX_PARTS, int(target_task_s * 1000 / part_ms)))
@@ -60,19 +82,33 @@ class NodeView:
 
     @classmethod
     def of(cls, node_id: str, h: dict[bytes, bytes]) -> NodeView:
-        ewma = {k[len(EWMA_PREFIX) :].decode(): float(v) for k, v in h.items() if k.startswith(EWMA_PREFIX) and v}
-        score = float(h[b"score"]) if h.get(b"score") else None
+        ewma = {
+            k[len(EWMA_PREFIX) :].decode(): ms
+            for k, v in h.items()
+            if k.startswith(EWMA_PREFIX) and (ms := finite(v, MAX_TASK_MS)) is not None
+        }
+        score = finite(h.get(b"score"), MAX_SCORE)
         consumer = consumer_name(node_id, h.get(b"connection", b"").decode())
         return cls(node_id, consumer, int(h.get(b"slots", 1)), score or None, ewma)
 
     def task_ms(self, kind: str, peers: Iterable[NodeView]) -> float | None:
         """Expected time of one task of `kind` here: observed, or estimated from a peer that
-        ran the kind (scaled by benchmark scores); None when nothing is known."""
+        ran the kind (scaled by benchmark scores); None when nothing is known. Always finite,
+        in [0, `MAX_TASK_MS`], whatever the views hold."""
         if kind in self.ewma_ms:
-            return self.ewma_ms[kind]
-        if not self.score:
+            return finite(self.ewma_ms[kind], MAX_TASK_MS)
+        mine = finite(self.score, MAX_SCORE)
+        if not mine:
             return None
-        estimates = [p.ewma_ms[kind] * p.score / self.score for p in peers if kind in p.ewma_ms and p.score]
+        estimates = [
+            t
+            for p in peers
+            if kind in p.ewma_ms
+            and (ms := finite(p.ewma_ms[kind], MAX_TASK_MS)) is not None
+            and (theirs := finite(p.score, MAX_SCORE))
+            # ms / mine first: it cannot overflow (a product of two big figures could)
+            and (t := finite(ms / mine * theirs, MAX_TASK_MS)) is not None
+        ]
         return min(estimates) if estimates else None
 
 

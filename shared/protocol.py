@@ -26,9 +26,17 @@ NodeId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")]
 TaskId = Annotated[str, Field(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$", description="task stream entry id")]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
+# Bounds on every number a node sends (issue 9.2): a node is anyone who scanned the QR code,
+# and one absurd figure must not poison an average, the scheduler's tail or the metrics.
+MAX_SCORE = 1e12  # benchmark, Mandelbrot iterations per second per core (a fast core: ~1e9)
+MAX_ELAPSED_MS = 7 * 86400 * 1000.0  # one part's reported run time: a week
+MAX_COUNT = 10**12  # counters a node reports (tasks done)
+MAX_PROTOCOL = 1000  # protocol versions a node may claim
+
 
 class _Msg(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `Infinity`, `NaN` and `1e999` are refused wherever a float is
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _check_b64(value: str) -> str:
@@ -51,7 +59,9 @@ class NodeReport(_Msg):
     memory_gb: float | None = Field(default=None, ge=0, le=65536)
     browser: str | None = Field(default=None, max_length=200)
     os: str | None = Field(default=None, max_length=200)
-    benchmark_score: float | None = Field(default=None, ge=0, description="Mandelbrot iterations per second per core")
+    benchmark_score: float | None = Field(
+        default=None, ge=0, le=MAX_SCORE, description="Mandelbrot iterations per second per core"
+    )
     simd: bool = False
     kind: Literal["browser", "native"] = "browser"
 
@@ -76,7 +86,7 @@ class Hello(_Msg):
     """First frame after connecting."""
 
     type: Literal["hello"] = "hello"
-    protocol: int = PROTOCOL_VERSION
+    protocol: int = Field(default=PROTOCOL_VERSION, ge=1, le=MAX_PROTOCOL)
     running: list[TaskId] = Field(
         default_factory=list, max_length=1024, description="tasks still running after a reconnect"
     )
@@ -92,14 +102,14 @@ class Ready(_Msg):
 class Heartbeat(_Msg):
     type: Literal["heartbeat"] = "heartbeat"
     running: int = Field(ge=0, le=1024)
-    done: int = Field(ge=0)
+    done: int = Field(ge=0, le=MAX_COUNT)
 
 
 class TaskResult(_Msg):
     type: Literal["result"] = "result"
     task_id: TaskId
     output_b64: str
-    elapsed_ms: float = Field(ge=0)
+    elapsed_ms: float = Field(ge=0, le=MAX_ELAPSED_MS)
 
     _b64 = field_validator("output_b64")(_check_b64)
 

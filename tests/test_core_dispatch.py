@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+from processdistro.shared.capacity import MAX_TASK_MS
 from processdistro.shared.core import dispatch
 from processdistro.shared.core.dispatch import Held, Replica, Verdict
 from processdistro.shared.modules import Module
@@ -310,3 +312,54 @@ def test_remember_keeps_the_most_recent() -> None:
     for tid in ("a", "b", "c", "d"):
         dispatch.remember(given_back, tid, keep=3)
     assert list(given_back) == ["b", "c", "d"]
+
+
+# ---------------------------------------------------------------- poisoned figures (issue 9.2)
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize(
+    ("previous", "sample", "average"),
+    [
+        (INF, 100.0, 100.0),
+        (NAN, 100.0, 100.0),
+        (-50.0, 100.0, 100.0),
+        (100.0, INF, 100.0),
+        (100.0, NAN, 100.0),
+        (None, 1e300, MAX_TASK_MS),
+        (1e300, 1e300, MAX_TASK_MS),
+    ],
+    ids=[
+        "stored Infinity forgotten",
+        "stored NaN forgotten",
+        "stored negative forgotten",
+        "Infinity sample ignored",
+        "NaN sample ignored",
+        "huge sample capped",
+        "huge average capped",
+    ],
+)
+def test_ewma_never_poisoned(previous: float | None, sample: float, average: float) -> None:
+    """Issue 9.2: one `elapsed_ms` of Infinity made a node's average Infinity for ever (and
+    every estimate scaled from it). The average stays finite and bounded."""
+    got = dispatch.ewma(previous, sample)
+    assert math.isfinite(got) and got == pytest.approx(average)
+
+
+@pytest.mark.parametrize(
+    ("reported", "elapsed_s", "sample"),
+    [(INF, 0.5, 500.0), (NAN, 0.5, 500.0), (1e300, 0.5, MAX_TASK_MS), (0.0, 1e9, MAX_TASK_MS)],
+    ids=["Infinity: the round trip", "NaN: the round trip", "huge: capped", "very long round trip: capped"],
+)
+def test_sample_ms_is_finite(reported: float, elapsed_s: float, sample: float) -> None:
+    """Issue 9.2: the time a node reports is used only when it is a finite time."""
+    assert dispatch.sample_ms(reported, elapsed_s) == pytest.approx(sample)
+
+
+@pytest.mark.parametrize("part_ms", [INF, NAN, -1.0, 1e-300], ids=["Infinity", "NaN", "negative", "tiny"])
+def test_parts_wanted_with_a_poisoned_part_time(part_ms: float) -> None:
+    """Issue 9.2: `int(target / nan)` raised in the gateway's dispatch; a part time that is
+    not a finite positive time means "not measured" (one part), a tiny one the most parts."""
+    got = dispatch.parts_wanted(task(), adaptive=True, multipart=True, part_ms=part_ms, target_task_s=4.0)
+    assert got == (MAX_PARTS if part_ms == 1e-300 else 1)

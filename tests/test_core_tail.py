@@ -331,3 +331,100 @@ def test_running_keeps_stream_order_per_consumer() -> None:
 )
 def test_typical_task_time(latencies: list[float], expected: float) -> None:
     assert typical_ms(latencies) == expected
+
+
+# ------------------------------------------------------------------ poisoned speeds (issue 9.2)
+
+INF, NAN = float("inf"), float("nan")
+
+
+def scored(node_id: str, slots: int, held: int, ms: float | None, score: float | None) -> tuple[NodeView, int]:
+    """A node of kind H with a benchmark `score` and, if `ms`, an observed time."""
+    ewma = {H: ms} if ms is not None else {}
+    return NodeView(node_id, f"{node_id}~1", slots, score=score, ewma_ms=ewma), held
+
+
+POISONED = [
+    StealCase(
+        "holder's average is Infinity, the idle node's estimate from it too: inf/inf never reaches round",
+        [scored("idle", 1, 0, None, 1e6), scored("holder", 1, 9, INF, 1e6)],
+        [],  # an unknown time never counts: nothing moves
+        kind=H,
+    ),
+    StealCase(
+        "holder's average is NaN",
+        [scored("idle", 1, 0, 100, 1e6), scored("holder", 1, 9, NAN, 1e6)],
+        [],
+        kind=H,
+    ),
+    StealCase(
+        "idle node's average is Infinity: unknown, never faster",
+        [scored("idle", 1, 0, INF, 1e6), scored("holder", 1, 9, 300, 1e6)],
+        [],
+        kind=H,
+    ),
+    StealCase(
+        "idle node's average is negative: unknown",
+        [scored("idle", 1, 0, -5, 1e6), scored("holder", 1, 9, 300, 1e6)],
+        [],
+        kind=H,
+    ),
+    StealCase(
+        "idle node's score is Infinity, its estimate would be 0 ms: unknown",
+        [scored("idle", 1, 0, None, INF), scored("holder", 1, 9, 300, 1e6)],
+        [],
+        kind=H,
+    ),
+    StealCase(
+        "holder's score is NaN: the idle node's estimate is unknown",
+        [scored("idle", 1, 0, None, 1e6), scored("holder", 1, 9, 300, NAN)],
+        [],
+        kind=H,
+    ),
+    StealCase(
+        "huge finite averages are capped: their sum does not overflow, like speeds share half",
+        [scored("idle", 1, 0, 1e308, 1e6), scored("holder", 1, 9, 1e308, 1e6)],
+        [Steal("holder~1", 4)],
+        kind=H,
+    ),
+    StealCase(
+        "a tiny score does not make an infinite estimate",
+        [scored("idle", 1, 0, None, 1e-300), scored("holder", 1, 9, 300, 1e12)],
+        [],
+        kind=H,
+    ),
+    StealCase(
+        "whole tasks: Infinity on both sides moves nothing",
+        [node("idle", 1, 0, INF), node("holder", 1, 3, INF)],
+        [],
+    ),
+]
+
+
+@pytest.mark.parametrize("case", POISONED, ids=[c.id for c in POISONED])
+def test_poisoned_speeds_never_crash_the_tail(case: StealCase) -> None:
+    """Issue 9.2: a node's time of Infinity (or NaN) made `plan` compute inf/inf and
+    round(nan), which raised and crash-looped the scheduler. Times are read as unknown when
+    they are not finite, capped when huge, and the share is always in [0, 1]."""
+    assert decide(case.nodes, kind=case.kind, backups=False, **case.kw) == case.expected
+
+
+def test_poisoned_latencies_and_speeds_with_backups() -> None:
+    """Issue 9.2: Infinity and NaN among the recent latencies (as Redis held them) and in a
+    holder's speed: the backups still follow the finite figures."""
+    specs = [scored("idle", 1, 0, 100, 1e6), scored("slow", 1, 1, INF, 1e6)]
+    latencies = [INF, NAN, -1.0, 100.0, 100.0, 100.0]
+    got = decide(specs, kind=H, pending=[out("slow~1", 2000, kind=H)], latencies=latencies, stealing=False)
+    assert got == []  # stuck means 1.5 target tasks here (6 s); 2 s is not, and its speed is unknown
+    got = decide(specs, kind=H, pending=[out("slow~1", 7000, kind=H)], latencies=latencies, stealing=False)
+    assert got == [Backup("slow~1-7000", "slow")]
+
+
+@pytest.mark.parametrize(
+    ("latencies", "expected"),
+    [([INF, NAN], 1000.0), ([INF, 5.0, NAN], 5.0), ([-3.0, 1.0, 2.0, 1e300], 2.0)],
+    ids=["only non-finite: unknown", "non-finite left out", "negative out, huge capped"],
+)
+def test_typical_task_time_ignores_poison(latencies: list[float], expected: float) -> None:
+    """Issue 9.2: the median of recent times never is Infinity or NaN."""
+    assert typical_ms(latencies) == expected

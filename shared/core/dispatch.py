@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from ..capacity import parts_per_task
+from ..capacity import MAX_TASK_MS, finite, parts_per_task
 from ..modules import Module
 from ..queue import MAX_TASK_ATTEMPTS, TaskFields
 
@@ -143,13 +143,22 @@ def want_after_ready(*, free: int, slots: int, prefetch: int, assigned: int) -> 
 
 
 def ewma(previous: float | None, sample: float, alpha: float = EWMA_ALPHA) -> float:
-    """A node's observed task time per kind: an exponentially weighted average."""
-    return sample if previous is None else alpha * sample + (1 - alpha) * previous
+    """A node's observed task time per kind: an exponentially weighted average, in
+    [0, `MAX_TASK_MS`]. A previous average that is not a finite time (one stored before
+    reports were validated) is forgotten, so it cannot poison every later one."""
+    new = finite(sample, MAX_TASK_MS)
+    old = finite(previous, MAX_TASK_MS)
+    if new is None:
+        return old if old is not None else 0.0
+    return new if old is None else alpha * new + (1 - alpha) * old
 
 
 def sample_ms(reported_ms: float, elapsed_s: float) -> float:
-    """A part's own run time as the node reports it, else the round trip."""
-    return reported_ms if reported_ms > 0 else elapsed_s * 1000
+    """A part's own run time as the node reports it, else the round trip; in [0, `MAX_TASK_MS`]."""
+    reported = finite(reported_ms, MAX_TASK_MS)
+    if reported:
+        return reported
+    return finite(elapsed_s * 1000, MAX_TASK_MS) or 0.0
 
 
 def drops_copies(fields: TaskFields, *, backed_up: bool) -> bool:

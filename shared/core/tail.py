@@ -18,10 +18,11 @@ returns instructions; `scheduler/tail.py` reads the inputs and carries the instr
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..capacity import NodeView, worth_moving
+from ..capacity import MAX_TASK_MS, NodeView, finite, worth_moving
 from ..keys import PARKED_CONSUMER
 from ..queue import node_of_consumer
 
@@ -73,8 +74,9 @@ class TailSettings:
 
 
 def typical_ms(latencies_ms: Iterable[float]) -> float:
-    """The median of recent task round trips."""
-    ordered = sorted(latencies_ms)
+    """The median of recent task round trips (a time that is not finite, one stored before
+    reports were validated, is left out; a huge one is capped)."""
+    ordered = sorted(ms for x in latencies_ms if (ms := finite(x, MAX_TASK_MS)) is not None)
     return ordered[len(ordered) // 2] if ordered else TYPICAL_MS_UNKNOWN
 
 
@@ -152,7 +154,7 @@ def plan(
             # parts of one long task: the takers get their share by speed
             mine = holder.task_ms(kind, views) or 1.0
             theirs = [t for i in takers if (t := i.task_ms(kind, views)) is not None]
-            share = mine / (mine + min(theirs)) if theirs else 0.5
+            share = _share(mine, min(theirs)) if theirs else 0.5
             n, used = min(queued, max(1, round(queued * share))), 1
         else:
             n = used = min(queued, free)
@@ -166,6 +168,13 @@ def plan(
         backup_slots = sum(n.slots + settings.prefetch - n.held for n in room) - stolen
         out.extend(_backups(views, room, backup_slots, candidates, backed_up, typical_ms(latencies_ms), settings))
     return out
+
+
+def _share(mine: float, theirs: float) -> float:
+    """The takers' share of a holder's queued parts, by speed: in [0, 1] whatever the task
+    times are (an infinite or NaN one, as Redis may still hold, would make `round` raise)."""
+    share = mine / (mine + theirs) if mine + theirs > 0 else 0.5
+    return share if math.isfinite(share) else 0.5
 
 
 def _backups(
