@@ -36,6 +36,7 @@ ACTIVE_JOBS = PREFIX + "jobs:active"
 NODES = PREFIX + "nodes"
 JOIN_CODE = PREFIX + "join_code"
 TOKEN_SECRET = PREFIX + "token_secret"
+TOKEN_SECRET_PREVIOUS = PREFIX + "token_secret:previous"  # valid until it expires (`rotate-code`)
 STATS = PREFIX + "stats"  # hash of cluster-wide counters
 LATENCY = PREFIX + "latency_ms"  # list of recent task round-trip times
 FINALIZE_QUEUE = "pd-finalize"  # rq queue name (rq adds its own prefix)
@@ -127,3 +128,15 @@ def service_heartbeat_pattern(service: str) -> str:
 
 def rate(bucket: str, who: str) -> str:
     return f"{PREFIX}rate:{bucket}:{who}"
+
+
+def banned_address(address: str) -> str:
+    """Set (with a TTL, `PD_BAN_ADDRESS_S`) when a node from `address` was banned: new joins
+    from it are refused, whatever device id they claim."""
+    return f"{PREFIX}banned:address:{address}"
+
+
+def job_vote_nodes(job_id: str, index: int) -> str:
+    """Hash voter -> the node id whose vote it cast on a replicated subtask (TTL 1 day): votes
+    are counted per voter (`core.dispatch.voter_key`), penalties go to nodes."""
+    return f"{PREFIX}job:{job_id}:vote_nodes:{index}"
