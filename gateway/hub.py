@@ -29,7 +29,7 @@ from ..shared.protocol import CloseCode, NodeAccepted, NodeReport
 from ..shared.queue import node_of_consumer
 from ..shared.settings import Settings
 from ..shared.store.gateway import ChannelLost, GatewayStore
-from .auth import Admission, TokenSigner, new_join_code, new_secret, resolve_identity
+from .auth import Admission, TokenSigner, new_join_code, new_secret, resolve_identity, secret_digest
 from .metrics import GatewayMetrics
 from .session import NodeSession
 
@@ -89,10 +89,14 @@ class Hub:
 
     async def admit(self, report: NodeReport, address: str) -> tuple[int, dict[str, object]]:
         """`POST /node-report` after parsing: (HTTP status, JSON body). Checks the join code
-        (read afresh: `rotate-code`), the address ban, the identity (`auth.resolve_identity`:
-        a known id without its secret gets a fresh one), then the node's own ban."""
+        (read afresh: `rotate-code`; a joined node's secret admits it without), the address
+        ban, the identity (`auth.resolve_identity`: a known id without its secret gets a fresh
+        one), then the node's own ban."""
         code = await self.store.join_code()
-        if not code or not hmac.compare_digest(report.join_code.encode(), code.encode()):
+        if not (code and hmac.compare_digest(report.join_code.encode(), code.encode())) and not (
+            # a joined node proves itself with its secret: the code (maybe rotated since) admits new ones
+            report.node_secret and await self.store.proves(report.device_id, secret_digest(report.node_secret))
+        ):
             wrong: dict[str, object] = {"error": "wrong join code: open the join link the controller printed"}
             return 403, wrong
         s = self.settings

@@ -135,6 +135,11 @@ class GatewayStore:
             stored = await self.r.hget(key, "secret_sha256")
         return stored is not None and hmac.compare_digest(bytes(stored), digest.encode())
 
+    async def proves(self, node_id: str, digest: str) -> bool:
+        """Is `digest` the sha256 of joined node `node_id`'s secret? (Never claims a free id.)"""
+        stored = await self.r.hget(keys.node(node_id), "secret_sha256")
+        return stored is not None and hmac.compare_digest(bytes(stored), digest.encode())
+
     async def ban_address(self, address: str, ttl_s: float) -> None:
         await self.r.set(keys.banned_address(address), 1, px=max(1, int(ttl_s * 1000)))
 
