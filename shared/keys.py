@@ -67,12 +67,13 @@ def job_blocks(job_id: str) -> str:
 
 
 def job_votes(job_id: str, index: int) -> str:
-    """Hash node id -> sha256 of the result it returned, for a replicated subtask (TTL 1 day)."""
+    """Hash voter (`core.dispatch.voter_key`: the node id, or "@" + its address) -> sha256 of
+    the result it returned, for a replicated subtask (TTL 1 day)."""
     return f"{PREFIX}job:{job_id}:votes:{index}"
 
 
 def job_returned(job_id: str, index: int) -> str:
-    """Set of the node ids that handed in a result for a replicated subtask (TTL 1 day),
+    """Set of the voters (`core.dispatch.voter_key`) that handed in a result for a replicated subtask (TTL 1 day),
     written by the gateway as the result leaves it: the aggregator's votes may lag behind."""
     return f"{PREFIX}job:{job_id}:returned:{index}"
 
