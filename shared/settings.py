@@ -56,7 +56,7 @@ class Settings(BaseSettings):
         "the address); addresses in trusted_addresses are exempt",
     )
     trusted_addresses: list[str] = Field(
-        default_factory=lambda: ["127.0.0.1", "::1"],
+        default_factory=lambda: ["127.0.0.1", "::1", "::ffff:127.0.0.1"],
         description="node addresses whose identities each vote alone and whose bans cover the identity only: "
         "the controller's own machine (`up --workers`); empty it behind a proxy that makes every node local",
     )
