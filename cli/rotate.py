@@ -18,10 +18,8 @@ import os
 from urllib.parse import urlsplit, urlunsplit
 
 from .console import Subcommands, console
-from .gateway.auth import new_join_code, new_secret
 from .shared.exceptions import ConfigError
 from .shared.settings import Settings, read_controller_info
-from .shared.store.gateway import GatewayStore
 
 
 def add_rotate_parser(sub: Subcommands) -> None:
@@ -37,6 +35,8 @@ def add_rotate_parser(sub: Subcommands) -> None:
 
 
 def cmd_rotate_code(args: argparse.Namespace, settings: Settings) -> int:
+    from .gateway.auth import new_join_code, new_secret  # imported here: every other command starts faster
+
     url = settings.resolved_redis_url()
     if not url:
         raise ConfigError("no controller to rotate: start `processdistro up` or set PD_REDIS_URL")
@@ -55,6 +55,8 @@ def cmd_rotate_code(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _rotate(url: str, code: str, secret: str | None, grace_s: float) -> None:
+    from .shared.store.gateway import GatewayStore
+
     store = GatewayStore.connect(url)
     try:
         await store.rotate(join_code=code, token_secret=secret, grace_s=grace_s)
