@@ -118,6 +118,7 @@ class Aggregator:
         plugin, params = plugin_and_params(job_id, job.kind, job.params)
         output = f[b"output"]
         node = f.get(b"node", b"?").decode()
+        voter = f.get(b"voter", node.encode()).decode()  # replicas count one vote per voter (its address)
         if self.results.banned(node):
             # a banned node's late results are not trusted, even if they pass a check
             self.results.requeue(TaskFields.from_redis(f), entry_id)
@@ -137,9 +138,9 @@ class Aggregator:
             return Handled.REJECTED
         elapsed_ms = float(f.get(b"elapsed_ms", b"0"))
         if task.replicated:
-            return self._vote(job, task, entry_id, node, output, elapsed_ms)
+            return self._vote(job, task, entry_id, node, output, elapsed_ms, voter)
         if plugin.confirm(params, index, output):
-            return self._confirm(job, task, entry_id, node, output, elapsed_ms)
+            return self._confirm(job, task, entry_id, node, output, elapsed_ms, voter)
         return self._merge(job, task, entry_id, output, Origin(node, elapsed_ms, Checked.SINGLE, (node,)))
 
     def _merge(self, job: JobRecord, task: TaskFields, entry_id: bytes, output: bytes, origin: Origin) -> Handled:
@@ -187,10 +188,19 @@ class Aggregator:
     # ------------------------------------------------------------------ replication
 
     def _vote(
-        self, job: JobRecord, task: TaskFields, entry_id: bytes, node: str, output: bytes, elapsed_ms: float
+        self,
+        job: JobRecord,
+        task: TaskFields,
+        entry_id: bytes,
+        node: str,
+        output: bytes,
+        elapsed_ms: float,
+        voter: str | None = None,
     ) -> Handled:
-        """Record a replicated subtask's checked result and carry out the decision."""
-        vote = self.results.vote(job.id, task.index, node, output)
+        """Record a replicated subtask's checked result and carry out the decision. Votes are
+        per voter (the node's address, `core.dispatch.voter_key`): identities one machine made
+        up cannot confirm each other; penalties go to the node behind each vote."""
+        vote = self.results.vote(job.id, task.index, node, output, voter)
         decision = judge_vote(
             vote.ballot, index=task.index, digest=vote.digest, votes=vote.votes, live=vote.live, decided=vote.decided
         )
@@ -201,9 +211,9 @@ class Aggregator:
             self.results.count(_VOTE_STATS[outcome])
         if outcome is VoteOutcome.MERGE:
             self.results.forget_first_vote(job.id, task.index)
-            agreeing = tuple(sorted(n for n, d in vote.votes.items() if d == vote.digest))
+            agreeing = tuple(sorted(vote.nodes.get(v, v) for v, d in vote.votes.items() if d == vote.digest))
             handled = self._merge(job, task, entry_id, output, Origin(node, elapsed_ms, Checked.REPLICATED, agreeing))
-            for other in decision.dissenters:  # outvoted: a wrong result that passed the cheap check
+            for other in (vote.nodes.get(v, v) for v in decision.dissenters):  # outvoted: wrong, passed the check
                 log.warning("job %s: node %s was outvoted on task %d", job.id, other, task.index)
                 self._reject(other)
             return handled
@@ -224,19 +234,27 @@ class Aggregator:
         return Handled.QUORUM
 
     def _confirm(
-        self, job: JobRecord, task: TaskFields, entry_id: bytes, node: str, output: bytes, elapsed_ms: float
+        self,
+        job: JobRecord,
+        task: TaskFields,
+        entry_id: bytes,
+        node: str,
+        output: bytes,
+        elapsed_ms: float,
+        voter: str | None = None,
     ) -> Handled:
         """A result that counts only once another node agrees (`TaskPlugin.confirm`): the
         subtask becomes a replicated one, this result its first vote. While another node is
         live the copy is queued before the vote, so a crash in between leaves at most a
         spare copy (dropped as a duplicate), not a vote waiting for a copy nobody queued."""
         task = dataclasses.replace(task, replicated=True, backup_of="")
-        self.results.mark_returned(job.id, task.index, node)  # the copy goes to another node
-        queued = bool(self.results.live_nodes() - {node})
+        voter = voter or node
+        self.results.mark_returned(job.id, task.index, voter)  # the copy goes to another voter
+        queued = bool(self.results.live_voters() - {voter})
         if queued:
             self.results.queue_copy(task)
         log.info("job %s: task %d from node %s needs a second node's confirmation", job.id, task.index, node)
-        handled = self._vote(job, task, entry_id, node, output, elapsed_ms)
+        handled = self._vote(job, task, entry_id, node, output, elapsed_ms, voter)
         if handled is Handled.AWAITING and not queued:  # a node came meanwhile
             self.results.queue_copy(task)
         return handled
@@ -252,7 +270,11 @@ class Aggregator:
             self.results.fail_job(job.id, reason[:1000])
             self.results.drop(entry_id)
             return Handled.NO_QUORUM
-        outvoted = outvoted_by(hashlib.sha256(output).hexdigest(), self.results.votes(job.id, task.index))
+        voted = self.results.vote_nodes(job.id, task.index)  # voter -> node
+        outvoted = [
+            voted.get(v, v)
+            for v in outvoted_by(hashlib.sha256(output).hexdigest(), self.results.votes(job.id, task.index))
+        ]
         log.warning("job %s: subtask %d computed by the controller; outvoted: %s", job.id, task.index, outvoted)
         self.results.count("replicas_resolved")
         handled = self._merge(job, task, entry_id, output, Origin(CONTROLLER, elapsed_ms, Checked.CONTROLLER, ()))

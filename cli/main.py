@@ -20,6 +20,7 @@ from rich.markup import escape
 
 from .console import console, err
 from .retry import add_retry_parser
+from .rotate import add_rotate_parser
 from .shared.exceptions import ProcessDistroError
 from .shared.logs import setup_logging
 from .shared.settings import Settings
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_show_parsers(sub)
     add_cancel_parser(sub)
     add_retry_parser(sub)
+    add_rotate_parser(sub)
 
     sc = sub.add_parser("schema", help="export the protocol's JSON Schemas")
     sc.add_argument("--out", type=Path, default=Path("shared/schema"))
@@ -179,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # commands that never look a task kind up: they do not load (or run) the task repo
-NO_TASK_REPO = ("up", "worker", "schema", "healthcheck")
+NO_TASK_REPO = ("up", "worker", "schema", "healthcheck", "rotate-code")
 # commands that say what is broken in the task repo themselves
 SAY_BROKEN = ("kinds", "gateway", "scheduler", "aggregator")
 

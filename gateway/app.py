@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import mimetypes
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -40,10 +38,8 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from ..shared.capacity import plan_slots
-from ..shared.logs import safe_text
 from ..shared.modules import Module
-from ..shared.protocol import CloseCode, NodeAccepted, NodeReport
+from ..shared.protocol import CloseCode, NodeReport
 from ..shared.settings import Settings
 from ..shared.store.gateway import GatewayStore
 from ..shared.validation import problems
@@ -152,51 +148,9 @@ def create_app(settings: Settings, *, store: GatewayStore | None = None) -> Star
             report = NodeReport.model_validate_json(body)
         except ValidationError as exc:
             return JSONResponse({"error": "invalid node report", "problems": problems(exc)}, status_code=422)
-        if not hmac.compare_digest(report.join_code.encode(), gw.join_code.encode()):
-            return JSONResponse(
-                {"error": "wrong join code: open the join link the controller printed"}, status_code=403
-            )
-        node_id = report.device_id
-        if await store.banned(node_id):
-            return JSONResponse({"error": "this node is banned"}, status_code=403)
-        slots = plan_slots(
-            cores=report.cores, memory_gb=report.memory_gb, kind=report.kind, max_concurrency=settings.max_concurrency
-        )
-        await store.save_node(
-            node_id,
-            {
-                "id": node_id,
-                "kind": report.kind,
-                "cores": report.cores,
-                "memory_gb": report.memory_gb if report.memory_gb is not None else "",
-                "browser": report.browser or "",
-                "os": report.os or "",
-                "score": report.benchmark_score if report.benchmark_score is not None else "",
-                "simd": int(report.simd),
-                "slots": slots,
-                "address": _client_ip(request),
-                "joined": time.time(),
-                "state": "joined",
-            },
-        )
-        token, expires = gw.signer.issue(node_id)
-        log.info(
-            "node %s: joined (%s, %d cores, score %s)",
-            node_id,
-            safe_text(report.browser or report.kind),
-            report.cores,
-            report.benchmark_score,
-        )
-        return JSONResponse(
-            NodeAccepted(
-                node_id=node_id,
-                token=token,
-                token_expires_at=expires,
-                slots=slots,
-                prefetch=settings.prefetch,
-                heartbeat_interval_s=settings.heartbeat_interval_s,
-            ).model_dump()
-        )
+        # join code, bans and identity (a known id without its secret gets a new one): `Hub.admit`
+        status, answer = await gw.admit(report, _client_ip(request))
+        return JSONResponse(answer, status_code=status)
 
     async def ws_endpoint(ws: WebSocket) -> None:
         async def refuse(code: int, reason: str, label: str) -> None:

@@ -68,9 +68,12 @@ class NodeSession:
         modules: ModuleRegistry,
         metrics: GatewayMetrics,
         signer: TokenSigner,
+        voter: str = "",
     ) -> None:
         self.ws = ws
         self.node_id = node_id
+        #: who this node is for replicated subtasks (`dispatch.voter_key`): its address, or itself
+        self.voter = voter or node_id
         self.store = store
         self.settings = settings
         self.modules = modules
@@ -114,7 +117,7 @@ class NodeSession:
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        await self._touch(state="connected")
+        await self._touch(state="connected", voter=self.voter)
         known = await self.store.node(self.node_id)  # a reconnect keeps the node's speed record
         self.simd = known.get(b"simd") == b"1"
         self.ewma = {k.decode(): float(v) for k, v in known.items() if k.startswith(EWMA_PREFIX) and v}
@@ -231,7 +234,13 @@ class NodeSession:
         # a replicated copy stays in `held` until the handover has also recorded that this
         # node returned it, so the node never takes the other copy in between
         await self.store.hand_over(
-            m.task_id, fields, node_id=self.node_id, output=output, elapsed_ms=m.elapsed_ms, returned=fields.replicated
+            m.task_id,
+            fields,
+            node_id=self.node_id,
+            output=output,
+            elapsed_ms=m.elapsed_ms,
+            returned=fields.replicated,
+            voter=self.voter,
         )
         self.held.pop(m.task_id, None)
         self.done += 1
@@ -284,7 +293,7 @@ class NodeSession:
         """Take parked copies this node may run (it has neither run nor holds their
         subtask): they go before the stream."""
         found = await self.store.parked(UNPARK_LOOK)
-        returned = await self.store.returned_flags(self.node_id, [f for _tid, f in found])
+        returned = await self.store.returned_flags(self.voter, [f for _tid, f in found])
         for (task_id, fields), ran in zip(found, returned, strict=True):
             if self.want <= 0:
                 return
@@ -320,11 +329,11 @@ class NodeSession:
         """The replica rule (`dispatch.replica_rule`), reading only what each step needs."""
         held_here = dispatch.holds(self.held, fields.job, fields.index)
         if not held_here and dispatch.may_take_replica(
-            holds=False, returned_here=await self.store.has_returned(fields.job, fields.index, self.node_id)
+            holds=False, returned_here=await self.store.has_returned(fields.job, fields.index, self.voter)
         ):
             return True
         returned, votes, live = await self.store.replica_view(fields.job, fields.index, self.settings.node_timeout_s)
-        if dispatch.replica_fallback(node_id=self.node_id, returned=returned, votes=votes, live=live) is Replica.PARK:
+        if dispatch.replica_fallback(node_id=self.voter, returned=returned, votes=votes, live=live) is Replica.PARK:
             await self.store.park(task_id)
         else:  # Replica.DECIDE: the aggregator accepts the one result
             await self.store.hand_over(

@@ -16,8 +16,7 @@ from ..shared.jobs import LIVE
 from ..shared.settings import Settings
 from ..shared.store.connection import Client
 from ..shared.store.jobs import JobStore
-from ..shared.store.nodes import connections, forget_connections
-from ..shared.store.streams import live_node_ids
+from ..shared.store.nodes import connections, forget_connections, live_voters
 from ..shared.store.tasks import TaskStream
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,7 @@ class Reaper:
         parked = self.tasks.parked()
         if not parked:
             return 0
-        live = live_node_ids(self.r, self.settings.node_timeout_s)
+        live = live_voters(self.r, self.settings.node_timeout_s)  # returned sets hold voters
         moved = 0
         for copy in parked:
             job = self.jobs.load(copy.task.job) if copy.task else None

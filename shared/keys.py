@@ -38,6 +38,7 @@ ACTIVE_JOBS = PREFIX + "jobs:active"
 NODES = PREFIX + "nodes"
 JOIN_CODE = PREFIX + "join_code"
 TOKEN_SECRET = PREFIX + "token_secret"
+TOKEN_SECRET_PREVIOUS = PREFIX + "token_secret:previous"  # valid until it expires (`rotate-code`)
 STATS = PREFIX + "stats"  # hash of cluster-wide counters
 LATENCY = PREFIX + "latency_ms"  # list of recent task round-trip times
 FINALIZE_QUEUE = "pd-finalize"  # rq queue name (rq adds its own prefix)
@@ -68,12 +69,13 @@ def job_blocks(job_id: str) -> str:
 
 
 def job_votes(job_id: str, index: int) -> str:
-    """Hash node id -> sha256 of the result it returned, for a replicated subtask (TTL 1 day)."""
+    """Hash voter (`core.dispatch.voter_key`: the node id, or "@" + its address) -> sha256 of
+    the result it returned, for a replicated subtask (TTL 1 day)."""
     return f"{PREFIX}job:{job_id}:votes:{index}"
 
 
 def job_returned(job_id: str, index: int) -> str:
-    """Set of the node ids that handed in a result for a replicated subtask (TTL 1 day),
+    """Set of the voters (`core.dispatch.voter_key`) that handed in a result for a replicated subtask (TTL 1 day),
     written by the gateway as the result leaves it: the aggregator's votes may lag behind."""
     return f"{PREFIX}job:{job_id}:returned:{index}"
 
@@ -131,6 +133,18 @@ def rate(bucket: str, who: str) -> str:
     return f"{PREFIX}rate:{bucket}:{who}"
 
 
+def banned_address(address: str) -> str:
+    """Set (with a TTL, `PD_BAN_ADDRESS_S`) when a node from `address` was banned: new joins
+    from it are refused, whatever device id they claim."""
+    return f"{PREFIX}banned:address:{address}"
+
+
+def job_vote_nodes(job_id: str, index: int) -> str:
+    """Hash voter -> the node id whose vote it cast on a replicated subtask (TTL 1 day): votes
+    are counted per voter (`core.dispatch.voter_key`), penalties go to nodes."""
+    return f"{PREFIX}job:{job_id}:vote_nodes:{index}"
+
+
 #: Every per-job key kind (a function above taking a job id) and how it goes once the job
 #: is over: "expire" (`store.expiry.job_ended` gives it a TTL), "delete" (deleted with the
 #: job's blocks), "ttl" (written with a TTL). tests/hostile/test_hostile_edges.py checks it.
@@ -145,6 +159,7 @@ JOB_KEY_ENDS = {
     "job_returned": "ttl",
     "job_decided": "ttl",
     "job_first_vote": "ttl",
+    "job_vote_nodes": "ttl",
 }
 
 #: Every per-node key kind and how it goes: "ttl" (refreshed on every sign of life,

@@ -25,6 +25,7 @@ MULTIPART_SINCE = 2
 NodeId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")]
 TaskId = Annotated[str, Field(pattern=r"^[0-9]{1,20}-[0-9]{1,20}$", description="task stream entry id")]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+NodeSecret = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{32,128}$")]
 
 # Bounds on every number a node sends (issue 9.2): a node is anyone who scanned the QR code,
 # and one absurd figure must not poison an average, the scheduler's tail or the metrics.
@@ -55,6 +56,11 @@ class NodeReport(_Msg):
 
     join_code: str = Field(min_length=4, max_length=64)
     device_id: NodeId = Field(description="stable per device (kept in localStorage), so a node keeps its identity")
+    node_secret: NodeSecret | None = Field(
+        default=None,
+        description="the secret the controller issued with this device id (NodeAccepted.node_secret); "
+        "a known id without it gets a new identity",
+    )
     cores: int = Field(ge=1, le=1024)
     memory_gb: float | None = Field(default=None, ge=0, le=65536)
     browser: str | None = Field(default=None, max_length=200)
@@ -70,6 +76,11 @@ class NodeAccepted(_Msg):
     """Reply to a `NodeReport`: who the node is and how to connect."""
 
     node_id: NodeId
+    node_secret: NodeSecret | None = Field(
+        default=None,
+        description="set when the controller issued a new identity: keep node_id as the device id and "
+        "this secret with it, and send both in every later report",
+    )
     token: str
     token_expires_at: float
     slots: int = Field(ge=1, description="tasks the node may run at once (one Web Worker each)")
@@ -228,7 +239,7 @@ class CloseCode:
     POLICY = 1008  # foreign Origin
     TOO_BIG = 1009
     BAD_TOKEN = 4001  # missing, forged or expired session token
-    REPLACED = 4002  # the same node connected again elsewhere
+    REPLACED = 4002  # the same node (id and secret) connected again: the node reconnects after a backoff
     SILENT = 4003  # no heartbeat within the deadline
     BANNED = 4004
     RATE_LIMITED = 4005  # too many connects from this address: retry later

@@ -78,6 +78,23 @@ class Settings(BaseSettings):
             return json.loads(text) if text.startswith("[") else [p.strip() for p in text.split(",") if p.strip()]
         return value
 
+    voter_by_address: bool = Field(
+        default=True,
+        description="identities from one network address count as one voter for replication (and a ban covers "
+        "the address); addresses in trusted_addresses are exempt",
+    )
+    trusted_addresses: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "::1", "::ffff:127.0.0.1"],
+        description="node addresses whose identities each vote alone and whose bans cover the identity only: "
+        "the controller's own machine (`up --workers`); empty it behind a proxy that makes every node local",
+    )
+    ban_address_s: float = Field(
+        default=3600.0, ge=0, description="a ban refuses new joins from the banned node's address this long (0: off)"
+    )
+    token_grace_s: float = Field(
+        default=900.0, ge=0, description="after `rotate-code --token-secret`, tokens of the previous secret stay valid"
+    )
+
     @property
     def home_dir(self) -> Path:
         return self.home.expanduser()

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 import websockets
 from conftest import Controller
 from nodes import Node, run_async
-from processdistro.gateway.auth import TokenSigner
+from processdistro.gateway.auth import TokenSigner, TokenStatus
 from processdistro.shared import keys
 from processdistro.shared.protocol import CloseCode
 from processdistro.shared.store.connection import Client
@@ -144,3 +145,24 @@ def test_wasm_served_by_hash(controller: Controller) -> None:
         == 304
     )
     _ = time
+
+
+@pytest.mark.parametrize(
+    ("signed_with", "current", "previous", "want"),
+    [
+        (b"A" * 32, b"A" * 32, None, TokenStatus.VALID),
+        (b"A" * 32, b"B" * 32, b"A" * 32, TokenStatus.VALID),  # rotated: the previous secret's grace
+        (b"A" * 32, b"B" * 32, None, TokenStatus.FORGED),  # the grace is over
+        (b"C" * 32, b"B" * 32, b"A" * 32, TokenStatus.FORGED),
+    ],
+    ids=["current", "previous-in-grace", "previous-expired", "unknown-secret"],
+)
+def test_token_secret_rotation(signed_with: bytes, current: bytes, previous: bytes | None, want: TokenStatus) -> None:
+    """Issue 9.10: tokens of the previous secret stay valid while it is kept (`rotate-code
+    --token-secret`); new tokens use the new one."""
+    token, _ = TokenSigner(secret=signed_with, ttl_s=60).issue("node-0001")
+    signer = TokenSigner(secret=b"X" * 32, ttl_s=60)
+    signer.update(current, previous)
+    assert signer.check(token).status is want
+    fresh, _ = signer.issue("node-0002")
+    assert TokenSigner(secret=current, ttl_s=60).check(fresh).status is TokenStatus.VALID

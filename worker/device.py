@@ -1,8 +1,12 @@
 """Who this worker is and what it can do: a device id kept per worker name, the description
 sent in the node report, and the benchmark score.
 
-Identity. The device id lives in `$PD_HOME/worker-<name>.id`, so a restarted worker is the
-same node to the controller. A worker holds an exclusive lock on `worker-<name>.lock` while it
+Identity. The device id lives in `$PD_HOME/worker-<name>.id`, and the secret the controller
+issued with it at the first join in `worker-<name>.secret` (mode 0600; the controller keeps
+only its hash), so a restarted worker is the same node to the controller, and nobody who only
+knows the id can be. When the controller issues a new identity (the id was known but this
+worker could not prove it: no secret, or a wrong one) both files are replaced (`Identity.keep`).
+A worker holds an exclusive lock on `worker-<name>.lock` while it
 runs. Without `--name`, it takes the first free name among `default`, `default-2`, ...: several
 workers started side by side (`up --workers N`) get distinct identities, and each restart
 finds one again. An explicit name that is already in use is an error.
@@ -32,6 +36,7 @@ from .runtime import ModuleRunner
 DEFAULT_NAME = "default"
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 DEVICE_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+NODE_SECRET = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
 
 # Mandelbrot input, docs/wasm-abi.md: xmin xmax ymin ymax, W H x0 y0 tile_w tile_h max_iter 0
 MANDEL_INPUT = struct.Struct("<4d8I")
@@ -51,6 +56,16 @@ class Identity:
     name: str
     device_id: str
     _lock: IO[str]
+    #: the controller's secret for `device_id` (None before the first join)
+    secret: str | None = None
+    home: Path | None = None
+
+    def keep(self, device_id: str, secret: str) -> None:
+        """Adopt the identity the controller issued: the secret first (0600), then the id."""
+        assert self.home is not None
+        _write_private(self.home / f"worker-{self.name}.secret", secret)
+        _write_private(self.home / f"worker-{self.name}.id", device_id)
+        self.device_id, self.secret = device_id, secret
 
     def release(self) -> None:
         self._lock.close()
@@ -65,12 +80,12 @@ def claim_identity(home: Path, name: str | None) -> Identity:
         lock = _try_lock(home / f"worker-{name}.lock")
         if lock is None:
             raise ConfigError(f"a worker named {name!r} is already running with {home}; pick another --name")
-        return Identity(name, _device_id(home / f"worker-{name}.id"), lock)
+        return _identity(home, name, lock)
     for n in range(1, 1025):
         candidate = DEFAULT_NAME if n == 1 else f"{DEFAULT_NAME}-{n}"
         lock = _try_lock(home / f"worker-{candidate}.lock")
         if lock is not None:
-            return Identity(candidate, _device_id(home / f"worker-{candidate}.id"), lock)
+            return _identity(home, candidate, lock)
     raise ConfigError(f"1024 workers already run with {home}")
 
 
@@ -84,6 +99,25 @@ def _try_lock(path: Path) -> IO[str] | None:
     return fh
 
 
+def _identity(home: Path, name: str, lock: IO[str]) -> Identity:
+    secret: str | None = None
+    with contextlib.suppress(OSError):
+        stored = (home / f"worker-{name}.secret").read_text().strip()
+        secret = stored if NODE_SECRET.match(stored) else None
+    return Identity(name, _device_id(home / f"worker-{name}.id"), lock, secret=secret, home=home)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically, readable by this user only."""
+    tmp = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text + "\n")
+    os.replace(tmp, path)
+
+
 def _device_id(path: Path) -> str:
     try:
         stored = path.read_text().strip()
@@ -92,9 +126,7 @@ def _device_id(path: Path) -> str:
     except OSError:
         pass
     device_id = secrets.token_urlsafe(24)  # 32 characters of [A-Za-z0-9_-]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(device_id + "\n")
-    os.replace(tmp, path)
+    _write_private(path, device_id)
     return device_id
 
 

@@ -6,10 +6,12 @@ Life cycle: benchmark (one core, under a second, which also puts the mandelbrot 
 module cache) -> `POST /node-report` with the join code -> `WS /ws?token=...` -> Hello ->
 Welcome -> Ready{free} / TaskAssign / TaskResult ... Heartbeats every `heartbeat_interval_s`.
 
-- A lost connection is retried with capped exponential backoff and jitter, keeping the node's
-  identity; close code 4001 (token refused) first re-reports with the join code.
-- 4004 (banned) and 4002 (replaced by a newer connection of the same identity) stop the
-  worker for good: `Banned` / `Replaced` are raised to `main`.
+- The device id and its secret (`device.Identity`) go in every node report; a new identity
+  in the answer (the id was known, this worker could not prove it) is adopted and kept.
+- A lost connection is retried with capped exponential backoff and jitter, keeping the
+  identity; 4001 (token refused) first re-reports; 4002 (replaced by another connection of
+  this identity, secret and all) after a longer backoff, so two copies of one home take turns.
+- Only 4004 (banned) stops the worker for good: `Banned` is raised to `main`.
 - Frames go out through one writer per connection, in the order `NodeState` made them; a
   report the socket took down with it goes back to `NodeState`'s outbox.
 - A stopped part (cancel) is stopped by cancelling its run: `WasmExecutor` kills its process.
@@ -43,7 +45,7 @@ from ..shared.protocol import (
     server_message_adapter,
 )
 from .device import Identity, claim_identity
-from .exceptions import Banned, Replaced
+from .exceptions import Banned
 from .executor import Executor, WasmExecutor, run_part
 from .fetch import BlockCache, ModuleStore
 from .join import WorkerConfig, accepted, backoff_s, measure, node_report, parse_join_url, refusal, within_means
@@ -71,6 +73,7 @@ T = TypeVar("T")
 
 CONNECT_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 2.0
+REPLACED_ATTEMPT = 3  # after a 4002 the backoff starts here (2-4 s) and grows with each one in a row
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # a task frame carries its input; the gateway caps its own side
 
 
@@ -162,6 +165,7 @@ class WorkerNode:
                 who=self.node_id,
             )
         attempt = 0
+        replaced = 0  # 4002s in a row
         need_report = True
         sessions = 0
         while not self._stop.is_set():
@@ -180,15 +184,16 @@ class WorkerNode:
             why = f"{code} {reason}".strip() if code is not None else reason
             if code == CloseCode.BANNED:
                 raise Banned(f"node {self.node_id}: banned by the controller ({why})")
-            if code == CloseCode.REPLACED:
-                raise Replaced(
-                    f"node {self.node_id}: the same identity connected again elsewhere ({why}); "
-                    "another worker uses this identity (a copied PD_HOME?)"
-                )
             if code == CloseCode.BAD_TOKEN:
                 need_report = True
-            delay = backoff_s(attempt)
-            attempt += 1
+            if code == CloseCode.REPLACED:
+                replaced += 1  # another holder of this identity's secret (a copied home?): take turns
+                delay = backoff_s(REPLACED_ATTEMPT + replaced - 1)
+                log.warning("node %s: replaced by another connection of this identity (%s)", self.node_id, why)
+            else:
+                replaced = 0
+                delay = backoff_s(attempt)
+                attempt += 1
             log.warning("node %s: connection closed (%s); reconnecting in %.1fs", self.node_id, why, delay)
             await self._sleep(delay)
 
@@ -230,6 +235,8 @@ class WorkerNode:
         """Trade the join code for a session token; retry while the gateway is unreachable."""
         assert self._http is not None
         report = node_report(self.config, join_code=self.join_code, device_id=self.node_id, score=self.score)
+        if self._identity is not None and self._identity.secret is not None:
+            report = report.model_copy(update={"node_secret": self._identity.secret})
         attempt = 0
         while not self._stop.is_set():
             try:
@@ -257,6 +264,9 @@ class WorkerNode:
         return None
 
     def _accept(self, answer: NodeAccepted) -> NodeAccepted:
+        if answer.node_secret is not None and self._identity is not None:
+            log.info("node %s: the controller issued identity %s", self._identity.device_id, answer.node_id)
+            self._identity.keep(answer.node_id, answer.node_secret)
         self.node_id = answer.node_id
         self.token = answer.token
         self.ws_path = answer.ws_path

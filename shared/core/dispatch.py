@@ -8,7 +8,7 @@ order the entries were sent.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Collection, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -44,6 +44,28 @@ class Replica(StrEnum):
     RUN = "run"  # this node may run it
     PARK = "park"  # another live node may: keep it parked for that node
     DECIDE = "decide"  # nobody else could confirm: tell the aggregator to accept the one result
+
+
+# ---------------------------------------------------------------- who votes
+
+ADDRESS_VOTER = "@"  # a voter key naming an address (node ids never contain "@")
+
+
+def voter_key(node_id: str, address: str, *, by_address: bool, trusted: Collection[str]) -> str:
+    """Who a node is for the replica rule and the votes: its network address
+    (`"@" + address`), so that the identities one machine makes up count once and cannot
+    agree with each other, or the node itself where an address does not tell machines apart
+    (the setting off, the address unknown, or a trusted one such as loopback, where
+    `up --workers` runs the operator's own workers)."""
+    if by_address and address and address != "unknown" and address not in trusted:
+        return ADDRESS_VOTER + address
+    return node_id
+
+
+def address_bannable(address: str, *, ban_address_s: float, trusted: Collection[str]) -> bool:
+    """Does a ban of a node from `address` also refuse new joins from that address (a banned
+    node that comes back under a fresh device id)? Not for trusted or unknown addresses."""
+    return ban_address_s > 0 and bool(address) and address != "unknown" and address not in trusted
 
 
 # ---------------------------------------------------------------- is a task usable here

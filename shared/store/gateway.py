@@ -1,6 +1,7 @@
 """Every Redis call a gateway makes, with an asyncio client.
 
-- auth: the token secret, the join code, per-address rate limits;
+- auth: the token secret (and the previous one after a rotation), the join code, per-address
+  rate limits, node secrets (`claim_node`), address bans;
 - nodes: a node's record (`keys.node`), its connection's liveness (`keys.NODES`), speed figures;
 - the task stream: read for a connection's consumer, hand a result over (`HANDOVER_LUA`),
   requeue (`REQUEUE_LUA`), park and unpark replicated copies, drop, release a closed
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import AsyncGenerator, Mapping
@@ -94,6 +96,56 @@ class GatewayStore:
     async def ensure_join_code(self, candidate: str) -> str:
         await self.r.set(keys.JOIN_CODE, candidate, nx=True)
         return bytes(await self.r.get(keys.JOIN_CODE)).decode()
+
+    async def join_code(self) -> str:
+        """The join code now (`rotate-code` may have changed it since start)."""
+        code = await self.r.get(keys.JOIN_CODE)
+        return bytes(code).decode() if code else ""
+
+    async def token_secrets(self) -> tuple[bytes | None, bytes | None]:
+        """(the token secret, the previous one while its grace period lasts)."""
+        current, previous = await self.r.mget([keys.TOKEN_SECRET, keys.TOKEN_SECRET_PREVIOUS])
+        return (bytes(current) if current else None), (bytes(previous) if previous else None)
+
+    async def rotate(self, *, join_code: str, token_secret: str | None, grace_s: float) -> None:
+        """`processdistro rotate-code`: a new join code and, if given, a new token secret (the
+        current one stays valid `grace_s` as the previous)."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(keys.JOIN_CODE, join_code)
+        if token_secret is not None:
+            current = await self.r.get(keys.TOKEN_SECRET)
+            if current and grace_s > 0:
+                pipe.set(keys.TOKEN_SECRET_PREVIOUS, current, px=max(1, int(grace_s * 1000)))
+            else:
+                pipe.delete(keys.TOKEN_SECRET_PREVIOUS)
+            pipe.set(keys.TOKEN_SECRET, token_secret)
+        await pipe.execute()
+
+    async def claim_node(self, node_id: str, digest: str) -> bool:
+        """May the holder of the secret with sha256 `digest` be node `node_id`? Yes if that
+        is the node's secret, or if no node has the id (it is bound to `digest` now, once:
+        HSETNX, so two first joins racing for one id cannot both win). A record without a
+        secret (written before secrets existed) is never handed out."""
+        key = keys.node(node_id)
+        stored = await self.r.hget(key, "secret_sha256")
+        if stored is None:
+            if await self.r.exists(key):
+                return False
+            if await self.r.hsetnx(key, "secret_sha256", digest):
+                return True
+            stored = await self.r.hget(key, "secret_sha256")
+        return stored is not None and hmac.compare_digest(bytes(stored), digest.encode())
+
+    async def proves(self, node_id: str, digest: str) -> bool:
+        """Is `digest` the sha256 of joined node `node_id`'s secret? (Never claims a free id.)"""
+        stored = await self.r.hget(keys.node(node_id), "secret_sha256")
+        return stored is not None and hmac.compare_digest(bytes(stored), digest.encode())
+
+    async def ban_address(self, address: str, ttl_s: float) -> None:
+        await self.r.set(keys.banned_address(address), 1, px=max(1, int(ttl_s * 1000)))
+
+    async def address_banned(self, address: str) -> bool:
+        return bool(await self.r.exists(keys.banned_address(address)))
 
     async def within_rate(self, bucket: str, who: str, per_minute: int) -> bool:
         """Count one more request of `who` this minute; False once over `per_minute`."""
@@ -192,10 +244,11 @@ class GatewayStore:
         **extra: str | int | float,
     ) -> None:
         """Move a task entry into the results stream as `node_id`'s result (HANDOVER_LUA);
-        `returned` also records the node in the subtask's `keys.job_returned`."""
+        `returned` also records the node's voter (`extra["voter"]`, else the node id) in the
+        subtask's `keys.job_returned`."""
         entry = {**fields.to_redis(), "node": node_id, "output": output, "elapsed_ms": elapsed_ms, **extra}
         flat: list[object] = [x for kv in entry.items() for x in kv]
-        marker = node_id if returned else ""
+        marker = str(extra.get("voter") or node_id) if returned else ""  # the set holds voters
         await self._handover(
             keys=[keys.TASKS, keys.RESULTS, keys.job_returned(fields.job, fields.index)],
             args=[keys.NODES_GROUP, task_id, marker, RETURNED_TTL_S, *flat],
@@ -276,26 +329,32 @@ class GatewayStore:
         """Is the subtask merged already?"""
         return bool(await self.r.sismember(keys.job_done(job_id), index))
 
-    async def has_returned(self, job_id: str, index: int, node_id: str) -> bool:
-        return bool(await self.r.sismember(keys.job_returned(job_id, index), node_id))
+    async def has_returned(self, job_id: str, index: int, voter: str) -> bool:
+        return bool(await self.r.sismember(keys.job_returned(job_id, index), voter))
 
-    async def returned_flags(self, node_id: str, tasks: list[TaskFields]) -> list[bool]:
+    async def returned_flags(self, voter: str, tasks: list[TaskFields]) -> list[bool]:
         """`has_returned` for several subtasks in one round trip."""
         if not tasks:
             return []
         pipe = self.r.pipeline(transaction=False)
         for fields in tasks:
-            pipe.sismember(keys.job_returned(fields.job, fields.index), node_id)
+            pipe.sismember(keys.job_returned(fields.job, fields.index), voter)
         return [bool(x) for x in await pipe.execute()]
 
     async def replica_view(self, job_id: str, index: int, node_timeout_s: float) -> tuple[set[str], int, set[str]]:
-        """A replicated subtask's returned nodes and vote count, and the live node ids."""
+        """A replicated subtask's returned voters and vote count, and the live voters
+        (`core.dispatch.voter_key`, kept as `voter` in each node's record)."""
         pipe = self.r.pipeline(transaction=False)
         pipe.smembers(keys.job_returned(job_id, index))
         pipe.hlen(keys.job_votes(job_id, index))
         pipe.zrangebyscore(keys.NODES, live_since(node_timeout_s), "+inf")
         returned, votes, conns = await pipe.execute()
-        return {n.decode() for n in returned}, int(votes), node_ids(conns)
+        live = sorted(node_ids(conns))
+        pipe = self.r.pipeline(transaction=False)
+        for n in live:
+            pipe.hget(keys.node(n), "voter")
+        voters = {(v.decode() if v else n) for n, v in zip(live, await pipe.execute(), strict=True)}
+        return {n.decode() for n in returned}, int(votes), voters
 
     # ------------------------------------------------------------------ messages
 

@@ -23,6 +23,21 @@ def live_nodes(client: redis.Redis, node_timeout_s: float) -> dict[str, NodeView
     return {n: NodeView.of(n, h) for n, h in zip(ids, pipe.execute(), strict=True) if h}
 
 
+def live_voters(client: redis.Redis, node_timeout_s: float) -> set[str]:
+    """The voters (`core.dispatch.voter_key`, `voter` in a node's record; the node id where
+    none is recorded) of the live nodes: who could still confirm a replicated subtask."""
+    ids = sorted(live_node_ids(client, node_timeout_s))
+    return set(voters_of(client, ids).values())
+
+
+def voters_of(client: redis.Redis, node_ids: list[str]) -> dict[str, str]:
+    """node id -> its voter."""
+    pipe = client.pipeline(transaction=False)
+    for node_id in node_ids:
+        pipe.hget(keys.node(node_id), "voter")
+    return {n: (_text(v) if v else n) for n, v in zip(node_ids, pipe.execute(), strict=True)}
+
+
 def connections(client: redis.Redis, *, silent_since: float) -> tuple[set[str], set[str]]:
     """(every registered connection, those silent since before `silent_since`): consumer
     names in `keys.NODES`, scored by their last heartbeat."""

@@ -14,6 +14,7 @@ claims it (`claim_abandoned`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from ..queue import TaskFields, live_since, node_ids
 from .commands import publish_control, send_command
 from .connection import Client
 from .expiry import node_seen
+from .nodes import live_voters, voters_of
 from .scripts import CLAIM_LUA, COMMIT_LUA, EARLY_LUA, UNMERGE_LUA, VOTE_LUA
 
 #: The sync client type, for code outside the store that passes one along (rq's queue and
@@ -58,12 +60,15 @@ class Vote:
     ballot: Ballot
     #: sha256 (hex) of the voted result
     digest: str
-    #: node -> digest of every vote on the subtask, this one included
+    #: voter -> digest of every vote on the subtask, this one included (one vote per voter:
+    #: `core.dispatch.voter_key`, the node id or its address)
     votes: dict[str, str]
     #: a gateway decided to accept the one result (`keys.job_decided`)
     decided: bool
-    #: live node ids
+    #: live voters
     live: set[str]
+    #: voter -> the node whose result it voted (penalties go to nodes)
+    nodes: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class ResultStream:
@@ -175,31 +180,44 @@ class ResultStream:
 
     # ------------------------------------------------------------ votes
 
-    def vote(self, job_id: str, index: int, node: str, output: bytes) -> Vote:
-        """Record the node's vote (the sha256 of its result), then read what a decision
-        needs. A first vote is remembered, with the result, before the reads, so that a
-        `decide` handled meanwhile finds it."""
+    def vote(self, job_id: str, index: int, node: str, output: bytes, voter: str | None = None) -> Vote:
+        """Record the vote of `voter` (default: the node itself) for node `node`'s result (the
+        sha256 of it), then read what a decision needs. A first vote is remembered, with the
+        result, before the reads, so that a `decide` handled meanwhile finds it."""
+        voter = voter or node
         votes_key = keys.job_votes(job_id, index)
         digest = hashlib.sha256(output).hexdigest()
-        fresh, count, same = (int(x) for x in self._vote(keys=[votes_key], args=[node, digest, VOTES_TTL_S]))
+        fresh, count, same = (int(x) for x in self._vote(keys=[votes_key], args=[voter, digest, VOTES_TTL_S]))
         ballot = Ballot(fresh=bool(fresh), count=count, same=same)
         pipe = self.r.pipeline(transaction=False)
+        pipe.hset(keys.job_vote_nodes(job_id, index), voter, node)
+        pipe.expire(keys.job_vote_nodes(job_id, index), VOTES_TTL_S)
         if ballot.first:
             pipe.set(keys.job_first_vote(job_id, index), node.encode() + b"\n" + output, ex=VOTES_TTL_S)
         pipe.hgetall(votes_key)
         pipe.exists(keys.job_decided(job_id, index))
         pipe.zrangebyscore(keys.NODES, live_since(self.node_timeout_s), "+inf")
-        *_, votes, decided, live = pipe.execute()
+        pipe.hgetall(keys.job_vote_nodes(job_id, index))
+        *_, votes, decided, live, nodes = pipe.execute()
         return Vote(
             ballot=ballot,
             digest=digest,
             votes={n.decode(): d.decode() for n, d in votes.items()},
             decided=bool(decided),
-            live=node_ids(live),
+            live=set(voters_of(self.r, sorted(node_ids(live))).values()),
+            nodes={v.decode(): n.decode() for v, n in nodes.items()},
         )
 
+    def vote_nodes(self, job_id: str, index: int) -> dict[str, str]:
+        """voter -> the node whose result it voted, for a replicated subtask."""
+        return {v.decode(): n.decode() for v, n in self.r.hgetall(keys.job_vote_nodes(job_id, index)).items()}
+
+    def live_voters(self) -> set[str]:
+        """The voters of the live nodes (`store.nodes.live_voters`)."""
+        return live_voters(self.r, self.node_timeout_s)
+
     def votes(self, job_id: str, index: int) -> dict[str, str]:
-        """node -> sha256 of its result, for every vote on a replicated subtask."""
+        """voter -> sha256 of its result, for every vote on a replicated subtask."""
         return {n.decode(): d.decode() for n, d in self.r.hgetall(keys.job_votes(job_id, index)).items()}
 
     def first_vote(self, job_id: str, index: int) -> tuple[str, bytes] | None:
@@ -218,8 +236,8 @@ class ResultStream:
         return node_ids(self.r.zrangebyscore(keys.NODES, live_since(self.node_timeout_s), "+inf"))
 
     def mark_returned(self, job_id: str, index: int, node: str) -> None:
-        """Record that `node` returned a result for the subtask (`keys.job_returned`, as a
-        gateway does for replicated copies): its copies go to other nodes."""
+        """Record that `node` (its voter) returned a result for the subtask
+        (`keys.job_returned`, as a gateway does for replicated copies): its copies go to other voters."""
         pipe = self.r.pipeline(transaction=False)
         pipe.sadd(keys.job_returned(job_id, index), node)
         pipe.expire(keys.job_returned(job_id, index), VOTES_TTL_S)

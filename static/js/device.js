@@ -6,6 +6,7 @@
 import { WorkerOp } from "./protocol.js";
 
 const DEVICE_ID_KEY = "pd.device_id";
+const NODE_SECRET_KEY = "pd.node_secret";
 
 // Benchmark: the default Mandelbrot view, cut into small tiles; the first WARMUP_MS let the
 // engine tier the module up (and are not scored), the next MEASURE_MS are scored.
@@ -22,7 +23,7 @@ const SIMD_PROBE = new Uint8Array([
 export function deviceId(storage = globalThis.localStorage) {
   try {
     const stored = storage && storage.getItem(DEVICE_ID_KEY);
-    if (stored && /^[A-Za-z0-9_-]{32}$/.test(stored)) return stored;
+    if (stored && /^[A-Za-z0-9_-]{8,64}$/.test(stored)) return stored;
   } catch {
     // Storage can be disabled (private mode, policy): fall through to a fresh id.
   }
@@ -35,6 +36,32 @@ export function deviceId(storage = globalThis.localStorage) {
     // Not persisted: the node gets a new identity on the next visit, which is harmless.
   }
   return id;
+}
+
+/** The secret the controller issued with the stored device id, or null (first join). */
+export function nodeSecret(storage = globalThis.localStorage) {
+  try {
+    const stored = storage && storage.getItem(NODE_SECRET_KEY);
+    if (stored && /^[A-Za-z0-9_-]{32,128}$/.test(stored)) return stored;
+  } catch {
+    // Storage disabled: the controller issues a new identity at each join.
+  }
+  return null;
+}
+
+/**
+ * Keep the identity the controller issued (NodeAccepted.node_id and .node_secret): it goes in
+ * every later report. Returns false if it could not be stored (it still holds for this page).
+ */
+export function keepIdentity(nodeId, secret, storage = globalThis.localStorage) {
+  try {
+    if (!storage) return false;
+    storage.setItem(DEVICE_ID_KEY, nodeId);
+    storage.setItem(NODE_SECRET_KEY, secret);
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 export function parseUserAgent(ua) {

@@ -19,22 +19,33 @@ export const ACTIVE = new Set([State.BENCHMARKING, State.CONNECTING, State.CONNE
 /** Log lines the agent keeps (and the page shows). */
 export const LOG_LINES = 200;
 
+/** After a 4002 the reconnect backoff starts at this attempt (2-4 s) and grows with each one in a row. */
+export const REPLACED_ATTEMPT = 3;
+
 /**
  * What a socket closed with `code` means: `{stop: state, detail, log}` (stop for good), or
- * `{reconnect: true, reauth, log}` (reconnect, after reporting again when the token was refused).
- * The identity is kept either way.
+ * `{reconnect: true, reauth, replaced, log}` (reconnect, after reporting again when the token
+ * was refused; unhurried when another connection of this identity replaced this one: only a
+ * holder of its secret can, such as another tab, so the two take turns instead of one stopping
+ * for ever). Only a ban (4004) or a refused origin stops the agent. The identity is kept.
  */
 export function afterClose(code, reason = "") {
   const why = `${code}${reason ? ` ${reason}` : ""}`;
   if (code === CloseCode.BANNED) {
     return { stop: State.BANNED, detail: reason || "banned by the controller", log: `banned by the controller (${why})` };
   }
-  if (code === CloseCode.REPLACED || code === CloseCode.POLICY) {
-    const detail =
-      code === CloseCode.REPLACED
-        ? "this device connected again elsewhere (another tab?)"
-        : "the gateway refused this page's origin";
+  if (code === CloseCode.POLICY) {
+    const detail = "the gateway refused this page's origin";
     return { stop: State.ERROR, detail, log: `stopped: ${detail} (${why})` };
   }
-  return { reconnect: true, reauth: code === CloseCode.BAD_TOKEN, log: `connection closed (${why}), reconnecting` };
+  if (code === CloseCode.REPLACED) {
+    const log = `replaced by another connection of this device (another tab?) (${why}), reconnecting`;
+    return { reconnect: true, reauth: false, replaced: true, log };
+  }
+  return {
+    reconnect: true,
+    reauth: code === CloseCode.BAD_TOKEN,
+    replaced: false,
+    log: `connection closed (${why}), reconnecting`,
+  };
 }

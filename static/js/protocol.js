@@ -41,7 +41,7 @@ export const CloseCode = Object.freeze({
   POLICY: 1008, // foreign Origin
   TOO_BIG: 1009,
   BAD_TOKEN: 4001, // missing, forged or expired session token: re-register, then reconnect
-  REPLACED: 4002, // the same node connected again elsewhere: stop
+  REPLACED: 4002, // another connection of this identity (id and secret, another tab?): reconnect, unhurried
   SILENT: 4003, // no heartbeat within the deadline: reconnect
   BANNED: 4004, // stop
   RATE_LIMITED: 4005, // too many connects from this address: reconnect with backoff
@@ -139,10 +139,12 @@ const optNumber = (value) => {
 };
 
 /** Body of `POST /node-report`. */
-export function nodeReport({ joinCode, deviceId, cores, memoryGb, browser, os, benchmarkScore, simd }) {
+export function nodeReport({ joinCode, deviceId, nodeSecret, cores, memoryGb, browser, os, benchmarkScore, simd }) {
   return {
     join_code: String(joinCode),
     device_id: String(deviceId),
+    // the secret the controller issued with this id; without it a known id gets a new identity
+    ...(nodeSecret ? { node_secret: String(nodeSecret) } : {}),
     cores: clampInt(cores, 1, 1024),
     memory_gb: optNumber(memoryGb),
     browser: optText(browser),

@@ -9,8 +9,8 @@
 
 import { CloseCode, ServerType, leave } from "./protocol.js";
 import { BlockCache } from "./blocks.js";
-import { benchmark, benchmarkEntry, describeDevice, deviceId, exportModule } from "./device.js";
-import { ACTIVE, LOG_LINES, State, afterClose } from "./lifecycle.js";
+import { benchmark, benchmarkEntry, describeDevice, deviceId, exportModule, keepIdentity, nodeSecret } from "./device.js";
+import { ACTIVE, LOG_LINES, REPLACED_ATTEMPT, State, afterClose } from "./lifecycle.js";
 import { NodeState } from "./node_state.js";
 import { Pool, WorkerClient } from "./pool.js";
 import { backoff, register } from "./register.js";
@@ -40,6 +40,7 @@ export class Session extends EventTarget {
     this.state = State.IDLE;
     this.detail = ""; // why we are in `state` (error text, ban reason)
     this.deviceId = null;
+    this.nodeSecret = null; // issued by the controller with the device id (kept in storage)
     this.nodeId = null;
     this.device = null;
     this.benchmarkScore = null;
@@ -62,6 +63,7 @@ export class Session extends EventTarget {
     this.wsPath = "/ws";
     this.needReauth = false;
     this.attempt = 0;
+    this.replaced = 0; // 4002s in a row
     this.reconnectTimer = null;
     this.heartbeatTimer = null;
     this.runner = null; // from registration to the stop
@@ -135,6 +137,7 @@ export class Session extends EventTarget {
     try {
       this.#setState(State.BENCHMARKING);
       this.deviceId = deviceId(this.storage);
+      this.nodeSecret = nodeSecret(this.storage);
       this.device = describeDevice(this.nav);
       this.log(
         `device: ${this.device.cores} cores, ${this.device.browser || "unknown browser"}, ` +
@@ -244,15 +247,23 @@ export class Session extends EventTarget {
 
   /** POST /node-report until it succeeds, a fatal answer comes, or the agent stops. */
   async #register(gen) {
+    const identity = { deviceId: this.deviceId, nodeSecret: this.nodeSecret };
     const data = await register({
       origin: this.origin,
       fetch: this.fetch,
-      report: { ...this.device, joinCode: this.joinCode, deviceId: this.deviceId, benchmarkScore: this.benchmarkScore },
+      report: { ...this.device, ...identity, joinCode: this.joinCode, benchmarkScore: this.benchmarkScore },
       stale: () => this.#stale(gen),
       sleep: (ms) => this.#sleep(ms),
       log: (message) => this.log(message),
     });
     if (!data || this.#stale(gen)) return;
+    if (data.node_secret) {
+      // a new identity (a first join, or the stored id could not be proven): keep it
+      if (data.node_id !== this.deviceId) this.log(`the controller issued a new identity: node ${data.node_id}`);
+      this.deviceId = data.node_id;
+      this.nodeSecret = data.node_secret;
+      if (!keepIdentity(data.node_id, data.node_secret, this.storage)) this.log("identity not stored (no storage)");
+    }
     this.nodeId = data.node_id;
     this.token = data.token;
     this.slots = data.slots;
@@ -315,6 +326,7 @@ export class Session extends EventTarget {
       return;
     }
     if (next.reauth) this.needReauth = true;
+    this.replaced = next.replaced ? this.replaced + 1 : 0;
     this.log(next.log);
     this.#scheduleReconnect();
   }
@@ -322,7 +334,7 @@ export class Session extends EventTarget {
   #scheduleReconnect() {
     if (this.stopped) return;
     this.#setState(State.RECONNECTING);
-    const delay = backoff(this.attempt++);
+    const delay = this.replaced ? backoff(REPLACED_ATTEMPT + this.replaced - 1) : backoff(this.attempt++);
     clearTimeout(this.reconnectTimer);
     this.reconnectTimer = setTimeout(() => this.#reconnect(), delay);
   }

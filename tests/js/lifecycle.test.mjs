@@ -8,10 +8,13 @@ import { State, afterClose } from "../../static/js/lifecycle.js";
 const CASES = [
   [4004, "test ban", { stop: State.BANNED, detail: "test ban" }],
   [4004, "", { stop: State.BANNED, detail: "banned by the controller" }],
-  [4002, "", { stop: State.ERROR, detail: "this device connected again elsewhere (another tab?)" }],
+  // Issue 9.4: a node replaced by another connection of its identity (only a holder of its
+  // secret can make one) reconnects, unhurried, instead of stopping for ever
+  [4002, "", { reconnect: true, reauth: false, replaced: true }],
+  [4002, "replaced by a newer connection", { reconnect: true, reauth: false, replaced: true }],
   [1008, "origin", { stop: State.ERROR, detail: "the gateway refused this page's origin" }],
-  [4001, "", { reconnect: true, reauth: true }],
-  [4003, "silent", { reconnect: true, reauth: false }],
+  [4001, "", { reconnect: true, reauth: true, replaced: false }],
+  [4003, "silent", { reconnect: true, reauth: false, replaced: false }],
   [4005, "", { reconnect: true, reauth: false }],
   [1006, "", { reconnect: true, reauth: false }],
   [1011, "", { reconnect: true, reauth: false }],

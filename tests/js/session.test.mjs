@@ -29,7 +29,7 @@ async function until(check, what, timeoutMs = 5000) {
 }
 
 /** The fake world one Session lives in. */
-function world({ joinCode = "JOIN-1" } = {}) {
+function world({ joinCode = "JOIN-1", issue = null } = {}) {
   const w = { sockets: [], reports: [], blockFetches: [], endpoints: [], held: [] };
 
   w.WebSocket = class FakeSocket {
@@ -88,6 +88,7 @@ function world({ joinCode = "JOIN-1" } = {}) {
         heartbeat_interval_s: 100,
         protocol: 2,
         ws_path: "/ws",
+        ...(issue ? issue(report) : {}),
       });
     }
     if (url.pathname === `/blocks/j1/${BLOCK_SHA}`) {
@@ -285,5 +286,34 @@ describe("Session", () => {
     assert.match(w.session.detail, /join code refused: bad join code/);
     assert.equal(w.sockets.length, 0);
     assert.equal(w.session.workers.length, 0);
+  });
+
+  it("Issue 9.4: keeps the identity the controller issues and presents its secret; reconnects after 4002", async () => {
+    const SECRET = "s".repeat(43);
+    // the controller issues a secret at the first report only (and, here, another node id)
+    const w = world({ issue: (report) => (report.node_secret ? {} : { node_id: "issued-id-0001", node_secret: SECRET }) });
+    const s = w.session;
+    w.storage.setItem("pd.device_id", "x".repeat(32)); // an id someone else may also claim
+    const ws = await connected(w);
+    assert.equal(w.reports[0].device_id, "x".repeat(32));
+    assert.equal(w.reports[0].node_secret, undefined, "no secret before the controller issued one");
+    assert.equal(w.storage.getItem("pd.device_id"), "issued-id-0001");
+    assert.equal(w.storage.getItem("pd.node_secret"), SECRET);
+    assert.equal(s.snapshot().deviceId, "issued-id-0001");
+
+    // another connection of this identity replaced ours: the agent comes back (2-4 s), not stops
+    ws.drop(4002, "replaced by a newer connection");
+    assert.equal(s.state, "reconnecting");
+    await until(() => w.sockets.length === 2, "a reconnect after 4002", 6000);
+    const ws2 = w.sockets[1];
+    ws2.open();
+    ws2.push(welcome);
+    assert.equal(s.state, "connected");
+
+    // a later report (token refused) presents the issued id and its secret
+    ws2.drop(4001);
+    await until(() => w.sockets.length === 3, "a reconnect after re-registering", 3000);
+    assert.deepEqual([w.reports[1].device_id, w.reports[1].node_secret], ["issued-id-0001", SECRET]);
+    s.leave();
   });
 });
