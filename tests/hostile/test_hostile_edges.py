@@ -237,6 +237,7 @@ def test_per_job_keys_end_with_their_job(r: Client) -> None:
         "job_modules": lambda: modules.acquire(r, job, b"\0asm\1\0\0\0"),
         "job_votes": lambda: results.vote(job, 0, "node-a", b"out"),
         "job_first_vote": lambda: results.vote(job, 1, "node-a", b"out"),
+        "job_vote_nodes": lambda: results.vote(job, 0, "node-a", b"out", voter="@10.0.0.9"),
         "job_returned": lambda: results.mark_returned(job, 0, "node-a"),
         "job_decided": lambda: results.mark_decided(job, 0),
     }
