@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     connect_rate_per_min: int = Field(default=240, ge=1, description="WebSocket connects per address per minute")
     allowed_origins: list[str] = Field(default_factory=list, description="extra Origins allowed besides our own")
     log_level: str = "INFO"
+    bench_s: float = Field(
+        default=60.0, gt=0, le=86_400, description="a node whose task failures stand out gets no new tasks this long"
+    )
 
     @property
     def home_dir(self) -> Path:

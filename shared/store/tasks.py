@@ -214,10 +214,10 @@ class TaskStream:
         ]
 
     def release_consumer(self, consumer: str) -> int:
-        """Requeue what a dead connection holds (one more attempt each) and drop the
+        """Requeue what a dead connection holds (no attempt spent) and drop the
         consumer once it holds nothing; returns how many tasks moved."""
         ids = [p.entry_id for p in self.pending(consumer, CONSUMER_PENDING_MAX)]
-        n = self.requeue(ids, attempt=True)
+        n = self.requeue(ids, attempt=False)  # a dead connection spends no attempt (`core.failures`)
         if n:
             self.count("tasks_requeued", n)
         # DELCONSUMER drops pending entries silently: only once they are requeued
