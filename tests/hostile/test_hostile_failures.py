@@ -200,3 +200,30 @@ def test_hostile_dropped_sockets_spend_no_attempts(controller: Controller, tmp_p
     log = (tmp_path / "submit.log").read_text()
     assert proc.returncode == 0, log + controller.logs()
     np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), expected_small())
+
+
+@pytest.mark.timeout(240)
+def test_hostile_a_task_that_kills_its_nodes_still_ends_the_job(
+    controller: Controller, tmp_path: Path, r: Client
+) -> None:
+    """Issue 9.1: drops spend no attempts, so a subtask whose module brings its node down
+    (here: three distinct nodes, each dropping its socket while holding the job's only
+    tile) must still end: the job fails, naming the drops, instead of going round for ever."""
+    proc = submit(controller, tmp_path, "--width", "32", "--height", "32", "--tile", "32")
+    victims = [Node(controller.url, controller.join_code, cores=1) for _ in range(3)]
+
+    async def scenario() -> int:
+        held = 0
+        for node in victims:
+            held += len(await drop_while_holding(controller, node, r))
+            await asyncio.sleep(0.5)  # the gateway counts the drop as it cleans up
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return held
+
+    held = run_async(scenario())
+    assert held == 3, "every victim held the tile when it dropped"
+    log = (tmp_path / "submit.log").read_text()
+    assert proc.returncode == 1, log + controller.logs()
+    assert "subtask 0: the connection dropped 3 times while running it, on 3 distinct nodes" in log, log
