@@ -52,8 +52,8 @@ async def on_failure(
                 )
                 await store.bench(node_id, settings.bench_s)
             case Standing.BAN:
-                if await store.ban(node_id):
-                    log.warning("node %s: banned: it went on failing tasks its peers completed", node_id)
+                log.warning("node %s: to be banned: it went on failing tasks its peers completed", node_id)
+                await store.request_ban(node_id, fields)
     return decision.outcome
 
 

@@ -271,14 +271,11 @@ class GatewayStore:
     async def benched(self, node_id: str) -> bool:
         return bool(await self.r.exists(keys.node_bench(node_id)))
 
-    async def ban(self, node_id: str) -> bool:
-        """Ban the node (every gateway closes its sockets and refuses it), as the aggregator
-        does for wrong results; False if it was banned already."""
-        if not await self.r.hsetnx(keys.node(node_id), "banned_at", time.time()):
-            return False
-        await self.r.hset(keys.node(node_id), "banned", 1)
-        await self.publish(Ban(node_id=node_id))
-        return True
+    async def request_ban(self, node_id: str, fields: TaskFields) -> None:
+        """Ask the aggregators to ban the node (a `ban` entry in the results stream, naming
+        the task it last failed): one ban path, which also has what it merged redone."""
+        entry = {**fields.to_redis(), "node": node_id, "output": b"", "elapsed_ms": 0, "ban": 1}
+        await self.r.xadd(keys.RESULTS, entry)
 
     async def note_job(self, job_id: str, note: str) -> None:
         """Say why a running job does not progress (its record's `note`, and an event)."""
