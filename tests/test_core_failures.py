@@ -12,6 +12,7 @@ from processdistro.shared.core.failures import (
     judge_failure,
     standing,
 )
+from processdistro.shared.core.replication import PARKED_WAIT_S, ParkedFate, parked_fate
 
 
 @pytest.mark.parametrize(
@@ -122,3 +123,38 @@ def test_judge_drops(drops: dict[str, int], fails: bool) -> None:
 )
 def test_standing(total: Tally, on_job: Tally, peers: Tally, benches: int, expected: Standing) -> None:
     assert standing(total=total, on_job=on_job, peers=peers, benches=benches) is expected
+
+
+# ---------------------------------------------------------------- issue 9.5: parked copies
+
+
+@pytest.mark.parametrize(
+    ("live", "returned", "votes", "replicated", "waited_s", "fate"),
+    [
+        ({"a", "b", "z"}, {"a", "b"}, 2, True, 1.0, ParkedFate.KEEP),
+        ({"a", "b", "z"}, {"a", "b"}, 2, True, PARKED_WAIT_S, ParkedFate.RESOLVE),
+        ({"a", "z"}, {"a"}, 1, True, PARKED_WAIT_S, ParkedFate.DECIDE),
+        ({"a", "b"}, {"a", "b"}, 2, True, 0.0, ParkedFate.RESOLVE),
+        ({"a"}, set(), 0, False, 10 * PARKED_WAIT_S, ParkedFate.KEEP),
+    ],
+    ids=[
+        "a-third-node-may-still-take-it",
+        "a-third-node-never-took-the-dispute",
+        "a-confirmer-never-took-it",
+        "two-connected-nodes-disagree",
+        "a-failed-task-waits-for-a-second-node",
+    ],
+)
+def test_parked_copies_do_not_wait_for_ever(
+    live: set[str], returned: set[str], votes: int, replicated: bool, waited_s: float, fate: ParkedFate
+) -> None:
+    got = parked_fate(
+        job_live=True,
+        merged=False,
+        live=live,
+        returned=returned,
+        votes=votes,
+        replicated=replicated,
+        waited_s=waited_s,
+    )
+    assert got is fate
