@@ -2,6 +2,8 @@
 like), which verifies each result, merges it idempotently and triggers finalization.
 
 For each result entry:
+- a `ban` entry (a gateway found the node's task failures stand out, `core.failures`):
+  ban the node, as for wrong results;
 - its job is gone or over: drop it;
 - the plugin's `verify` rejects it: requeue the task (attempt + 1), count it against the
   node, never merge it;
