@@ -1,7 +1,9 @@
 """The controller computes a disputed subtask itself.
 
 A replicated subtask whose results disagree needs another node; when no live node may run
-it (every one has returned a result for it), the scheduler's reaper hands the copy to the
+it (every one has returned a result for it: two nodes that disagree, both still connected),
+or when the live nodes that may have left it parked for `PARKED_WAIT_S` (connected but never
+asking for work), the scheduler's reaper hands the copy to the
 aggregators as a `resolve` entry (`core.replication.parked_fate`), and the aggregator runs
 the module here, in wasmtime, with the worker's own runner and engine settings: modules are
 deterministic, so the controller's bytes are the subtask's true result. A dispute thus

@@ -2,6 +2,8 @@
 like), which verifies each result, merges it idempotently and triggers finalization.
 
 For each result entry:
+- a `ban` entry (a gateway found the node's task failures stand out, `core.failures`):
+  ban the node, as for wrong results;
 - its job is gone or over: drop it;
 - the plugin's `verify` rejects it: requeue the task (attempt + 1), count it against the
   node, never merge it;
@@ -111,6 +113,10 @@ class Aggregator:
     def handle(self, entry_id: bytes, f: dict[bytes, bytes]) -> Handled:
         job_id = f[b"job"].decode()
         index = int(f[b"index"])
+        if f.get(b"ban") == b"1":  # a gateway found the node's failures stand out (`core.failures`)
+            self.ban(f[b"node"].decode(), "it went on failing tasks its peers completed")
+            self.results.drop(entry_id)
+            return Handled.DROPPED
         job = load_job(self.r, job_id)
         if job is None or job.state is not JobState.RUNNING:
             self.results.drop(entry_id)
@@ -183,7 +189,7 @@ class Aggregator:
         """Count a wrong result against its node; ban it after `ban_after`."""
         rejected = self.results.reject(node)
         if penalty(node, rejected, self.ban_after) is Penalty.BAN:
-            self.ban(node, rejected)
+            self.ban(node, f"{rejected} rejected results")
 
     # ------------------------------------------------------------------ replication
 
@@ -296,9 +302,10 @@ class Aggregator:
         # the result's own time is not kept with the first vote
         return self._merge(job, task, entry_id, output, Origin(node, 0.0, Checked.UNCONFIRMED, (node,)))
 
-    def ban(self, node: str, rejected: int) -> None:
-        """Ban a node that keeps failing checks, and recompute what it merged into jobs
-        still running: its results that passed a spot check may still be wrong."""
+    def ban(self, node: str, why: str) -> None:
+        """Ban a node that keeps failing checks (or failing tasks its peers complete), and
+        recompute what it merged into jobs still running: its results that passed a spot
+        check may still be wrong."""
         if not self.results.ban(node):
             return
         redone = 0
@@ -312,7 +319,7 @@ class Aggregator:
                 self.results.queue_copy(task)
                 redone += 1
         self.results.forget_merged(node)
-        log.warning("node %s: banned after %d rejected results; %d merged results redone", node, rejected, redone)
+        log.warning("node %s: banned (%s); %d merged results redone", node, why, redone)
 
     # ------------------------------------------------------------------ the loop
 

@@ -21,8 +21,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from ..shared.capacity import EWMA_PREFIX
 from ..shared.core import dispatch
 from ..shared.core.dispatch import Held, Replica, Verdict
+from ..shared.core.failures import FailureOutcome
 from ..shared.logs import safe_text
-from ..shared.messages import DropCopies, Fail
+from ..shared.messages import DropCopies
 from ..shared.modules import Module, ModuleRegistry
 from ..shared.protocol import (
     MULTIPART_SINCE,
@@ -39,10 +40,11 @@ from ..shared.protocol import (
     TokenRefresh,
     Welcome,
 )
-from ..shared.queue import MAX_TASK_ATTEMPTS, TaskFields, consumer_name
+from ..shared.queue import TaskFields, consumer_name
 from ..shared.settings import Settings
 from ..shared.store.gateway import GatewayStore
 from ..shared.tasks import PLUGINS
+from . import failures
 from .auth import TokenSigner
 from .frames import NodeFrame, Refusal, parse_frame, task_frame
 from .metrics import GatewayMetrics
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 
 UNPARK_LOOK = 16  # parked copies a dispatch looks at
 READ_BLOCK_MS = 1000  # how long a dispatch waits for new entries before it looks again
+BENCH_LOOK_S = 1.0  # how often a benched node's dispatch looks whether its bench is over
 
 
 class NodeSession:
@@ -89,6 +92,7 @@ class NodeSession:
         self.last_seen = time.monotonic()
         self.done = 0
         self.closing = False
+        self.dropped = False  # the node went away without leaving (counted per held subtask)
         self._send_lock = asyncio.Lock()
         self.ewma: dict[str, float] = {}  # "ewma_ms:<kind>" -> observed task time
         self.simd = False
@@ -135,6 +139,8 @@ class NodeSession:
             for t in helpers:
                 t.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
+            if self.dropped:
+                await failures.on_drop(self.store, self.node_id, [h.fields for h in self.held.values()])
             await self._release()
             await self.store.node_left(self.node_id)
             log.info("node %s: connection %s closed, %d tasks done", self.node_id, self.connection, self.done)
@@ -161,6 +167,7 @@ class NodeSession:
             now = time.monotonic()
             if now - self.last_seen > timeout:
                 log.warning("node %s: silent for %.1fs; closing", self.node_id, now - self.last_seen)
+                self.dropped = True
                 await self.close(CloseCode.SILENT, "no heartbeat")
                 return
             if now - last_touch >= 1.0:
@@ -180,8 +187,10 @@ class NodeSession:
             try:
                 msg = await self.ws.receive()
             except WebSocketDisconnect:
+                self.dropped = not self.closing
                 return
             if msg["type"] == "websocket.disconnect":
+                self.dropped = not self.closing
                 return
             self.last_seen = time.monotonic()
             frame = parse_frame(msg.get("text"), self.settings.max_message_bytes)
@@ -248,7 +257,7 @@ class NodeSession:
         field = EWMA_PREFIX.decode() + fields.kind
         sample = dispatch.sample_ms(m.elapsed_ms, elapsed)
         self.ewma[field] = dispatch.ewma(self.ewma.get(field), sample)
-        backed_up = await self.store.record_time(self.node_id, field, self.ewma[field], sample, m.task_id)
+        backed_up = await self.store.record_time(self.node_id, field, self.ewma[field], sample, m.task_id, fields.job)
         if dispatch.drops_copies(fields, backed_up=backed_up):
             await self.store.publish(DropCopies(job_id=fields.job, index=fields.index, winner=m.task_id))
 
@@ -258,23 +267,14 @@ class NodeSession:
             if m.task_id not in self.given_back:
                 await self.refuse(ErrorCode.UNKNOWN_TASK, f"task {m.task_id} is not held by this connection")
             return
-        fields = held.fields
-        log.warning(
-            "node %s: task %s (job %s #%d) failed: %s",
-            self.node_id,
-            m.task_id,
-            fields.job,
-            fields.index,
-            safe_text(m.message),  # the node's own text: literal, one line
+        # evidence about this node (logged there); the job fails only once two distinct nodes agree
+        outcome = await failures.on_failure(
+            self.store, self.settings, self.node_id, held.fields, m.message, self.voter, task_id=m.task_id
         )
-        await self.store.count_failure(self.node_id)
-        if dispatch.retry_failed(fields):
+        if outcome is FailureOutcome.FAIL_JOB:
+            await self.store.drop(m.task_id)  # the scheduler fails the job
+        else:  # for another node: `_usable` parks it when this node reads it again
             await self.store.requeue([m.task_id], bump=1)
-            return
-        # the scheduler owns job states: ask it to fail the job
-        await self.store.drop(m.task_id)
-        reason = f"subtask {fields.index} failed {MAX_TASK_ATTEMPTS} times; last error: {m.message[:500]}"
-        await self.store.send_command(Fail(job_id=fields.job, reason=reason))
 
     # ------------------------------------------------------------------ dispatch
 
@@ -282,9 +282,12 @@ class NodeSession:
         while True:
             await self.wake.wait()
             while self.want > 0 and not self.closing:
-                await self._unpark()
+                await self._unpark()  # a benched node may still confirm (or fail) a parked copy
                 if self.want <= 0:
                     break
+                if await self.store.benched(self.node_id):  # its failures stood out: no new tasks
+                    await asyncio.sleep(BENCH_LOOK_S)
+                    continue
                 for task_id, fields in await self.store.read(self.consumer, self.want, block_ms=READ_BLOCK_MS):
                     await self._assign(task_id, fields)
             self.wake.clear()
@@ -293,7 +296,7 @@ class NodeSession:
         """Take parked copies this node may run (it has neither run nor holds their
         subtask): they go before the stream."""
         found = await self.store.parked(UNPARK_LOOK)
-        returned = await self.store.returned_flags(self.voter, [f for _tid, f in found])
+        returned = await self.store.returned_flags(self.voter, [f for _tid, f in found], self.node_id)
         for (task_id, fields), ran in zip(found, returned, strict=True):
             if self.want <= 0:
                 return
@@ -313,7 +316,8 @@ class NodeSession:
             and dispatch.needs_index_done(fields, self.node_id)
             and await self.store.index_done(fields.job, fields.index)
         )
-        match dispatch.screen(fields, node_id=self.node_id, job_over=over, index_done=index_done):
+        verdict = dispatch.screen(fields, node_id=self.node_id, job_over=over, index_done=index_done)
+        match await failures.rescreen(self.store, self.node_id, fields, verdict):
             case Verdict.DROP:
                 await self.store.drop(task_id)
                 return False

@@ -49,7 +49,9 @@ class Reaper:
         """Parked replicated copies no live node may run any more go back to the stream, where
         a node that cannot run them tells the aggregator to accept the one result in, or, when
         the results in disagree, to the aggregator to compute the subtask itself; those of jobs
-        that are over, or of subtasks merged meanwhile, are dropped (`core.replication.parked_fate`)."""
+        that are over, or of subtasks merged meanwhile, are dropped (`core.replication.parked_fate`).
+        A replicated copy that waited `PARKED_WAIT_S` for live nodes that never take it goes
+        the same way: a dispute never waits for a node that does not come, connected or not."""
         parked = self.tasks.parked()
         if not parked:
             return 0
@@ -63,6 +65,8 @@ class Reaper:
                 live=live,
                 returned=copy.returned,
                 votes=copy.votes,
+                replicated=copy.task is not None and copy.task.replicated,
+                waited_s=copy.waited_s,
             )
             match fate:
                 case ParkedFate.DROP:
@@ -75,6 +79,17 @@ class Reaper:
                             "job %s: subtask %d disputed, no node left to ask: the controller computes it",
                             copy.task.job,
                             copy.task.index,
+                        )
+                        moved += 1
+                case ParkedFate.DECIDE if copy.task is not None:
+                    # live nodes that never take it (busy for good, or connected and never
+                    # asking for work) must not hold the job: the one result counts
+                    if self.tasks.to_controller(copy.entry_id, copy.task, decide=True):
+                        log.info(
+                            "job %s: subtask %d waited %.0fs for a node that never took it; the aggregator decides",
+                            copy.task.job,
+                            copy.task.index,
+                            copy.waited_s,
                         )
                         moved += 1
         return moved

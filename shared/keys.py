@@ -133,6 +133,30 @@ def rate(bucket: str, who: str) -> str:
     return f"{PREFIX}rate:{bucket}:{who}"
 
 
+def job_failures(job_id: str, index: int) -> str:
+    """Hash node id -> its failure message, for every node that reported subtask `index`
+    failing (TTL 1 day; `core.failures.judge_failure`): such a node never gets it again."""
+    return f"{PREFIX}job:{job_id}:failed:{index}"
+
+
+def job_drops(job_id: str, index: int) -> str:
+    """Hash node id -> how often its connection dropped while holding subtask `index` (TTL 1
+    day; `core.failures.judge_drops`)."""
+    return f"{PREFIX}job:{job_id}:drops:{index}"
+
+
+def job_tally(job_id: str) -> str:
+    """Hash "<node>:ok" / "<node>:failed" -> tasks of the job each node returned or failed,
+    to compare a failing node with its peers (TTL 1 day, renewed with every count)."""
+    return f"{PREFIX}job:{job_id}:tally"
+
+
+def node_bench(node_id: str) -> str:
+    """Set, with a TTL of `Settings.bench_s`, while a node whose failures stand out gets no
+    new tasks; its count of benches is the field `benches` of its `node` hash."""
+    return f"{PREFIX}bench:{node_id}"
+
+
 def banned_address(address: str) -> str:
     """Set (with a TTL, `PD_BAN_ADDRESS_S`) when a node from `address` was banned: new joins
     from it are refused, whatever device id they claim."""
@@ -160,8 +184,11 @@ JOB_KEY_ENDS = {
     "job_decided": "ttl",
     "job_first_vote": "ttl",
     "job_vote_nodes": "ttl",
+    "job_failures": "ttl",
+    "job_drops": "ttl",
+    "job_tally": "ttl",
 }
 
 #: Every per-node key kind and how it goes: "ttl" (refreshed on every sign of life,
 #: `store.expiry.node_seen`).
-NODE_KEY_ENDS = {"node": "ttl", "node_merged": "ttl"}
+NODE_KEY_ENDS = {"node": "ttl", "node_merged": "ttl", "node_bench": "ttl"}

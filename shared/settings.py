@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     token_grace_s: float = Field(
         default=900.0, ge=0, description="after `rotate-code --token-secret`, tokens of the previous secret stay valid"
     )
+    bench_s: float = Field(
+        default=60.0, gt=0, le=86_400, description="a node whose task failures stand out gets no new tasks this long"
+    )
 
     @property
     def home_dir(self) -> Path:

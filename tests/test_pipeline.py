@@ -142,6 +142,8 @@ def test_service_health(controller: Controller, service: str) -> None:
 
 
 def test_task_that_always_fails_fails_the_job(controller: Controller, tmp_path: Path, r: Client) -> None:
+    """A subtask fails its job once two distinct nodes report it failing (`core.failures`;
+    one node's word is not enough: see tests/hostile/test_hostile_failures.py)."""
     proc = submit(controller, tmp_path)
 
     async def failing_node() -> None:
@@ -163,10 +165,13 @@ def test_task_that_always_fails_fails_the_job(controller: Controller, tmp_path: 
                     )
                     await ws.send(json.dumps({"type": "ready", "free": 1}))
 
-    run_async(asyncio.wait_for(failing_node(), 60))
+    async def two_failing_nodes() -> None:
+        await asyncio.gather(failing_node(), failing_node())
+
+    run_async(asyncio.wait_for(two_failing_nodes(), 60))
     assert proc.returncode == 1
     log = (tmp_path / "submit.log").read_text()
-    assert "failed 5 times" in log and "CompileError: boom" in log
+    assert "failed on 2 distinct nodes" in log and "CompileError: boom" in log, log
     job_id = r.zrange(keys.JOBS, 0, 0)[0].decode()
     assert r.hget(keys.job(job_id), "state") == b"failed"
     assert b"CompileError: boom" in (r.hget(keys.job(job_id), "error") or b"")

@@ -150,14 +150,34 @@ class ParkedFate(StrEnum):
     # stream, where a node that cannot run it tells the aggregator to accept that result
     RESOLVE = "resolve"  # no live node may run it and the results disagree: the controller
     # computes the subtask itself, so a dispute never waits for a node that may never come
+    DECIDE = "decide"  # it waited PARKED_WAIT_S for a live node that never took it, and at
+    # most one result is in: the aggregator accepts that result (or the next) unconfirmed
 
 
-def parked_fate(*, job_live: bool, merged: bool, live: Set[str], returned: Set[str], votes: int) -> ParkedFate:
-    """The fate of a parked replicated copy, from what Redis says about its subtask."""
+PARKED_WAIT_S = 20.0  # a replicated copy parked this long for live nodes that do not take it
+
+
+def parked_fate(
+    *,
+    job_live: bool,
+    merged: bool,
+    live: Set[str],
+    returned: Set[str],
+    votes: int,
+    replicated: bool = True,
+    waited_s: float = 0.0,
+) -> ParkedFate:
+    """The fate of a parked copy, from what Redis says about its subtask; `waited_s` is how
+    long it has been parked. A replicated copy does not wait for ever for a live node that
+    never takes it (busy for good, or hostile: connected and never asking for work): after
+    `PARKED_WAIT_S` a dispute goes to the controller and a lone result is accepted. Other
+    copies (a backup, a task that failed on the only node) wait for their node."""
     if not job_live or merged:
         return ParkedFate.DROP
-    if live - returned:
+    if live - returned and not (replicated and waited_s >= PARKED_WAIT_S):
         return ParkedFate.KEEP
+    if live - returned:
+        return ParkedFate.DECIDE if votes < 2 else ParkedFate.RESOLVE
     return ParkedFate.RELEASE if votes < 2 else ParkedFate.RESOLVE
 
 

@@ -43,6 +43,7 @@ class ParkedCopy:
     merged: bool = False
     returned: frozenset[str] = frozenset()
     votes: int = 0
+    waited_s: float = 0.0  # since it was parked
 
 
 def _text(value: bytes | str) -> str:
@@ -163,6 +164,7 @@ class TaskStream:
         for entry_id in ids:
             pipe.xrange(keys.TASKS, entry_id, entry_id)
         tasks = [TaskFields.from_redis(e[0][1]) if e else None for e in pipe.execute()]
+        parked_ms = {p.entry_id: p.out_ms for p in self.pending(keys.PARKED_CONSUMER, CONSUMER_PENDING_MAX)}
         for task in tasks:
             if task is not None:
                 pipe.sismember(keys.job_done(task.job), task.index)
@@ -175,7 +177,9 @@ class TaskStream:
                 out.append(ParkedCopy(entry_id, None))
                 continue
             merged, returned, votes = next(reads), next(reads), next(reads)
-            out.append(ParkedCopy(entry_id, task, bool(merged), frozenset(_text(v) for v in returned), int(votes)))
+            waited_s = parked_ms.get(entry_id, 0) / 1000
+            returned_by = frozenset(_text(v) for v in returned)
+            out.append(ParkedCopy(entry_id, task, bool(merged), returned_by, int(votes), waited_s))
         return out
 
     def drop_parked(self, entry_id: str) -> None:
@@ -186,12 +190,14 @@ class TaskStream:
         pipe.xdel(keys.TASKS, entry_id)
         pipe.execute()
 
-    def to_controller(self, entry_id: str, task: TaskFields) -> bool:
+    def to_controller(self, entry_id: str, task: TaskFields, *, decide: bool = False) -> bool:
         """Hand a parked copy to the aggregators as a `resolve` entry: the controller computes
-        the subtask itself (no live node may run it and the results disagree)."""
+        the subtask itself (no live node may run it and the results disagree); `decide`: as a
+        `decide` entry instead, which accepts the one result in (or the next) unconfirmed."""
         if not self.r.srem(keys.PARKED, entry_id):
             return False  # another process took it first
-        entry = {**task.to_redis(), "node": CONTROLLER, "output": b"", "elapsed_ms": 0, "resolve": 1}
+        what = "decide" if decide else "resolve"
+        entry = {**task.to_redis(), "node": CONTROLLER, "output": b"", "elapsed_ms": 0, what: 1}
         flat = [x for kv in entry.items() for x in kv]
         self._handover(
             keys=[keys.TASKS, keys.RESULTS, keys.job_returned(task.job, task.index)],
@@ -214,10 +220,10 @@ class TaskStream:
         ]
 
     def release_consumer(self, consumer: str) -> int:
-        """Requeue what a dead connection holds (one more attempt each) and drop the
+        """Requeue what a dead connection holds (no attempt spent) and drop the
         consumer once it holds nothing; returns how many tasks moved."""
         ids = [p.entry_id for p in self.pending(consumer, CONSUMER_PENDING_MAX)]
-        n = self.requeue(ids, attempt=True)
+        n = self.requeue(ids, attempt=False)  # a dead connection spends no attempt (`core.failures`)
         if n:
             self.count("tasks_requeued", n)
         # DELCONSUMER drops pending entries silently: only once they are requeued
