@@ -25,7 +25,7 @@ from processdistro.shared.redis_server import free_port
 from processdistro.shared.store import modules
 from processdistro.shared.store.connection import Client
 from processdistro.shared.store.expiry import JOB_KEEP_S, NODE_KEEP_S
-from processdistro.shared.store.gateway import RETURNED_TTL_S
+from processdistro.shared.store.gateway import FAILURES_TTL_S, RETURNED_TTL_S
 from processdistro.shared.store.jobs import JobStore, drop_blocks, load_job, store_blocks
 from processdistro.shared.store.results import VOTES_TTL_S, ResultStream
 from test_matmul import wait_job
@@ -222,6 +222,11 @@ def test_every_per_node_key_kind_has_an_end(name: str) -> None:
     assert keys.NODE_KEY_ENDS.get(name) == "ttl", name
 
 
+def _hash_with_ttl(r: Client, key: str, field: str, value: str | int) -> None:
+    r.hset(key, field, value)
+    r.expire(key, FAILURES_TTL_S)
+
+
 def test_per_job_keys_end_with_their_job(r: Client) -> None:
     """Issue 9.10: every per-job key kind, written the way the product writes it, then the
     job ends (`drop_blocks`, which every terminal path calls): "delete" kinds are gone, the
@@ -238,6 +243,10 @@ def test_per_job_keys_end_with_their_job(r: Client) -> None:
         "job_votes": lambda: results.vote(job, 0, "node-a", b"out"),
         "job_first_vote": lambda: results.vote(job, 1, "node-a", b"out"),
         "job_vote_nodes": lambda: results.vote(job, 0, "node-a", b"out", voter="@10.0.0.9"),
+        # as GatewayStore.record_failure / record_drops / record_time write them
+        "job_failures": lambda: _hash_with_ttl(r, keys.job_failures(job, 0), "node-a", "boom"),
+        "job_drops": lambda: _hash_with_ttl(r, keys.job_drops(job, 0), "node-a", 1),
+        "job_tally": lambda: _hash_with_ttl(r, keys.job_tally(job), "node-a:failed", 1),
         "job_returned": lambda: results.mark_returned(job, 0, "node-a"),
         "job_decided": lambda: results.mark_decided(job, 0),
     }
@@ -254,7 +263,7 @@ def test_per_job_keys_end_with_their_job(r: Client) -> None:
             fn(job, sha)
             if name == "block"
             else fn(job, 1 if name == "job_first_vote" else 0)
-            if end == "ttl"
+            if end == "ttl" and len(inspect.signature(fn).parameters) == 2
             else fn(job)
         )
         if end == "delete":
