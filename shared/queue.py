@@ -15,8 +15,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-MAX_TASK_ATTEMPTS = 5  # a subtask that fails this often fails its job
-
 
 @dataclass(frozen=True, slots=True)
 class TaskFields:

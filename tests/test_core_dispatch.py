@@ -11,7 +11,7 @@ from processdistro.shared.core import dispatch
 from processdistro.shared.core.dispatch import Held, Replica, Verdict
 from processdistro.shared.modules import Module
 from processdistro.shared.protocol import MAX_PARTS
-from processdistro.shared.queue import MAX_TASK_ATTEMPTS, TaskFields
+from processdistro.shared.queue import TaskFields
 
 
 def task(
@@ -237,15 +237,6 @@ def test_sample_ms(reported: float, elapsed_s: float, sample: float) -> None:
 )
 def test_drops_copies(fields: TaskFields, backed_up: bool, drops: bool) -> None:
     assert dispatch.drops_copies(fields, backed_up=backed_up) is drops
-
-
-@pytest.mark.parametrize(
-    ("attempt", "retry"),
-    [(0, True), (MAX_TASK_ATTEMPTS - 2, True), (MAX_TASK_ATTEMPTS - 1, False)],
-    ids=["first-failure", "second-to-last", "last"],
-)
-def test_retry_failed(attempt: int, retry: bool) -> None:
-    assert dispatch.retry_failed(task(attempt=attempt)) is retry
 
 
 # ---------------------------------------------------------------- taking tasks back

@@ -14,7 +14,7 @@ from enum import StrEnum
 
 from ..capacity import MAX_TASK_MS, finite, parts_per_task
 from ..modules import Module
-from ..queue import MAX_TASK_ATTEMPTS, TaskFields
+from ..queue import TaskFields
 
 EWMA_ALPHA = 0.3  # weight of the newest task time in a node's average
 GIVEN_BACK_KEPT = 4096  # task ids taken back from a node that it may still answer
@@ -186,11 +186,6 @@ def sample_ms(reported_ms: float, elapsed_s: float) -> float:
 def drops_copies(fields: TaskFields, *, backed_up: bool) -> bool:
     """A result of a task with a backup copy (or of the backup itself): the others stop."""
     return bool(fields.backup_of) or backed_up
-
-
-def retry_failed(fields: TaskFields) -> bool:
-    """Requeue a failed task (True) or fail its job: it failed `MAX_TASK_ATTEMPTS` times."""
-    return fields.attempt + 1 < MAX_TASK_ATTEMPTS
 
 
 # ---------------------------------------------------------------- taking tasks back
