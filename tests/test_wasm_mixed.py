@@ -236,10 +236,16 @@ def check_stopped_at_deadline(ctl: Controller, tmp: Path, name: str) -> None:
 
 
 def test_a_never_ending_program_is_stopped_at_timeout_on_a_browser(
-    tmp_path: Path, r: Client, controller: Controller, tab: Any
+    tmp_path: Path, r: Client, controller: Controller, browser: Any
 ) -> None:
-    wait_nodes(r, 1)
-    check_stopped_at_deadline(controller, tmp_path, "browser")
+    """Two tabs: a lone node's failure only makes the job wait (issue 9.1: failures are
+    evidence about the node); two distinct nodes failing the subtask fail the job."""
+    pages = [join(browser, controller) for _ in range(2)]
+    try:
+        wait_nodes(r, 2)
+        check_stopped_at_deadline(controller, tmp_path, "browser")
+    finally:
+        close_all(pages)
 
 
 def test_a_never_ending_program_is_stopped_at_timeout_on_a_native_worker(
@@ -248,8 +254,12 @@ def test_a_never_ending_program_is_stopped_at_timeout_on_a_native_worker(
     controller: Controller,
     workers: list[Worker],  # noqa: F811
 ) -> None:
-    native(controller, tmp_path, workers)
-    wait_nodes(r, 1)
+    """Two native workers, for the same reason as the browser case."""
+    for i in range(2):
+        w = Worker(controller, tmp_path / f"worker-home-{i}", "--cores", "1")
+        workers.append(w)
+        w.wait_connected()
+    wait_nodes(r, 2)
     check_stopped_at_deadline(controller, tmp_path, "native")
 
 

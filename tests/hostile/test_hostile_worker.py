@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -27,6 +28,7 @@ from processdistro.worker.fetch import ForeignUrl, ModuleStore, on_origin
 from processdistro.worker.join import MAX_PREFETCH, WorkerConfig, within_means
 from processdistro.worker.node import WorkerNode
 from processdistro.worker.runtime import MIB
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -271,6 +273,10 @@ def test_welcome_within_the_workers_means(
     """Issue 9.9: `slots` in the welcome had no bound. Fix: slots at most the worker's cores,
     prefetch and the heartbeat interval bounded (both for the welcome and the join answer)."""
     slots, prefetch, interval = asked
-    welcome = Welcome(node_id="n" * 12, slots=slots, prefetch=prefetch, heartbeat_interval_s=interval)
+    if not math.isfinite(interval):  # the parser refuses it first (issue 9.2: finite numbers only)
+        with pytest.raises(ValidationError):
+            Welcome(node_id="n" * 12, slots=slots, prefetch=prefetch, heartbeat_interval_s=interval)
+    # and within_means holds even for a message that skipped validation
+    welcome = Welcome.model_construct(node_id="n" * 12, slots=slots, prefetch=prefetch, heartbeat_interval_s=interval)
     got = within_means(welcome, cores)
     assert (got.slots, got.prefetch, got.heartbeat_interval_s) == expected
