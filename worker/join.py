@@ -107,11 +107,14 @@ async def measure(
     *, http: httpx.AsyncClient, base_url: str, modules: ModuleStore, limits: Limits, who: str
 ) -> float | None:
     """The benchmark score (Mandelbrot iterations per second on one core) with the gateway's
-    mandelbrot module, which this also puts in the module cache; None if it cannot run."""
+    mandelbrot module, which this also puts in the module cache; None if it cannot run. Where
+    SIMD128 validates it is `mandelbrot_simd`, the build this node is sent for Mandelbrot jobs
+    (dispatch.pick_module), so the score is the speed the node will have."""
     try:
         resp = await http.get(f"{base_url}/api/modules")
         resp.raise_for_status()
-        entry = resp.json().get("mandelbrot")
+        listed = resp.json()
+        entry = (describe().simd and listed.get("mandelbrot_simd")) or listed.get("mandelbrot")
         if not entry:
             log.info("node %s: no mandelbrot module on the gateway; joining without a score", who)
             return None
