@@ -26,8 +26,6 @@ emit("#[inline(always)]")
 emit("#[rustfmt::skip]")
 emit("pub fn compress<W: Word>(state: &mut [W; 8], w: &[W; 16]) {")
 emit("    let [w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15] = *w;")
-for i in range(16, 64):
-    emit(f"    let w{i} = small_s1(w{i-2}).add(w{i-7}).add(small_s0(w{i-15})).add(w{i-16});")
 emit("    let [a0, b0, c0, d0, e0, f0, g0, h0] = *state;")
 # Registers as SSA names: after round i the new a is a{i+1}, new e is e{i+1}; the rest shift.
 a = ["a0", "b0", "c0", "d0"]  # a, b, c, d (newest first)
@@ -36,6 +34,10 @@ emit("    let mut ab = b0.xor(c0); // round 0 reads it as b ^ c")
 for i in range(64):
     A, B, C, D = a[0], a[1], a[2], a[3]
     E, F, G, H = e[0], e[1], e[2], e[3]
+    if i >= 16:
+        # The schedule word just before its round: 16 words live at a time, not 64 (Cranelift
+        # keeps the code's order, so this is what bounds the register pressure).
+        emit(f"    let w{i} = small_s1(w{i - 2}).add(w{i - 7}).add(small_s0(w{i - 15})).add(w{i - 16});")
     emit(f"    let t1 = {H}.add(big_s1({E})).add(ch({E}, {F}, {G})).add(W::splat(0x{K[i]:08X})).add(w{i});")
     # Maj(a, b, c) = b ^ ((a ^ b) & (b ^ c)); b ^ c is the previous round's a ^ b.
     emit(f"    let bc = ab; ab = {A}.xor({B});")
