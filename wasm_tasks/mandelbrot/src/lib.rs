@@ -202,8 +202,10 @@ pub fn render_tile_into(p: &Params, out: &mut [u8]) {
     }
 }
 
-/// Lockstep rendering (the `simd` feature): `LANES` pixels of a row per step.
-#[cfg(feature = "simd")]
+/// Lockstep rendering (the `simd` feature): `LANES` pixels of a row per step. Also compiled
+/// for `cargo test` without the feature, so the plain test run checks it against the scalar
+/// loop (on [f64; 2] lanes).
+#[cfg(any(feature = "simd", test))]
 pub mod lockstep {
     use super::Params;
 
@@ -562,7 +564,6 @@ mod tests {
     /// The lockstep renderer gives the scalar renderer's bytes for every tile width (full and
     /// short groups), view and cap, including views where neighbouring lanes escape at very
     /// different steps.
-    #[cfg(feature = "simd")]
     #[test]
     fn lockstep_equals_scalar() {
         let views = [

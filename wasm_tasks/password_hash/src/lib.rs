@@ -28,7 +28,9 @@ compile_error!("the `simd` feature needs `-C target-feature=+simd128` (see wasm_
 
 extern crate alloc;
 
-#[cfg(feature = "simd")]
+// Also compiled for `cargo test` without the feature, so the plain test run checks it (on
+// [u32; 4] lanes) against the scalar code.
+#[cfg(any(feature = "simd", test))]
 pub mod multi;
 
 use alloc::vec::Vec;

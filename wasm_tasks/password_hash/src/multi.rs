@@ -554,14 +554,25 @@ mod tests {
                     prefixed(&mut input, p);
                     prefixed(&mut input, s);
                 }
-                let out = run(&input).unwrap();
                 let mut want = Vec::new();
                 for (p, s) in &rows {
                     let mut dk = vec![0u8; dklen as usize];
                     derive(p, s, iterations, &mut dk).unwrap();
                     want.extend(dk);
                 }
-                assert_eq!(out, want, "count {count} dklen {dklen}");
+                // This module directly (also without the feature), and `run` (this module
+                // with the `simd` feature, the scalar code without it).
+                let mut direct = vec![0u8; want.len()];
+                hash_into(
+                    iterations,
+                    dklen as usize,
+                    &input[HEADER_LEN..],
+                    count,
+                    &mut direct,
+                )
+                .unwrap();
+                assert_eq!(direct, want, "count {count} dklen {dklen}");
+                assert_eq!(run(&input).unwrap(), want, "count {count} dklen {dklen}");
             }
         }
     }
@@ -582,7 +593,28 @@ mod tests {
         }
         let out = run(&input).unwrap();
         let w = |i: usize| u32::from_le_bytes(out[i..i + 4].try_into().unwrap());
-        (w(0), w(4))
+        // This module directly must agree with `run` (see hash_mode_equals_scalar...).
+        let mut full = if target.len() > BLOCK {
+            vec![0u8; target.len()]
+        } else {
+            Vec::new()
+        };
+        let cands = &input[HEADER_LEN + 4 + salt.len() + target.len()..];
+        let direct = match crack(
+            iterations,
+            salt,
+            target,
+            cands,
+            words.len() as u32,
+            &mut full,
+        )
+        .unwrap()
+        {
+            Some(index) => (index, index + 1),
+            None => (NOT_FOUND, words.len() as u32),
+        };
+        assert_eq!(direct, (w(0), w(4)));
+        direct
     }
 
     /// The first hit in list order wins wherever it falls in a group (and with later hits in
