@@ -10,7 +10,9 @@ The same task inputs (docs/wasm-abi.md layouts) go to every runner in one run:
   PBKDF2, `--cfg sha2_backend="soft"` (portable SHA-256 instead of the SHA-NI instructions
   the `sha2` crate picks at run time).
 - **wasmtime**: the committed static/wasm/*.wasm in wasmtime-py (default Cranelift config),
-  driven through the ABI; compile time excluded, warmed up, only `pd_run` timed.
+  driven through the ABI; compile time excluded, warmed up, only `pd_run` timed. Each kernel's
+  scalar module and its SIMD128 build (`<name>_simd.wasm`: matmul's f64x2/f32x4 loop,
+  Mandelbrot's four pixels in lockstep, PBKDF2's multi-buffer SHA-256) on the same input.
 - **Chromium**: a Web Worker (inline blob script) in headless /usr/bin/chromium on a page
   served from static/ by a stdlib http.server on 127.0.0.1; the worker fetches the module,
   warms up (so V8 tiers up from Liftoff to TurboFan), then times `pd_run` with
@@ -100,7 +102,12 @@ def workloads(quick: bool) -> list[Workload]:
     mm = ["matrix_mul", "matrix_mul_simd"]
     return [
         Workload(
-            "mandelbrot", "mandelbrot", "mandelbrot", ["mandelbrot"], mandel, f"{side}x{side} tile, max_iter {max_iter}"
+            "mandelbrot",
+            "mandelbrot",
+            "mandelbrot",
+            ["mandelbrot", "mandelbrot_simd"],
+            mandel,
+            f"{side}x{side} tile, max_iter {max_iter}",
         ),
         Workload("matmul_f64", "matmul f64", "matrix_mul", mm, matmul_input(0, "<f8"), f"{n}x{n}x{n} float64"),
         Workload("matmul_f32", "matmul f32", "matrix_mul", mm, matmul_input(1, "<f4"), f"{n}x{n}x{n} float32"),
@@ -108,7 +115,7 @@ def workloads(quick: bool) -> list[Workload]:
             "pbkdf2",
             "PBKDF2-SHA256",
             "password_hash",
-            ["password_hash"],
+            ["password_hash", "password_hash_simd"],
             pbkdf2,
             f"mode 0, {len(rows)} rows x {iterations:,} iterations, dklen 32",
             native_builds=["native", "native-cpu", "native-softsha"],
@@ -168,7 +175,7 @@ class WasmtimeRunner:
         self.engine = wasmtime.Engine()
         self.modules = {
             name: wasmtime.Module(self.engine, (WASM_DIR / f"{name}.wasm").read_bytes())
-            for name in ("mandelbrot", "matrix_mul", "matrix_mul_simd", "password_hash")
+            for name in sorted({m for w in workloads(True) for m in w.modules})
         }
 
     def run(self, module: str, data: bytes, reps: int) -> tuple[list[float], bytes]:

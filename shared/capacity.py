@@ -10,7 +10,10 @@ The resource optimizer is deliberately simple and explainable:
   is refined by what the node actually does: the gateway keeps an exponentially weighted
   average of task time per node and task kind (`ewma_ms:<kind>` in the node's hash). Where a
   node has not run a kind yet, its time is estimated from a peer that has, scaled by the
-  ratio of their benchmark scores.
+  ratio of their benchmark scores. Both measure the build the node is actually sent: a node
+  with SIMD128 benchmarks `mandelbrot_simd` and runs every kernel's `_simd` variant
+  (dispatch.pick_module), about 3x faster for Mandelbrot and PBKDF2, so its observed times
+  and chunk sizes are those of the faster code.
 
 - **Chunk size** for the adaptive kinds (hash, crack): a task is as many parts as fit
   `target_task_s` at the node's observed part time (`parts_per_task`).

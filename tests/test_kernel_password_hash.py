@@ -1,21 +1,26 @@
-"""The committed PBKDF2-HMAC-SHA256 WASM kernel (static/wasm/password_hash.wasm) run in wasmtime.
+"""The committed PBKDF2-HMAC-SHA256 WASM kernels (static/wasm/password_hash.wasm and its SIMD128
+build password_hash_simd.wasm, multi-buffer SHA-256 over four chains) run in wasmtime.
 
 Checks the ABI in docs/wasm-abi.md: no imports, the exports, both input layouts (mode 0 "hash"
 and mode 1 "crack"), status codes and bounded memory, against Python's hashlib.pbkdf2_hmac:
 non-ASCII and empty passwords, empty salts, key lengths around the 32-byte block size, crack
-hits and misses.
+hits and misses. Every test runs on both builds; the SIMD build is also checked on every shape
+of a group of four (record counts 1..9, keys of several blocks) and on "first hit in list
+order" wherever the hit falls in a group.
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 import struct
 from pathlib import Path
 
 import pytest
 from wasm_kernel import Loaded, WasmKernel, assert_abi, load
 
-WASM_PATH = Path(__file__).resolve().parents[1] / "static" / "wasm" / "password_hash.wasm"
+WASM_DIR = Path(__file__).resolve().parents[1] / "static" / "wasm"
+VARIANTS = ("password_hash", "password_hash_simd")
 PAGE = 65536
 OK, BAD_LENGTH, BAD_PARAMS, OUT_OF_MEMORY = 0, 1, 2, 3
 NOT_FOUND = 0xFFFF_FFFF
@@ -65,9 +70,9 @@ class Kernel(WasmKernel):
         return index, hashed
 
 
-@pytest.fixture(scope="module")
-def loaded() -> Loaded:
-    return load(WASM_PATH)
+@pytest.fixture(scope="module", params=VARIANTS)
+def loaded(request: pytest.FixtureRequest) -> Loaded:
+    return load(WASM_DIR / f"{request.param}.wasm")
 
 
 @pytest.fixture
@@ -79,9 +84,10 @@ def test_module_has_no_imports_and_exports_the_abi(loaded: Loaded) -> None:
     assert_abi(loaded.module)
 
 
-def test_no_panic_path_reaches_the_module() -> None:
+@pytest.mark.parametrize("name", VARIANTS)
+def test_no_panic_path_reaches_the_module(name: str) -> None:
     # A reachable panic would leave its source location (".../lib.rs") in the data section.
-    assert b".rs" not in WASM_PATH.read_bytes()
+    assert b".rs" not in (WASM_DIR / f"{name}.wasm").read_bytes()
 
 
 def test_rfc7914_vectors(kernel: Kernel) -> None:
@@ -203,3 +209,30 @@ def test_memory_stays_bounded_over_many_runs(kernel: Kernel) -> None:
         sizes.append(kernel.memory_bytes())
     assert max(sizes) <= sizes[0] + PAGE
     assert len(set(sizes[1:])) == 1
+
+
+@pytest.mark.parametrize("dklen", [1, 32, 33, 64, 100])
+def test_hash_mode_every_group_shape(kernel: Kernel, dklen: int) -> None:
+    """1..9 records (full and partial groups of four chains; a key of several blocks is
+    several chains), passwords and salts from empty to longer than a SHA-256 block."""
+    rng = random.Random(dklen)
+    for count in range(1, 10):
+        rows = [(rng.randbytes(rng.randrange(0, 90)), rng.randbytes(rng.randrange(0, 80))) for _ in range(count)]
+        iterations = rng.randrange(1, 6)
+        assert kernel.hash(iterations, dklen, rows) == [pbkdf2(p, s, iterations, dklen) for p, s in rows]
+
+
+@pytest.mark.parametrize("dklen", [16, 32, 48])
+def test_crack_first_hit_in_list_order(kernel: Kernel, dklen: int) -> None:
+    """The hit at every position of 1..9 candidates, with a later duplicate of it in the same
+    or the next group: the first one is reported, and `hashed` is its index + 1."""
+    target = pbkdf2(b"secret", b"job-salt", 3, dklen)
+    for count in range(1, 10):
+        words = [f"w{k}".encode() for k in range(count)]
+        assert kernel.crack(3, b"job-salt", target, words) == (NOT_FOUND, count)
+        for hit in range(count):
+            cands = list(words)
+            cands[hit] = b"secret"
+            if hit + 1 < count:
+                cands[-1] = b"secret"
+            assert kernel.crack(3, b"job-salt", target, cands) == (hit, hit + 1), (count, hit)

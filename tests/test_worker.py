@@ -167,7 +167,9 @@ def test_worker_completes_a_job_exactly(
     assert float(node["score"]) > 1e6, "benchmark score missing or implausible"
     device_id = (tmp_path / "w1" / "worker-default.id").read_text().strip()
     assert node_ids == [device_id]
-    assert (tmp_path / "w1" / "modules" / f"{MANDEL_SHA}.wasm").read_bytes() == MANDELBROT.read_bytes()
+    # The module it benchmarked and was sent: the SIMD128 build (wasmtime validates SIMD128).
+    simd = MANDELBROT.with_name("mandelbrot_simd.wasm").read_bytes()
+    assert (tmp_path / "w1" / "modules" / f"{hashlib.sha256(simd).hexdigest()}.wasm").read_bytes() == simd
 
     # a restart keeps the identity
     w.proc.send_signal(signal.SIGINT)

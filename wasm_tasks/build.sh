@@ -125,6 +125,8 @@ unset RUSTFLAGS
 #   "<output name> <package> <cargo feature> <rustc target-feature list>"
 VARIANTS=(
     "matrix_mul_simd matrix_mul simd +simd128" # WebAssembly SIMD128 (f64x2/f32x4 mul + add)
+    "mandelbrot_simd mandelbrot simd +simd128" # four pixels in lockstep in two f64x2 registers
+    "password_hash_simd password_hash simd +simd128" # multi-buffer SHA-256: 4 chains in i32x4
 )
 
 # ---- build --------------------------------------------------------------------------------

@@ -136,14 +136,17 @@ async def measure(
     *, http: httpx.AsyncClient, base_url: str, modules: ModuleStore, limits: Limits, who: str
 ) -> float | None:
     """The benchmark score (Mandelbrot iterations per second on one core) with the gateway's
-    mandelbrot module, which this also puts in the module cache; None if it cannot run."""
+    mandelbrot module, which this also puts in the module cache; None if it cannot run. Where
+    SIMD128 validates it is `mandelbrot_simd`, the build this node is sent for Mandelbrot jobs
+    (dispatch.pick_module), so the score is the speed the node will have."""
     try:
         status, body = await read_capped(
             http, f"{base_url}/api/modules", limit=MAX_JSON_BYTES, what="the gateway's module list"
         )
         if status != 200:
             raise ValueError(f"HTTP {status} from {base_url}/api/modules")
-        entry = json.loads(body).get("mandelbrot")
+        listed = json.loads(body)
+        entry = (describe().simd and listed.get("mandelbrot_simd")) or listed.get("mandelbrot")
         if not entry:
             log.info("node %s: no mandelbrot module on the gateway; joining without a score", who)
             return None

@@ -43,7 +43,10 @@ from .base import JobFiles, Prepared, Subtask, TaskPlugin, Verdict, keep_or_writ
 HEADER = struct.Struct("<B3xIII")  # mode, padding, iterations, dklen, count
 MODE_HASH = 0
 TARGET_TASK_S = 1.0
-WASM_SLOWDOWN = 4.0  # PBKDF2 in WASM runs ~4x slower per core than OpenSSL (docs/benchmarks.md)
+# A node's PBKDF2 time per row over OpenSSL's on this machine, with a 2x margin for slower
+# devices: nodes with SIMD128 (every current browser, wasmtime) run password_hash_simd at
+# ~0.75x OpenSSL's time per core, the scalar build ~2x (docs/benchmarks.md, Kernels).
+WASM_SLOWDOWN = 1.5
 MAX_BATCH = 5000
 #: The controller's PBKDF2 budget for the spot checks of one result, in HMAC-SHA256 calls
 #: (`pbkdf2_cost`): about 50 ms of hashlib on one core. `spot_positions` keeps the expected

@@ -165,11 +165,16 @@ export async function benchmark(client, entry, stale) {
   return { score, tiles: n, ms: Math.round(performance.now() - started) };
 }
 
-/** GET /api/modules: the benchmark module's {sha256, url}, or null if the server has none. */
-export async function benchmarkEntry(fetch, origin) {
+/**
+ * GET /api/modules: the benchmark module's {sha256, url}, or null if the server has none. With
+ * SIMD128 it is mandelbrot_simd, the build this node is sent for Mandelbrot jobs, so the score
+ * is the speed the node will have.
+ */
+export async function benchmarkEntry(fetch, origin, simd = false) {
   const response = await fetch(new URL("/api/modules", origin), { credentials: "same-origin" });
   if (!response.ok) throw new Error(`GET /api/modules: HTTP ${response.status}`);
-  return (await response.json()).mandelbrot || null;
+  const listed = await response.json();
+  return (simd && listed.mandelbrot_simd) || listed.mandelbrot || null;
 }
 
 /** The module compiled in `client`, to preload into the pool's workers; null if it cannot be shared. */

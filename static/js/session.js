@@ -225,7 +225,7 @@ export class Session extends EventTarget {
   // -------------------------------------------------------------- benchmark and registration
 
   async #benchmark(gen) {
-    const entry = await benchmarkEntry(this.fetch, this.origin);
+    const entry = await benchmarkEntry(this.fetch, this.origin, this.device.simd);
     if (this.#stale(gen)) return;
     if (!entry) {
       this.log("no mandelbrot module on the server: skipping the benchmark");

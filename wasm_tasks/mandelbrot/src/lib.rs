@@ -13,7 +13,19 @@
 //! n = 0; x = 0; y = 0
 //! while n < M and x*x + y*y <= 4.0 { (x, y) = ((x*x - y*y) + cx, (2.0*x)*y + cy); n += 1 }
 //! ```
+//!
+//! With the `simd` feature the tile is rendered by [`lockstep`]: four pixels of a row iterate
+//! together in two `f64x2` registers (WebAssembly SIMD128), each lane doing exactly the scalar
+//! operations (mul, then add/sub: SIMD128 has no fused multiply-add), and a lane that has
+//! escaped keeps its count while the others continue. The output is bit-identical.
 #![cfg_attr(target_arch = "wasm32", no_std)]
+
+#[cfg(all(
+    feature = "simd",
+    target_arch = "wasm32",
+    not(target_feature = "simd128")
+))]
+compile_error!("the `simd` feature needs `-C target-feature=+simd128` (see wasm_tasks/build.sh)");
 
 extern crate alloc;
 
@@ -164,8 +176,14 @@ pub fn escape_count(cx: f64, cy: f64, max_iter: u32) -> u32 {
 /// Render the tile described by `p` into `out` (`tile_w * tile_h` little-endian u32, row-major).
 /// `p` must be valid and `out.len()` must equal `p.output_len()`; otherwise nothing is written.
 /// Written without indexing so that no panic path (and no panic message) reaches the module.
+#[cfg_attr(feature = "simd", allow(unreachable_code))]
 pub fn render_tile_into(p: &Params, out: &mut [u8]) {
     if p.output_len() != Some(out.len()) {
+        return;
+    }
+    #[cfg(feature = "simd")]
+    {
+        lockstep::render(p, out);
         return;
     }
     let (dx, dy) = p.steps();
@@ -179,6 +197,231 @@ pub fn render_tile_into(p: &Params, out: &mut [u8]) {
             let n = escape_count(cx, cy, p.max_iter);
             if let Some(Ok(cell)) = cells.next().map(<&mut [u8; 4]>::try_from) {
                 *cell = n.to_le_bytes();
+            }
+        }
+    }
+}
+
+/// Lockstep rendering (the `simd` feature): `LANES` pixels of a row per step. Also compiled
+/// for `cargo test` without the feature, so the plain test run checks it against the scalar
+/// loop (on [f64; 2] lanes).
+#[cfg(any(feature = "simd", test))]
+pub mod lockstep {
+    use super::Params;
+
+    /// Independent `f64x2` chains per group: two registers interleaved hide the latency of the
+    /// mul -> sub -> add chain; more would spill on x86-64 (16 vector registers) under Cranelift.
+    const NV: usize = 2;
+    /// Pixels per group.
+    pub const LANES: usize = 2 * NV;
+
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    mod v {
+        use core::arch::wasm32::*;
+
+        /// Two f64 lanes.
+        #[derive(Clone, Copy)]
+        pub struct F2(v128);
+        /// Two lane masks (all ones = true), or two i64 counters.
+        #[derive(Clone, Copy)]
+        pub struct M2(v128);
+
+        #[inline(always)]
+        pub fn pair(a: f64, b: f64) -> F2 {
+            F2(f64x2(a, b))
+        }
+        #[inline(always)]
+        pub fn splat(a: f64) -> F2 {
+            F2(f64x2_splat(a))
+        }
+        #[inline(always)]
+        pub fn add(a: F2, b: F2) -> F2 {
+            F2(f64x2_add(a.0, b.0))
+        }
+        #[inline(always)]
+        pub fn sub(a: F2, b: F2) -> F2 {
+            F2(f64x2_sub(a.0, b.0))
+        }
+        #[inline(always)]
+        pub fn mul(a: F2, b: F2) -> F2 {
+            F2(f64x2_mul(a.0, b.0))
+        }
+        /// `a <= b` per lane (false when either is NaN, like the scalar comparison).
+        #[inline(always)]
+        pub fn le(a: F2, b: F2) -> M2 {
+            M2(f64x2_le(a.0, b.0))
+        }
+        #[inline(always)]
+        pub fn all_true() -> M2 {
+            M2(i64x2_splat(-1))
+        }
+        #[inline(always)]
+        pub fn zero() -> M2 {
+            M2(i64x2_splat(0))
+        }
+        #[inline(always)]
+        pub fn and(a: M2, b: M2) -> M2 {
+            M2(v128_and(a.0, b.0))
+        }
+        #[inline(always)]
+        pub fn or(a: M2, b: M2) -> M2 {
+            M2(v128_or(a.0, b.0))
+        }
+        #[inline(always)]
+        pub fn any(a: M2) -> bool {
+            v128_any_true(a.0)
+        }
+        /// Counter + 1 where the mask is set (a set mask lane is -1).
+        #[inline(always)]
+        pub fn count(n: M2, m: M2) -> M2 {
+            M2(i64x2_sub(n.0, m.0))
+        }
+        #[inline(always)]
+        pub fn lanes(n: M2) -> [u32; 2] {
+            [
+                i64x2_extract_lane::<0>(n.0) as u32,
+                i64x2_extract_lane::<1>(n.0) as u32,
+            ]
+        }
+    }
+
+    /// The same operations on plain arrays (native builds: `cargo test --features simd`).
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    mod v {
+        #[derive(Clone, Copy)]
+        pub struct F2([f64; 2]);
+        #[derive(Clone, Copy)]
+        pub struct M2([i64; 2]);
+
+        #[inline(always)]
+        fn map(a: F2, b: F2, f: impl Fn(f64, f64) -> f64) -> F2 {
+            F2([f(a.0[0], b.0[0]), f(a.0[1], b.0[1])])
+        }
+        #[inline(always)]
+        fn imap(a: M2, b: M2, f: impl Fn(i64, i64) -> i64) -> M2 {
+            M2([f(a.0[0], b.0[0]), f(a.0[1], b.0[1])])
+        }
+        #[inline(always)]
+        pub fn pair(a: f64, b: f64) -> F2 {
+            F2([a, b])
+        }
+        #[inline(always)]
+        pub fn splat(a: f64) -> F2 {
+            F2([a, a])
+        }
+        #[inline(always)]
+        pub fn add(a: F2, b: F2) -> F2 {
+            map(a, b, |x, y| x + y)
+        }
+        #[inline(always)]
+        pub fn sub(a: F2, b: F2) -> F2 {
+            map(a, b, |x, y| x - y)
+        }
+        #[inline(always)]
+        pub fn mul(a: F2, b: F2) -> F2 {
+            map(a, b, |x, y| x * y)
+        }
+        #[inline(always)]
+        pub fn le(a: F2, b: F2) -> M2 {
+            M2([-i64::from(a.0[0] <= b.0[0]), -i64::from(a.0[1] <= b.0[1])])
+        }
+        #[inline(always)]
+        pub fn all_true() -> M2 {
+            M2([-1, -1])
+        }
+        #[inline(always)]
+        pub fn zero() -> M2 {
+            M2([0, 0])
+        }
+        #[inline(always)]
+        pub fn and(a: M2, b: M2) -> M2 {
+            imap(a, b, |x, y| x & y)
+        }
+        #[inline(always)]
+        pub fn or(a: M2, b: M2) -> M2 {
+            imap(a, b, |x, y| x | y)
+        }
+        #[inline(always)]
+        pub fn any(a: M2) -> bool {
+            (a.0[0] | a.0[1]) != 0
+        }
+        #[inline(always)]
+        pub fn count(n: M2, m: M2) -> M2 {
+            imap(n, m, i64::wrapping_sub)
+        }
+        #[inline(always)]
+        pub fn lanes(n: M2) -> [u32; 2] {
+            [n.0[0] as u32, n.0[1] as u32]
+        }
+    }
+
+    /// Escape counts of `LANES` points `cx[k] + i*cy`, in lockstep. Each lane runs the scalar
+    /// loop's exact operations; a lane stops counting at its first failed test (escape or
+    /// NaN) and keeps iterating harmlessly until every lane has stopped or `max_iter` steps.
+    #[inline(always)]
+    pub fn escape_counts(cx: [f64; LANES], cy: f64, max_iter: u32) -> [u32; LANES] {
+        let cxs: [v::F2; NV] = core::array::from_fn(|k| v::pair(cx[2 * k], cx[2 * k + 1]));
+        let cyv = v::splat(cy);
+        let four = v::splat(4.0);
+        let two = v::splat(2.0);
+        let mut x = [v::splat(0.0); NV];
+        let mut y = [v::splat(0.0); NV];
+        let mut active = [v::all_true(); NV];
+        let mut n = [v::zero(); NV];
+        let mut k = 0u32;
+        while k < max_iter {
+            let mut any = v::zero();
+            for q in 0..NV {
+                let xx = v::mul(x[q], x[q]);
+                let yy = v::mul(y[q], y[q]);
+                let m = v::and(active[q], v::le(v::add(xx, yy), four));
+                active[q] = m;
+                any = v::or(any, m);
+                n[q] = v::count(n[q], m);
+                let nx = v::add(v::sub(xx, yy), cxs[q]);
+                y[q] = v::add(v::mul(v::mul(two, x[q]), y[q]), cyv);
+                x[q] = nx;
+            }
+            if !v::any(any) {
+                break;
+            }
+            k += 1;
+        }
+        let mut out = [0u32; LANES];
+        for q in 0..NV {
+            let [a, b] = v::lanes(n[q]);
+            out[2 * q] = a;
+            out[2 * q + 1] = b;
+        }
+        out
+    }
+
+    /// Render the tile (`out.len() == p.output_len()`, checked by the caller): each row in
+    /// groups of `LANES` pixels; a short last group repeats its last pixel in the spare lanes.
+    pub fn render(p: &Params, out: &mut [u8]) {
+        let (dx, dy) = p.steps();
+        // `max(4)`: tile_w >= 1 already; this lets the compiler drop chunks_exact_mut's panic.
+        let mut rows = out.chunks_exact_mut((4 * p.tile_w as usize).max(4));
+        for r in 0..p.tile_h {
+            let Some(row) = rows.next() else { return };
+            let j = f64::from(p.y0) + f64::from(r);
+            let cy = p.ymax - (j + 0.5) * dy;
+            let mut c = 0u32;
+            for group in row.chunks_mut(4 * LANES) {
+                let pixels = group.len() / 4;
+                let mut cx = [0.0f64; LANES];
+                for (k, slot) in cx.iter_mut().enumerate() {
+                    let col = c + (k.min(pixels - 1)) as u32;
+                    let i = f64::from(p.x0) + f64::from(col);
+                    *slot = p.xmin + (i + 0.5) * dx;
+                }
+                let counts = escape_counts(cx, cy, p.max_iter);
+                for (cell, n) in group.chunks_exact_mut(4).zip(counts) {
+                    if let Ok(cell) = <&mut [u8; 4]>::try_from(cell) {
+                        *cell = n.to_le_bytes();
+                    }
+                }
+                c += pixels as u32;
             }
         }
     }
@@ -315,6 +558,61 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The lockstep renderer gives the scalar renderer's bytes for every tile width (full and
+    /// short groups), view and cap, including views where neighbouring lanes escape at very
+    /// different steps.
+    #[test]
+    fn lockstep_equals_scalar() {
+        let views = [
+            (-2.0, 1.0, -1.5, 1.5),
+            (-0.75, -0.73, 0.1, 0.12),
+            (-1.5e-3, 1e-3, -2e-3, 0.5e-3),
+            (1.0, -2.0, 1.5, -1.5), // reversed bounds mirror the image
+        ];
+        for (xmin, xmax, ymin, ymax) in views {
+            for (w, h, x0, y0, tw, th) in [
+                (97, 61, 0, 0, 97, 61),
+                (64, 64, 3, 5, 1, 7),
+                (64, 64, 10, 0, 2, 3),
+                (64, 64, 11, 9, 3, 4),
+                (64, 64, 20, 30, 5, 2),
+                (64, 64, 0, 31, 9, 3),
+                (64, 64, 60, 60, 4, 4),
+            ] {
+                for max_iter in [0, 1, 2, 7, 300] {
+                    let p = Params {
+                        xmin,
+                        xmax,
+                        ymin,
+                        ymax,
+                        width: w,
+                        height: h,
+                        x0,
+                        y0,
+                        tile_w: tw,
+                        tile_h: th,
+                        max_iter,
+                        reserved: 0,
+                    };
+                    let mut got = vec![0u8; p.output_len().unwrap()];
+                    lockstep::render(&p, &mut got);
+                    let want: Vec<u32> = (y0..y0 + th)
+                        .flat_map(|j| (x0..x0 + tw).map(move |i| (i, j)))
+                        .map(|(i, j)| reference_pixel(&p, i, j))
+                        .collect();
+                    assert_eq!(counts(&got), want, "{p:?}");
+                }
+            }
+        }
+        // Lanes with very different fates in one group: inside the set, escaping at once, NaN.
+        let counts = lockstep::escape_counts([-1.0, 2.5, f64::NAN, 0.25], 0.0, 1000);
+        assert_eq!(counts, [1000, 1, 1, 1000]); // NaN: one step, then the test fails
+        let counts = lockstep::escape_counts([0.3, -2.0, 0.26, 0.2501], 0.0, 100_000);
+        for (k, cx) in [0.3, -2.0, 0.26, 0.2501].into_iter().enumerate() {
+            assert_eq!(counts[k], escape_count(cx, 0.0, 100_000), "lane {k}");
         }
     }
 

@@ -185,6 +185,24 @@ pub trait Elem:
         update4x2_scalar(c0, c1, a0, a1, b);
     }
 
+    /// `c$r[j] += a$r[q] * B[p0 + q][j0 + j]` for `q` ascending, rows `r` = 0, 1, with the
+    /// sums held in registers across the depth (a register-blocked micro-kernel). Returns
+    /// false when the type has none (then the `update4x2` loops do the block).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn block2(
+        _c0: &mut [Self],
+        _c1: &mut [Self],
+        _a0: &[Self],
+        _a1: &[Self],
+        _b: &[Self],
+        _n: usize,
+        _p0: usize,
+        _j0: usize,
+    ) -> bool {
+        false
+    }
+
     /// `c[j] = c[j] + a*b[j]` for every `j`. Both slices have the same length.
     #[inline(always)]
     fn update1(c: &mut [Self], a: Self, b: &[Self]) {
@@ -243,6 +261,20 @@ impl Elem for f64 {
     fn update1(c: &mut [f64], a: f64, b: &[f64]) {
         simd::update1_f64(c, a, b);
     }
+    #[cfg(all(feature = "simd", target_arch = "wasm32", target_feature = "simd128"))]
+    #[inline(always)]
+    fn block2(
+        c0: &mut [f64],
+        c1: &mut [f64],
+        a0: &[f64],
+        a1: &[f64],
+        b: &[f64],
+        n: usize,
+        p0: usize,
+        j0: usize,
+    ) -> bool {
+        simd::block2_f64(c0, c1, a0, a1, b, n, p0, j0)
+    }
 }
 
 impl Elem for f32 {
@@ -270,6 +302,20 @@ impl Elem for f32 {
     #[inline(always)]
     fn update1(c: &mut [f32], a: f32, b: &[f32]) {
         simd::update1_f32(c, a, b);
+    }
+    #[cfg(all(feature = "simd", target_arch = "wasm32", target_feature = "simd128"))]
+    #[inline(always)]
+    fn block2(
+        c0: &mut [f32],
+        c1: &mut [f32],
+        a0: &[f32],
+        a1: &[f32],
+        b: &[f32],
+        n: usize,
+        p0: usize,
+        j0: usize,
+    ) -> bool {
+        simd::block2_f32(c0, c1, a0, a1, b, n, p0, j0)
     }
 }
 
@@ -394,6 +440,96 @@ mod simd {
             }
         };
     }
+
+    macro_rules! block2_impl {
+        ($name:ident, $t:ty, $lanes:expr, $splat:ident, $mul:ident, $add:ident) => {
+            /// [`super::Elem::block2`]: three vectors of columns x two rows of `C` in six
+            /// accumulators for the whole depth (12 live vectors: no spills on x86-64), `B`
+            /// streamed row by row; then one vector, then single columns. Each element is
+            /// `c + a[0]*b[0] + a[1]*b[1] + ...` in ascending depth, as everywhere.
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            pub fn $name(
+                c0: &mut [$t],
+                c1: &mut [$t],
+                a0: &[$t],
+                a1: &[$t],
+                b: &[$t],
+                n: usize,
+                p0: usize,
+                j0: usize,
+            ) -> bool {
+                const L: usize = $lanes;
+                let (w, depth) = (c0.len(), a0.len());
+                // Every B element read is b[(p0 + q) * n + j0 + j], q < depth, j < w.
+                let fits = depth > 0
+                    && c1.len() == w
+                    && a1.len() == depth
+                    && (p0 + depth - 1)
+                        .checked_mul(n)
+                        .and_then(|x| x.checked_add(j0 + w))
+                        .is_some_and(|end| end <= b.len());
+                if !fits {
+                    return false;
+                }
+                let (q0, q1, x0, x1) = (c0.as_mut_ptr(), c1.as_mut_ptr(), a0.as_ptr(), a1.as_ptr());
+                // SAFETY: the bounds were checked above; v128 loads and stores need no alignment.
+                unsafe {
+                    let bp = b.as_ptr().add(p0 * n + j0);
+                    let ld = |p: *const $t| v128_load(p as *const v128);
+                    let mut j = 0;
+                    while j + 3 * L <= w {
+                        let mut r0 = [ld(q0.add(j)), ld(q0.add(j + L)), ld(q0.add(j + 2 * L))];
+                        let mut r1 = [ld(q1.add(j)), ld(q1.add(j + L)), ld(q1.add(j + 2 * L))];
+                        let mut row = bp.add(j);
+                        for q in 0..depth {
+                            let (s0, s1) = ($splat(*x0.add(q)), $splat(*x1.add(q)));
+                            let x = [ld(row), ld(row.add(L)), ld(row.add(2 * L))];
+                            for v in 0..3 {
+                                r0[v] = $add(r0[v], $mul(s0, x[v]));
+                                r1[v] = $add(r1[v], $mul(s1, x[v]));
+                            }
+                            row = row.add(n);
+                        }
+                        for v in 0..3 {
+                            v128_store(q0.add(j + v * L) as *mut v128, r0[v]);
+                            v128_store(q1.add(j + v * L) as *mut v128, r1[v]);
+                        }
+                        j += 3 * L;
+                    }
+                    while j + L <= w {
+                        let (mut r0, mut r1) = (ld(q0.add(j)), ld(q1.add(j)));
+                        let mut row = bp.add(j);
+                        for q in 0..depth {
+                            let x = ld(row);
+                            r0 = $add(r0, $mul($splat(*x0.add(q)), x));
+                            r1 = $add(r1, $mul($splat(*x1.add(q)), x));
+                            row = row.add(n);
+                        }
+                        v128_store(q0.add(j) as *mut v128, r0);
+                        v128_store(q1.add(j) as *mut v128, r1);
+                        j += L;
+                    }
+                    while j < w {
+                        let (mut y0, mut y1) = (*q0.add(j), *q1.add(j));
+                        let mut at = bp.add(j);
+                        for q in 0..depth {
+                            y0 = y0 + *x0.add(q) * *at;
+                            y1 = y1 + *x1.add(q) * *at;
+                            at = at.add(n);
+                        }
+                        *q0.add(j) = y0;
+                        *q1.add(j) = y1;
+                        j += 1;
+                    }
+                }
+                true
+            }
+        };
+    }
+
+    block2_impl!(block2_f64, f64, 2, f64x2_splat, f64x2_mul, f64x2_add);
+    block2_impl!(block2_f32, f32, 4, f32x4_splat, f32x4_mul, f32x4_add);
 
     simd_impl!(
         update4_f64,
@@ -531,6 +667,9 @@ impl<T: Elem> Block<'_, T> {
         ) else {
             return; // unreachable: j1 <= n, p1 <= k
         };
+        if T::block2(c0, c1, a0, a1, self.b, self.n, p0, j0) {
+            return;
+        }
         let mut p = p0;
         let (mut quads0, mut quads1) = (a0.chunks_exact(4), a1.chunks_exact(4));
         for (q0, q1) in (&mut quads0).zip(&mut quads1) {

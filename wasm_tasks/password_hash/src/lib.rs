@@ -14,9 +14,24 @@
 //! The pure logic is plain Rust and is unit-tested natively with `cargo test`. On `wasm32` the
 //! crate is `no_std` + `alloc`; the allocator, panic handler and ABI plumbing come from
 //! `pd_abi`, and the exports are the small block at the bottom of this file.
+//!
+//! With the `simd` feature both modes run on [`multi`]: multi-buffer SHA-256, four PBKDF2
+//! chains at once in the lanes of a SIMD128 register. Same outputs, same `hashed` count.
 #![cfg_attr(target_arch = "wasm32", no_std)]
 
+#[cfg(all(
+    feature = "simd",
+    target_arch = "wasm32",
+    not(target_feature = "simd128")
+))]
+compile_error!("the `simd` feature needs `-C target-feature=+simd128` (see wasm_tasks/build.sh)");
+
 extern crate alloc;
+
+// Also compiled for `cargo test` without the feature, so the plain test run checks it (on
+// [u32; 4] lanes) against the scalar code.
+#[cfg(any(feature = "simd", test))]
+pub mod multi;
 
 use alloc::vec::Vec;
 use hmac::Hmac;
@@ -122,6 +137,7 @@ impl Header {
 }
 
 /// Mode 0: derive one key per (password, salt) record.
+#[cfg_attr(feature = "simd", allow(unreachable_code))]
 fn hash(h: &Header, mut r: Reader<'_>) -> Result<Vec<u8>, u32> {
     // Validate every record (and the exact input length) before doing any work.
     let records = r.rest;
@@ -138,6 +154,11 @@ fn hash(h: &Header, mut r: Reader<'_>) -> Result<Vec<u8>, u32> {
         return Err(STATUS_OUT_OF_MEMORY);
     }
     let mut out = zeroed(usize::try_from(total).map_err(|_| STATUS_OUT_OF_MEMORY)?)?;
+    #[cfg(feature = "simd")]
+    {
+        multi::hash_into(h.iterations, dklen, records, h.count, &mut out)?;
+        return Ok(out);
+    }
     let mut r = Reader { rest: records };
     for dk in out.chunks_exact_mut(dklen) {
         let password = r.prefixed()?;
@@ -149,6 +170,10 @@ fn hash(h: &Header, mut r: Reader<'_>) -> Result<Vec<u8>, u32> {
 
 /// Mode 1: the index of the first candidate whose key equals the target, and how many
 /// candidates were hashed.
+#[cfg_attr(
+    feature = "simd",
+    allow(unreachable_code, unused_variables, unused_mut)
+)]
 fn crack(h: &Header, mut r: Reader<'_>) -> Result<(u32, u32), u32> {
     let salt = r.prefixed()?;
     let target = r.bytes(h.dklen as usize)?;
@@ -172,6 +197,15 @@ fn crack(h: &Header, mut r: Reader<'_>) -> Result<(u32, u32), u32> {
     } else {
         Vec::new()
     };
+    #[cfg(feature = "simd")]
+    {
+        return Ok(
+            match multi::crack(h.iterations, salt, target, candidates, h.count, &mut full)? {
+                Some(index) => (index, index + 1),
+                None => (NOT_FOUND, h.count),
+            },
+        );
+    }
     let mut r = Reader { rest: candidates };
     for index in 0..h.count {
         let candidate = r.prefixed()?;
