@@ -306,15 +306,19 @@ class Aggregator:
         """Ban a node that keeps failing checks (or failing tasks its peers complete), and
         recompute what it merged into jobs still running: its results that passed a spot
         check may still be wrong."""
-        if not self.results.ban(node):
+        if not self.results.ban(node, why):
             return
         redone = 0
         for job_id, index in self.results.merged_by(node):
             job = load_job(self.r, job_id)
             if job is None or job.state is not JobState.RUNNING:
                 continue  # finished jobs keep their output; see ARCHITECTURE.md
-            plugin, params = plugin_and_params(job_id, job.kind, job.params)
-            task = next(plugin.entries(job, params, index, 1))
+            try:  # one job's plugin failing here must not stop the redo of the others
+                plugin, params = plugin_and_params(job_id, job.kind, job.params)
+                task = next(plugin.entries(job, params, index, 1))
+            except Exception:
+                log.exception("node %s: banned, but subtask %d of job %s could not be redone", node, index, job_id)
+                continue
             if self.results.unmerge(job_id, index):
                 self.results.queue_copy(task)
                 redone += 1

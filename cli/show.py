@@ -75,10 +75,11 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         console.print_json(json.dumps([j.to_public() for j in jobs]))
         return 0
-    table = Table("job", "kind", "state", "progress", "age", "error")
+    table = Table("job", "kind", "state", "progress", "age", "error / waiting for")
     for j in jobs:
         age = time.time() - j.created
-        cells = (j.id, j.kind, j.state.value, f"{j.done}/{j.total}", f"{age:.0f}s", j.error[:60])
+        why = j.error or (j.note if j.state.live else "")  # the whole reason: the cell wraps
+        cells = (j.id, j.kind, j.state.value, f"{j.done}/{j.total}", f"{age:.0f}s", why)
         table.add_row(*(literal(c) for c in cells))
     console.print(table if jobs else "no jobs yet")
     return 0

@@ -215,9 +215,11 @@ class Hub:
                     self.store.forget_job(job_id)
                     for s in list(self.sessions.values()):
                         await s.cancel_job(job_id)
-                case Ban(node_id=node_id):
-                    if (session := self.sessions.get(node_id)) is not None:
-                        await session.close(CloseCode.BANNED, "banned: too many wrong results")
+                case Ban(node_id=node_id, reason=reason):
+                    if (session := self.sessions.get(node_id)) is not None:  # a close reason fits 123 bytes
+                        await session.close(
+                            CloseCode.BANNED, f"banned: {reason}".encode()[:120].decode(errors="ignore")
+                        )
                     await self.ban_address(node_id)
                 case Steal(consumer=consumer, count=count):
                     session = self.sessions.get(node_of_consumer(consumer))

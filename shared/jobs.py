@@ -94,6 +94,7 @@ class JobRecord:
     finished: float | None = None
     finalized: int = 0
     module: str = ""  # sha256 of the WASM module its subtasks run
+    note: str = ""  # why a live job waits (a subtask failed on a lone node: `gateway/failures.py`)
 
     @classmethod
     def from_hash(cls, h: dict[bytes, bytes]) -> JobRecord:
@@ -114,6 +115,7 @@ class JobRecord:
             finished=float(s["finished"]) if s.get("finished") else None,
             finalized=int(s.get("finalized", 0)),
             module=s.get("module", ""),
+            note=s.get("note", ""),
         )
 
     def to_public(self) -> dict[str, Any]:
@@ -128,6 +130,7 @@ class JobRecord:
             "created": self.created,
             "finished": self.finished,
             "error": self.error,
+            "note": self.note if self.state.live else "",
             "outputs": self.outputs,
             "params": self.params,
         }

@@ -71,6 +71,7 @@ class CancelJob(_Msg):
 class Ban(_Msg):
     type: Literal["ban"] = "ban"
     node_id: str
+    reason: str = Field(default="too many wrong results", max_length=200)  # for the node's close frame
 
 
 class Steal(_Msg):

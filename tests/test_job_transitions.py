@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from processdistro.scheduler.service import Scheduler
 from processdistro.shared import keys
-from processdistro.shared.jobs import LIVE, TERMINAL, TRANSITIONS, JobState, allowed, sources
+from processdistro.shared.jobs import LIVE, TERMINAL, TRANSITIONS, JobRecord, JobState, allowed, sources
 from processdistro.shared.messages import Cancel, CancelJob, parse_control
 from processdistro.shared.modules import ModuleRegistry
 from processdistro.shared.settings import Settings
@@ -271,3 +271,19 @@ def test_a_bad_command_is_refused_and_the_others_applied(
     refused = [m for m in caplog.messages if "refused" in m]
     assert len(refused) == 2 and bad in refused[0] and unknown in refused[1] and "nope" in refused[1]
     assert r.xlen(keys.COMMANDS) == 0  # every command acked and deleted
+
+
+@pytest.mark.parametrize(
+    ("state", "shown"),
+    [("running", "subtask 3 failed on node n1: boom; waiting for a second node to confirm"), ("done", "")],
+    ids=["live-job-says-why-it-waits", "finished-job-drops-the-note"],
+)
+def test_a_jobs_note_is_public_while_it_is_live(state: str, shown: str) -> None:
+    """Issue 9.1: a lone node's failures are reported, not hidden: the job's `note` (written
+    by the gateway) reaches `jobs --json` while the job is live."""
+    note = "subtask 3 failed on node n1: boom; waiting for a second node to confirm"
+    record = JobRecord.from_hash(
+        {b"id": b"j", b"kind": b"mandelbrot", b"state": state.encode(), b"note": note.encode()}
+    )
+    assert record.note == note
+    assert record.to_public()["note"] == shown

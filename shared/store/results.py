@@ -268,13 +268,13 @@ class ResultStream:
         pipe.hincrby(keys.STATS, "tasks_rejected", 1)
         return int(pipe.execute()[0])
 
-    def ban(self, node: str) -> bool:
-        """Ban the node (gateways close its sockets and refuse it). False if it was banned
-        already: only the first ban goes on to redo what it merged."""
+    def ban(self, node: str, reason: str = "too many wrong results") -> bool:
+        """Ban the node (gateways close its sockets and refuse it, saying `reason`). False if
+        it was banned already: only the first ban goes on to redo what it merged."""
         if not self.r.hsetnx(keys.node(node), "banned_at", time.time()):
             return False
         self.r.hset(keys.node(node), "banned", 1)
-        publish_control(self.r, Ban(node_id=node))
+        publish_control(self.r, Ban(node_id=node, reason=reason[:200]))
         return True
 
     def merged_by(self, node: str) -> list[tuple[str, int]]:
