@@ -132,7 +132,13 @@ class NodeSession:
         try:
             prefetch, interval = self.settings.prefetch, self.settings.heartbeat_interval_s
             await self.send(
-                Welcome(node_id=self.node_id, slots=self.slots, prefetch=prefetch, heartbeat_interval_s=interval)
+                Welcome(
+                    node_id=self.node_id,
+                    slots=self.slots,
+                    prefetch=prefetch,
+                    heartbeat_interval_s=interval,
+                    max_message_bytes=self.settings.max_message_bytes,
+                )
             )
             await self._receive_loop()
         finally:

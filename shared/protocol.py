@@ -148,6 +148,24 @@ class Welcome(_Msg):
     slots: int
     prefetch: int
     heartbeat_interval_s: float
+    #: the largest frame this gateway takes: a node reports a result that would not fit as
+    #: `task_failed` (`result_too_large`) instead of sending a frame that closes its socket
+    max_message_bytes: int | None = Field(default=None, ge=1024)
+
+
+#: bytes a result frame adds around its base64 output (type, task id, elapsed time)
+RESULT_FRAME_OVERHEAD = 200
+
+
+def result_too_large(output_b64_chars: int, max_message_bytes: int | None) -> str | None:
+    """The failure message for a result that would not fit the gateway's frame limit, or None.
+    `static/js/node_state.js` says the same words (tests/node_cases.json)."""
+    if max_message_bytes is None or output_b64_chars + RESULT_FRAME_OVERHEAD <= max_message_bytes:
+        return None
+    return (
+        f"ResultTooLarge: the result is {output_b64_chars} characters of base64; the controller takes "
+        f"frames of at most {max_message_bytes} bytes (PD_MAX_MESSAGE_BYTES)"
+    )
 
 
 MAX_PARTS = 32  # parts in one task, the first included

@@ -46,6 +46,7 @@ from ..shared.protocol import (
     TaskPart,
     TaskResult,
     Welcome,
+    result_too_large,
 )
 
 MAX_LISTED = 1024  # protocol caps: Hello.running, Ready.free, Heartbeat.running
@@ -168,6 +169,8 @@ class NodeState:
 
     slots: int = 1
     prefetch: int = 0
+    #: the gateway's frame limit (`Welcome.max_message_bytes`): a bigger result is a failure
+    max_message_bytes: int | None = None
     #: a socket is open and the gateway said `welcome` on it: frames may be sent
     welcomed: bool = False
     #: tasks waiting for a slot, oldest first
@@ -205,13 +208,12 @@ class NodeState:
         if isinstance(event, Received):
             return self._received(event.message)
         if isinstance(event, PartDone):
+            output_b64 = base64.b64encode(event.output).decode()
+            if (too_large := result_too_large(len(output_b64), self.max_message_bytes)) is not None:
+                return self._finished(event.task_id, TaskFailed(task_id=event.task_id, message=too_large))
             return self._finished(
                 event.task_id,
-                TaskResult(
-                    task_id=event.task_id,
-                    output_b64=base64.b64encode(event.output).decode(),
-                    elapsed_ms=max(0.0, event.elapsed_ms),
-                ),
+                TaskResult(task_id=event.task_id, output_b64=output_b64, elapsed_ms=max(0.0, event.elapsed_ms)),
             )
         if isinstance(event, PartFailed):
             return self._finished(event.task_id, TaskFailed(task_id=event.task_id, message=event.message[:2000]))
@@ -235,6 +237,7 @@ class NodeState:
         if isinstance(m, Welcome):
             self.welcomed = True
             self.slots, self.prefetch = m.slots, m.prefetch
+            self.max_message_bytes = m.max_message_bytes
             out += [Send(report) for report in self.outbox.values()]
             self.outbox.clear()
             self.last_ready = -1

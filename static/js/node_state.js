@@ -21,7 +21,7 @@
 // hello lists every part still held. Only a cancel drops a part: a waiting one is skipped, a
 // running one is stopped, and the task's other parts go on.
 
-import { ServerType, heartbeat, hello, ready, result, taskFailed, taskLimits } from "./protocol.js";
+import { ServerType, heartbeat, hello, ready, result, resultTooLarge, taskFailed, taskLimits } from "./protocol.js";
 
 /** Hello and Ready carry at most this many ids / this much room (shared/protocol.py). */
 const MAX_IDS = 1024;
@@ -51,6 +51,8 @@ export class NodeState {
     /** Capacity from the last welcome: tasks run at once, and tasks held beyond them. */
     this.slots = 0;
     this.prefetch = 0;
+    /** The gateway's frame limit (welcome.max_message_bytes): a bigger result is a failure. */
+    this.maxMessageBytes = null;
     this.nodeId = null;
     this.heartbeatIntervalS = null;
     /** A welcome came on the open socket: frames other than hello may be sent. */
@@ -108,7 +110,11 @@ export class NodeState {
     } else if (event.tick) {
       if (this.welcomed) out.push({ send: heartbeat(this.running.size, this.done) });
     } else if (event.done !== undefined) {
-      if (this.#isRunning(event.done)) {
+      const tooLarge = resultTooLarge(String(event.output_b64).length, this.maxMessageBytes);
+      if (tooLarge !== null && this.#isRunning(event.done)) {
+        this.failed++;
+        this.#finish(out, event.done, taskFailed(event.done, tooLarge));
+      } else if (this.#isRunning(event.done)) {
         this.done++;
         this.#finish(out, event.done, result(event.done, event.output_b64, event.elapsed_ms));
       }
@@ -142,6 +148,7 @@ export class NodeState {
         this.slots = Math.max(0, Math.trunc(Number(frame.slots) || 0));
         this.prefetch = Math.max(0, Math.trunc(Number(frame.prefetch) || 0));
         this.heartbeatIntervalS = frame.heartbeat_interval_s;
+        this.maxMessageBytes = Number.isFinite(frame.max_message_bytes) ? frame.max_message_bytes : null;
         for (const [id, message] of this.outbox) {
           this.outbox.delete(id);
           out.push({ send: message });

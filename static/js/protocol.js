@@ -107,6 +107,19 @@ export function heartbeat(running, done) {
   };
 }
 
+/** Bytes a result frame adds around its base64 output (shared/protocol.py RESULT_FRAME_OVERHEAD). */
+export const RESULT_FRAME_OVERHEAD = 200;
+
+/** The failure message for a result over the gateway's frame limit, or null (as shared/protocol.py). */
+export function resultTooLarge(outputB64Chars, maxMessageBytes) {
+  if (maxMessageBytes === null || maxMessageBytes === undefined) return null;
+  if (outputB64Chars + RESULT_FRAME_OVERHEAD <= maxMessageBytes) return null;
+  return (
+    `ResultTooLarge: the result is ${outputB64Chars} characters of base64; the controller takes ` +
+    `frames of at most ${maxMessageBytes} bytes (PD_MAX_MESSAGE_BYTES)`
+  );
+}
+
 export function result(taskId, outputB64, elapsedMs) {
   const elapsed = Number(elapsedMs);
   return {
