@@ -53,6 +53,7 @@ from ..shared.store.liveness import start_beating
 from ..shared.store.results import Commit, Entry, ResultStream
 from ..shared.store.streams import ensure_groups, full_input
 from ..shared.tasks import Checked, JobFiles, Origin, Verdict, plugin_and_params
+from . import metrics
 from .finalize import enqueue_finalize, finalizer_name
 from .resolve import Resolver
 
@@ -319,7 +320,7 @@ class Aggregator:
             self._last_sweep = now
         for entry_id, fields in entries:
             try:
-                self.handle(entry_id, fields)
+                metrics.count(self.handle(entry_id, fields).value)
             except (KeyError, ValueError) as exc:
                 log.error("result %s is malformed (%s); dropped", entry_id, exc)
                 self.results.drop(entry_id)
@@ -339,6 +340,8 @@ def run(settings: Settings) -> None:
         modules=ModuleRegistry(static_dir=settings.static_path),
     )
     flag = StopFlag()
+    if settings.metrics_port:
+        metrics.serve_metrics(settings.metrics_port)
     log.info("aggregator %s started, data in %s", agg.name, agg.data_dir)
     beating = start_beating(client, "aggregator", agg.name)
     try:

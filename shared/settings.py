@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     connect_rate_per_min: int = Field(default=240, ge=1, description="WebSocket connects per address per minute")
     allowed_origins: list[str] = Field(default_factory=list, description="extra Origins allowed besides our own")
     log_level: str = "INFO"
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="an aggregator serves its own /metrics on this port (0: none)"
+    )
 
     @property
     def home_dir(self) -> Path:
