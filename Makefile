@@ -9,7 +9,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install up test wasm wasm-check bench lint schema browser node clean wasi-toolchain examples wasm-toolchain rust-example
+.PHONY: help install up test wasm wasm-check bench lint schema browser node clean wasi-toolchain examples wasm-toolchain rust-example \
+	local-images compose-e2e swarm-e2e
 
 help:
 	@echo "make up        start ProcessDistro and print the join link"
@@ -21,6 +22,9 @@ help:
 	@echo "make bench     run the benchmarks under bench/"
 	@echo "make lint      ruff and mypy"
 	@echo "make schema    export the protocol's JSON Schemas to shared/schema/"
+	@echo "make compose-e2e  docker compose up (3 aggregators), a job from the host through kills, checked, torn down"
+	@echo "make swarm-e2e    the same on a one-node Docker Swarm (docker stack deploy)"
+	@echo "make local-images base, Python, Redis and Prometheus images from Debian's packages (no registry)"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "ProcessDistro needs Python >= 3.11")'
@@ -76,3 +80,14 @@ schema: install
 clean:
 	rm -rf $(VENV) wasm_tasks/target .pytest_cache .mypy_cache .ruff_cache .lint
 	$(MAKE) -C examples clean
+
+# Containers (services/README.md): need a Docker engine (DOCKER_HOST is respected); where the
+# image registry is unreachable they build stand-ins from Debian's packages first.
+local-images:
+	bash services/local-images.sh
+
+compose-e2e: install
+	bash .ci/compose_e2e.sh
+
+swarm-e2e: install
+	bash .ci/swarm_e2e.sh

@@ -60,6 +60,7 @@ from ..shared.store.liveness import start_beating
 from ..shared.store.results import Commit, Entry, ResultStream
 from ..shared.store.streams import ensure_groups, full_input
 from ..shared.tasks import Checked, JobFiles, Origin, Verdict, plugin_and_params
+from . import metrics
 from .finalize import enqueue_finalize, finalizer_name
 from .resolve import Resolver
 
@@ -368,7 +369,7 @@ class Aggregator:
                 self.results.drop(entry_id)
                 continue
             try:
-                self.handle(entry_id, fields)
+                metrics.count(self.handle(entry_id, fields).value)
             except UNAVAILABLE:
                 raise  # the entry stays pending: it is handled again after the outage
             except Exception as exc:
@@ -405,6 +406,8 @@ def run(settings: Settings) -> None:
         modules=ModuleRegistry(static_dir=settings.static_path),
     )
     flag = StopFlag()
+    if settings.metrics_port:
+        metrics.serve_metrics(settings.metrics_port)
     log.info("aggregator %s started, data in %s", agg.name, agg.data_dir)
     beating = start_beating(client, "aggregator", agg.name)
     try:

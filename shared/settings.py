@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     bench_s: float = Field(
         default=60.0, gt=0, le=86_400, description="a node whose task failures stand out gets no new tasks this long"
     )
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="an aggregator serves its own /metrics on this port (0: none)"
+    )
 
     @property
     def home_dir(self) -> Path:

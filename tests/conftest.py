@@ -1,8 +1,10 @@
-"""Test fixtures: one real Redis per session (testcontainers when a Docker engine answers,
-else the embedded server), flushed per test; real service processes; real Chromium."""
+"""Test fixtures: one real Redis per session (a testcontainers Redis when a Docker engine
+answers and has a Redis image, else the embedded server; the header of the run says which),
+flushed per test; real service processes; real Chromium."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -30,21 +32,67 @@ CHROMIUM_ARGS = [
 ]
 
 
-def _docker_engine_answers() -> bool:
-    if not shutil.which("docker"):
-        return False
+# Redis images for the testcontainers path, in order: the registry's, then the one
+# services/local-images.sh builds from Debian's packages where the registry is unreachable.
+TEST_REDIS_IMAGES = ("redis:7", "processdistro/redis:7")
+
+
+def _docker(*args: str, timeout: float = 10) -> bool:
     try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=5).returncode == 0
+        return subprocess.run(["docker", *args], capture_output=True, timeout=timeout).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
 
+def _docker_engine_answers() -> bool:
+    return shutil.which("docker") is not None and _docker("info")
+
+
+@functools.cache
+def redis_provider() -> tuple[str, str]:
+    """Which Redis this session uses: ("container", IMAGE) or ("embedded", WHY).
+
+    `PD_TEST_REDIS=embedded` forces the embedded server, `PD_TEST_REDIS_IMAGE` names the image
+    (and fails the session if it cannot be had). Otherwise a Docker engine (`DOCKER_HOST` is
+    respected) runs the first of TEST_REDIS_IMAGES it has or can pull; a registry that
+    cannot be reached costs one failed pull, then the embedded server serves."""
+    if os.environ.get("PD_TEST_REDIS") == "embedded":
+        return "embedded", "PD_TEST_REDIS=embedded"
+    if not _docker_engine_answers():
+        return "embedded", "no Docker engine answers"
+    if image := os.environ.get("PD_TEST_REDIS_IMAGE"):
+        return "container", image
+    for image in TEST_REDIS_IMAGES:
+        if _docker("image", "inspect", image):
+            return "container", image
+    if _docker("pull", TEST_REDIS_IMAGES[0], timeout=180):
+        return "container", TEST_REDIS_IMAGES[0]
+    return "embedded", (
+        f"a Docker engine answers but has none of {', '.join(TEST_REDIS_IMAGES)} and cannot pull"
+        " them (services/local-images.sh builds the second from Debian's packages)"
+    )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    kind, detail = redis_provider()
+    if kind == "container":
+        return f"redis: testcontainers, image {detail}"
+    return f"redis: embedded server ({detail})"
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if _docker_engine_answers():
-        from testcontainers.redis import RedisContainer
+    kind, image = redis_provider()
+    if kind == "container":
+        from testcontainers.community.redis import RedisContainer
+        from testcontainers.core.config import testcontainers_config
 
-        with RedisContainer("redis:7") as container:
+        # Ryuk (the reaper of containers a crashed session leaves) is an image of its own;
+        # without it this fixture's own teardown is what removes the container.
+        ryuk = testcontainers_config.ryuk_image
+        if not (_docker("image", "inspect", ryuk) or _docker("pull", ryuk, timeout=180)):
+            testcontainers_config.ryuk_disabled = True
+        with RedisContainer(image) as container:
             host = container.get_container_host_ip()
             port = container.get_exposed_port(6379)
             yield f"redis://{host}:{port}/0"
