@@ -25,9 +25,11 @@ from ..shared.protocol import (
     TaskFailed,
     TaskPart,
     TaskResult,
+    Welcome,
     node_message_adapter,
 )
 from ..shared.queue import TaskFields
+from ..shared.settings import Settings
 from ..shared.validation import UnsafeJSON, describe, strict_loads
 
 NodeFrame = Hello | Ready | Heartbeat | TaskResult | TaskFailed | Leave
@@ -58,6 +60,18 @@ def parse_frame(text: str | None, cap: int) -> NodeFrame | Refusal:
         return node_message_adapter.validate_python(raw)
     except ValidationError as exc:
         return Refusal(ErrorCode.INVALID, f"invalid {raw['type']!r} message: {describe(exc, root='message')}")
+
+
+def welcome(node_id: str, slots: int, settings: Settings) -> Welcome:
+    """The first frame on a socket: the node's id and capacity, and the largest frame this
+    gateway takes (a result over it is reported as `task_failed` by the node)."""
+    return Welcome(
+        node_id=node_id,
+        slots=slots,
+        prefetch=settings.prefetch,
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+        max_message_bytes=settings.max_message_bytes,
+    )
 
 
 def task_frame(parts: list[tuple[str, TaskFields]], module: Module) -> TaskAssign:

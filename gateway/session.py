@@ -38,7 +38,6 @@ from ..shared.protocol import (
     TaskFailed,
     TaskResult,
     TokenRefresh,
-    Welcome,
 )
 from ..shared.queue import TaskFields, consumer_name
 from ..shared.settings import Settings
@@ -46,7 +45,7 @@ from ..shared.store.gateway import GatewayStore
 from ..shared.tasks import PLUGINS
 from . import failures
 from .auth import TokenSigner
-from .frames import NodeFrame, Refusal, parse_frame, task_frame
+from .frames import NodeFrame, Refusal, parse_frame, task_frame, welcome
 from .metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -130,16 +129,7 @@ class NodeSession:
             asyncio.create_task(self._watchdog(), name=f"watchdog-{self.consumer}"),
         ]
         try:
-            prefetch, interval = self.settings.prefetch, self.settings.heartbeat_interval_s
-            await self.send(
-                Welcome(
-                    node_id=self.node_id,
-                    slots=self.slots,
-                    prefetch=prefetch,
-                    heartbeat_interval_s=interval,
-                    max_message_bytes=self.settings.max_message_bytes,
-                )
-            )
+            await self.send(welcome(self.node_id, self.slots, self.settings))
             await self._receive_loop()
         finally:
             for t in helpers:
