@@ -129,7 +129,11 @@ class EmbeddedRedis:
             str(self.directory / "redis.log"),
         ]
         # umask 077: the append-only file and the log are the server's user's alone
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, umask=0o077)
+        # a session of its own: Ctrl-C in the terminal reaches `up` and its services, not Redis,
+        # which `up` stops last (the services stop against a live Redis, in well under a second)
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, umask=0o077, start_new_session=True
+        )
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout
         try:

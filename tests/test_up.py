@@ -140,3 +140,46 @@ def test_up_redis_has_a_password_and_state_files_are_private(
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=15)
     assert (home / "redis.password").read_text().strip() == password  # kept for the next `up`
+
+
+def test_ctrl_c_stops_services_first_and_redis_last(tmp_path: Path) -> None:
+    """Issue 10.5: Ctrl-C reaches the whole foreground process group. The embedded Redis was
+    in it and exited first, so the services spent their grace time reconnecting (6.3 s, a
+    "control channel lost … Connection refused" in the gateway's log). It now runs in a
+    session of its own: the services stop against a live Redis, and `up` stops Redis last."""
+    env = {k: v for k, v in os.environ.items() if k != "PD_REDIS_URL"}
+    home = tmp_path / "home"
+    env.update({"PD_HOME": str(home), "PD_PORT": str(free_port()), "PD_HOST": "127.0.0.1"})
+    log = tmp_path / "up.log"
+    with open(log, "w") as fh:  # its own process group, as a shell gives a foreground job
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "processdistro", "up"],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "Join link" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        kids = children_of(proc.pid)
+        started = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        proc.wait(timeout=30)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    logs = {p.name: p.read_text() for p in (home / "logs").glob("*.log")}
+    assert proc.returncode == 0, log.read_text()
+    time.sleep(0.2)
+    assert not [k for k in kids if alive(k)], "orphaned children"
+    for name, text in logs.items():
+        assert "Traceback" not in text and "Connection refused" not in text, (name, text)
+    assert "control channel lost" not in logs["gateway.log"], logs["gateway.log"]
+    assert took < 5, f"stopping took {took:.1f}s (6.3 s when Redis went first)"
