@@ -90,8 +90,8 @@ def wait_nodes(r: Client, n: int, timeout: float = 30) -> set[str]:
     return ids
 
 
-def native(ctl: Controller, tmp: Path, started: list[Worker]) -> Worker:
-    w = Worker(ctl, tmp / "worker-home", "--cores", "1")
+def native(ctl: Controller, tmp: Path, started: list[Worker], home: str = "worker-home") -> Worker:
+    w = Worker(ctl, tmp / home, "--cores", "1")
     started.append(w)
     w.wait_connected()
     return w
@@ -256,9 +256,7 @@ def test_a_never_ending_program_is_stopped_at_timeout_on_a_native_worker(
 ) -> None:
     """Two native workers, for the same reason as the browser case."""
     for i in range(2):
-        w = Worker(controller, tmp_path / f"worker-home-{i}", "--cores", "1")
-        workers.append(w)
-        w.wait_connected()
+        native(controller, tmp_path, workers, f"worker-home-{i}")
     wait_nodes(r, 2)
     check_stopped_at_deadline(controller, tmp_path, "native")
 

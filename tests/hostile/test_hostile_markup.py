@@ -13,14 +13,12 @@ through `shared.logs.safe_text`, and every log record's message is escaped as it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import logging
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +35,8 @@ from processdistro.shared.store.commands import send_command
 from processdistro.shared.store.connection import Client
 from rich.console import Console
 from rich.table import Table
+from test_hostile_numbers import heartbeats
 from test_pipeline import submit
-from websockets.exceptions import ConnectionClosed
 
 MARKUP = "[bold red]x[/]"
 STRAY = "[/] [link=file:///etc/passwd]y"
@@ -47,25 +45,6 @@ FORGED = "oops\n2026-01-01 00:00:00 gateway INFO forged: job done"
 BROWSER = f"{MARKUP} {STRAY}"
 OS = ESCAPES
 FAILURE = f"{MARKUP} {STRAY} {ESCAPES} {FORGED}"
-
-
-@contextlib.asynccontextmanager
-async def heartbeats(ws: websockets.ClientConnection) -> AsyncIterator[None]:
-    """Heartbeats on a raw socket meanwhile, so the gateway never closes it as silent (a
-    task can take longer than `node_timeout_s` to come on a loaded machine)."""
-
-    async def beat() -> None:
-        while True:
-            await ws.send(json.dumps({"type": "heartbeat", "running": 0, "done": 0}))
-            await asyncio.sleep(0.5)
-
-    task = asyncio.create_task(beat())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-            await task
 
 
 # ------------------------------------------------------------------ pure parts (tables)
