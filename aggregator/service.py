@@ -141,7 +141,7 @@ class Aggregator:
         if plugin.verify(params, index, full_input(self.r, task), output, self.rng) is Verdict.REJECT:
             log.warning("job %s: task %d from node %s failed verification; redoing it", job_id, index, node)
             self.results.requeue(task, entry_id)
-            self._reject(node)
+            self._reject(node, job_id)
             return Handled.REJECTED
         elapsed_ms = float(f.get(b"elapsed_ms", b"0"))
         if task.replicated:
@@ -186,9 +186,9 @@ class Aggregator:
             return Handled.FINALIZE
         return Handled.MERGED
 
-    def _reject(self, node: str) -> None:
-        """Count a wrong result against its node; ban it after `ban_after`."""
-        rejected = self.results.reject(node)
+    def _reject(self, node: str, job_id: str) -> None:
+        """Count a wrong result against its node (and its job); ban it after `ban_after`."""
+        rejected = self.results.reject(node, job_id)
         if penalty(node, rejected, self.ban_after) is Penalty.BAN:
             self.ban(node, f"{rejected} rejected results")
 
@@ -222,7 +222,7 @@ class Aggregator:
             handled = self._merge(job, task, entry_id, output, Origin(node, elapsed_ms, Checked.REPLICATED, agreeing))
             for other in (vote.nodes.get(v, v) for v in decision.dissenters):  # outvoted: wrong, passed the check
                 log.warning("job %s: node %s was outvoted on task %d", job.id, other, task.index)
-                self._reject(other)
+                self._reject(other, job.id)
             return handled
         if outcome is VoteOutcome.ACCEPT_UNCONFIRMED:
             return self._merge(job, task, entry_id, output, Origin(node, elapsed_ms, Checked.UNCONFIRMED, (node,)))
@@ -286,7 +286,7 @@ class Aggregator:
         self.results.count("replicas_resolved")
         handled = self._merge(job, task, entry_id, output, Origin(CONTROLLER, elapsed_ms, Checked.CONTROLLER, ()))
         for node in outvoted:
-            self._reject(node)
+            self._reject(node, job.id)
         return handled
 
     def _decide(self, job: JobRecord, task: TaskFields, entry_id: bytes) -> Handled:
@@ -385,7 +385,7 @@ class Aggregator:
                 "job %s: task %d from node %s broke verification (%r); redoing it", task.job, task.index, node, exc
             )
             self.results.requeue(task, entry_id)
-            self._reject(node)
+            self._reject(node, task.job)
             return
         reason = job_error(exc, f"subtask {task.index}")
         log.error("job %s: %s; failing the job", task.job, reason, exc_info=exc)

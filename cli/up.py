@@ -19,13 +19,14 @@ from pathlib import Path
 import qrcode
 from rich.console import Console
 
-from .shared.redis_server import EmbeddedRedis, redis_password, write_private
+from .shared.redis_server import EmbeddedRedis, private_secret, redis_password, write_private
 from .shared.settings import Settings
 from .shared.store import client as store
 
 log = logging.getLogger(__name__)
 
 SERVICES = ("gateway", "scheduler", "aggregator")
+OPERATOR_TOKEN_FILE = "operator.token"
 STOP_GRACE_S = 6.0
 
 
@@ -107,8 +108,11 @@ def run_up(settings: Settings, *, console: Console, workers: int = 0) -> int:
             f"Started embedded Redis on 127.0.0.1:{embedded.port} with a password (files in {home / 'redis'})"
         )
 
+    # the operator's token: PD_OPERATOR_TOKEN, else one kept in $PD_HOME/operator.token (0600)
+    operator_token = settings.operator_token or private_secret(home / OPERATOR_TOKEN_FILE)
     env = {
         **os.environ,
+        "PD_OPERATOR_TOKEN": operator_token,
         "PD_REDIS_URL": redis_url,
         "PD_HOME": str(home),
         "PD_PORT": str(settings.port),
@@ -154,12 +158,14 @@ def run_up(settings: Settings, *, console: Console, workers: int = 0) -> int:
             "redis_url": redis_url,
             "gateway_url": gateway_url,
             "join_url": join_url,
+            "operator_token": operator_token,
             "pid": os.getpid(),
             "logs": str(logs),
         }
         # it holds the join link and the Redis URL with its password: this user's alone
         write_private(settings.controller_file, json.dumps(info, indent=2) + "\n")
         print_join(console, join_url, gateway_url)
+        console.print(f"Operator token (dashboard actions, `processdistro result` from elsewhere): {operator_token}")
         if workers > 0:
             console.print(f"Started {workers} local native worker(s); logs in {logs}/worker-*.log")
         while not stopping:

@@ -169,6 +169,12 @@ def job_vote_nodes(job_id: str, index: int) -> str:
     return f"{PREFIX}job:{job_id}:vote_nodes:{index}"
 
 
+def job_stats(job_id: str) -> str:
+    """Hash of a job's result counters for the operator's view (`verified`, `rejected`),
+    written by the aggregator; it expires with the job's record."""
+    return f"{PREFIX}job:{job_id}:stats"
+
+
 #: Every per-job key kind (a function above taking a job id) and how it goes once the job
 #: is over: "expire" (`store.expiry.job_ended` gives it a TTL), "delete" (deleted with the
 #: job's blocks), "ttl" (written with a TTL). tests/hostile/test_hostile_edges.py checks it.
@@ -187,6 +193,7 @@ JOB_KEY_ENDS = {
     "job_failures": "ttl",
     "job_drops": "ttl",
     "job_tally": "ttl",
+    "job_stats": "expire",
 }
 
 #: Every per-node key kind and how it goes: "ttl" (refreshed on every sign of life,

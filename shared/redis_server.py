@@ -67,18 +67,22 @@ def write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def private_secret(path: Path) -> str:
+    """A secret generated the first time, then read from `path` (kept at mode 0600)."""
+    with contextlib.suppress(FileNotFoundError):
+        secret = path.read_text().strip()
+        if secret:
+            path.chmod(0o600)
+            return secret
+    secret = secrets.token_urlsafe(32)
+    write_private(path, secret + "\n")
+    return secret
+
+
 def redis_password(home: Path) -> str:
     """The embedded Redis's password: generated at the first `up`, then read from
     `home/redis.password` (kept at mode 0600)."""
-    path = home / PASSWORD_FILE
-    with contextlib.suppress(FileNotFoundError):
-        password = path.read_text().strip()
-        if password:
-            path.chmod(0o600)
-            return password
-    password = secrets.token_urlsafe(32)
-    write_private(path, password + "\n")
-    return password
+    return private_secret(home / PASSWORD_FILE)
 
 
 class EmbeddedRedis:

@@ -100,6 +100,12 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="an aggregator serves its own /metrics on this port (0: none)"
     )
+    operator_token: str = Field(
+        default="",
+        description="the operator's token: dashboard actions, output downloads (`processdistro result` over "
+        "HTTP); unset: `up` generates one (kept in $PD_HOME/operator.token, 0600), and a gateway without one "
+        "refuses every operator request",
+    )
 
     @property
     def home_dir(self) -> Path:
@@ -126,6 +132,14 @@ class Settings(BaseSettings):
         info = read_controller_info(self)
         url = info.get("redis_url")
         return url if isinstance(url, str) else None
+
+    def resolved_operator_token(self) -> str:
+        """`PD_OPERATOR_TOKEN`, else the token a running `processdistro up` wrote to
+        controller.json ("" if neither)."""
+        if self.operator_token:
+            return self.operator_token
+        token = read_controller_info(self).get("operator_token")
+        return token if isinstance(token, str) else ""
 
 
 def read_controller_info(settings: Settings) -> dict[str, object]:

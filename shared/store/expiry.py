@@ -3,7 +3,7 @@
 Every per-job and per-node key kind is listed in `keys.JOB_KEY_ENDS` / `keys.NODE_KEY_ENDS`
 with how it goes (tests/hostile/test_hostile_edges.py checks the list is complete and true):
 
-- a job's record and done set get a TTL of `JOB_KEEP_S` when the job ends (`job_ended`,
+- a job's record, done set and result counters get a TTL of `JOB_KEEP_S` when the job ends (`job_ended`,
   called by `jobs.drop_blocks` on every way a job ends), so `processdistro jobs` still shows
   it for a while; its id leaves `keys.JOBS` once the record has expired (`prune_jobs`);
 - its blocks, block list, merge claims and module list are deleted then (`drop_blocks`);
@@ -29,6 +29,7 @@ def job_ended(client: Any, job_id: str) -> None:
     pipe = client.pipeline(transaction=False)
     pipe.expire(keys.job(job_id), JOB_KEEP_S)
     pipe.expire(keys.job_done(job_id), JOB_KEEP_S)
+    pipe.expire(keys.job_stats(job_id), JOB_KEEP_S)
     pipe.execute()
     prune_jobs(client)
 

@@ -33,6 +33,7 @@ from ..jobs import JobState
 from ..messages import Ban, Cancel, CancelJob, DropCopies, Fail, Steal, Submit
 from ..queue import TaskFields, live_since, node_ids
 from .connection import async_client
+from .events import queue_event
 from .expiry import node_seen
 from .scripts import HANDOVER_LUA, REQUEUE_LUA
 from .streams import ensure_groups_async
@@ -214,6 +215,8 @@ class GatewayStore:
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(keys.node(node_id), mapping=dict(fields))
         node_seen(pipe, node_id)  # a report that never connects leaves no record for ever
+        what = " ".join(str(fields[f]) for f in ("kind", "browser", "os") if fields.get(f))
+        queue_event(pipe, "node", node_id=node_id, what="joined", detail=what[:120])
         await pipe.execute()
 
     async def touch(self, node_id: str, consumer: str, connection: str, **extra: str | int | float) -> None:
@@ -229,6 +232,7 @@ class GatewayStore:
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(keys.node(node_id), mapping={"state": "disconnected", "last_seen": time.time()})
         node_seen(pipe, node_id)  # its keys go NODE_KEEP_S after it left
+        queue_event(pipe, "node", node_id=node_id, what="left")
         await pipe.execute()
 
     async def record_time(
@@ -273,6 +277,9 @@ class GatewayStore:
         if fields.replicated:  # like a rejected result: its voter returned the subtask, without a vote
             pipe.sadd(keys.job_returned(fields.job, fields.index), voter or node_id)
             pipe.expire(keys.job_returned(fields.job, fields.index), RETURNED_TTL_S)
+        queue_event(
+            pipe, "node", node_id=node_id, what="failed", detail=f"{fields.job}#{fields.index}: {message[:120]}"
+        )
         (
             _set,
             _exp,
@@ -321,6 +328,7 @@ class GatewayStore:
         pipe.set(keys.node_bench(node_id), 1, px=max(1, int(seconds * 1000)))
         pipe.hincrby(keys.node(node_id), "benches", 1)
         pipe.hset(keys.node(node_id), "benched_until", time.time() + seconds)
+        queue_event(pipe, "node", node_id=node_id, what="benched", detail=f"{seconds:.0f} s")
         await pipe.execute()
 
     async def unbench(self, *node_ids: str) -> None:

@@ -8,8 +8,6 @@ scripts that move `running -> finalizing` inside a larger atomic step (`COMMIT_L
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,6 +16,7 @@ import redis
 from .. import keys
 from ..jobs import RETRY_FINALIZE, JobRecord, JobState, allowed
 from . import expiry, modules
+from .events import queue_event
 from .scripts import TRANSITION_LUA
 
 
@@ -27,8 +26,8 @@ def load_job(client: redis.Redis, job_id: str) -> JobRecord | None:
 
 
 def event(client: redis.Redis, kind: str, **fields: Any) -> None:
-    payload = {"type": kind, "ts": time.time(), **fields}
-    client.xadd(keys.EVENTS, {"event": json.dumps(payload)}, maxlen=keys.EVENTS_MAXLEN, approximate=True)
+    """Write one event now (`events.queue_event`)."""
+    queue_event(client, kind, **fields)
 
 
 class JobStore:

@@ -28,6 +28,7 @@ from ..messages import Ban, CancelJob, Fail
 from ..queue import TaskFields, live_since, node_ids
 from .commands import publish_control, send_command
 from .connection import Client
+from .events import queue_event
 from .expiry import node_seen
 from .nodes import live_voters, voters_of
 from .scripts import CLAIM_LUA, COMMIT_LUA, EARLY_LUA, UNMERGE_LUA, VOTE_LUA
@@ -256,16 +257,20 @@ class ResultStream:
         """Count a merged result for its node, and remember it: a later ban has it redone."""
         pipe = self.r.pipeline(transaction=False)
         pipe.hincrby(keys.node(node), "completed", 1)
+        pipe.hincrby(keys.job_stats(job_id), "verified", 1)
         pipe.lpush(keys.node_merged(node), f"{job_id}:{index}")
         pipe.ltrim(keys.node_merged(node), 0, MERGED_MEMORY - 1)
         node_seen(pipe, node)  # LPUSH made the list: it expires with the node's record
         pipe.execute()
 
-    def reject(self, node: str) -> int:
-        """Count a wrong result against its node; returns the node's count with this one."""
+    def reject(self, node: str, job_id: str = "") -> int:
+        """Count a wrong result against its node (and in its job's counters); returns the
+        node's count with this one."""
         pipe = self.r.pipeline(transaction=True)
         pipe.hincrby(keys.node(node), "rejected", 1)
         pipe.hincrby(keys.STATS, "tasks_rejected", 1)
+        if job_id:
+            pipe.hincrby(keys.job_stats(job_id), "rejected", 1)
         return int(pipe.execute()[0])
 
     def ban(self, node: str, reason: str = "too many wrong results") -> bool:
@@ -274,6 +279,7 @@ class ResultStream:
         if not self.r.hsetnx(keys.node(node), "banned_at", time.time()):
             return False
         self.r.hset(keys.node(node), "banned", 1)
+        queue_event(self.r, "node", node_id=node, what="banned", detail=reason[:200])
         publish_control(self.r, Ban(node_id=node, reason=reason[:200]))
         return True
 

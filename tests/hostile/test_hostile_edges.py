@@ -249,6 +249,7 @@ def test_per_job_keys_end_with_their_job(r: Client) -> None:
         "job_tally": lambda: _hash_with_ttl(r, keys.job_tally(job), "node-a:failed", 1),
         "job_returned": lambda: results.mark_returned(job, 0, "node-a"),
         "job_decided": lambda: results.mark_decided(job, 0),
+        "job_stats": lambda: results.reject("node-a", job),
     }
     assert set(writers) == set(keys.JOB_KEY_ENDS), "a per-job key kind this test does not write"
     for write in writers.values():
