@@ -154,6 +154,7 @@ def test_agent_events_logged_safely_and_rate_limited(controller: Controller, r: 
     assert " WARNING " in lines[0]  # a node's error is a warning for the controller
     assert "\x1b" not in text and not re.search(r"^2026-01-01 gateway INFO fake", text, re.M)
     assert f"node {node_id}: {flood - BURST} events from node {node_id} dropped" in text
+    assert text.count(f"node {node_id}: agent events over 12 a minute: dropping them") == 1
     events = node_logs(r)
     assert [e["event"] for e in events] == ["uncaught"] * BURST + ["dropped", "reconnect"]
     assert all(e["node"] == node_id for e in events)
