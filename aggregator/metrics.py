@@ -2,8 +2,9 @@
 
 The aggregator has no other HTTP port; under compose and swarm Prometheus finds every
 replica by DNS (services/prometheus/prometheus.yml) and scrapes this endpoint. Cluster-wide
-figures (queued, running, completed) stay with the gateway, which reads them from Redis;
-these are per replica: what this consumer did with the results it handled."""
+figures (queued, running, completed) stay with the gateway, which reads them from Redis and
+labels them `scope="cluster"`; these are per replica (no `scope` label, summed over replicas:
+docs/monitoring.md): what this consumer did with the results it handled."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from ..shared.modules import Module
 from ..shared.protocol import (
+    AgentLog,
     ErrorCode,
     Heartbeat,
     Hello,
@@ -32,7 +33,7 @@ from ..shared.queue import TaskFields
 from ..shared.settings import Settings
 from ..shared.validation import UnsafeJSON, describe, strict_loads
 
-NodeFrame = Hello | Ready | Heartbeat | TaskResult | TaskFailed | Leave
+NodeFrame = Hello | Ready | Heartbeat | TaskResult | TaskFailed | Leave | AgentLog
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,7 @@ class Hub:
                 "memory_gb": report.memory_gb if report.memory_gb is not None else "",
                 "browser": report.browser or "",
                 "os": report.os or "",
+                "gpu": report.gpu or "",
                 "score": report.benchmark_score if report.benchmark_score is not None else "",
                 "simd": int(report.simd),
                 "slots": slots,

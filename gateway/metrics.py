@@ -1,7 +1,14 @@
 """`/metrics` (Prometheus text) and `/metrics.json` (the seed's field names).
 
-Cluster-wide figures are read from Redis at scrape time, so every gateway reports the same
-numbers; the latency histogram is this gateway's own (Prometheus sums across gateways).
+Two kinds of series, told apart by one label (docs/monitoring.md):
+- **cluster figures** (nodes connected, tasks queued and running, the `STATS` counters, jobs
+  active) are read from Redis at scrape time, so every gateway reports the same numbers.
+  They carry `scope="cluster"`, and the one aggregation that means anything over several
+  gateways is `max` (`max(processdistro_nodes_connected{scope="cluster"})`): a `sum` would
+  count them once per gateway.
+- **this process's own** (the latency histogram, refused frames and connections) carry no
+  `scope` label and are summed across gateways, as Prometheus does with any per-instance
+  figure.
 
 Scores and latencies come from nodes. Reports are validated now, but Redis may hold a
 non-finite figure written before (issue 9.2), and one `inf` made `/metrics.json` a 500 (JSON
@@ -50,28 +57,39 @@ def mean(values: list[float], cap: float) -> float:
     return round(sum(kept) / len(kept), 1) if kept else 0.0
 
 
+GAUGES = {  # snapshot field -> (metric name, help)
+    "nodes_connected": ("processdistro_nodes_connected", "Nodes with a live connection"),
+    "avg_score": (
+        "processdistro_node_score_avg",
+        "Mean benchmark score of live nodes (Mandelbrot iterations per second per core)",
+    ),
+    "tasks_queued": ("processdistro_tasks_queued", "Subtasks not yet sent to a node"),
+    "tasks_running": ("processdistro_tasks_running", "Subtasks held by nodes"),
+    "jobs_active": ("processdistro_jobs_active", "Jobs not yet done, failed or cancelled"),
+}
+
+SCOPE = "scope"  # the label of cluster figures: the same on every gateway, aggregate with max
+CLUSTER = "cluster"
+_CLUSTER_NOTE = " (cluster-wide, the same on every gateway: aggregate with max, never sum)"
+
+
 class _ClusterCollector(Collector):
-    """Yields the cluster-wide figures of the last snapshot (counters as counters)."""
+    """Yields the cluster-wide figures of the last snapshot (counters as counters), each
+    labelled `scope="cluster"`."""
 
     def __init__(self) -> None:
         self.last: dict[str, Any] = {}
 
     def collect(self) -> Iterator[Metric]:
         s = self.last
-        gauges = {
-            "nodes_connected": ("processdistro_nodes_connected", "Nodes with a live connection"),
-            "avg_score": (
-                "processdistro_node_score_avg",
-                "Mean benchmark score of live nodes (Mandelbrot iterations per second per core)",
-            ),
-            "tasks_queued": ("processdistro_tasks_queued", "Subtasks not yet sent to a node"),
-            "tasks_running": ("processdistro_tasks_running", "Subtasks held by nodes"),
-            "jobs_active": ("processdistro_jobs_active", "Jobs not yet done, failed or cancelled"),
-        }
-        for field, (name, doc) in gauges.items():
-            yield GaugeMetricFamily(name, doc, value=float(s.get(field, 0)))
+        for field, (name, doc) in GAUGES.items():
+            gauge = GaugeMetricFamily(name, doc + _CLUSTER_NOTE, labels=[SCOPE])
+            gauge.add_metric([CLUSTER], float(s.get(field, 0)))
+            yield gauge
         for field, (name, doc) in COUNTERS.items():
-            yield CounterMetricFamily(name, doc, value=float(s.get(field, 0)))
+            counter = CounterMetricFamily(name, doc + _CLUSTER_NOTE, labels=[SCOPE])
+            counter.add_metric([CLUSTER], float(s.get(field, 0)))
+            yield counter
 
 
 class GatewayMetrics:

@@ -27,6 +27,7 @@ from ..shared.messages import DropCopies
 from ..shared.modules import Module, ModuleRegistry
 from ..shared.protocol import (
     MULTIPART_SINCE,
+    AgentLog,
     CancelTasks,
     CloseCode,
     ErrorCode,
@@ -43,7 +44,7 @@ from ..shared.queue import TaskFields, consumer_name
 from ..shared.settings import Settings
 from ..shared.store.gateway import GatewayStore
 from ..shared.tasks import PLUGINS
-from . import failures
+from . import agent_log, failures
 from .auth import TokenSigner
 from .frames import NodeFrame, Refusal, parse_frame, task_frame, welcome
 from .metrics import GatewayMetrics
@@ -221,6 +222,8 @@ class NodeSession:
                     await self.send(CancelTasks(task_ids=unknown))
             case Leave():
                 await self.close(CloseCode.NORMAL, "left")
+            case AgentLog():  # a notable event on the node, for the controller's log
+                await agent_log.AGENT_LOGS.receive(self.store, self.node_id, m)
 
     async def _result(self, m: TaskResult) -> None:
         held = self.held.get(m.task_id)

@@ -19,6 +19,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
+from .logs import escape_control
+
 PROTOCOL_VERSION = 2  # 2: tasks of several parts (TaskAssign.more)
 MULTIPART_SINCE = 2
 
@@ -48,6 +50,12 @@ def _check_b64(value: str) -> str:
     return value
 
 
+def _check_plain(value: str | None) -> str | None:
+    if value is not None and escape_control(value) != value:
+        raise ValueError("expected one line of text without control characters")
+    return value
+
+
 # --------------------------------------------------------------------------- HTTP
 
 
@@ -70,6 +78,14 @@ class NodeReport(_Msg):
     )
     simd: bool = False
     kind: Literal["browser", "native"] = "browser"
+    gpu: str | None = Field(
+        default=None,
+        max_length=200,
+        description="the GPU renderer WebGL names (UNMASKED_RENDERER_WEBGL where exposed, else RENDERER); "
+        "absent without WebGL and on native workers",
+    )
+
+    _gpu = field_validator("gpu")(_check_plain)
 
 
 class NodeAccepted(_Msg):
@@ -135,7 +151,23 @@ class Leave(_Msg):
     type: Literal["leave"] = "leave"
 
 
-NodeMessage = Annotated[Hello | Ready | Heartbeat | TaskResult | TaskFailed | Leave, Field(discriminator="type")]
+MAX_AGENT_LOG = 1000  # characters of an `AgentLog` message
+
+
+class AgentLog(_Msg):
+    """A notable event on the node (an error, a reconnect, a module that failed), for the
+    controller's log. The gateway logs it with the node id, its text made safe, at most a
+    few per node per minute (`gateway/agent_log.py`); the rest are counted as dropped."""
+
+    type: Literal["log"] = "log"
+    level: Literal["info", "warning", "error"] = "warning"
+    event: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$", description="what happened, e.g. reconnect, error")
+    message: str = Field(default="", max_length=MAX_AGENT_LOG)
+
+
+NodeMessage = Annotated[
+    Hello | Ready | Heartbeat | TaskResult | TaskFailed | Leave | AgentLog, Field(discriminator="type")
+]
 node_message_adapter: TypeAdapter[NodeMessage] = TypeAdapter(NodeMessage)
 
 

@@ -397,7 +397,8 @@ class Conn:
             self.gw.frames.append(msg)
             if msg.type in types:
                 return msg
-            assert msg.type in ("heartbeat", "ready"), f"expected one of {types}, got {msg}"
+            # agent_log.js may tell a reconnect (a `log` frame) after its hello
+            assert msg.type in ("heartbeat", "ready", "log"), f"expected one of {types}, got {msg}"
 
     async def send(self, msg: P._Msg) -> None:
         await self.ws.send_text(msg.model_dump_json())

@@ -127,7 +127,7 @@ def test_metrics_endpoints(controller: Controller, tmp_path: Path) -> None:
         assert name in figures
     assert figures["tasks_completed"] == 70  # 10 x 7 tiles of 32 px
     text = httpx.get(f"{controller.url}/metrics").text
-    assert "processdistro_tasks_completed_total 70.0" in text
+    assert 'processdistro_tasks_completed_total{scope="cluster"} 70.0' in text
     assert "processdistro_task_latency_seconds_count 70.0" in text
 
 

@@ -11,9 +11,11 @@
 //   device.js      device id, description, SIMD probe, benchmark
 //   ui.js          the page's DOM
 //   wake_lock.js   keeps a phone's screen on while working
+//   agent_log.js   notable events (errors, reconnects, module failures) to the controller's log
 //   protocol.js    the wire messages (mirrors shared/protocol.py)
 // `window.pdAgent` is the Session (the browser tests read its state and snapshot()).
 
+import { forSession, watch } from "./agent_log.js";
 import { Session } from "./session.js";
 import { bindPage } from "./ui.js";
 
@@ -25,5 +27,6 @@ export { deviceId, describeDevice, mandelbrotInput, parseUserAgent } from "./dev
 if (typeof document !== "undefined" && document.getElementById("join")) {
   const agent = new Session({ joinCode: new URLSearchParams(location.search).get("code") });
   window.pdAgent = agent;
+  watch(agent, forSession(agent));
   bindPage(document, agent);
 }

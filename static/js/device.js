@@ -97,7 +97,49 @@ export function parseUserAgent(ua) {
   return { browser, os };
 }
 
-export function describeDevice(nav = globalThis.navigator) {
+// Characters a node report may not carry (shared/protocol.py refuses them in `gpu`): C0 and
+// C1 controls, line separators and the bidirectional controls that reorder a terminal line.
+// eslint-disable-next-line no-control-regex
+const CONTROL = /[\u0000-\u001f\u007f-\u009f\u200e\u200f\u2028-\u202e\u2066-\u2069]/g;
+const MAX_GPU = 200;
+
+/**
+ * The GPU renderer WebGL names: UNMASKED_RENDERER_WEBGL where the browser exposes
+ * WEBGL_debug_renderer_info, else the plain RENDERER (often just "WebKit WebGL"); null
+ * without WebGL. One line, at most 200 characters. `doc` creates the probe canvas (an
+ * OffscreenCanvas serves where there is no document).
+ */
+export function gpuRenderer(doc = globalThis.document) {
+  let gl = null;
+  try {
+    const canvas =
+      doc && typeof doc.createElement === "function"
+        ? doc.createElement("canvas")
+        : typeof OffscreenCanvas === "function"
+          ? new OffscreenCanvas(1, 1)
+          : null;
+    if (!canvas) return null;
+    gl = canvas.getContext("webgl") || canvas.getContext("experimental-webgl");
+    if (!gl) return null;
+    const info = gl.getExtension("WEBGL_debug_renderer_info");
+    const renderer = info ? gl.getParameter(info.UNMASKED_RENDERER_WEBGL) : gl.getParameter(gl.RENDERER);
+    return cleanGpu(renderer);
+  } catch {
+    return null; // WebGL blocked or broken: the report goes without it
+  } finally {
+    const lose = gl && gl.getExtension && gl.getExtension("WEBGL_lose_context");
+    if (lose) lose.loseContext(); // browsers cap live contexts: give this one back at once
+  }
+}
+
+/** `value` as the report's `gpu`: a string, controls removed, whitespace folded, cut; or null. */
+export function cleanGpu(value) {
+  if (typeof value !== "string") return null;
+  const text = value.replace(CONTROL, " ").replace(/\s+/g, " ").trim().slice(0, MAX_GPU);
+  return text || null;
+}
+
+export function describeDevice(nav = globalThis.navigator, doc = globalThis.document) {
   let { browser, os } = parseUserAgent(nav.userAgent || "");
   const uad = nav.userAgentData; // secure contexts only, Chromium only
   if (uad && Array.isArray(uad.brands)) {
@@ -118,6 +160,7 @@ export function describeDevice(nav = globalThis.navigator) {
     browser,
     os,
     simd,
+    gpu: gpuRenderer(doc),
   };
 }
 

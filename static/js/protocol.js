@@ -14,6 +14,7 @@ export const NodeType = Object.freeze({
   RESULT: "result",
   TASK_FAILED: "task_failed",
   LEAVE: "leave",
+  LOG: "log", // a notable event for the controller's log (built by agent_log.js logFrame)
 });
 
 /** `type` of the frames the server sends. */
@@ -152,7 +153,7 @@ const optNumber = (value) => {
 };
 
 /** Body of `POST /node-report`. */
-export function nodeReport({ joinCode, deviceId, nodeSecret, cores, memoryGb, browser, os, benchmarkScore, simd }) {
+export function nodeReport({ joinCode, deviceId, nodeSecret, cores, memoryGb, browser, os, benchmarkScore, simd, gpu }) {
   return {
     join_code: String(joinCode),
     device_id: String(deviceId),
@@ -165,6 +166,7 @@ export function nodeReport({ joinCode, deviceId, nodeSecret, cores, memoryGb, br
     benchmark_score: optNumber(benchmarkScore),
     simd: Boolean(simd),
     kind: "browser",
+    ...(gpu ? { gpu: optText(gpu) } : {}), // the WebGL renderer (device.js gpuRenderer)
   };
 }
 

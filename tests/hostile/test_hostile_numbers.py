@@ -330,7 +330,7 @@ def test_metrics_json_finite_when_redis_holds_poison(controller: Controller, r: 
     assert figures["nodes_connected"] == 1
     assert figures["avg_score"] == 0.0  # the one live score was Infinity: left out
     assert figures["avg_latency_ms"] == 200.0  # the mean of the finite latencies
-    assert seen["prom"][0] == 200 and "processdistro_node_score_avg 0.0" in seen["prom"][1]
+    assert seen["prom"][0] == 200 and 'processdistro_node_score_avg{scope="cluster"} 0.0' in seen["prom"][1]
     nodes = seen["nodes"]
     assert nodes.returncode == 0 and "Traceback" not in nodes.stderr, nodes.stderr
     services_unharmed(controller, pids)
