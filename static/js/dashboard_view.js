@@ -160,10 +160,13 @@ export function drawEvents(list, events, now) {
 
 /**
  * The throughput chart: results/s over the kept history, as an SVG line with its peak and
- * time span labelled. `points` are [time, value] pairs; `span` seconds of history shown.
+ * time span labelled. `points` are [time, value] pairs. The span grows with the history
+ * (the gateway samples only while a dashboard is open) from a minute to `maxSpan` seconds.
+ * Drawn at the element's own width, so its labels keep their size on a phone.
  */
-export function drawChart(svg, points, now, span = 600) {
-  const W = 600, H = 160, PAD_L = 44, PAD_B = 18, PAD_T = 8;
+export function drawChart(svg, points, now, maxSpan = 600) {
+  const span = chartSpan(points, now, maxSpan);
+  const W = Math.max(280, Math.round(svg.clientWidth || 600)), H = 160, PAD_L = 44, PAD_B = 18, PAD_T = 8;
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   svg.replaceChildren();
   const peak = Math.max(1, ...points.map((p) => p[1]));
@@ -187,7 +190,7 @@ export function drawChart(svg, points, now, span = 600) {
   label(PAD_L - 4, y(top) + 4, formatRate(top), "end");
   label(PAD_L - 4, y(top / 2) + 4, formatRate(top / 2), "end");
   label(PAD_L - 4, y(0) + 4, "0", "end");
-  label(PAD_L, H - 3, `${Math.round(span / 60)} min ago`, "start");
+  label(PAD_L, H - 3, span < 120 ? `${Math.round(span)} s ago` : `${Math.round(span / 60)} min ago`, "start");
   label(W - 4, H - 3, "now", "end");
   const shown = points.filter((p) => p[0] >= now - span);
   if (shown.length > 1) {
@@ -201,6 +204,12 @@ export function drawChart(svg, points, now, span = 600) {
     svg.append(area, path);
   }
   svg.dataset.points = String(shown.length);
+}
+
+/** Seconds of history the chart spans: what there is, at least a minute, at most `maxSpan`. */
+export function chartSpan(points, now, maxSpan = 600) {
+  const oldest = points.length ? points[0][0] : now;
+  return Math.min(maxSpan, Math.max(60, Math.ceil((now - oldest) / 30) * 30));
 }
 
 /** 1, 2 or 5 times a power of ten, at least `v`: a round top for the chart's axis. */

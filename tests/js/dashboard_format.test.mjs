@@ -6,7 +6,7 @@ import { readFileSync } from "node:fs";
 import {
   formatAgo, formatCount, formatEta, formatProgress, formatRate, formatScore,
 } from "../../static/js/dashboard_format.js";
-import { niceCeil } from "../../static/js/dashboard_view.js";
+import { chartSpan, niceCeil } from "../../static/js/dashboard_view.js";
 
 const cases = JSON.parse(readFileSync(new URL("../dashboard_format_cases.json", import.meta.url)));
 
@@ -34,4 +34,11 @@ test("ago and progress", () => {
 
 test("the chart's axis tops are round", () => {
   assert.deepEqual([1, 1.5, 3, 7, 10, 11, 389, 5000].map(niceCeil), [1, 2, 5, 10, 10, 20, 500, 5000]);
+});
+
+test("the chart spans the history there is, a minute to ten", () => {
+  assert.equal(chartSpan([], 1000), 60);
+  assert.equal(chartSpan([[990, 1]], 1000), 60);
+  assert.equal(chartSpan([[900, 1], [1000, 2]], 1000), 120);
+  assert.equal(chartSpan([[0, 1], [1000, 2]], 1000), 600);
 });
