@@ -6,8 +6,12 @@ page's own formatter is held to in tests/js/dashboard_format.test.mjs)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,3 +210,75 @@ def test_preview_of_a_job_with_no_canvas_yet_is_a_404_not_a_crash(controller: Co
     other = httpx.get(f"{controller.url}/jobs/nope/preview.png", headers=bearer(), timeout=10)
     assert other.status_code == 404
     assert httpx.get(f"{controller.url}/healthz", timeout=10).status_code == 200
+
+
+# ------------------------------------------------------------------ the feed itself
+
+
+def test_one_reader_for_every_dashboard_and_none_while_nobody_looks(redis_url: str, r: Client) -> None:
+    from processdistro.gateway.dashboard import DashboardFeed
+    from processdistro.shared.store.connection import async_client
+
+    async def scenario() -> None:
+        client = async_client(redis_url)
+        feed = DashboardFeed(client, node_timeout_s=10, every_s=0.05)
+        try:
+            seen: dict[str, list[float]] = {"a": [], "b": []}
+
+            async def watch(name: str, n: int) -> None:
+                async for text in feed.frames():
+                    seen[name].append(json.loads(text)["now"])
+                    if len(seen[name]) >= n:
+                        break
+
+            await asyncio.wait_for(asyncio.gather(watch("a", 4), watch("b", 4)), 10)
+            assert feed.listeners == 0
+            # the same frames (one read each), not a read per dashboard
+            assert set(seen["a"]) & set(seen["b"]), seen
+            await asyncio.sleep(0.2)
+            assert feed._sampler is not None and feed._sampler.done(), "sampling stops with the last dashboard"
+
+            later: list[str] = []
+
+            async def follow() -> None:
+                async for text in feed.frames():
+                    later.append(text)
+
+            task = asyncio.create_task(follow())
+            await asyncio.sleep(0.3)
+            assert later, "a new dashboard starts the sampling again"
+            feed.close()
+            await asyncio.wait_for(task, 2)  # close ends every stream
+            assert [x async for x in feed.frames()] == [], "a closed feed streams nothing"
+        finally:
+            await feed.aclose()
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_an_open_feed_does_not_hold_a_stopping_gateway(controller: Controller) -> None:
+    """uvicorn waits for open responses before it stops, and an event stream never ends by
+    itself: SIGTERM must end the streams, not wait out the grace period and cancel them."""
+    got_frame = threading.Event()
+
+    def listen() -> None:
+        url = f"{controller.url}/dashboard/events"
+        with contextlib.suppress(httpx.HTTPError), httpx.stream("GET", url, timeout=30) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: "):
+                    got_frame.set()
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    assert got_frame.wait(20), controller.logs()
+    gateway = controller.procs["gateway"]
+    start = time.monotonic()
+    gateway.send_signal(signal.SIGTERM)
+    gateway.wait(timeout=10)
+    took = time.monotonic() - start
+    listener.join(5)
+    assert not listener.is_alive(), "the stream ended"
+    log = (controller.home / "gateway.log").read_text()
+    assert took < 2.5, f"stopped in {took:.1f}s\n{log[-3000:]}"
+    assert "timeout graceful shutdown exceeded" not in log and "Traceback" not in log, log[-3000:]
