@@ -2,7 +2,8 @@
 runs on a browser tab and a native worker, /dashboard shows both nodes, the job with its
 progress, the throughput chart and the image preview filling in, and it updates without
 reloading; without the token it is status only (no cancel, no join link, no preview, a
-cancel request refused), with it the cancel button cancels the job.
+cancel request refused), with it the cancel button cancels the job. Node and job text that
+is markup is shown as text.
 
 With PD_SCREENSHOTS=1 the desktop (1280 wide) and phone (390 wide) screenshots are written
 to docs/img/dashboard-desktop.png and docs/img/dashboard-phone.png (`make screenshots`).
@@ -10,16 +11,23 @@ to docs/img/dashboard-desktop.png and docs/img/dashboard-phone.png (`make screen
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import websockets
 from conftest import Controller
 from processdistro.shared import keys
+from processdistro.shared.messages import Fail
+from processdistro.shared.store.commands import send_command
 from processdistro.shared.store.connection import Client
 from test_e2e_browser import close_all, join
 from test_wasm_mixed import native, wait_nodes
@@ -169,3 +177,63 @@ def test_dashboard_follows_a_job_on_a_tab_and_a_native_worker(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+MARKUP_BROWSER = '<img src=x onerror="window.__pwned = 1">Chromium'
+MARKUP_OS = "<script>window.__pwned = 2</script></td></tr><tr><td>forged"
+MARKUP_REASON = '<b onmouseover="window.__pwned = 3">boom</b>'
+
+
+def test_node_and_job_text_is_shown_as_text(controller: Controller, browser: Any, r: Client, pages: list[Any]) -> None:
+    """A node whose browser and OS strings are markup, and a job failed with a markup reason:
+    the dashboard shows them literally, builds no element from them, runs none of it."""
+    report = {
+        "join_code": controller.join_code,
+        "device_id": "hostile-" + "m" * 20,
+        "cores": 2,
+        "kind": "browser",
+        "browser": MARKUP_BROWSER,
+        "os": MARKUP_OS,
+    }
+    accepted = httpx.post(f"{controller.url}/node-report", json=report, timeout=10)
+    assert accepted.status_code == 200, accepted.text
+    node_id = accepted.json()["node_id"]
+    url = controller.url.replace("http", "ws", 1) + f"/ws?token={accepted.json()['token']}"
+    stop = threading.Event()
+
+    async def stay_connected() -> None:
+        async with websockets.connect(url) as ws:
+            await ws.send(json.dumps({"type": "hello", "protocol": 2, "running": []}))
+            while not stop.is_set():
+                await ws.send(json.dumps({"type": "heartbeat", "running": 0, "done": 0}))
+                await asyncio.sleep(0.3)
+
+    connection = threading.Thread(target=lambda: asyncio.run(stay_connected()), daemon=True)
+    connection.start()
+    try:
+        out = controller.cli("submit", "mandelbrot", "--width", "64", "--height", "64")
+        assert out.returncode == 0, out.stderr
+        job_id = wait_until("the job is listed", lambda: r.zrange(keys.JOBS, 0, 0), 30, controller)[0].decode()
+        send_command(r, Fail(job_id=job_id, reason=MARKUP_REASON))
+        wait_until("the job failed", lambda: r.hget(keys.job(job_id), "state") == b"failed", 30, controller)
+
+        page = open_dashboard(browser, controller, pages, token=True)
+        page.wait_for_selector(f'#nodes-body tr[data-id="{node_id}"]', timeout=20_000)
+        page.wait_for_function(
+            f"document.getElementById('events').textContent.includes('job {job_id} failed')", timeout=20_000
+        )
+        row = page.locator(f'#nodes-body tr[data-id="{node_id}"]')
+        assert row.locator("td.agent").first.text_content() == f"{MARKUP_BROWSER} / {MARKUP_OS}"
+        assert MARKUP_REASON in (page.locator("#events").text_content() or "")
+        job_state = page.locator(f'#jobs-body tr[data-id="{job_id}"] td[data-label="state"]')
+        assert job_state.get_attribute("title") == MARKUP_REASON
+        built = page.evaluate(
+            "document.querySelectorAll('main img:not(#preview):not(#join-qr), main script, main b').length"
+        )
+        assert built == 0, "no element made from node or job text"
+        assert page.locator("#nodes-body tr").count() == 1, "no row forged"
+        page.wait_for_timeout(1500)  # a frame or two more, for anything delayed
+        assert page.evaluate("window.__pwned === undefined")
+    finally:
+        stop.set()
+        connection.join(10)
