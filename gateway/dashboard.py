@@ -103,11 +103,11 @@ class DashboardFeed:
                 if self._failing:
                     log.info("dashboard feed: reading Redis again")
                 self._failing = False
-            except Exception as exc:  # Redis away: say so to the dashboards, keep trying
+            except Exception as exc:  # Redis away (most likely): say so to the dashboards, keep trying
                 if not self._failing:
                     log.warning("dashboard feed: reading the status failed (%s); retrying", exc)
                 self._failing = True
-                data = json.dumps({"error": f"the controller's Redis is unreachable ({type(exc).__name__})"})
+                data = json.dumps({"error": f"status unavailable: {type(exc).__name__} (is Redis up?)"})
             for queue in list(self._subscribers):
                 self._offer(queue, data)
             await asyncio.sleep(self.every_s)
