@@ -173,6 +173,17 @@ def test_dashboard_follows_a_job_on_a_tab_and_a_native_worker(
         assert f"job {job_id} cancelled" in events
         proc.wait(timeout=60)
         assert proc.returncode != 0, "submit --wait reports the cancelled job"
+
+        # a finished job offers its outputs to the operator (`GET /jobs/<id>/outputs/<name>`)
+        small = controller.cli("submit", "mandelbrot", "--width", "64", "--height", "64", "--wait", "-q")
+        assert small.returncode == 0, small.stdout + small.stderr
+        done_id = r.zrange(keys.JOBS, -1, -1)[0].decode()
+        links = page.locator(f'#jobs-body tr[data-id="{done_id}"] a.download')
+        wait_until("download links", lambda: links.count() == 2, 20, controller)
+        hrefs = sorted(links.evaluate_all("links => links.map(a => a.getAttribute('href'))"))
+        assert hrefs == [f"/jobs/{done_id}/outputs/{name}?token={TOKEN}" for name in ("image", "raw")]
+        wait_until("the guest sees it done", lambda: job_progress(guest, done_id)[0] == "done", 20, controller)
+        assert guest.locator(f'#jobs-body tr[data-id="{done_id}"] a.download').count() == 0
     finally:
         if proc.poll() is None:
             proc.kill()
