@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
 .PHONY: help install up test wasm wasm-check bench lint schema browser node clean wasi-toolchain examples wasm-toolchain rust-example \
-	local-images compose-e2e swarm-e2e screenshots
+	local-images compose-e2e swarm-e2e
 
 help:
 	@echo "make up        start ProcessDistro and print the join link"
@@ -75,6 +75,7 @@ lint: install
 	bash scripts/lint_tree.sh >/dev/null
 	MYPYPATH=.lint $(VENV)/bin/mypy -p processdistro
 
+.PHONY: screenshots
 screenshots: install browser
 	PD_SCREENSHOTS=1 $(PY) -m pytest -q tests/test_dashboard_browser.py
 
