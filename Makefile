@@ -22,6 +22,7 @@ help:
 	@echo "make bench     run the benchmarks under bench/"
 	@echo "make lint      ruff and mypy"
 	@echo "make schema    export the protocol's JSON Schemas to shared/schema/"
+	@echo "make screenshots  docs/img/dashboard-*.png from the dashboard's Chromium test"
 	@echo "make compose-e2e  docker compose up (3 aggregators), a job from the host through kills, checked, torn down"
 	@echo "make swarm-e2e    the same on a one-node Docker Swarm (docker stack deploy)"
 	@echo "make local-images base, Python, Redis and Prometheus images from Debian's packages (no registry)"
@@ -77,6 +78,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 	bash scripts/lint_tree.sh >/dev/null
 	MYPYPATH=.lint $(VENV)/bin/mypy -p processdistro
+
+.PHONY: screenshots
+screenshots: install browser
+	PD_SCREENSHOTS=1 $(PY) -m pytest -q tests/test_dashboard_browser.py
 
 schema: install
 	$(VENV)/bin/processdistro schema --out shared/schema

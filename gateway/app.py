@@ -11,7 +11,7 @@ Routes
     WS   /ws?token=...     a node's session (gateway/session.py)
     GET  /metrics          Prometheus text format
     GET  /metrics.json     the seed's figures as JSON
-    GET  /dashboard        live view for the operator
+    GET  /dashboard        live view for the operator (gateway/dashboard.py: its feed, its actions)
     GET  /healthz          200 when Redis answers
 
 It keeps no state but live sockets: any number of gateways can share one Redis. This module
@@ -44,6 +44,7 @@ from ..shared.settings import Settings
 from ..shared.store.gateway import GatewayStore
 from ..shared.validation import problems
 from .auth import TokenStatus, origin_allowed
+from .dashboard import DashboardFeed, dashboard_routes
 from .edge import uvicorn_options
 from .hub import Hub
 
@@ -77,15 +78,18 @@ def create_app(settings: Settings, *, store: GatewayStore | None = None) -> Star
     store = store or GatewayStore.connect(settings.resolved_redis_url())
     static_dir = settings.static_path
     gw = Hub(settings=settings, store=store, static_dir=static_dir)
+    feed = DashboardFeed(store.r, node_timeout_s=settings.node_timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gw.start()
         control = asyncio.create_task(gw.listen_control())
+        feed.close_on_signals()
         log.info("gateway ready: %d modules, join code set", len(gw.modules.by_name))
         try:
             yield
         finally:
+            await feed.aclose()
             control.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await control
@@ -93,9 +97,6 @@ def create_app(settings: Settings, *, store: GatewayStore | None = None) -> Star
 
     async def agent(request: Request) -> Response:
         return FileResponse(static_dir / "agent.html", headers={"Cache-Control": "no-cache"})
-
-    async def dashboard(request: Request) -> Response:
-        return FileResponse(static_dir / "dashboard.html", headers={"Cache-Control": "no-cache"})
 
     async def module(request: Request) -> Response:
         # the registry's own modules, else one a job uploaded (in Redis: every gateway has it)
@@ -196,7 +197,7 @@ def create_app(settings: Settings, *, store: GatewayStore | None = None) -> Star
         routes=[
             Route("/", root),
             Route("/agent", agent),
-            Route("/dashboard", dashboard),
+            *dashboard_routes(settings=settings, store=store, feed=feed, static_dir=static_dir),
             Route("/modules/{sha:str}.wasm", module),
             Route("/api/modules", modules),
             Route("/blocks/{job:str}/{sha:str}", block),
@@ -214,6 +215,7 @@ def create_app(settings: Settings, *, store: GatewayStore | None = None) -> Star
         lifespan=lifespan,
     )
     app.state.gateway = gw
+    app.state.dashboard = feed
     return app
 
 

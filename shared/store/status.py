@@ -148,3 +148,9 @@ class StatusReader:
         self._second(pipe, node_ids, job_ids)
         second = await pipe.execute() if node_ids or job_ids else []
         return self._frame(first, second, live, node_ids, job_ids, now)
+
+
+async def ajob(client: Any, job_id: str) -> dict[str, str]:
+    """A job's record as text ({} if there is none), with an asyncio client: what the
+    dashboard's actions (cancel, the preview) check before they act."""
+    return _hash(await client.hgetall(keys.job(job_id)))
