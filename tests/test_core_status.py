@@ -86,6 +86,8 @@ def test_events_read_as_lines() -> None:
     assert status.event_row({"type": "node", "node_id": "n1", "what": "banned", "detail": "3 wrong"}).text == (
         "node n1 banned (3 wrong)"
     )
+    log = {"type": "node_log", "node": "n2", "level": "warning", "event": "reconnect", "message": "socket closed"}
+    assert status.event_row(log).text == "node n2 warning: reconnect: socket closed"
 
 
 def test_reader_builds_a_frame_from_redis(r: object) -> None:

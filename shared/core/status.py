@@ -226,6 +226,10 @@ def event_row(payload: Mapping[str, Any]) -> Event:
         text = f"node {fields.get('node_id', '?')} {fields.get('what', '')}"
         if fields.get("detail"):
             text += f" ({fields['detail']})"
+    elif kind == "node_log":  # what an agent told the controller (`gateway/agent_log.py`)
+        text = f"node {fields.get('node', '?')} {fields.get('level', '')}: {fields.get('event', '')}"
+        if fields.get("message"):
+            text += f": {fields['message']}"
     else:
         text = " ".join(f"{k}={v}" for k, v in fields.items())
     return Event(ts=ts, type=kind, text=text[:300])

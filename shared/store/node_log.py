@@ -4,22 +4,13 @@ dashboard, `processdistro top`) can show them. Text arrives here already made sa
 
 from __future__ import annotations
 
-import json
-import time
-
 import redis.asyncio as aredis
 
-from .. import keys
+from .events import queue_event
 
 
 async def record(client: aredis.Redis, node_id: str, *, level: str, event: str, message: str) -> None:
     """One `node_log` event (`dropped` events: a summary, with `event` "dropped")."""
-    payload = {
-        "type": "node_log",
-        "ts": time.time(),
-        "node": node_id,
-        "level": level,
-        "event": event,
-        "message": message,
-    }
-    await client.xadd(keys.EVENTS, {"event": json.dumps(payload)}, maxlen=keys.EVENTS_MAXLEN, approximate=True)
+    pipe = client.pipeline(transaction=False)
+    queue_event(pipe, "node_log", node=node_id, level=level, event=event, message=message)
+    await pipe.execute()
