@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from rich import box
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -105,18 +106,25 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
     waiting = store.submitted(r)  # first: a job applied in between is then in list_jobs
     jobs = store.list_jobs(r, limit=args.limit)
     known = {j.id for j in jobs}
-    waiting = [c for c in waiting if c.job_id not in known]
+    waiting = [c for c in waiting if c.job_id not in known][: args.limit]
     if args.json:
         rows = [_submitted_public(c) for c in waiting] + [j.to_public() for j in jobs]
         console.print_json(json.dumps(rows[: args.limit]))
         return 0
-    table = Table("job", "kind", "state", "progress", "age", "error / waiting for")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    ids = [c.job_id for c in waiting] + [j.id for j in jobs]
+    table.add_column("job", no_wrap=True, min_width=max(map(len, ids), default=0))  # whole: `result` takes it
+    table.add_column("kind", overflow="fold")
+    table.add_column("state", no_wrap=True)
+    table.add_column("progress", no_wrap=True, justify="right")
+    table.add_column("age", no_wrap=True, justify="right")
+    table.add_column("error / waiting for", ratio=1)  # the whole reason: the cell wraps
     for c in waiting:
         cells = (c.job_id, c.kind, SUBMITTED, "", f"{time.time() - c.created:.0f}s", "the scheduler to read it")
         table.add_row(*(literal(x) for x in cells))
     for j in jobs:
         age = time.time() - j.created
-        why = j.error or (j.note if j.state.live else "")  # the whole reason: the cell wraps
+        why = j.error or (j.note if j.state.live else "")
         cells = (j.id, j.kind, j.state.value, f"{j.done}/{j.total}", f"{age:.0f}s", why)
         table.add_row(*(literal(c) for c in cells))
     console.print(table if jobs or waiting else "no jobs yet")
@@ -143,30 +151,37 @@ def cmd_nodes(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     now = time.time()
     if args.wide:
-        console.print(_wide_nodes(nodes, now), width=100_000)  # never cut nor wrapped
+        # never cut nor wrapped, however narrow the terminal (a table is as wide as its text)
+        Console(width=100_000, highlight=False, soft_wrap=True).print(_wide_nodes(nodes, now))
         return 0
     short = short_ids(n["id"] for n in nodes)
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
-    table.add_column("node", no_wrap=True)
-    table.add_column("kind", no_wrap=True)
-    table.add_column("state", no_wrap=True)
-    table.add_column("slots", justify="right", no_wrap=True)
-    table.add_column("done", justify="right", no_wrap=True)
-    table.add_column("rej", justify="right", no_wrap=True)
-    table.add_column("score", justify="right", no_wrap=True)
-    table.add_column("browser / os", no_wrap=True, overflow="ellipsis", min_width=8, ratio=1)
-    for n in nodes:
-        cells = (
-            short[n["id"]],
-            n.get("kind", ""),
-            node_state(n, live=n["live"] == "yes", now=now),
-            n.get("slots", ""),
-            n.get("completed", "0"),
-            n.get("rejected", "0"),
-            format_score(finite(n.get("score"), MAX_SCORE) or 0.0),
-            _agent(n),
-        )
-        table.add_row(*(literal(c) for c in cells))
+    rows = [
+        [
+            literal(c)
+            for c in (
+                short[n["id"]],
+                n.get("kind", ""),
+                node_state(n, live=n["live"] == "yes", now=now),
+                n.get("slots", ""),
+                n.get("completed", "0"),
+                n.get("rejected", "0"),
+                format_score(finite(n.get("score"), MAX_SCORE) or 0.0),
+                _agent(n),
+            )
+        ]
+        for n in nodes
+    ]
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+    # every column but the last keeps its width; the browser and OS get what is left
+    used = 2  # the table's edges
+    for k, name in enumerate(("node", "kind", "state", "slots", "done", "rej", "score")):
+        width = min(16, max(len(name), *(row[k].cell_len for row in rows)))
+        table.add_column(name, justify="right" if k >= 3 else "left", no_wrap=True, overflow="ellipsis", width=width)
+        used += width + 2  # its padding and a column separator
+    widest = max(len("browser / os"), *(row[-1].cell_len for row in rows))
+    table.add_column("browser / os", no_wrap=True, overflow="ellipsis", width=min(widest, max(8, console.width - used)))
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
     return 0
 
