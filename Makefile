@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install up test wasm wasm-check bench lint schema browser node clean wasi-toolchain examples wasm-toolchain rust-example \
+.PHONY: help install up test wasm wasm-check bench lint schema browser node tmux clean wasi-toolchain examples wasm-toolchain rust-example \
 	local-images compose-e2e swarm-e2e
 
 help:
@@ -44,7 +44,10 @@ browser:
 node:
 	@bash scripts/ensure_node.sh
 
-test: install browser node examples
+tmux:
+	@bash scripts/ensure_tmux.sh
+
+test: install browser node tmux examples
 	$(PY) -m pytest
 
 wasm:

@@ -2,7 +2,7 @@
 
 Settings are read once here (environment `PD_*`, then flags) and passed inward; this is
 the only module that calls `sys.exit`. The job commands live beside it: `submit.py`
-(`submit <kind>` from the task plugins, `result`, `cancel`), `show.py` (`jobs`, `nodes`),
+(`submit <kind>` from the task plugins, `result`, `cancel`), `show.py` (`jobs`, `nodes`), `top.py` (`top`),
 `client.py` (submit/wait as a Python API), `up.py` (the single-machine supervisor). None of
 them calls Redis: that is `shared/store/client.py`.
 """

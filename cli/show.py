@@ -111,7 +111,7 @@ def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
         rows = [_submitted_public(c) for c in waiting] + [j.to_public() for j in jobs]
         console.print_json(json.dumps(rows[: args.limit]))
         return 0
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
     ids = [c.job_id for c in waiting] + [j.id for j in jobs]
     table.add_column("job", no_wrap=True, min_width=max(map(len, ids), default=0))  # whole: `result` takes it
     table.add_column("kind", overflow="fold")
