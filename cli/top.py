@@ -35,7 +35,7 @@ from rich.text import Text
 
 from .console import Subcommands, console, literal
 from .shared.core.status import ClusterStatus, JobRow, NodeRow, format_eta, format_rate, format_score
-from .shared.exceptions import ProcessDistroError
+from .shared.exceptions import ConfigError, ProcessDistroError
 from .shared.messages import Submit
 from .shared.settings import Settings
 from .shared.store import client as store
@@ -291,6 +291,8 @@ def wait_for_key(fd: int | None, timeout: float) -> bool:
 
 def cmd_top(args: argparse.Namespace, settings: Settings) -> int:
     """The live view, or with `--once` (or when stdout is not a terminal) one plain frame."""
+    if not 0.1 <= args.interval <= 60:
+        raise ConfigError(f"expected --interval between 0.1 and 60 seconds, got {args.interval}")
     frames = Frames(store.connect(settings.resolved_redis_url(), retry=False), settings)
     if args.once or not console.is_terminal:
         try:
@@ -298,7 +300,7 @@ def cmd_top(args: argparse.Namespace, settings: Settings) -> int:
         except UNAVAILABLE as exc:
             raise ProcessDistroError(f"Redis unreachable: {exc}") from None
     try:
-        return _live(frames, max(0.1, args.interval))
+        return _live(frames, args.interval)
     except KeyboardInterrupt:  # Ctrl-C is a way to quit, not an error
         return 0
 
