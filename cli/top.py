@@ -21,6 +21,7 @@ import contextlib
 import io
 import os
 import select
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -299,10 +300,19 @@ def cmd_top(args: argparse.Namespace, settings: Settings) -> int:
             return _once(frames, args.interval)
         except UNAVAILABLE as exc:
             raise ProcessDistroError(f"Redis unreachable: {exc}") from None
+    # SIGTERM (`kill`) quits the same way as Ctrl-C: through the `finally`s that give the
+    # terminal back its mode and its screen
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return _live(frames, args.interval)
     except KeyboardInterrupt:  # Ctrl-C is a way to quit, not an error
         return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _once(frames: Frames, interval: float) -> int:

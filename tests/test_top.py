@@ -12,6 +12,7 @@ import io
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -173,8 +174,10 @@ def test_top_in_a_terminal_follows_a_running_job_and_quits_on_q(
             proc.wait()
 
 
-def test_ctrl_c_quits_top_and_restores_the_terminal(redis_url: str, r: Client, tmp_path: Path) -> None:
-    """Ctrl-C: exit status 0, no traceback, the terminal back in canonical mode with echo."""
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_quits_top_and_restores_the_terminal(redis_url: str, r: Client, tmp_path: Path, how: str) -> None:
+    """Ctrl-C (and SIGTERM): exit status 0, no traceback, the terminal back in canonical
+    mode with echo."""
     env = {**os.environ, "PD_REDIS_URL": redis_url, "PD_HOME": str(tmp_path)}
     report = tmp_path / "after.txt"
     script = f'{top_command()}; echo "top exited $?" > {report}; stty -a >> {report}'
@@ -182,7 +185,13 @@ def test_ctrl_c_quits_top_and_restores_the_terminal(redis_url: str, r: Client, t
     try:
         wait_for(lambda: "no jobs yet" in term.screen(), 30, term.screen)
         assert "no nodes have joined yet" in term.screen()
-        term.keys("C-c")
+        if how == "ctrl-c":
+            term.keys("C-c")
+        else:
+            shell = int(term.tmux("display-message", "-p", "-t", "t", "#{pane_pid}"))
+            top = subprocess.run(["pgrep", "-P", str(shell)], capture_output=True, text=True).stdout.split()
+            assert len(top) == 1, top
+            os.kill(int(top[0]), signal.SIGTERM)
         wait_for(lambda: term.dead()[0], 10, term.screen)
         text = report.read_text()
         assert text.startswith("top exited 0"), text
