@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install up test wasm wasm-check bench lint schema browser node prometheus clean wasi-toolchain examples wasm-toolchain rust-example \
+.PHONY: help install up test wasm wasm-check bench lint schema browser node prometheus tmux clean wasi-toolchain examples wasm-toolchain rust-example \
 	local-images compose-e2e swarm-e2e
 
 help:
@@ -49,7 +49,10 @@ node:
 prometheus:
 	@bash scripts/ensure_prometheus.sh
 
-test: install browser node examples prometheus
+tmux:
+	@bash scripts/ensure_tmux.sh
+
+test: install browser node tmux examples prometheus
 	$(PY) -m pytest
 
 wasm:

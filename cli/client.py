@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,27 @@ POLL_S = 0.2
 
 def submit(r: Redis, kind: str, params: dict[str, Any], *, priority: int = 0, replicate: float | None = None) -> str:
     """Validate `params` here (bad ones never reach Redis) and send a submit command."""
+    return send(r, kind, params, priority=priority, replicate=replicate).job_id
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    #: the share of its subtasks computed on two distinct nodes, as the scheduler decides it
+    #: (the kind's `replication`) when its default (PD_REPLICATE) is the one `send` was given
+    replicate: float
+
+
+def send(
+    r: Redis,
+    kind: str,
+    params: dict[str, Any],
+    *,
+    priority: int = 0,
+    replicate: float | None = None,
+    default_replicate: float = 0.0,
+) -> Submitted:
+    """`submit`, also saying what share of the job will be replicated."""
     plugin = get_plugin(kind)
     prepared = plugin.prepare(params)
     parsed = plugin.parse_params(prepared.params)
@@ -37,7 +59,15 @@ def submit(r: Redis, kind: str, params: dict[str, Any], *, priority: int = 0, re
         created=time.time(),
     )
     store.submit(r, command, prepared.blocks, prepared.modules)
-    return command.job_id
+    return Submitted(command.job_id, plugin.replication(parsed, replicate, default_replicate))
+
+
+def replication_note(share: float) -> str:
+    """What `submit` says about replication: nothing when it is off."""
+    if share <= 0:
+        return ""
+    what = "every subtask is" if share >= 1 else f"{share * 100:g} % of subtasks are"
+    return f"{what} computed twice on distinct nodes to check results (--replicate 0 to turn off)"
 
 
 def cancel(r: Redis, job_id: str) -> None:

@@ -2,7 +2,7 @@
 
 Settings are read once here (environment `PD_*`, then flags) and passed inward; this is
 the only module that calls `sys.exit`. The job commands live beside it: `submit.py`
-(`submit <kind>` from the task plugins, `result`, `cancel`), `show.py` (`jobs`, `nodes`),
+(`submit <kind>` from the task plugins, `result`, `cancel`), `show.py` (`jobs`, `nodes`), `top.py` (`top`),
 `client.py` (submit/wait as a Python API), `up.py` (the single-machine supervisor). None of
 them calls Redis: that is `shared/store/client.py`.
 """
@@ -27,6 +27,7 @@ from .shared.settings import Settings
 from .shared.tasks import load_task_repo, task_repo
 from .show import add_show_parsers
 from .submit import add_cancel_parser, add_result_parser, add_submit_parser
+from .top import add_top_parser
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -166,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_submit_parser(sub)
     add_result_parser(sub)
     add_show_parsers(sub)
+    add_top_parser(sub)
     add_cancel_parser(sub)
     add_retry_parser(sub)
     add_rotate_parser(sub)

@@ -77,10 +77,18 @@ def add_cancel_parser(sub: Subcommands) -> None:
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     plugin = get_plugin(args.kind)
     r = store.connect(settings.resolved_redis_url())
-    job_id = client.submit(
-        r, plugin.kind, plugin.params_from_args(args), priority=args.priority, replicate=args.replicate
+    sent = client.send(
+        r,
+        plugin.kind,
+        plugin.params_from_args(args),
+        priority=args.priority,
+        replicate=args.replicate,
+        default_replicate=settings.replicate,
     )
+    job_id = sent.job_id
     console.print(f"submitted job [bold]{job_id}[/] ({plugin.kind})")
+    if note := client.replication_note(sent.replicate):
+        console.print(note, markup=False, highlight=False)
     if not args.wait:
         console.print(f"follow it with: processdistro jobs   fetch it with: processdistro result {job_id} -o FILE")
         return 0

@@ -14,7 +14,7 @@ import redis
 from .. import keys
 from ..exceptions import JobNotFound
 from ..jobs import JobRecord
-from ..messages import Cancel, Submit
+from ..messages import Cancel, MessageError, Submit, parse_command
 from .commands import send_command
 from .connection import Client, sync_client
 from .jobs import drop_blocks, load_job, store_blocks
@@ -37,6 +37,7 @@ __all__ = [
     "load_job",
     "send_command",
     "submit",
+    "submitted",
 ]
 
 
@@ -68,6 +69,31 @@ def list_jobs(client: redis.Redis, limit: int = 50) -> list[JobRecord]:
     ids = client.zrevrange(keys.JOBS, 0, limit - 1)
     jobs = [load_job(client, i.decode()) for i in ids]
     return [j for j in jobs if j is not None]
+
+
+#: How many of the newest command entries `submitted` looks through.
+SUBMITTED_SCAN = 1000
+
+
+def submitted(client: redis.Redis, limit: int = SUBMITTED_SCAN) -> list[Submit]:
+    """Submit commands the scheduler has not applied yet, newest first: still in the command
+    stream (it acks and deletes a command once applied) and with no job record. Read only;
+    a caller that also lists jobs calls this first and `list_jobs` after, so a job the
+    scheduler applies in between is listed (twice at most, never not at all)."""
+    found = []
+    for _eid, fields in client.xrevrange(keys.COMMANDS, count=limit):
+        try:
+            command = parse_command(fields.get(b"command", b""))
+        except MessageError:
+            continue
+        if isinstance(command, Submit):
+            found.append(command)
+    if not found:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for command in found:
+        pipe.exists(keys.job(command.job_id))
+    return [c for c, exists in zip(found, pipe.execute(), strict=True) if not exists]
 
 
 def list_nodes(client: redis.Redis, node_timeout_s: float) -> list[dict[str, str]]:
