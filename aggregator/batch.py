@@ -173,12 +173,13 @@ def _merge_batch(agg: Aggregator, jobs: dict[str, JobRecord], batch: list[Result
     agg.results.dispose([], [r.entry_id for r, ok in zip(batch, won, strict=True) if not ok])
     handled[Handled.DUPLICATE] += won.count(False)
     merged: list[Result] = []
+    files_of: dict[str, JobFiles] = {}
     for res in (r for r, ok in zip(batch, won, strict=True) if ok):
         task = res.task
         try:
             job = jobs[task.job]
             plugin, params = plugin_and_params(task.job, job.kind, job.params)
-            files = files_for(agg, task.job)
+            files = files_of.get(task.job) or files_of.setdefault(task.job, files_for(agg, task.job))
             elapsed_ms = float(res.fields.get(b"elapsed_ms", b"0"))
             origin = Origin(res.node, elapsed_ms, Checked.SINGLE, (res.node,))
             plugin.merge_result(files, params, task.index, res.output, origin)

@@ -17,6 +17,10 @@ Baselines, same Redis server, same run, one Python client, entries shaped like t
 - batched: XADD in pipelines of 100, XREADGROUP COUNT 100, one XACK+XDEL per 100 ids.
 They run before and after the pipeline runs; the median is the reference.
 
+Then the aggregator alone (`bench/_aggregator_alone.py`): a whole job's results queued in
+the results stream of a fresh Redis, merged by an in-process `Aggregator` (results/s, its
+CPU and Redis's per result, Redis commands per result).
+
 Reported per node count: steady throughput (10 % -> 90 % of subtasks merged), ms per
 subtask (its inverse), wall time submit -> done (the job record's `created` -> `finished`)
 and as the CLI sees it (process start -> exit), the ratio to both baselines; and, to say
@@ -38,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import signal
 import socket
@@ -65,6 +70,7 @@ from . import Report, Table
 REPO = Path(__file__).resolve().parent.parent
 TILE = 4
 SIZES = {False: (200, 160), True: (100, 80)}  # 50 x 40 = 2000 tiles; 25 x 20 = 500
+ALONE_SIZES = {False: (400, 320), True: (200, 160)}  # 8000 and 2000 results for the aggregator alone
 Config = tuple[int, int]  # (nodes, aggregators)
 CONFIGS: tuple[Config, ...] = ((1, 1), (2, 1), (4, 1), (4, 2))
 NODE_CORES = 2
@@ -483,6 +489,7 @@ def run(*, quick: bool, console: Console) -> Report:
     if os.environ.get("BENCH_BASELINE_PYTHON"):
         variants["baseline"] = os.environ["BENCH_BASELINE_PYTHON"]
     runs: dict[str, dict[Config, list[JobRun]]] = {v: {c: [] for c in configs} for v in variants}
+    alone: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     log_lines: list[str] = []
     base: dict[str, list[float]] = {"naive": [], "batched": []}
     with tempfile.TemporaryDirectory(prefix="pd-bench-") as tmp:
@@ -501,7 +508,7 @@ def run(*, quick: bool, console: Console) -> Report:
                     home.mkdir()
                     ctl = make_controller(controller_cls, url, home, profile_dir if variant == "this" else None, python)
                     try:
-                        ctl.wait_ready()
+                        ctl.wait_ready(timeout=90)  # a loaded machine starts services slowly
                         for config in configs:
                             console.print(f"job {rep + 1}/{reps} ({variant}): {n_subtasks} subtasks, {_label(config)}")
                             runs[variant][config].append(
@@ -510,6 +517,10 @@ def run(*, quick: bool, console: Console) -> Report:
                         log_lines += notable_log_lines(home)
                     finally:
                         _stop_controller(ctl, profile_dir if variant == "this" else None)
+            console.print("the aggregator alone")
+            for _ in range(reps):
+                for variant, python in variants.items():
+                    alone[variant].append(aggregator_alone(python, ALONE_SIZES[quick]))
             console.print("baselines again")
             for k, v in baselines(url, n_subtasks, 2).items():
                 base[k] += v
@@ -518,6 +529,8 @@ def run(*, quick: bool, console: Console) -> Report:
             server.stop()
     compute_us = node_compute_us()
     report = _report(runs["this"], base, n_subtasks, compute_us)
+    report.tables.append(_alone_table(alone))
+    report.data["aggregator_alone"] = alone
     if "baseline" in runs:
         report.tables.append(_comparison(runs))
         report.data["baseline_runs"] = [
@@ -576,6 +589,39 @@ def _stop_controller(ctl: Any, profile_dir: Path | None) -> None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(10)
     ctl.stop()
+
+
+def aggregator_alone(python: str, size: tuple[int, int]) -> dict[str, float]:
+    """`bench/_aggregator_alone.py` under `python`: the aggregator with every result of a
+    job waiting for it (its own Redis; no gateway, scheduler or node beside it)."""
+    script = Path(__file__).resolve().parent / "_aggregator_alone.py"
+    done = subprocess.run(
+        [python, str(script), str(size[0]), str(size[1])], capture_output=True, text=True, timeout=600, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the aggregator alone failed:\n{done.stderr[-3000:]}")
+    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _alone_table(alone: dict[str, list[dict[str, float]]]) -> Table:
+    table = Table(
+        "the aggregator alone: a whole job's results waiting in the stream (medians)",
+        ["code", "results", "results/s", "aggregator CPU ms/result", "Redis CPU ms/result", "Redis cmds/result"],
+    )
+    for variant, samples in alone.items():
+        med = {k: statistics.median(x[k] for x in samples) for k in samples[0]}
+        table.rows.append(
+            [
+                variant,
+                int(med["results"]),
+                med["results_per_s"],
+                med["aggregator_cpu_ms"],
+                med["redis_cpu_ms"],
+                med["redis_commands"],
+            ]
+        )
+    return table
 
 
 def _comparison(runs: dict[str, dict[Config, list[JobRun]]]) -> Table:
