@@ -57,6 +57,8 @@ class Feeder:
         #: the nodes' take from the backlog, entries/s (`core.feed.drain_rate`)
         self.drain_per_s = 0.0
         self._last: tuple[float, int] | None = None  # (when, backlog right after feeding)
+        #: the undelivered backlog after the last feed
+        self.backlog = 0
 
     def open_backlog(self) -> int:
         """Undelivered entries that an idle node could take. A replicated subtask's second
@@ -78,6 +80,7 @@ class Feeder:
             when, after = self._last
             self.drain_per_s = feed.drain_rate(self.drain_per_s, after - backlog, now - when)
         self._last = (now, backlog)
+        self.backlog = backlog
         room = self.backlog_target() - backlog
         if room <= 0:
             return 0
@@ -105,6 +108,7 @@ class Feeder:
                     refused.add(batch.job_id)
                     self._fault(batch.job_id, batch.start, exc)
         self._last = (now, backlog + added)
+        self.backlog = backlog + added
         return added
 
     def _fault(self, job_id: str, start: int, exc: Exception) -> None:

@@ -174,9 +174,12 @@ class Scheduler:
         if now - self._last_beat > 2:
             beat(self.r, "scheduler", self.name)
             self._last_beat = now
-        # wait on the command stream only when nothing was fed, and only briefly while
-        # work is left to feed (`core.feed.command_wait_ms`)
-        self.handle_commands(block_ms=feed.command_wait_ms(fed=self._fed, unfed=self.feeder.unfed))
+        # wait on the command stream only when nothing was fed, and while work is left to
+        # feed no longer than the backlog lasts (`core.feed.command_wait_ms`)
+        f = self.feeder
+        self.handle_commands(
+            block_ms=feed.command_wait_ms(fed=self._fed, unfed=f.unfed, backlog=f.backlog, drain_per_s=f.drain_per_s)
+        )
         self._fed = self.feeder.feed()
         if not self._fed:
             self.tail.run()

@@ -155,17 +155,21 @@ def test_drain_rate(previous: float, taken: int, elapsed_s: float, expected: flo
 
 
 @pytest.mark.parametrize(
-    ("fed", "unfed", "expected"),
+    ("fed", "unfed", "backlog", "drain_per_s", "expected"),
     [
-        (10, True, None),  # just fed: go round again at once
-        (10, False, None),
-        (0, True, BUSY_WAIT_MS),  # backlog full, work left: look again soon
-        (0, False, IDLE_WAIT_MS),  # nothing to feed: wait for a command
+        (10, True, 64, 1000.0, None),  # just fed: go round again at once
+        (10, False, 64, 1000.0, None),
+        (0, False, 64, 1000.0, IDLE_WAIT_MS),  # nothing to feed: wait for a command
+        (0, True, 64, 1000.0, 32),  # 64 entries last 64 ms: look again at half of it
+        (0, True, 500, 5000.0, 50),  # 100 ms of work queued: capped at the idle wait
+        (0, True, 64, 100_000.0, BUSY_WAIT_MS),  # drains in under a millisecond: the floor
+        (0, True, 64, 0.0, IDLE_WAIT_MS),  # nobody takes anything: no hurry
+        (0, True, 0, 0.0, BUSY_WAIT_MS),  # an empty backlog with work left: soon
     ],
-    ids=["fed, more left", "fed the last", "full backlog", "idle"],
+    ids=["fed, more left", "fed the last", "idle", "half the backlog", "capped", "floor", "no takers", "empty"],
 )
-def test_command_wait(fed: int, unfed: bool, expected: int | None) -> None:
-    assert command_wait_ms(fed=fed, unfed=unfed) == expected
+def test_command_wait(fed: int, unfed: bool, backlog: int, drain_per_s: float, expected: int | None) -> None:
+    assert command_wait_ms(fed=fed, unfed=unfed, backlog=backlog, drain_per_s=drain_per_s) == expected
 
 
 def test_a_busy_wait_is_shorter_than_an_idle_one() -> None:

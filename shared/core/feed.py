@@ -6,8 +6,8 @@ enough for every live slot to take a few tasks, and for what the nodes take in `
 scheduler's loop leaves nodes waiting). It tops the backlog up from the active jobs,
 higher priority first; jobs of equal priority share the room evenly (rounds of equal
 shares, at most `FEED_BATCH` each), so they progress at similar rates. Between turns it
-waits for commands (`command_wait_ms`): not at all after feeding, briefly while work is
-left to feed, longer when there is none.
+waits for commands (`command_wait_ms`): not at all after feeding, while work is left to
+feed about half the time the backlog lasts, longer when there is none.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ FEED_BATCH = 256
 REFILL_S = 0.1
 #: ... up to this many entries (a longer queue only delays stealing in the tail)
 MAX_DRAIN_BACKLOG = 2048
-#: how long the scheduler waits for a command when it fed nothing but work is left to feed
+#: the least the scheduler waits for a command when it fed nothing but work is left to feed
 BUSY_WAIT_MS = 5
 #: ... and when no job has anything left to feed
 IDLE_WAIT_MS = 50
@@ -78,14 +78,21 @@ def drain_rate(previous: float, taken: int, elapsed_s: float, *, weight: float =
     return (1 - weight) * previous + weight * (taken / elapsed_s)
 
 
-def command_wait_ms(*, fed: int, unfed: bool) -> int | None:
+def command_wait_ms(*, fed: int, unfed: bool, backlog: int = 0, drain_per_s: float = 0.0) -> int | None:
     """How long the scheduler's next turn waits for a command: not at all (None) right
-    after feeding (the nodes may be draining fast), `BUSY_WAIT_MS` while a job has
-    subtasks left to feed (the backlog was full: check again soon, not in 50 ms, which
-    at thousands of subtasks a second would let the backlog run dry), else `IDLE_WAIT_MS`."""
+    after feeding (the nodes may be draining fast); while a job has subtasks left to feed
+    (the backlog was full), half the time the `backlog` lasts at the nodes' `drain_per_s`,
+    within [`BUSY_WAIT_MS`, `IDLE_WAIT_MS`] (a fixed 50 ms wait let a backlog of 64 run dry
+    at a thousand subtasks a second; a fixed short one spins when the nodes are slow);
+    with nothing left to feed, `IDLE_WAIT_MS`."""
     if fed > 0:
         return None
-    return BUSY_WAIT_MS if unfed else IDLE_WAIT_MS
+    if not unfed:
+        return IDLE_WAIT_MS
+    if drain_per_s <= 0:
+        return IDLE_WAIT_MS if backlog > 0 else BUSY_WAIT_MS
+    lasts_ms = 1000 * max(0, backlog) / drain_per_s
+    return int(min(IDLE_WAIT_MS, max(BUSY_WAIT_MS, lasts_ms / 2)))
 
 
 def plan(jobs: Sequence[FeedJob], room: int, *, batch_max: int = FEED_BATCH) -> list[Batch]:
