@@ -38,7 +38,7 @@ from rq import Queue, SimpleWorker
 from rq.exceptions import StopRequested
 
 from ..shared import keys
-from ..shared.core.batching import read_count
+from ..shared.core.batching import gather_ms, read_count
 from ..shared.core.replication import (
     CONTROLLER,
     DecideOutcome,
@@ -69,6 +69,7 @@ from .resolve import Resolver
 log = logging.getLogger(__name__)
 
 SWEEP_EVERY_S = 5.0  # claim abandoned results and re-enqueue stuck finalizations this often
+FINALIZERS_EVERY_S = 0.2  # look for finalize jobs another aggregator enqueued this often
 
 
 # counters (keys.STATS) of the vote outcomes
@@ -98,6 +99,7 @@ class Aggregator:
         self.rng = random.Random()
         self.queue = Queue(keys.FINALIZE_QUEUE, connection=client)
         self._last_sweep = 0.0
+        self._last_finalizers = 0.0
         #: merged-work maps kept open across results, flushed before each commit
         self.open_files = OpenFiles()
         self._last_read = 0
@@ -355,9 +357,15 @@ class Aggregator:
             entries += self.results.claim_abandoned()
             self.sweep()
             self._last_sweep = now
-        for outcome, n in handle_batch(self, entries).items():
+        handled = handle_batch(self, entries)
+        for outcome, n in handled.items():
             metrics.count(outcome.value, n)
-        self.run_finalizers(flag)
+        if handled[Handled.FINALIZE] or now - self._last_finalizers > FINALIZERS_EVERY_S:
+            self._last_finalizers = now
+            self.run_finalizers(flag)
+        pause = gather_ms(self._last_read)
+        if pause:
+            time.sleep(pause / 1000)
 
     def fault(self, entry_id: bytes, task: TaskFields, node: str, exc: Exception) -> None:
         """A result whose handling raised: the job's problem, not the service's."""

@@ -4,7 +4,7 @@ batch goes, and how many results to read at once. No Redis, no processes."""
 from __future__ import annotations
 
 import pytest
-from processdistro.shared.core.batching import READ_MAX, READ_MIN, Route, read_count, route
+from processdistro.shared.core.batching import GATHER_MS, READ_MAX, READ_MIN, Route, gather_ms, read_count, route
 
 PLAIN = {"ban": False, "running": True, "banned": False, "done": False, "special": False}
 
@@ -54,3 +54,18 @@ def test_route(changes: dict[str, bool], expected: Route) -> None:
 )
 def test_read_count(last_read: int, expected: int) -> None:
     assert read_count(last_read) == expected
+
+
+@pytest.mark.parametrize(
+    ("last_read", "expected"),
+    [
+        (0, 0),  # the next read blocks until a result comes
+        (1, GATHER_MS),  # results trickle in: gather a few
+        (READ_MIN - 1, GATHER_MS),
+        (READ_MIN, 0),  # results are waiting: read at once
+        (READ_MAX, 0),
+    ],
+    ids=["empty", "one", "just under", "busy", "full"],
+)
+def test_gather_after_a_small_read(last_read: int, expected: int) -> None:
+    assert gather_ms(last_read) == expected

@@ -17,6 +17,9 @@ from enum import StrEnum
 READ_MAX = 256
 #: ... and at least, when few are waiting: small batches keep latency low when idle
 READ_MIN = 16
+#: after a small read, let results gather this long before the next: a batch's fixed cost
+#: (a read, a look, a claim and a commit call) is then shared by more results
+GATHER_MS = 5
 
 
 class Route(StrEnum):
@@ -52,3 +55,10 @@ def read_count(last_read: int, *, low: int = READ_MIN, high: int = READ_MAX) -> 
     """How many results to ask for next: twice what the last read brought (the stream is
     filling up: take more per round trip), within [low, high]."""
     return max(low, min(high, 2 * last_read))
+
+
+def gather_ms(last_read: int, *, low: int = READ_MIN) -> int:
+    """How long to pause before the next read: not at all after an empty read (the next
+    one blocks until a result comes) or a full one (results are waiting), `GATHER_MS`
+    after a small one (results trickle in: a few milliseconds more make a batch of them)."""
+    return GATHER_MS if 0 < last_read < low else 0
