@@ -1,7 +1,9 @@
 """The aggregator: a consumer of `keys.RESULTS` in group `aggregators` (run as many as you
 like), which verifies each result, merges it idempotently and triggers finalization.
 
-For each result entry:
+Results are read and, in the common case, claimed, merged and committed in batches
+(`batch.py`, the same steps and invariants as below, a few Redis calls per batch); this
+module is the one-result path the batch sends the rest to, and the loop. For each result entry:
 - a `ban` entry (a gateway found the node's task failures stand out, `core.failures`):
   ban the node, as for wrong results;
 - its job is gone or over: drop it;
