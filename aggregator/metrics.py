@@ -27,5 +27,5 @@ def serve_metrics(port: int) -> None:
     log.info("aggregator metrics on :%d/metrics", port)
 
 
-def count(outcome: str) -> None:
-    RESULTS_HANDLED.labels(outcome).inc()
+def count(outcome: str, n: int = 1) -> None:
+    RESULTS_HANDLED.labels(outcome).inc(n)

@@ -1,7 +1,9 @@
 """The aggregator: a consumer of `keys.RESULTS` in group `aggregators` (run as many as you
 like), which verifies each result, merges it idempotently and triggers finalization.
 
-For each result entry:
+Results are read and, in the common case, claimed, merged and committed in batches
+(`batch.py`, the same steps and invariants as below, a few Redis calls per batch); this
+module is the one-result path the batch sends the rest to, and the loop. For each result entry:
 - a `ban` entry (a gateway found the node's task failures stand out, `core.failures`):
   ban the node, as for wrong results;
 - its job is gone or over: drop it;
@@ -32,13 +34,13 @@ import logging
 import random
 import signal
 import time
-from enum import StrEnum
 from pathlib import Path
 
 from rq import Queue, SimpleWorker
 from rq.exceptions import StopRequested
 
 from ..shared import keys
+from ..shared.core.batching import gather_ms, read_count
 from ..shared.core.replication import (
     CONTROLLER,
     DecideOutcome,
@@ -55,32 +57,21 @@ from ..shared.queue import TaskFields
 from ..shared.service import StopFlag, captured_signals, instance_name, job_error, plugin_step, run_forever
 from ..shared.settings import Settings
 from ..shared.store.connection import UNAVAILABLE, Client
-from ..shared.store.jobs import block_reader, load_job
+from ..shared.store.jobs import load_job
 from ..shared.store.liveness import start_beating
 from ..shared.store.results import Commit, Entry, ResultStream
 from ..shared.store.streams import ensure_groups, full_input
-from ..shared.tasks import Checked, JobFiles, Origin, Verdict, plugin_and_params
+from ..shared.tasks import Checked, Origin, Verdict, plugin_and_params
+from ..shared.tasks.base import OpenFiles
 from . import metrics
+from .batch import Handled, files_for, handle_batch
 from .finalize import enqueue_finalize, finalizer_name
 from .resolve import Resolver
 
 log = logging.getLogger(__name__)
 
 SWEEP_EVERY_S = 5.0  # claim abandoned results and re-enqueue stuck finalizations this often
-
-
-class Handled(StrEnum):
-    """What became of one result entry."""
-
-    DROPPED = "dropped"  # its job is over, or a decide recorded for a result not in yet
-    REJECTED = "rejected"  # failed a check, or came from a banned node: the subtask is redone
-    DUPLICATE = "duplicate"  # its index was merged already
-    AWAITING = "awaiting"  # a replicated subtask's first result: waiting for a confirmation
-    QUORUM = "quorum"  # replicated results differ: one more node was asked
-    NO_QUORUM = "no quorum"  # too many distinct results: the job is failed
-    FAILED = "failed"  # merged, and the plugin says the result fails the job (`TaskPlugin.failure`)
-    MERGED = "merged"
-    FINALIZE = "finalize"  # merged, and the job is finalizing
+FINALIZERS_EVERY_S = 0.2  # look for finalize jobs another aggregator enqueued this often
 
 
 # counters (keys.STATS) of the vote outcomes
@@ -110,6 +101,10 @@ class Aggregator:
         self.rng = random.Random()
         self.queue = Queue(keys.FINALIZE_QUEUE, connection=client)
         self._last_sweep = 0.0
+        self._last_finalizers = 0.0
+        #: merged-work maps kept open across results, flushed before each commit
+        self.open_files = OpenFiles()
+        self._last_read = 0
 
     def handle(self, entry_id: bytes, f: dict[bytes, bytes]) -> Handled:
         job_id = f[b"job"].decode()
@@ -141,13 +136,13 @@ class Aggregator:
         if plugin.verify(params, index, full_input(self.r, task), output, self.rng) is Verdict.REJECT:
             log.warning("job %s: task %d from node %s failed verification; redoing it", job_id, index, node)
             self.results.requeue(task, entry_id)
-            self._reject(node, job_id)
+            self.reject(node, job_id)
             return Handled.REJECTED
         elapsed_ms = float(f.get(b"elapsed_ms", b"0"))
         if task.replicated:
             return self._vote(job, task, entry_id, node, output, elapsed_ms, voter)
         if plugin.confirm(params, index, output):
-            return self._confirm(job, task, entry_id, node, output, elapsed_ms, voter)
+            return self.confirm(job, task, entry_id, node, output, elapsed_ms, voter)
         return self._merge(job, task, entry_id, output, Origin(node, elapsed_ms, Checked.SINGLE, (node,)))
 
     def _merge(self, job: JobRecord, task: TaskFields, entry_id: bytes, output: bytes, origin: Origin) -> Handled:
@@ -159,7 +154,7 @@ class Aggregator:
         if not self.results.claim(job_id, index, entry_id):
             self.results.duplicate(entry_id)
             return Handled.DUPLICATE
-        files = JobFiles.under(self.data_dir, job_id, block_reader(self.r, job_id))
+        files = files_for(self, job_id)
         plugin.merge_result(files, params, index, output, origin)
         failure = plugin.failure(files, params, index, output)
         if failure is not None:
@@ -168,6 +163,7 @@ class Aggregator:
             self.results.fail_job(job_id, failure)
             self.results.drop(entry_id)
             return Handled.FAILED
+        self.open_files.flush(job_id)  # durable before the commit says it is merged
         commit = self.results.commit(job_id, index, entry_id)
         self.results.credit(node, job_id, index)
         if self.results.banned(node) and self.results.unmerge(job_id, index):
@@ -182,11 +178,12 @@ class Aggregator:
             commit = Commit.FINALIZE
         if commit is Commit.FINALIZE:
             log.info("job %s: all %d subtasks merged; finalizing", job_id, job.total)
+            self.open_files.close(job_id)
             enqueue_finalize(self.r, job_id, self.data_dir)
             return Handled.FINALIZE
         return Handled.MERGED
 
-    def _reject(self, node: str, job_id: str) -> None:
+    def reject(self, node: str, job_id: str) -> None:
         """Count a wrong result against its node (and its job); ban it after `ban_after`."""
         rejected = self.results.reject(node, job_id)
         if penalty(node, rejected, self.ban_after) is Penalty.BAN:
@@ -222,7 +219,7 @@ class Aggregator:
             handled = self._merge(job, task, entry_id, output, Origin(node, elapsed_ms, Checked.REPLICATED, agreeing))
             for other in (vote.nodes.get(v, v) for v in decision.dissenters):  # outvoted: wrong, passed the check
                 log.warning("job %s: node %s was outvoted on task %d", job.id, other, task.index)
-                self._reject(other, job.id)
+                self.reject(other, job.id)
             return handled
         if outcome is VoteOutcome.ACCEPT_UNCONFIRMED:
             return self._merge(job, task, entry_id, output, Origin(node, elapsed_ms, Checked.UNCONFIRMED, (node,)))
@@ -240,7 +237,7 @@ class Aggregator:
         self.results.requeue(task, entry_id)
         return Handled.QUORUM
 
-    def _confirm(
+    def confirm(
         self,
         job: JobRecord,
         task: TaskFields,
@@ -286,7 +283,7 @@ class Aggregator:
         self.results.count("replicas_resolved")
         handled = self._merge(job, task, entry_id, output, Origin(CONTROLLER, elapsed_ms, Checked.CONTROLLER, ()))
         for node in outvoted:
-            self._reject(node, job.id)
+            self.reject(node, job.id)
         return handled
 
     def _decide(self, job: JobRecord, task: TaskFields, entry_id: bytes) -> Handled:
@@ -356,27 +353,23 @@ class Aggregator:
 
     def step(self, flag: StopFlag) -> None:
         now = time.monotonic()
-        entries: list[Entry] = self.results.read()
+        entries: list[Entry] = self.results.read(count=read_count(self._last_read))
+        self._last_read = len(entries)
         if now - self._last_sweep > SWEEP_EVERY_S:
             entries += self.results.claim_abandoned()
             self.sweep()
             self._last_sweep = now
-        for entry_id, fields in entries:
-            try:
-                task = TaskFields.from_redis(fields)
-            except (KeyError, ValueError) as exc:
-                log.error("result %s is malformed (%s); dropped", entry_id, exc)
-                self.results.drop(entry_id)
-                continue
-            try:
-                metrics.count(self.handle(entry_id, fields).value)
-            except UNAVAILABLE:
-                raise  # the entry stays pending: it is handled again after the outage
-            except Exception as exc:
-                self._fault(entry_id, task, fields.get(b"node", b"?").decode(errors="replace"), exc)
-        self.run_finalizers(flag)
+        handled = handle_batch(self, entries)
+        for outcome, n in handled.items():
+            metrics.count(outcome.value, n)
+        if handled[Handled.FINALIZE] or now - self._last_finalizers > FINALIZERS_EVERY_S:
+            self._last_finalizers = now
+            self.run_finalizers(flag)
+        pause = gather_ms(self._last_read)
+        if pause:
+            time.sleep(pause / 1000)
 
-    def _fault(self, entry_id: bytes, task: TaskFields, node: str, exc: Exception) -> None:
+    def fault(self, entry_id: bytes, task: TaskFields, node: str, exc: Exception) -> None:
         """A result whose handling raised: the job's problem, not the service's."""
         if plugin_step(exc) == "verify" and not isinstance(exc, OSError):
             # the node's bytes made the check itself fail: a wrong result, redone elsewhere
@@ -385,7 +378,7 @@ class Aggregator:
                 "job %s: task %d from node %s broke verification (%r); redoing it", task.job, task.index, node, exc
             )
             self.results.requeue(task, entry_id)
-            self._reject(node, task.job)
+            self.reject(node, task.job)
             return
         reason = job_error(exc, f"subtask {task.index}")
         log.error("job %s: %s; failing the job", task.job, reason, exc_info=exc)

@@ -17,6 +17,10 @@ Baselines, same Redis server, same run, one Python client, entries shaped like t
 - batched: XADD in pipelines of 100, XREADGROUP COUNT 100, one XACK+XDEL per 100 ids.
 They run before and after the pipeline runs; the median is the reference.
 
+Then the aggregator alone (`bench/_aggregator_alone.py`): a whole job's results queued in
+the results stream of a fresh Redis, merged by an in-process `Aggregator` (results/s, its
+CPU and Redis's per result, Redis commands per result).
+
 Reported per node count: steady throughput (10 % -> 90 % of subtasks merged), ms per
 subtask (its inverse), wall time submit -> done (the job record's `created` -> `finished`)
 and as the CLI sees it (process start -> exit), the ratio to both baselines; and, to say
@@ -25,6 +29,12 @@ sent per subtask (INFO commandstats), and how often the tasks stream ran dry (no
 on the scheduler) and how long the results stream was (results waiting on the aggregator).
 
 `BENCH_PROFILE=DIR` runs the services under cProfile and leaves `DIR/<service>.prof`.
+
+`BENCH_BASELINE_PYTHON=PATH` runs every job a second time, interleaved, with the services
+and the CLI of another install (a checkout of the code before a change, installed in a
+virtualenv of its own; the nodes stay this checkout's), and adds a table of ratios (this
+code / baseline): before and after a change, in one run. `BENCH_CONFIGS=2,4x2` runs only
+those configurations (nodes, `x` aggregators); `BENCH_REPS=N` runs each N times.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import signal
 import socket
@@ -59,11 +70,12 @@ from . import Report, Table
 REPO = Path(__file__).resolve().parent.parent
 TILE = 4
 SIZES = {False: (200, 160), True: (100, 80)}  # 50 x 40 = 2000 tiles; 25 x 20 = 500
+ALONE_SIZES = {False: (400, 320), True: (200, 160)}  # 8000 and 2000 results for the aggregator alone
 Config = tuple[int, int]  # (nodes, aggregators)
 CONFIGS: tuple[Config, ...] = ((1, 1), (2, 1), (4, 1), (4, 2))
 NODE_CORES = 2
 BATCH = 100
-JOB_TIMEOUT_S = 90
+JOB_TIMEOUT_S = 300  # generous: a loaded shared machine runs the baseline code slowly
 SAMPLE_EVERY_S = 0.02
 BASELINE_DB = 15  # the baselines' stream lives in another database: db 0 holds only pd: keys
 BASELINE_STREAM = "bench:stream"
@@ -242,7 +254,9 @@ def _commandstats(r: Client) -> dict[str, int]:
     return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in r.info("commandstats").items()}
 
 
-def run_job(ctl: Any, r: Client, pool: NodePool, redis_pid: int, size: tuple[int, int], work: Path) -> JobRun:
+def run_job(
+    ctl: Any, r: Client, pool: NodePool, redis_pid: int, size: tuple[int, int], work: Path, python: str = sys.executable
+) -> JobRun:
     width, height = size
     tag = f"{len(pool.nodes)}-{next(_job_counter)}"
     raw = work / f"counts-{tag}.npy"
@@ -257,7 +271,7 @@ def run_job(ctl: Any, r: Client, pool: NodePool, redis_pid: int, size: tuple[int
     started = time.perf_counter()
     proc = subprocess.Popen(
         [
-            sys.executable,
+            python,
             "-m",
             "processdistro",
             "submit",
@@ -348,7 +362,9 @@ def run_job(ctl: Any, r: Client, pool: NodePool, redis_pid: int, size: tuple[int
 # ---------------------------------------------------------------------------- controller
 
 
-def make_controller(controller_cls: type, url: str, home: Path, profile_dir: Path | None) -> Any:
+def make_controller(
+    controller_cls: type, url: str, home: Path, profile_dir: Path | None, python: str = sys.executable
+) -> Any:
     port = free_port()
     env = {
         **os.environ,
@@ -359,6 +375,7 @@ def make_controller(controller_cls: type, url: str, home: Path, profile_dir: Pat
         "PD_LOG_LEVEL": "INFO",
     }
     ctl = controller_cls(redis_url=url, home=home, port=port, env=env)
+    ctl.python = python
     for name in SERVICES:
         spawn(ctl, name, profile_dir)
     return ctl
@@ -366,11 +383,14 @@ def make_controller(controller_cls: type, url: str, home: Path, profile_dir: Pat
 
 def spawn(ctl: Any, name: str, profile_dir: Path | None) -> subprocess.Popen[bytes]:
     """Start service instance `name` (`aggregator-2` is another aggregator), under cProfile
-    when profiling."""
+    when profiling, with the controller's python (`make_controller`)."""
     service = name.split("-", 1)[0]
-    if profile_dir is None:
+    python = getattr(ctl, "python", sys.executable)
+    if profile_dir is None and python == sys.executable:
         return ctl.start(name, service)  # type: ignore[no-any-return]
-    command = [sys.executable, "-m", "cProfile", "-o", str(profile_dir / f"{name}.prof"), "-m", "processdistro"]
+    command = [python, "-m", "processdistro"]
+    if profile_dir is not None:
+        command = [python, "-m", "cProfile", "-o", str(profile_dir / f"{name}.prof"), "-m", "processdistro"]
     with open(ctl.home / f"{name}.log", "ab") as out:
         proc = subprocess.Popen([*command, service], env=ctl.env, stdout=out, stderr=subprocess.STDOUT)
     ctl.procs[name] = proc
@@ -444,73 +464,187 @@ def node_compute_us() -> float:
 # ---------------------------------------------------------------------------- run
 
 
+def _configs() -> tuple[Config, ...]:
+    chosen = os.environ.get("BENCH_CONFIGS")
+    if not chosen:
+        return CONFIGS
+    out = []
+    for item in chosen.split(","):
+        n, _, aggregators = item.partition("x")
+        out.append((int(n), int(aggregators or 1)))
+    return tuple(out)
+
+
 def run(*, quick: bool, console: Console) -> Report:
     controller_cls, py_node = _test_helpers()
     size = SIZES[quick]
     n_subtasks = (size[0] // TILE) * (size[1] // TILE)
-    reps = 1 if quick else 3
+    reps = int(os.environ.get("BENCH_REPS", 1 if quick else 3))
+    configs = _configs()
     profile = os.environ.get("BENCH_PROFILE")
     profile_dir = Path(profile).resolve() if profile else None
     if profile_dir:
         profile_dir.mkdir(parents=True, exist_ok=True)
-    runs: dict[Config, list[JobRun]] = {c: [] for c in CONFIGS}
+    variants = {"this": sys.executable}
+    if os.environ.get("BENCH_BASELINE_PYTHON"):
+        variants["baseline"] = os.environ["BENCH_BASELINE_PYTHON"]
+    runs: dict[str, dict[Config, list[JobRun]]] = {v: {c: [] for c in configs} for v in variants}
+    alone: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     log_lines: list[str] = []
     base: dict[str, list[float]] = {"naive": [], "batched": []}
     with tempfile.TemporaryDirectory(prefix="pd-bench-") as tmp:
         work = Path(tmp)
         server = EmbeddedRedis(directory=work / "redis", persist=False)
         url = server.start()
-        ctl = None
         r = plain_client(url)
         try:
             assert server.process is not None
             console.print(f"baselines: {n_subtasks} entries, naive and batched")
             for k, v in baselines(url, n_subtasks, 2).items():
                 base[k] += v
-            home = work / "pd-home"
-            home.mkdir()
-            ctl = make_controller(controller_cls, url, home, profile_dir)
-            ctl.wait_ready()
-            for rep in range(reps):  # interleaved, so drift on a shared machine hits every node count
-                for config in CONFIGS:
-                    n, aggregators = config
-                    extra = [f"aggregator-{i}" for i in range(2, aggregators + 1)]
-                    pool = NodePool(py_node, ctl.url, ctl.join_code, n)
+            for rep in range(reps):  # interleaved, so drift on a shared machine hits every variant and node count
+                for variant, python in variants.items():
+                    home = work / f"pd-home-{variant}-{rep}"
+                    home.mkdir()
+                    ctl = make_controller(controller_cls, url, home, profile_dir if variant == "this" else None, python)
                     try:
-                        for name in extra:
-                            start_extra(ctl, r, name, profile_dir)
-                        pool.start()
-                        wait_connected(r, pool)
-                        console.print(f"job {rep + 1}/{reps}: {n_subtasks} subtasks, {_label(config)}")
-                        runs[config].append(run_job(ctl, r, pool, server.process.pid, size, work))
+                        ctl.wait_ready(timeout=90)  # a loaded machine starts services slowly
+                        for config in configs:
+                            console.print(f"job {rep + 1}/{reps} ({variant}): {n_subtasks} subtasks, {_label(config)}")
+                            runs[variant][config].append(
+                                _one_job(ctl, r, py_node, server.process.pid, size, work, config, python, profile_dir)
+                            )
+                        log_lines += notable_log_lines(home)
                     finally:
-                        pool.stop()
-                        for name in extra:
-                            stop_extra(ctl, name)
-                    if pool.error is not None:
-                        raise RuntimeError(f"a node failed: {pool.error!r}")
-            log_lines = notable_log_lines(home)
+                        _stop_controller(ctl, profile_dir if variant == "this" else None)
+            console.print("the aggregator alone")
+            for _ in range(reps):
+                for variant, python in variants.items():
+                    alone[variant].append(aggregator_alone(python, ALONE_SIZES[quick]))
             console.print("baselines again")
             for k, v in baselines(url, n_subtasks, 2).items():
                 base[k] += v
         finally:
             r.close()
-            if ctl is not None:
-                if profile_dir is not None:
-                    # SIGINT: uvicorn re-raises the signal it caught, and only KeyboardInterrupt
-                    # (not death by SIGTERM) lets cProfile write the gateway's profile
-                    for proc in ctl.procs.values():
-                        proc.send_signal(signal.SIGINT)
-                    for proc in ctl.procs.values():
-                        with contextlib.suppress(subprocess.TimeoutExpired):
-                            proc.wait(10)
-                ctl.stop()
             server.stop()
     compute_us = node_compute_us()
-    report = _report(runs, base, n_subtasks, compute_us)
+    report = _report(runs["this"], base, n_subtasks, compute_us)
+    report.tables.append(_alone_table(alone))
+    report.data["aggregator_alone"] = alone
+    if "baseline" in runs:
+        report.tables.append(_comparison(runs))
+        report.data["baseline_runs"] = [
+            {
+                "nodes": x.nodes,
+                "aggregators": x.aggregators,
+                "subtasks_per_s": x.steady_rate,
+                "cpu_ms_per_subtask": x.cpu_ms_per_subtask,
+                "redis_commands_per_subtask": x.redis_commands,
+                "results_waiting_mean": x.results_backlog_mean,
+                "tasks_queue_empty_share": x.tasks_backlog_empty,
+            }
+            for rs in runs["baseline"].values()
+            for x in rs
+        ]
     if log_lines:
-        report.notes.append("service log lines worth a look:\n    " + "\n    ".join(log_lines))
+        report.notes.append("service log lines worth a look:\n    " + "\n    ".join(log_lines[:12]))
     return report
+
+
+def _one_job(
+    ctl: Any,
+    r: Client,
+    py_node: type,
+    redis_pid: int,
+    size: tuple[int, int],
+    work: Path,
+    config: Config,
+    python: str,
+    profile_dir: Path | None,
+) -> JobRun:
+    n, aggregators = config
+    extra = [f"aggregator-{i}" for i in range(2, aggregators + 1)]
+    pool = NodePool(py_node, ctl.url, ctl.join_code, n)
+    try:
+        for name in extra:
+            start_extra(ctl, r, name, profile_dir)
+        pool.start()
+        wait_connected(r, pool)
+        return run_job(ctl, r, pool, redis_pid, size, work, python)
+    finally:
+        pool.stop()
+        for name in extra:
+            stop_extra(ctl, name)
+        if pool.error is not None:
+            raise RuntimeError(f"a node failed: {pool.error!r}")
+
+
+def _stop_controller(ctl: Any, profile_dir: Path | None) -> None:
+    if profile_dir is not None:
+        # SIGINT: uvicorn re-raises the signal it caught, and only KeyboardInterrupt
+        # (not death by SIGTERM) lets cProfile write the gateway's profile
+        for proc in ctl.procs.values():
+            proc.send_signal(signal.SIGINT)
+        for proc in ctl.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+    ctl.stop()
+
+
+def aggregator_alone(python: str, size: tuple[int, int]) -> dict[str, float]:
+    """`bench/_aggregator_alone.py` under `python`: the aggregator with every result of a
+    job waiting for it (its own Redis; no gateway, scheduler or node beside it)."""
+    script = Path(__file__).resolve().parent / "_aggregator_alone.py"
+    done = subprocess.run(
+        [python, str(script), str(size[0]), str(size[1])], capture_output=True, text=True, timeout=600, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the aggregator alone failed:\n{done.stderr[-3000:]}")
+    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _alone_table(alone: dict[str, list[dict[str, float]]]) -> Table:
+    table = Table(
+        "the aggregator alone: a whole job's results waiting in the stream (medians)",
+        ["code", "results", "results/s", "aggregator CPU ms/result", "Redis CPU ms/result", "Redis cmds/result"],
+    )
+    for variant, samples in alone.items():
+        med = {k: statistics.median(x[k] for x in samples) for k in samples[0]}
+        table.rows.append(
+            [
+                variant,
+                int(med["results"]),
+                med["results_per_s"],
+                med["aggregator_cpu_ms"],
+                med["redis_cpu_ms"],
+                med["redis_commands"],
+            ]
+        )
+    return table
+
+
+def _comparison(runs: dict[str, dict[Config, list[JobRun]]]) -> Table:
+    """This code against the baseline install, per configuration (medians of each)."""
+    table = Table(
+        "this code / baseline (same run, interleaved; medians)",
+        ["path", "sub/s", "baseline sub/s", "x sub/s", "agg CPU ms", "baseline", "Redis cmds", "baseline"],
+    )
+    for config, rs in runs["this"].items():
+        new, old = _median_run(rs), _median_run(runs["baseline"][config])
+        table.rows.append(
+            [
+                _label(config),
+                new.steady_rate,
+                old.steady_rate,
+                new.steady_rate / old.steady_rate,
+                new.cpu_ms_per_subtask.get("aggregator", 0.0),
+                old.cpu_ms_per_subtask.get("aggregator", 0.0),
+                sum(new.redis_commands.values()),
+                sum(old.redis_commands.values()),
+            ]
+        )
+    return table
 
 
 def _median_run(runs: list[JobRun]) -> JobRun:
@@ -525,6 +659,7 @@ def _label(config: Config) -> str:
 def _report(runs: dict[Config, list[JobRun]], base: dict[str, list[float]], n: int, compute_us: float) -> Report:
     naive, batched = statistics.median(base["naive"]), statistics.median(base["batched"])
     median = {config: _median_run(rs) for config, rs in runs.items()}
+    shown = list(median)[-2 if len(median) > 1 else -1]  # the most nodes with one aggregator, by default
     throughput = Table(
         f"{n} subtasks, Mandelbrot {TILE}x{TILE} px tiles, max_iter=1",
         ["path", "sub/s", "ms/sub", "x naive", "x batched", "job s", "CLI s", "1st s", "final s"],
@@ -578,8 +713,8 @@ def _report(runs: dict[Config, list[JobRun]], base: dict[str, list[float]], n: i
         "no task queued: share of samples with no undelivered task in the tasks stream (nodes waiting on the "
         "scheduler); results queued: mean length of the results stream (read or unread, not yet committed)",
         "Redis cmds: commands the services sent per subtask (INFO commandstats, commands inside Lua "
-        f"scripts included); with {_label(CONFIGS[-2])}: "
-        + ", ".join(f"{k} {v:.2f}" for k, v in list(median[CONFIGS[-2]].redis_commands.items())[:12]),
+        f"scripts included); with {_label(shown)}: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in list(median[shown].redis_commands.items())[:12]),
         "subtasks per node: " + "; ".join(f"{_label(k)} {r.per_node_done}" for k, r in median.items()),
     ]
     for config, rs in runs.items():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 
 from ..shared.core import feed
@@ -51,6 +52,13 @@ class Feeder:
         self.settings = settings
         #: fails a job (id, reason) whose plugin raised; None: the job is only logged
         self.fail = fail
+        #: did the last plan leave subtasks unfed (the scheduler then waits only briefly)
+        self.unfed = True
+        #: the nodes' take from the backlog, entries/s (`core.feed.drain_rate`)
+        self.drain_per_s = 0.0
+        self._last: tuple[float, int] | None = None  # (when, backlog right after feeding)
+        #: the undelivered backlog after the last feed
+        self.backlog = 0
 
     def open_backlog(self) -> int:
         """Undelivered entries that an idle node could take. A replicated subtask's second
@@ -62,11 +70,18 @@ class Feeder:
 
     def backlog_target(self) -> int:
         nodes = live_nodes(self.r, self.settings.node_timeout_s).values()
-        return feed.backlog_target(nodes, adaptive_kinds(), self.settings.target_task_s)
+        return feed.backlog_target(nodes, adaptive_kinds(), self.settings.target_task_s, self.drain_per_s)
 
     def feed(self) -> int:
         """Top the backlog up; returns how many entries were added."""
-        room = self.backlog_target() - self.tasks.backlog()
+        backlog = self.tasks.backlog()
+        now = time.monotonic()
+        if self._last is not None:
+            when, after = self._last
+            self.drain_per_s = feed.drain_rate(self.drain_per_s, after - backlog, now - when)
+        self._last = (now, backlog)
+        self.backlog = backlog
+        room = self.backlog_target() - backlog
         if room <= 0:
             return 0
         jobs = {j.id: j for j in self.jobs.active() if j.state in LIVE}
@@ -75,7 +90,10 @@ class Feeder:
         ]
         added = 0
         refused: set[str] = set()
-        for batch in feed.plan(views, room):
+        batches = feed.plan(views, room)
+        planned = sum(b.count for b in batches)
+        self.unfed = sum(max(0, v.total - v.next_index) for v in views) > planned
+        for batch in batches:
             if batch.job_id in refused:
                 continue
             if batch.starts_job and not self._start(batch.job_id):
@@ -89,6 +107,8 @@ class Feeder:
                 except Exception as exc:  # this job's plugin (split): the job fails, the rest go on
                     refused.add(batch.job_id)
                     self._fault(batch.job_id, batch.start, exc)
+        self._last = (now, backlog + added)
+        self.backlog = backlog + added
         return added
 
     def _fault(self, job_id: str, start: int, exc: Exception) -> None:

@@ -1,6 +1,6 @@
 """The scheduler: turns commands into jobs, feeds the task stream, balances the tail, reaps.
 
-Loop (about every 100 ms):
+Loop (without waiting while it feeds; `core.feed.command_wait_ms`):
 1. apply the `submit`/`cancel`/`fail` commands of `keys.COMMANDS` (consumer group, so a
    restarted scheduler resumes where the last one stopped; a command is acked once applied,
    or once refused: one bad command never holds up the others);
@@ -24,6 +24,7 @@ import logging
 import time
 from typing import Any
 
+from ..shared.core import feed
 from ..shared.exceptions import ParamsError, ProcessDistroError
 from ..shared.jobs import JobState, allowed
 from ..shared.messages import Cancel, CancelJob, Fail, Submit
@@ -173,8 +174,12 @@ class Scheduler:
         if now - self._last_beat > 2:
             beat(self.r, "scheduler", self.name)
             self._last_beat = now
-        # wait on the command stream only when there is nothing to feed
-        self.handle_commands(block_ms=None if self._fed else 50)
+        # wait on the command stream only when nothing was fed, and while work is left to
+        # feed no longer than the backlog lasts (`core.feed.command_wait_ms`)
+        f = self.feeder
+        self.handle_commands(
+            block_ms=feed.command_wait_ms(fed=self._fed, unfed=f.unfed, backlog=f.backlog, drain_per_s=f.drain_per_s)
+        )
         self._fed = self.feeder.feed()
         if not self._fed:
             self.tail.run()

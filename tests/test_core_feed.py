@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import pytest
 from processdistro.shared.capacity import NodeView
-from processdistro.shared.core.feed import MIN_BACKLOG, Batch, FeedJob, backlog_target, plan
+from processdistro.shared.core.feed import (
+    BUSY_WAIT_MS,
+    IDLE_WAIT_MS,
+    MAX_DRAIN_BACKLOG,
+    MIN_BACKLOG,
+    Batch,
+    FeedJob,
+    backlog_target,
+    command_wait_ms,
+    drain_rate,
+    plan,
+)
 
 
 def job(job_id: str, left: int, *, priority: int = 0, queued: bool = False, done: int = 0) -> FeedJob:
@@ -107,3 +118,59 @@ def node(slots: int, **ewma: float) -> NodeView:
 )
 def test_backlog_target(nodes: list[NodeView], expected: int) -> None:
     assert backlog_target(nodes, frozenset({"hash", "crack"}), 4.0) == expected
+
+
+@pytest.mark.parametrize(
+    ("nodes", "drain_per_s", "expected"),
+    [
+        ([node(2)], 0.0, MIN_BACKLOG),
+        ([node(2)], 300.0, MIN_BACKLOG),  # 30 entries in 0.1 s: under the floor
+        ([node(2)], 5000.0, 500),  # 0.1 s of 5,000 subtasks/s
+        ([node(2)], 5000.5, 501),  # rounded up
+        ([node(40)], 1000.0, 160),  # the slots ask for more than the drain
+        ([node(2)], 1e9, MAX_DRAIN_BACKLOG),  # capped: a longer queue only delays the tail
+        ([node(2)], -50.0, MIN_BACKLOG),  # a negative rate (requeues) counts as none
+    ],
+    ids=["no drain", "slow drain", "fast drain", "rounded up", "slots win", "capped", "negative"],
+)
+def test_backlog_target_holds_what_the_nodes_take_in_a_tenth_of_a_second(
+    nodes: list[NodeView], drain_per_s: float, expected: int
+) -> None:
+    assert backlog_target(nodes, frozenset(), 4.0, drain_per_s) == expected
+
+
+@pytest.mark.parametrize(
+    ("previous", "taken", "elapsed_s", "expected"),
+    [
+        (0.0, 100, 0.1, 300.0),  # first sample: 1,000/s weighted 0.3
+        (1000.0, 100, 0.1, 1000.0),  # steady
+        (1000.0, 0, 0.05, 700.0),  # nothing taken: the rate decays
+        (1000.0, -20, 0.1, 1000.0),  # entries came back (requeued): no sample
+        (1000.0, 50, 0.0, 1000.0),  # no time passed: no sample
+    ],
+    ids=["first", "steady", "idle", "requeued", "no time"],
+)
+def test_drain_rate(previous: float, taken: int, elapsed_s: float, expected: float) -> None:
+    assert drain_rate(previous, taken, elapsed_s) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("fed", "unfed", "backlog", "drain_per_s", "expected"),
+    [
+        (10, True, 64, 1000.0, None),  # just fed: go round again at once
+        (10, False, 64, 1000.0, None),
+        (0, False, 64, 1000.0, IDLE_WAIT_MS),  # nothing to feed: wait for a command
+        (0, True, 64, 1000.0, 32),  # 64 entries last 64 ms: look again at half of it
+        (0, True, 500, 5000.0, 50),  # 100 ms of work queued: capped at the idle wait
+        (0, True, 64, 100_000.0, BUSY_WAIT_MS),  # drains in under a millisecond: the floor
+        (0, True, 64, 0.0, IDLE_WAIT_MS),  # nobody takes anything: no hurry
+        (0, True, 0, 0.0, BUSY_WAIT_MS),  # an empty backlog with work left: soon
+    ],
+    ids=["fed, more left", "fed the last", "idle", "half the backlog", "capped", "floor", "no takers", "empty"],
+)
+def test_command_wait(fed: int, unfed: bool, backlog: int, drain_per_s: float, expected: int | None) -> None:
+    assert command_wait_ms(fed=fed, unfed=unfed, backlog=backlog, drain_per_s=drain_per_s) == expected
+
+
+def test_a_busy_wait_is_shorter_than_an_idle_one() -> None:
+    assert 0 < BUSY_WAIT_MS < IDLE_WAIT_MS

@@ -17,13 +17,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypeAlias
 
 from .. import keys
 from ..core.replication import Ballot
-from ..jobs import JobState
+from ..jobs import JobRecord, JobState
 from ..messages import Ban, CancelJob, Fail
 from ..queue import TaskFields, live_since, node_ids
 from .commands import publish_control, send_command
@@ -31,7 +33,7 @@ from .connection import Client
 from .events import queue_event
 from .expiry import node_seen
 from .nodes import live_voters, voters_of
-from .scripts import CLAIM_LUA, COMMIT_LUA, EARLY_LUA, UNMERGE_LUA, VOTE_LUA
+from .scripts import CLAIM_LUA, CLAIM_MANY_LUA, COMMIT_LUA, COMMIT_MANY_LUA, EARLY_LUA, UNMERGE_LUA, VOTE_LUA
 
 #: The sync client type, for code outside the store that passes one along (rq's queue and
 #: worker, `store.jobs` functions) without importing redis itself.
@@ -43,7 +45,7 @@ Entry: TypeAlias = tuple[bytes, dict[bytes, bytes]]
 VOTES_TTL_S = 86_400
 MERGED_MEMORY = 10_000  # merged results remembered per node, for recomputation after a ban
 CLAIM_IDLE_MS = 10_000  # a live aggregator merges a batch in well under this
-BATCH = 64  # result entries per read
+BATCH = 256  # result entries per read (and per claim and commit call)
 
 
 class Commit(StrEnum):
@@ -72,6 +74,23 @@ class Vote:
     nodes: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Seen:
+    """What the batch path knows of a batch of results before it verifies them, read in
+    one round trip (`ResultStream.look`)."""
+
+    #: job id -> its record (None: gone)
+    jobs: dict[str, JobRecord | None]
+    #: the banned nodes among the results' nodes
+    banned: frozenset[str]
+    #: (job id, index) of the results whose index is merged already
+    done: frozenset[tuple[str, int]]
+
+
+#: A merged result to commit: job id, index, result entry id, node
+Merged: TypeAlias = tuple[str, int, bytes, str]
+
+
 class ResultStream:
     """An aggregator's view of `keys.RESULTS` and of the replication and reputation records."""
 
@@ -84,13 +103,15 @@ class ResultStream:
         self._unmerge = client.register_script(UNMERGE_LUA)
         self._claim = client.register_script(CLAIM_LUA)
         self._vote = client.register_script(VOTE_LUA)
+        self._claim_many = client.register_script(CLAIM_MANY_LUA)
+        self._commit_many = client.register_script(COMMIT_MANY_LUA)
 
     # ------------------------------------------------------------ entries
 
-    def read(self, block_ms: int = 500) -> list[Entry]:
+    def read(self, block_ms: int = 500, count: int = BATCH) -> list[Entry]:
         """New result entries for this consumer (they stay pending until disposed of)."""
         resp = self.r.xreadgroup(
-            keys.AGGREGATORS_GROUP, self.consumer, {keys.RESULTS: ">"}, count=BATCH, block=block_ms
+            keys.AGGREGATORS_GROUP, self.consumer, {keys.RESULTS: ">"}, count=count, block=block_ms
         )
         return [entry for _stream, entries in resp or [] for entry in entries]
 
@@ -126,6 +147,18 @@ class ResultStream:
         pipe.xdel(keys.RESULTS, entry_id)
         pipe.execute()
 
+    def dispose(self, dropped: Sequence[bytes], duplicates: Sequence[bytes]) -> None:
+        """`drop` and `duplicate` for many entries, in one step."""
+        ids = [*dropped, *duplicates]
+        if not ids:
+            return
+        pipe = self.r.pipeline(transaction=True)
+        if duplicates:
+            pipe.hincrby(keys.STATS, "tasks_duplicate", len(duplicates))
+        pipe.xack(keys.RESULTS, keys.AGGREGATORS_GROUP, *ids)
+        pipe.xdel(keys.RESULTS, *ids)
+        pipe.execute()
+
     def queue_copy(self, task: TaskFields) -> None:
         """Queue `task` as it is (the caller chooses `task.retry()` or a fresh one)."""
         self.r.xadd(keys.TASKS, task.to_redis())
@@ -139,6 +172,72 @@ class ResultStream:
         """Claim the index for this result entry before touching the files: only the first
         valid result may write. A claim by the same entry (redelivered) is still ours."""
         return bool(self._claim(keys=[keys.job_claims(job_id)], args=[index, entry_id]) == 1)
+
+    def look(self, results: Sequence[tuple[str, int, str]]) -> Seen:
+        """For results (job id, index, node): their jobs' records, which nodes are banned,
+        which indices are merged already. One round trip for the batch."""
+        job_ids = sorted({job for job, _i, _n in results})
+        nodes = sorted({node for _j, _i, node in results})
+        indices = {job: sorted({i for j, i, _n in results if j == job}) for job in job_ids}
+        pipe = self.r.pipeline(transaction=False)
+        for job in job_ids:
+            pipe.hgetall(keys.job(job))
+        for node in nodes:
+            pipe.hget(keys.node(node), "banned")
+        for job in job_ids:
+            pipe.smismember(keys.job_done(job), indices[job])
+        replies = pipe.execute()
+        records, banned, members = (
+            replies[: len(job_ids)],
+            replies[len(job_ids) : -len(job_ids)],
+            replies[-len(job_ids) :],
+        )
+        done = {
+            (job, i) for job in job_ids for i, m in zip(indices[job], members[job_ids.index(job)], strict=True) if m
+        }
+        return Seen(
+            jobs={job: JobRecord.from_hash(h) if h else None for job, h in zip(job_ids, records, strict=True)},
+            banned=frozenset(n for n, b in zip(nodes, banned, strict=True) if b == b"1"),
+            done=frozenset(done),
+        )
+
+    def claim_many(self, results: Sequence[tuple[str, int, bytes]]) -> list[bool]:
+        """`claim` for (job id, index, entry id) of many results, in order, in one call."""
+        if not results:
+            return []
+        won = self._claim_many(
+            keys=[keys.job_claims(job) for job, _i, _e in results],
+            args=[x for _j, index, entry in results for x in (index, entry)],
+        )
+        return [int(w) == 1 for w in won]
+
+    def commit_many(self, merged: Sequence[Merged]) -> tuple[list[Commit], frozenset[str]]:
+        """`commit` and `credit` for many merged results in one round trip; also returns
+        which of their nodes are banned now (banned while we merged: the caller takes
+        those results back)."""
+        if not merged:
+            return [], frozenset()
+        nodes = sorted({node for *_x, node in merged})
+        pipe = self.r.pipeline(transaction=False)
+        self._commit_many(
+            keys=[keys.RESULTS, keys.STATS, *(k for job, *_x in merged for k in (keys.job(job), keys.job_done(job)))],
+            args=[keys.AGGREGATORS_GROUP, *(x for job, index, entry, _n in merged for x in (job, index, entry))],
+            client=pipe,
+        )
+        for node in nodes:
+            mine = [f"{job}:{index}" for job, index, _e, n in merged if n == node]
+            pipe.hincrby(keys.node(node), "completed", len(mine))
+            pipe.lpush(keys.node_merged(node), *mine)
+            pipe.ltrim(keys.node_merged(node), 0, MERGED_MEMORY - 1)
+            node_seen(pipe, node)
+        for job_id, count in Counter(job for job, *_x in merged).items():
+            pipe.hincrby(keys.job_stats(job_id), "verified", count)
+        for node in nodes:
+            pipe.hget(keys.node(node), "banned")
+        replies = pipe.execute()
+        outcomes = [Commit(o.decode() if isinstance(o, bytes) else str(o)) for o in replies[0]]
+        banned = frozenset(n for n, b in zip(nodes, replies[-len(nodes) :], strict=True) if b == b"1")
+        return outcomes, banned
 
     def commit(self, job_id: str, index: int, entry_id: bytes) -> Commit:
         """The result is merged: add the index to the done set and dispose of the entry."""

@@ -171,6 +171,71 @@ end
 return {fresh, #all, same}
 """
 
+# CLAIM_LUA for a batch of results, in order (a later result for an index claimed earlier
+# in the batch loses). KEYS[i]: the claims hash of result i's job; ARGV[2i-1], ARGV[2i]:
+# its index and result entry id. Returns one 1 (ours) or 0 per result.
+CLAIM_MANY_LUA = """
+local out = {}
+for i = 1, #KEYS do
+  local index, entry = ARGV[2 * i - 1], ARGV[2 * i]
+  if redis.call('HSETNX', KEYS[i], index, entry) == 1 or redis.call('HGET', KEYS[i], index) == entry then
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
+# COMMIT_LUA for a batch of merged results: each index joins its job's done set, every
+# entry is ACKed and deleted (one XACK, one XDEL), the counters move once per job, and a
+# job whose last index is in moves to `finalizing` exactly once (on its last result here).
+# KEYS[1] results, KEYS[2] stats, then per result its job's record and done set;
+# ARGV[1] the group, then per result: job id, index, entry id.
+# Returns per result 'merged', 'duplicate' or 'finalize'.
+COMMIT_MANY_LUA = (
+    MOVE_FN
+    + """
+local results, stats, group = KEYS[1], KEYS[2], ARGV[1]
+local n = (#KEYS - 2) / 2
+local out, ids, added, last, order = {}, {}, {}, {}, {}
+local completed, duplicate = 0, 0
+for i = 1, n do
+  local job_key, done_set = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+  local job_id, index, entry = ARGV[3 * i - 1], ARGV[3 * i], ARGV[3 * i + 1]
+  ids[i] = entry
+  if redis.call('SADD', done_set, index) == 1 then
+    completed = completed + 1
+    out[i] = 'merged'
+    if not added[job_id] then
+      added[job_id] = 0
+      order[#order + 1] = {job_id, job_key}
+    end
+    added[job_id] = added[job_id] + 1
+    last[job_id] = i
+  else
+    duplicate = duplicate + 1
+    out[i] = 'duplicate'
+  end
+end
+if n > 0 then
+  redis.call('XACK', results, group, unpack(ids))
+  redis.call('XDEL', results, unpack(ids))
+end
+if completed > 0 then redis.call('HINCRBY', stats, 'tasks_completed', completed) end
+if duplicate > 0 then redis.call('HINCRBY', stats, 'tasks_duplicate', duplicate) end
+for _, jk in ipairs(order) do
+  local job_id, job_key = jk[1], jk[2]
+  local done = redis.call('HINCRBY', job_key, 'done', added[job_id])
+  local total = tonumber(redis.call('HGET', job_key, 'total'))
+  if total and done >= total and move(job_key, nil, job_id, 'finalizing', 'running') then
+    out[last[job_id]] = 'finalize'
+  end
+end
+return out
+"""
+)
+
 # A job no longer needs an uploaded module: forget it, and delete the module if no other job
 # needs it. One script, so a submit that adds its job to the set (in a transaction) either
 # comes first and keeps the module, or after and stores it again.

@@ -17,7 +17,9 @@ import argparse
 import errno
 import os
 import random
+import time
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -102,21 +104,94 @@ def _no_blocks(sha: str) -> bytes:
     raise KeyError(f"block {sha} is not readable here")
 
 
+class OpenFiles:
+    """Memory maps of merged work an aggregator keeps open across results (`JobFiles.memmap`)
+    and flushes at its commit points, not once per result: opening a map and msync per tile
+    cost more than the tile's merge. Writes through a shared map are in the page cache at
+    once, so another aggregator or a finalize reading the file sees them before any flush;
+    the flush only makes them durable before the commit that says they are merged. At most
+    `max_jobs` jobs' maps stay open (least recently used go first)."""
+
+    def __init__(self, max_jobs: int = 16) -> None:
+        self.max_jobs = max_jobs
+        self._maps: OrderedDict[str, dict[Path, np.memmap]] = OrderedDict()
+        self._used: dict[str, float] = {}
+        self._dirty: set[str] = set()
+
+    def memmap(self, job_id: str, path: Path, shape: tuple[int, ...], dtype: Any) -> np.memmap:
+        maps = self._maps.get(job_id)
+        if maps is None:
+            maps = self._maps[job_id] = {}
+            while len(self._maps) > self.max_jobs:
+                self.close(next(iter(self._maps)))
+        self._maps.move_to_end(job_id)
+        self._used[job_id] = time.monotonic()
+        m = maps.get(path)
+        if m is None:
+            m = maps[path] = shared_memmap(path, shape, dtype)
+        self._dirty.add(job_id)
+        return m
+
+    def jobs(self) -> list[str]:
+        return list(self._maps)
+
+    def flush(self, job_id: str) -> None:
+        """Make what was written into the job's maps durable (msync): before its commit."""
+        if job_id in self._dirty:
+            for m in self._maps.get(job_id, {}).values():
+                m.flush()
+            self._dirty.discard(job_id)
+
+    def close(self, job_id: str) -> None:
+        """Flush and let go of a job's maps (it finalizes, it is over, or it was idle)."""
+        try:
+            self.flush(job_id)
+        finally:
+            self._maps.pop(job_id, None)
+            self._used.pop(job_id, None)
+            self._dirty.discard(job_id)
+
+    def idle(self, now: float, idle_s: float) -> list[str]:
+        """Jobs whose maps were not used for `idle_s` (the caller closes them)."""
+        return [j for j, t in self._used.items() if now - t > idle_s]
+
+
 @dataclass(frozen=True)
 class JobFiles:
     """Where one job's intermediate and final files live (under the data directory), and
-    how to read the job's shared blocks (for merges and finalizers that need them)."""
+    how to read the job's shared blocks (for merges and finalizers that need them).
+    `open_files`: an aggregator's maps kept open across results (None: open, write and
+    flush per merge)."""
 
     job_id: str
     directory: Path
     read_block: Callable[[str], bytes] = _no_blocks
+    open_files: OpenFiles | None = None
 
     @classmethod
-    def under(cls, data_dir: Path, job_id: str, read_block: Callable[[str], bytes] = _no_blocks) -> JobFiles:
-        return cls(job_id, data_dir / "jobs" / job_id, read_block)
+    def under(
+        cls,
+        data_dir: Path,
+        job_id: str,
+        read_block: Callable[[str], bytes] = _no_blocks,
+        open_files: OpenFiles | None = None,
+    ) -> JobFiles:
+        return cls(job_id, data_dir / "jobs" / job_id, read_block, open_files)
 
     def path(self, name: str) -> Path:
         return self.directory / name
+
+    def memmap(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.memmap:
+        """The merged-work array file `name` (`shared_memmap`), kept open when an aggregator
+        keeps files open. A merge writes into it and then calls `written`."""
+        if self.open_files is None:
+            return shared_memmap(self.path(name), shape, dtype)
+        return self.open_files.memmap(self.job_id, self.path(name), shape, dtype)
+
+    def written(self, m: np.memmap) -> None:
+        """After a merge wrote into `m`: flushed now, or, kept open, at the commit point."""
+        if self.open_files is None:
+            m.flush()
 
 
 class TaskPlugin(ABC, Generic[P]):

@@ -38,7 +38,7 @@ from numpy.lib.format import open_memmap
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..exceptions import ParamsError
-from .base import JobFiles, Prepared, Subtask, TaskPlugin, Verdict, keep_or_write, merged, shared_memmap
+from .base import JobFiles, Prepared, Subtask, TaskPlugin, Verdict, keep_or_write, merged
 
 HEADER = struct.Struct("<B3xIII")  # mode, padding, iterations, dklen, count
 MODE_HASH = 0
@@ -263,10 +263,9 @@ class HashPlugin(TaskPlugin[HashParams]):
         first, rows, _records, _meta, pos, _dk = params.batches[index]
         keys = np.frombuffer(output, dtype=np.uint8).reshape(rows + 1, params.dklen)
         real = np.delete(keys, pos, axis=0)
-        out = shared_memmap(files.path(self.PARTIAL), (params.rows, params.dklen), np.uint8)
+        out = files.memmap(self.PARTIAL, (params.rows, params.dklen), np.uint8)
         out[first : first + rows] = real
-        out.flush()
-        del out
+        files.written(out)
 
     def finalize(self, files: JobFiles, params: HashParams) -> dict[str, str]:
         result = files.path(self.RESULT)

@@ -235,10 +235,9 @@ class MandelbrotPlugin(TaskPlugin[MandelbrotParams]):
 
     def merge(self, files: JobFiles, params: MandelbrotParams, index: int, output: bytes) -> None:
         x0, y0, w, h = params.tile_rect(index)
-        canvas = self._canvas(files, params)
+        canvas = files.memmap(self.PARTIAL, (params.height, params.width), np.uint32)
         canvas[y0 : y0 + h, x0 : x0 + w] = np.frombuffer(output, dtype="<u4").reshape(h, w)
-        canvas.flush()
-        del canvas
+        files.written(canvas)
 
     def finalize(self, files: JobFiles, params: MandelbrotParams) -> dict[str, str]:
         raw, image = files.path(self.RAW), files.path(self.IMAGE)

@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..exceptions import ParamsError
-from .base import JobFiles, Prepared, Subtask, TaskPlugin, Verdict, merged, shared_memmap
+from .base import JobFiles, Prepared, Subtask, TaskPlugin, Verdict, merged
 
 HEADER = struct.Struct("<4I")  # dtype code, m, k, n
 DTYPES: dict[str, tuple[int, str]] = {"float64": (0, "<f8"), "float32": (1, "<f4")}
@@ -163,10 +163,9 @@ class MatmulPlugin(TaskPlugin[MatmulParams]):
     def merge(self, files: JobFiles, params: MatmulParams, index: int, output: bytes) -> None:
         r0, c0, rows, cols = params.tile_rect(index)
         le = DTYPES[params.dtype][1]
-        out = shared_memmap(files.path(self.PARTIAL), (params.m, params.n), np.dtype(le))
+        out = files.memmap(self.PARTIAL, (params.m, params.n), np.dtype(le))
         out[r0 : r0 + rows, c0 : c0 + cols] = np.frombuffer(output, dtype=le).reshape(rows, cols)
-        out.flush()
-        del out
+        files.written(out)
 
     def finalize(self, files: JobFiles, params: MatmulParams) -> dict[str, str]:
         # C was written in place, tile by tile: finishing it is a rename, not a copy
