@@ -129,7 +129,7 @@ def copy_outputs(
 def fetch_output(remote: Remote, job_id: str, role: str, target: Path, *, console: Console | None = None) -> None:
     """Stream one output from the gateway into `target` (through a temporary file beside it,
     so a broken download leaves no half file), with a progress bar for big ones."""
-    from .tls import client_context, is_mismatch
+    from .tls import client_context
 
     assert remote.gateway_url is not None
     url = f"{remote.gateway_url.rstrip('/')}/jobs/{quote(job_id, safe='')}/outputs/{quote(role, safe='')}"
@@ -179,9 +179,8 @@ def fetch_output(remote: Remote, job_id: str, role: str, target: Path, *, consol
                 raise ProcessDistroError(f"output {role} of job {job_id}: got {got} of {size} bytes from {url}")
         partial.replace(target)
     except httpx.HTTPError as exc:
-        mismatch = is_mismatch(exc)
         raise ProcessDistroError(
-            f"cannot fetch output {role} of job {job_id} from {remote.gateway_url}: {mismatch or exc}"
+            f"cannot fetch output {role} of job {job_id} from {remote.gateway_url}: {exc}"
         ) from None
     finally:
         partial.unlink(missing_ok=True)

@@ -11,7 +11,7 @@ certificate, what `openssl x509 -fingerprint -sha256` prints, in lowercase hex w
 colons) accept exactly that certificate: `pinned_context(fp)` verifies nothing else (no CA,
 no host name: a self-signed certificate has neither) but compares the peer certificate's
 fingerprint during the handshake, before a byte of HTTP or WebSocket is sent, and fails
-the handshake (`FingerprintMismatch`, an `ssl.SSLCertVerificationError`) otherwise. The
+the handshake (`FingerprintMismatch`) otherwise. The
 join link carries it (`&fp=<hex>`); `up` prints it. Without a fingerprint an https link is
 checked the usual way (the system's CAs, the host name).
 
@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .shared.exceptions import ProcessDistroError
+
 log = logging.getLogger(__name__)
 
 VALID_DAYS = 365
@@ -41,8 +43,10 @@ RENEW_DAYS = 30  # a certificate expiring sooner than this is replaced
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-class FingerprintMismatch(ssl.SSLCertVerificationError):
-    """The server's certificate is not the pinned one."""
+class FingerprintMismatch(ProcessDistroError):
+    """The server's certificate is not the pinned one. Deliberately not an `ssl.SSLError`:
+    httpx and websockets let it through unwrapped, so a worker stops with this message
+    instead of retrying a connection that cannot succeed."""
 
 
 def normalize_fingerprint(text: str) -> str:
@@ -114,18 +118,6 @@ def client_context(url: str, fp: str | None) -> ssl.SSLContext | None:
     if not url.startswith(("https:", "wss:")):
         return None
     return pinned_context(fp) if fp else ssl.create_default_context()
-
-
-def is_mismatch(exc: BaseException) -> FingerprintMismatch | None:
-    """The `FingerprintMismatch` behind `exc` (httpx and websockets wrap it), if any."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, FingerprintMismatch):
-            return cur
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return None
 
 
 # ---------------------------------------------------------------------------- the server's
