@@ -11,7 +11,8 @@ certificate, what `openssl x509 -fingerprint -sha256` prints, in lowercase hex w
 colons) accept exactly that certificate: `pinned_context(fp)` verifies nothing else (no CA,
 no host name: a self-signed certificate has neither) but compares the peer certificate's
 fingerprint during the handshake, before a byte of HTTP or WebSocket is sent, and fails
-the handshake (`FingerprintMismatch`) otherwise. The
+the handshake (`FingerprintMismatch`) otherwise. Both ways TLS runs in Python are covered:
+`SSLContext.wrap_bio` (asyncio, anyio) and `wrap_socket` (blocking clients). The
 join link carries it (`&fp=<hex>`); `up` prints it. Without a fingerprint an https link is
 checked the usual way (the system's CAs, the host name).
 
@@ -81,22 +82,34 @@ def spki_pin(cert_pem: bytes) -> str:
 # ---------------------------------------------------------------------------- clients
 
 
-def _pinned_sslobject(expected: str) -> type[ssl.SSLObject]:
-    class PinnedSSLObject(ssl.SSLObject):
-        """An SSLObject whose handshake ends with the fingerprint check (asyncio, anyio and
-        so httpx and websockets all drive TLS through `SSLContext.wrap_bio`)."""
+def _check(der: bytes | None, expected: str) -> None:
+    got = fingerprint(der) if der else ""
+    if not hmac.compare_digest(got, expected):
+        raise FingerprintMismatch(
+            f"the server's certificate (sha256 {got or 'none'}) is not the one in the join link "
+            f"(fp={expected}): get a fresh link from the controller"
+        )
 
+
+def _pinned_classes(expected: str) -> tuple[type[ssl.SSLObject], type[ssl.SSLSocket]]:
+    """An SSLObject (asyncio, anyio: httpx's async client, websockets) and an SSLSocket
+    (blocking clients: httpx's sync client) whose handshake ends with the fingerprint check."""
+
+    class PinnedSSLObject(ssl.SSLObject):
         def do_handshake(self) -> None:
             super().do_handshake()
-            der = self.getpeercert(binary_form=True)
-            got = fingerprint(der) if der else ""
-            if not hmac.compare_digest(got, expected):
-                raise FingerprintMismatch(
-                    f"the server's certificate (sha256 {got or 'none'}) is not the one in the join link "
-                    f"(fp={expected}): get a fresh link from the controller"
-                )
+            _check(self.getpeercert(binary_form=True), expected)
 
-    return PinnedSSLObject
+    class PinnedSSLSocket(ssl.SSLSocket):
+        def do_handshake(self, block: bool = False) -> None:
+            super().do_handshake(block)
+            try:
+                _check(self.getpeercert(binary_form=True), expected)
+            except FingerprintMismatch:
+                self.close()  # wrap_socket closes only on OSError and ValueError
+                raise
+
+    return PinnedSSLObject, PinnedSSLSocket
 
 
 def pinned_context(fp: str) -> ssl.SSLContext:
@@ -108,7 +121,7 @@ def pinned_context(fp: str) -> ssl.SSLContext:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.sslobject_class = _pinned_sslobject(expected)
+    context.sslobject_class, context.sslsocket_class = _pinned_classes(expected)
     return context
 
 
