@@ -129,3 +129,20 @@ def test_output_route_serves_recorded_outputs_only(
     for path in ("/etc/passwd", str(raw.parent / ".." / ".." / ".." / "etc" / "passwd"), str(link)):
         r.hset(keys.job(job_id), "outputs", json.dumps({"raw": path}))
         assert httpx.get(f"{url}/raw", headers=auth).status_code == 404, path
+
+
+def test_a_big_output_streams_with_a_progress_bar(
+    controller: Controller, finished: tuple[str, Path], tmp_path: Path, r: Client
+) -> None:
+    """24 MiB (the job's record pointed at a file in its directory): streamed to disk in
+    chunks, with the progress bar the CLI shows from 4 MiB, bit for bit."""
+    job_id, raw = finished
+    big = raw.parent / "big.bin"
+    big.write_bytes(os.urandom(24 * 1024 * 1024))
+    r.hset(keys.job(job_id), "outputs", json.dumps({"raw": str(big)}))
+    target = tmp_path / "big.bin"
+    env = elsewhere(controller, tmp_path, PD_GATEWAY_URL=controller.url, PD_OPERATOR_TOKEN=TOKEN)
+    done = cli_without_data(controller, env, "result", job_id, "-o", str(target))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert target.read_bytes() == big.read_bytes()
+    assert "MB" in done.stdout, done.stdout  # rich's DownloadColumn
