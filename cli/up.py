@@ -180,6 +180,7 @@ def run_up(
         # local native workers join through loopback, like any other node
         local = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
         local = f"[{local}]" if ":" in local else local
+        workers_started = time.time()
         for i in range(max(0, workers)):
             name = f"worker-{i + 1}"
             link = f"{scheme}://{local}:{settings.port}/agent?code={join_code}{pin}"
@@ -203,7 +204,9 @@ def run_up(
             console.print(f"Certificate fingerprint (workers pin it; in the join link as fp=): {tls.fingerprint}")
         if workers > 0:
             console.print(f"Starting {workers} local native worker(s); logs in {logs}/worker-*.log")
-        waiting = LocalWorkers(redis_url, workers, settings.node_timeout_s) if workers > 0 else None
+        waiting = (
+            LocalWorkers(redis_url, workers, settings.node_timeout_s, since=workers_started) if workers > 0 else None
+        )
         while not stopping:
             time.sleep(0.25)
             if waiting is not None and (said := waiting.poll()) is not None:
@@ -242,13 +245,15 @@ def run_up(
 
 
 class LocalWorkers:
-    """Watches for `up --workers N` to have joined: N live native nodes in Redis."""
+    """Watches for `up --workers N` to have joined: N live native nodes in Redis that joined
+    since this `up` started (an external Redis may know other workers)."""
 
-    def __init__(self, redis_url: str, count: int, node_timeout_s: float) -> None:
+    def __init__(self, redis_url: str, count: int, node_timeout_s: float, *, since: float) -> None:
         self.redis_url = redis_url
         self.count = count
         self.node_timeout_s = node_timeout_s
         self.started = time.monotonic()
+        self.since = since  # time.time() before the workers started
         self.next_check = 0.0
 
     def poll(self) -> str | None:
@@ -259,13 +264,16 @@ class LocalWorkers:
         self.next_check = now + 0.5
         client = store.connect(self.redis_url, retry=False)
         try:
-            nodes = store.list_nodes(client, self.node_timeout_s)
-        except Exception as exc:  # Redis busy or restarting: try again next time
+            live = sum(
+                1
+                for n in store.list_nodes(client, self.node_timeout_s)
+                if n.get("live") == "yes" and n.get("kind") == "native" and float(n.get("joined") or 0) >= self.since
+            )
+        except Exception as exc:  # Redis busy or restarting, a record half written: next time
             log.debug("counting local workers: %s", exc)
             return None
         finally:
             client.close()
-        live = sum(1 for n in nodes if n.get("live") == "yes" and n.get("kind") == "native")
         if live >= self.count:
             return f"{self.count} local worker(s) ready ({time.monotonic() - self.started:.1f}s)"
         if now - self.started > WORKERS_READY_S:
