@@ -156,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(func=cmd_service)
 
     w = sub.add_parser("worker", help="join a controller as a native worker (wasmtime, one process per core)")
-    w.add_argument("url", help="the join link the controller printed: http://HOST:PORT/agent?code=CODE")
+    w.add_argument(
+        "url",
+        help="the join link the controller printed: http://HOST:PORT/agent?code=CODE (with `up --https`: "
+        "https://...&fp=SHA256, the certificate this worker then accepts and no other)",
+    )
     w.add_argument("--cores", type=int, help="cores to offer (default: all of this machine's)")
     w.add_argument("--name", help="identity kept across restarts (default: first free of default, default-2, ...)")
     w.add_argument("--deadline", type=float, default=300.0, metavar="SECONDS", help="per-task time limit (default 300)")
