@@ -272,3 +272,47 @@ def test_result_fetches_over_https_with_the_pin(
     )
     assert fetched.returncode == 0, fetched.stdout + fetched.stderr
     assert (tmp_path / "fetched.png").read_bytes() == (tmp_path / "m.png").read_bytes()
+
+
+def test_up_with_your_own_certificate(tmp_path: Path) -> None:
+    """`--cert/--key`: the gateway serves that certificate and the link pins it; `--cert`
+    alone is refused before anything starts."""
+    own = ensure_certificate(tmp_path / "mine", "10.1.2.3")  # stands in for mkcert's
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PD_")}
+    env.update({"PD_HOME": str(tmp_path / "home"), "PD_PORT": str(free_port()), "PD_HOST": "127.0.0.1"})
+    alone = subprocess.run(
+        [sys.executable, "-m", "processdistro", "up", "--cert", str(own.cert)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert alone.returncode == 2 and "--cert and --key go together" in alone.stderr, alone.stderr
+    log = tmp_path / "up.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "processdistro", "up", "--cert", str(own.cert), "--key", str(own.key)],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "Join link" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        info = json.loads((tmp_path / "home" / "controller.json").read_text())
+        assert info["tls_fingerprint"] == own.fingerprint and info["join_url"].endswith(f"&fp={own.fingerprint}")
+        assert not (tmp_path / "home" / "tls").exists(), "no certificate of its own was made"
+        ok = httpx.get(f"{info['gateway_url']}/healthz", verify=pinned_context(own.fingerprint), timeout=10)
+        assert ok.status_code == 200
+        proc.send_signal(2)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    assert proc.returncode == 0, log.read_text()
