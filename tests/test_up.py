@@ -254,3 +254,33 @@ def test_idle_up_with_a_worker_stops_within_a_second(tmp_path: Path, how: str, s
     assert "stopped" in logs["worker-1.log"], logs["worker-1.log"]
     # about a second when idle; the margin is for a loaded 2-core machine
     assert took < 3, f"stopping took {took:.2f}s"
+
+
+def test_a_backoff_ends_when_the_stop_flag_is_set() -> None:
+    """A stop signal during a service's backoff (Redis unreachable: up to 5 s) ends the wait
+    within a slice, instead of after the whole backoff (a plain sleep resumes after the
+    signal handler). Run on a thread here; a service's handler sets the flag the same way."""
+    import threading
+
+    from processdistro.shared.service import StopFlag, run_forever
+    from processdistro.shared.store.connection import UNAVAILABLE
+
+    flag = StopFlag()
+    calls: list[float] = []
+
+    def step() -> None:
+        calls.append(time.monotonic())
+        raise UNAVAILABLE[0]("Redis is down")
+
+    timer = threading.Timer(1.0, lambda: setattr(flag, "stopping", True))
+    timer.start()
+    started = time.monotonic()
+    run_forever("test", flag, step)
+    took = time.monotonic() - started
+    timer.join()
+    assert len(calls) >= 3  # backoffs of 0.1, 0.2, 0.4, then 0.8 cut short at 1 s
+    assert took < 1.5, f"the backoff went on {took - 1.0:.2f}s after the stop flag"
+    flag.stopping = False
+    started = time.monotonic()
+    flag.pause(0.3)  # unset: the whole pause
+    assert time.monotonic() - started >= 0.3
