@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -129,6 +128,8 @@ def copy_outputs(
 def fetch_output(remote: Remote, job_id: str, role: str, target: Path, *, console: Console | None = None) -> None:
     """Stream one output from the gateway into `target` (through a temporary file beside it,
     so a broken download leaves no half file), with a progress bar for big ones."""
+    import httpx  # here: every CLI command imports this module, few fetch (httpx costs ~0.2 s)
+
     from .tls import client_context
 
     assert remote.gateway_url is not None
