@@ -1,8 +1,7 @@
 """`processdistro`: the controller CLI and every service's entry point.
 
 Settings are read once here (environment `PD_*`, then flags) and passed inward; this is
-the only module that calls `sys.exit` (and `os._exit`, which long-running commands leave by
-once they have stopped: `FAST_EXIT`). The job commands live beside it: `submit.py`
+the only module that calls `sys.exit`. The job commands live beside it: `submit.py`
 (`submit <kind>` from the task plugins, `result`, `cancel`), `show.py` (`jobs`, `nodes`),
 `client.py` (submit/wait as a Python API), `up.py` (the single-machine supervisor). None of
 them calls Redis: that is `shared/store/client.py`.
@@ -250,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code)
 
 
-# long-running processes that have stopped in order when their `run` returns
+# long-running processes that have stopped in order when their `run` returns: they leave by
+# `os._exit` (this module's other exit)
 FAST_EXIT = ("gateway", "scheduler", "aggregator", "worker", "up")
 
 
