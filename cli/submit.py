@@ -65,6 +65,18 @@ def add_result_parser(sub: Subcommands) -> None:
     res.add_argument("job")
     res.add_argument("-o", "--output", type=Path, required=True)
     res.add_argument("--role", help="which output (e.g. image, raw); default the main one")
+    res.add_argument(
+        "--gateway",
+        metavar="URL",
+        help="fetch the output from this gateway when it is not on this machine (default: $PD_GATEWAY_URL, "
+        "else the running `up`'s)",
+    )
+    res.add_argument("--token", help="the operator's token (default: $PD_OPERATOR_TOKEN, else the running `up`'s)")
+    res.add_argument(
+        "--fingerprint",
+        metavar="SHA256",
+        help="the https gateway's certificate fingerprint (default: $PD_GATEWAY_FINGERPRINT, else the running `up`'s)",
+    )
     res.set_defaults(func=cmd_result)
 
 
@@ -96,7 +108,10 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     if job.state is not JobState.DONE:
         err.print(literal(client.describe_failure(job), style="red"))  # the reason quotes node text
         return 1
-    for role, path in client.copy_outputs(job, plugin.outputs_from_args(args)).items():
+    remote = client.Remote(
+        settings.resolved_gateway_url(), settings.resolved_operator_token(), settings.resolved_gateway_fingerprint()
+    )
+    for role, path in client.copy_outputs(job, plugin.outputs_from_args(args), remote=remote, console=console).items():
         console.print(f"{role}: {path}")
     for line in plugin.summary(job.outputs):
         console.print(line, markup=False)
@@ -121,7 +136,12 @@ def cmd_result(args: argparse.Namespace, settings: Settings) -> int:
         err.print(f"[red]job {job.id} is {job.state.value}, no result yet[/]")
         return 1
     role = args.role or main_output(job.kind, job.outputs)
-    copied = client.copy_outputs(job, {role: args.output})
+    remote = client.Remote(
+        gateway_url=(args.gateway or settings.resolved_gateway_url() or "").rstrip("/") or None,
+        token=args.token or settings.resolved_operator_token(),
+        fingerprint=args.fingerprint or settings.resolved_gateway_fingerprint(),
+    )
+    copied = client.copy_outputs(job, {role: args.output}, remote=remote, console=console)
     console.print(f"{role}: {copied[role]}")
     return 0
 

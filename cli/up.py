@@ -1,6 +1,8 @@
 """`processdistro up`: Redis (embedded unless PD_REDIS_URL is set), the three services as
 supervised child processes (given the task repo, `--task-repo`/PD_TASK_REPO, if any), the
-join link and its QR code; Ctrl-C stops all of it."""
+join link and its QR code; with `--https` the gateway serves TLS (`tls.py`: a self-signed
+certificate kept in $PD_HOME/tls, or `--cert/--key`) and the join link carries the
+certificate's fingerprint. Ctrl-C (or SIGTERM) stops the workers and services, then Redis."""
 
 from __future__ import annotations
 
@@ -19,15 +21,18 @@ from pathlib import Path
 import qrcode
 from rich.console import Console
 
+from .shared.exceptions import ConfigError
 from .shared.redis_server import EmbeddedRedis, private_secret, redis_password, write_private
 from .shared.settings import Settings
 from .shared.store import client as store
+from .tls import Certificate, ensure_certificate, load
 
 log = logging.getLogger(__name__)
 
 SERVICES = ("gateway", "scheduler", "aggregator")
 OPERATOR_TOKEN_FILE = "operator.token"
 STOP_GRACE_S = 6.0
+WORKERS_READY_S = 120.0  # local workers not all joined by then: say so (they may still come)
 
 
 def lan_address() -> str:
@@ -93,7 +98,27 @@ def print_join(console: Console, join_url: str, gateway_url: str) -> None:
     console.print("Press Ctrl-C to stop everything.")
 
 
-def run_up(settings: Settings, *, console: Console, workers: int = 0) -> int:
+def certificate(settings: Settings, *, cert: Path | None, key: Path | None) -> Certificate:
+    """The operator's own certificate (`--cert/--key`), else the self-signed one in
+    $PD_HOME/tls for the address the join link names (regenerated if that changed)."""
+    if cert is not None and key is not None:
+        try:
+            return load(cert.expanduser(), key.expanduser())
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(f"cannot use --cert {cert} --key {key}: {exc}") from None
+    address = lan_address() if settings.host in ("0.0.0.0", "::", "") else settings.host
+    return ensure_certificate(settings.home_dir / "tls", address)
+
+
+def run_up(
+    settings: Settings,
+    *,
+    console: Console,
+    workers: int = 0,
+    https: bool = False,
+    cert: Path | None = None,
+    key: Path | None = None,
+) -> int:
     home = settings.home_dir
     home.mkdir(parents=True, exist_ok=True, mode=0o700)  # a new home is ours alone
     logs = home / "logs"
@@ -118,6 +143,13 @@ def run_up(settings: Settings, *, console: Console, workers: int = 0) -> int:
         "PD_PORT": str(settings.port),
         "PD_HOST": settings.host,
     }
+    tls: Certificate | None = None
+    if https or cert is not None:
+        tls = certificate(settings, cert=cert, key=key)
+        env.update({"PD_TLS_CERT": str(tls.cert), "PD_TLS_KEY": str(tls.key)})
+        made = "generated" if tls.generated else "using"
+        console.print(f"HTTPS: {made} certificate {tls.cert} (sha256 fingerprint {tls.fingerprint})")
+    scheme, pin = ("https", f"&fp={tls.fingerprint}") if tls else ("http", "")
     if settings.task_repo is not None:
         # every service registers the repo's kinds (and the CLI run from this shell needs
         # PD_TASK_REPO too, to submit them)
@@ -137,20 +169,21 @@ def run_up(settings: Settings, *, console: Console, workers: int = 0) -> int:
             c.start()
         host = (
             settings.public_url
-            or f"http://{lan_address() if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
+            or f"{scheme}://{lan_address() if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
         )
         gateway_url = host.rstrip("/")
         join_code = _wait_for_gateway(redis_url, children[0], timeout=30)
         if join_code is None:
             console.print(f"[red]the gateway did not come up; see {children[0].log_path}[/]")
             return 1
-        join_url = f"{gateway_url}/agent?code={join_code}"
+        join_url = f"{gateway_url}/agent?code={join_code}{pin}"
         # local native workers join through loopback, like any other node
         local = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
         local = f"[{local}]" if ":" in local else local
+        workers_started = time.time()
         for i in range(max(0, workers)):
             name = f"worker-{i + 1}"
-            link = f"http://{local}:{settings.port}/agent?code={join_code}"
+            link = f"{scheme}://{local}:{settings.port}/agent?code={join_code}{pin}"
             worker = Child(name, [*argv0, "worker", link, "--cores", "1"], env, log_path=logs / f"{name}.log")
             worker.start()
             children.append(worker)
@@ -159,6 +192,7 @@ def run_up(settings: Settings, *, console: Console, workers: int = 0) -> int:
             "gateway_url": gateway_url,
             "join_url": join_url,
             "operator_token": operator_token,
+            "tls_fingerprint": tls.fingerprint if tls else "",
             "pid": os.getpid(),
             "logs": str(logs),
         }
@@ -166,10 +200,19 @@ def run_up(settings: Settings, *, console: Console, workers: int = 0) -> int:
         write_private(settings.controller_file, json.dumps(info, indent=2) + "\n")
         print_join(console, join_url, gateway_url)
         console.print(f"Operator token (dashboard actions, `processdistro result` from elsewhere): {operator_token}")
+        if tls is not None:
+            console.print(f"Certificate fingerprint (workers pin it; in the join link as fp=): {tls.fingerprint}")
         if workers > 0:
-            console.print(f"Started {workers} local native worker(s); logs in {logs}/worker-*.log")
+            console.print(f"Starting {workers} local native worker(s); logs in {logs}/worker-*.log")
+        waiting = (
+            LocalWorkers(redis_url, workers, settings.node_timeout_s, since=workers_started) if workers > 0 else None
+        )
         while not stopping:
             time.sleep(0.25)
+            if waiting is not None and (said := waiting.poll()) is not None:
+                console.print(said)
+                sys.stdout.flush()
+                waiting = None
             for c in children:
                 if c.process is not None and c.process.poll() is not None and not stopping:
                     code = c.process.returncode
@@ -199,6 +242,43 @@ def run_up(settings: Settings, *, console: Console, workers: int = 0) -> int:
         for s, h in previous.items():
             signal.signal(s, h)
         console.print("Stopped.")
+
+
+class LocalWorkers:
+    """Watches for `up --workers N` to have joined: N live native nodes in Redis that joined
+    since this `up` started (an external Redis may know other workers)."""
+
+    def __init__(self, redis_url: str, count: int, node_timeout_s: float, *, since: float) -> None:
+        self.redis_url = redis_url
+        self.count = count
+        self.node_timeout_s = node_timeout_s
+        self.started = time.monotonic()
+        self.since = since  # time.time() before the workers started
+        self.next_check = 0.0
+
+    def poll(self) -> str | None:
+        """What to say once (they are ready, or still not after `WORKERS_READY_S`), else None."""
+        now = time.monotonic()
+        if now < self.next_check:
+            return None
+        self.next_check = now + 0.5
+        client = store.connect(self.redis_url, retry=False)
+        try:
+            live = sum(
+                1
+                for n in store.list_nodes(client, self.node_timeout_s)
+                if n.get("live") == "yes" and n.get("kind") == "native" and float(n.get("joined") or 0) >= self.since
+            )
+        except Exception as exc:  # Redis busy or restarting, a record half written: next time
+            log.debug("counting local workers: %s", exc)
+            return None
+        finally:
+            client.close()
+        if live >= self.count:
+            return f"{self.count} local worker(s) ready ({time.monotonic() - self.started:.1f}s)"
+        if now - self.started > WORKERS_READY_S:
+            return f"[yellow]only {live} of {self.count} local workers joined so far; see their logs[/]"
+        return None
 
 
 def _wait_for_gateway(redis_url: str, gateway: Child, timeout: float) -> str | None:

@@ -13,6 +13,7 @@ Routes
     GET  /metrics.json     the seed's figures as JSON
     GET  /dashboard        live view for the operator (gateway/dashboard.py: its feed, its actions)
     GET  /healthz          200 when Redis answers
+    GET  /jobs/<id>/outputs/<name>  a finished job's output (operator token; gateway/outputs.py)
 
 It keeps no state but live sockets: any number of gateways can share one Redis. This module
 holds the routes only; `hub.Hub` is the shared object (sessions, control channel), every
@@ -47,6 +48,7 @@ from .auth import TokenStatus, origin_allowed
 from .dashboard import DashboardFeed, dashboard_routes
 from .edge import uvicorn_options
 from .hub import Hub
+from .outputs import output_routes
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +208,7 @@ def create_app(settings: Settings, *, store: GatewayStore | None = None) -> Star
             Route("/metrics", metrics),
             Route("/metrics.json", metrics_json),
             Route("/healthz", healthz),
+            *output_routes(settings, store),
             Mount("/static", app=_RevalidatedStatic(directory=static_dir), name="static"),
         ],
         middleware=[

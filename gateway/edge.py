@@ -17,7 +17,8 @@ transport is the same). The protocol relies on uvicorn's `H11Protocol` internals
 `handle_websocket_upgrade`): `tests/hostile/test_hostile_edges.py` runs it for real.
 
 `uvicorn_options(settings)` are the server settings that go with it, forwarded headers
-believed only from `trusted_proxies`.
+believed only from `trusted_proxies`, and TLS when `tls_cert`/`tls_key` are set (`up
+--https`; the protocol above sees the decrypted bytes, so the guards hold for HTTPS too).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any, ClassVar
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ..shared.exceptions import ConfigError
 from ..shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -169,11 +171,18 @@ def guarded_protocol(settings: Settings) -> type[GuardedH11Protocol]:
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """uvicorn's settings for the edge: the guarded protocol, keep-alive and head limits, and
-    forwarded headers only from configured proxies (uvicorn's default trusts loopback)."""
-    return {
+    forwarded headers only from configured proxies (uvicorn's default trusts loopback), and
+    the certificate when the gateway serves HTTPS."""
+    options: dict[str, Any] = {
         "http": guarded_protocol(settings),
         "timeout_keep_alive": settings.keep_alive_s,
         "h11_max_incomplete_event_size": MAX_HEAD_BYTES,
         "proxy_headers": bool(settings.trusted_proxies),
         "forwarded_allow_ips": list(settings.trusted_proxies) or [],
     }
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigError("PD_TLS_CERT and PD_TLS_KEY go together: set both or neither")
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        options["ssl_certfile"] = str(settings.tls_cert.expanduser())
+        options["ssl_keyfile"] = str(settings.tls_key.expanduser())
+    return options

@@ -49,6 +49,7 @@ PLUGIN_STEPS = frozenset(
     }
 )
 REASON_CHARS = 1000  # a job's error is read in a terminal
+PAUSE_SLICE_S = 0.05  # how soon a backoff notices the stop flag
 
 
 def instance_name() -> str:
@@ -62,6 +63,14 @@ class StopFlag:
     def set(self, signum: int, frame: FrameType | None) -> None:
         log.info("signal %s: stopping", signal.Signals(signum).name)
         self.stopping = True
+
+    def pause(self, seconds: float) -> None:
+        """Sleep `seconds`, or less once the flag is set: a stop signal during a backoff ends
+        it within `PAUSE_SLICE_S` (a plain sleep resumes after the handler, PEP 475, so a stop
+        during a Redis outage waited out the whole 5 s backoff)."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, PAUSE_SLICE_S))
 
 
 @contextmanager
@@ -129,11 +138,11 @@ def run_forever(name: str, flag: StopFlag, step: Callable[[], Any], *, idle_s: f
             delay = 0.1
         except UNAVAILABLE as exc:
             log.warning("%s: redis unavailable (%s); retrying in %.1fs", name, exc, delay)
-            time.sleep(delay)
+            flag.pause(delay)
             delay = min(delay * 2, 5.0)
         except Exception:
             log.exception("%s: unexpected error in its loop; carrying on in %.1fs", name, delay)
-            time.sleep(delay)
+            flag.pause(delay)
             delay = min(delay * 2, 5.0)
         if idle_s:
-            time.sleep(idle_s)
+            flag.pause(idle_s)

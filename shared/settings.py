@@ -106,6 +106,20 @@ class Settings(BaseSettings):
         "HTTP); unset: `up` generates one (kept in $PD_HOME/operator.token, 0600), and a gateway without one "
         "refuses every operator request",
     )
+    gateway_url: str | None = Field(
+        default=None,
+        description="the gateway the CLI fetches outputs from (`processdistro result`) when they are not on this "
+        "machine; unset: the running `up`'s (controller.json)",
+    )
+    tls_cert: Path | None = Field(
+        default=None, description="the gateway serves HTTPS with this certificate (PEM; `up --https` sets it)"
+    )
+    tls_key: Path | None = Field(default=None, description="the private key of tls_cert (PEM)")
+    gateway_fingerprint: str | None = Field(
+        default=None,
+        description="SHA-256 fingerprint of the https gateway's certificate, accepted instead of a CA's word "
+        "(`up --https` prints it); unset: the running `up`'s (controller.json)",
+    )
 
     @property
     def home_dir(self) -> Path:
@@ -140,6 +154,21 @@ class Settings(BaseSettings):
             return self.operator_token
         token = read_controller_info(self).get("operator_token")
         return token if isinstance(token, str) else ""
+
+    def resolved_gateway_url(self) -> str | None:
+        """`PD_GATEWAY_URL`, else the gateway URL a running `processdistro up` wrote to
+        controller.json (None if neither)."""
+        if self.gateway_url:
+            return self.gateway_url.rstrip("/")
+        url = read_controller_info(self).get("gateway_url")
+        return url.rstrip("/") if isinstance(url, str) else None
+
+    def resolved_gateway_fingerprint(self) -> str | None:
+        """`PD_GATEWAY_FINGERPRINT`, else the running `up`'s certificate fingerprint."""
+        if self.gateway_fingerprint:
+            return self.gateway_fingerprint
+        fp = read_controller_info(self).get("tls_fingerprint")
+        return fp if isinstance(fp, str) and fp else None
 
 
 def read_controller_info(settings: Settings) -> dict[str, object]:

@@ -183,3 +183,104 @@ def test_ctrl_c_stops_services_first_and_redis_last(tmp_path: Path) -> None:
         assert "Traceback" not in text and "Connection refused" not in text, (name, text)
     assert "control channel lost" not in logs["gateway.log"], logs["gateway.log"]
     assert took < 5, f"stopping took {took:.1f}s (6.3 s when Redis went first)"
+
+
+def descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children_of(todo.pop()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("how", "sig"),
+    [
+        pytest.param("ctrl-c", signal.SIGINT, id="ctrl-c-to-the-process-group"),
+        pytest.param("sigterm", signal.SIGTERM, id="sigterm-to-up-alone"),
+    ],
+)
+def test_idle_up_with_a_worker_stops_within_a_second(tmp_path: Path, how: str, sig: signal.Signals) -> None:
+    """Issue 10.5: an idle `up --workers 1` stops on Ctrl-C (SIGINT to the whole foreground
+    group) and on SIGTERM (to `up` alone, as a service manager sends it) within about a second:
+    every process it started (the worker's executor processes too) gone, no traceback, no
+    forced kill. `up` says when its local worker joined."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PD_")}
+    home = tmp_path / "home"
+    env.update({"PD_HOME": str(home), "PD_PORT": str(free_port()), "PD_HOST": "127.0.0.1"})
+    log = tmp_path / "up.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "processdistro", "up", "--workers", "1"],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "1 local worker(s) ready" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        time.sleep(1.0)  # idle: every service in its steady loop
+        everything = descendants(proc.pid)
+        assert len(everything) >= 6, everything  # redis, three services, the worker and its executor
+        started = time.monotonic()
+        if how == "ctrl-c":
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        proc.wait(timeout=30)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    print(f"\n{how}: up returned {took:.2f}s after the signal")
+    assert proc.returncode == 0, log.read_text()
+    time.sleep(0.2)
+    assert not [p for p in everything if alive(p)], "orphaned processes"
+    text = log.read_text()
+    assert "Stopped." in text and "restarting" not in text, text
+    logs = {p.name: p.read_text() for p in (home / "logs").glob("*.log")}
+    assert set(logs) >= {"gateway.log", "scheduler.log", "aggregator.log", "worker-1.log"}, set(logs)
+    for name, body in logs.items():
+        assert "Traceback" not in body and "Connection refused" not in body, (name, body)
+    assert "stopped" in logs["worker-1.log"], logs["worker-1.log"]
+    # about a second when idle; the margin is for a loaded 2-core machine
+    assert took < 3, f"stopping took {took:.2f}s"
+
+
+def test_a_backoff_ends_when_the_stop_flag_is_set() -> None:
+    """A stop signal during a service's backoff (Redis unreachable: up to 5 s) ends the wait
+    within a slice, instead of after the whole backoff (a plain sleep resumes after the
+    signal handler). Run on a thread here; a service's handler sets the flag the same way."""
+    import threading
+
+    from processdistro.shared.service import StopFlag, run_forever
+    from processdistro.shared.store.connection import UNAVAILABLE
+
+    flag = StopFlag()
+    calls: list[float] = []
+
+    def step() -> None:
+        calls.append(time.monotonic())
+        raise UNAVAILABLE[0]("Redis is down")
+
+    timer = threading.Timer(1.0, lambda: setattr(flag, "stopping", True))
+    timer.start()
+    started = time.monotonic()
+    run_forever("test", flag, step)
+    took = time.monotonic() - started
+    timer.join()
+    assert len(calls) >= 3  # backoffs of 0.1, 0.2, 0.4, then 0.8 cut short at 1 s
+    assert took < 1.5, f"the backoff went on {took - 1.0:.2f}s after the stop flag"
+    flag.stopping = False
+    started = time.monotonic()
+    flag.pause(0.3)  # unset: the whole pause
+    assert time.monotonic() - started >= 0.3

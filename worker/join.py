@@ -4,10 +4,12 @@ report and its answer, and the backoff between attempts. The socket is `node.py`
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
 import random
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -18,6 +20,7 @@ from pydantic import ValidationError
 
 from ..shared.exceptions import ConfigError
 from ..shared.protocol import PROTOCOL_VERSION, NodeAccepted, NodeReport, Welcome
+from ..tls import client_context
 from .device import benchmark, describe
 from .exceptions import Banned, JoinRefused, TaskError
 from .fetch import MAX_JSON_BYTES, ModuleStore, read_capped
@@ -50,9 +53,15 @@ class WorkerConfig:
     score: float | None = None
     throttle: float = 1.0  # >= 1: after each task sleep (throttle - 1) x its run time (a slower device)
 
+    @functools.cached_property
+    def tls(self) -> ssl.SSLContext | None:
+        """TLS for every connection to the controller (`join_context` of the join link)."""
+        return join_context(self.join_url)
+
 
 def parse_join_url(url: str) -> tuple[str, str]:
-    """`http://host:port/agent?code=CODE` -> (`http://host:port`, `CODE`)."""
+    """`http://host:port/agent?code=CODE` -> (`http://host:port`, `CODE`) (an https link may
+    carry `&fp=`: `join_context`)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"expected a join link like http://HOST:PORT/agent?code=CODE, got {url!r}")
@@ -60,6 +69,18 @@ def parse_join_url(url: str) -> tuple[str, str]:
     if not code:
         raise ConfigError(f"the join link {url!r} has no join code (?code=...): copy the link the controller printed")
     return f"{parts.scheme}://{parts.netloc}", code
+
+
+def join_context(url: str) -> ssl.SSLContext | None:
+    """The TLS context of an https join link: pinned to its certificate fingerprint
+    (`&fp=<sha256 hex>`, which `up --https` puts in the link) when it has one, the system's
+    CAs otherwise; None for http. See `processdistro.tls`: a certificate that fails the pin
+    fails the handshake with `FingerprintMismatch`, which stops the worker (no retry helps)."""
+    fp = parse_qs(urlsplit(url).query).get("fp", [""])[0]
+    try:
+        return client_context(url, fp or None)
+    except ValueError as exc:
+        raise ConfigError(f"the join link's fp= is not a certificate fingerprint: {exc}") from None
 
 
 def backoff_s(attempt: int) -> float:
@@ -133,7 +154,7 @@ def refusal(resp: httpx.Response, node_id: str) -> Exception:
 
 
 async def measure(
-    *, http: httpx.AsyncClient, base_url: str, modules: ModuleStore, limits: Limits, who: str
+    http: httpx.AsyncClient, base_url: str, modules: ModuleStore, limits: Limits, who: str
 ) -> float | None:
     """The benchmark score (Mandelbrot iterations per second on one core) with the gateway's
     mandelbrot module, which this also puts in the module cache; None if it cannot run. Where

@@ -128,7 +128,7 @@ class WorkerNode:
         for s in signals:
             loop.add_signal_handler(s, self._on_signal, s)
         try:
-            async with httpx.AsyncClient(timeout=30.0) as http:
+            async with httpx.AsyncClient(timeout=30.0, verify=self.config.tls or True) as http:
                 self._http = http
                 self._modules = ModuleStore(directory=self.config.home / "modules", base_url=self.base_url, http=http)
                 self._blocks = BlockCache(base_url=self.base_url, http=http, token=lambda: self.token)
@@ -157,13 +157,7 @@ class WorkerNode:
         )
         if self.config.run_benchmark:
             assert self._http is not None and self._modules is not None
-            self.score = await measure(
-                http=self._http,
-                base_url=self.base_url,
-                modules=self._modules,
-                limits=self.config.limits,
-                who=self.node_id,
-            )
+            self.score = await measure(self._http, self.base_url, self._modules, self.config.limits, self.node_id)
         attempt = 0
         replaced = 0  # 4002s in a row
         need_report = True
@@ -288,7 +282,11 @@ class WorkerNode:
         try:
             ws = await self._unless_stopped(
                 websockets.connect(
-                    url, max_size=MAX_FRAME_BYTES, open_timeout=CONNECT_TIMEOUT_S, close_timeout=CLOSE_TIMEOUT_S
+                    url,
+                    max_size=MAX_FRAME_BYTES,
+                    open_timeout=CONNECT_TIMEOUT_S,
+                    close_timeout=CLOSE_TIMEOUT_S,
+                    ssl=self.config.tls,  # pinned to the join link's fp=: WorkerConfig.tls
                 )
             )
         except (OSError, TimeoutError, websockets.WebSocketException) as exc:

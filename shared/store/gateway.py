@@ -29,7 +29,7 @@ import redis.asyncio as aredis
 from .. import keys
 from ..core.failures import Tally
 from ..exceptions import ProcessDistroError
-from ..jobs import JobState
+from ..jobs import JobRecord, JobState
 from ..messages import Ban, Cancel, CancelJob, DropCopies, Fail, Steal, Submit
 from ..queue import TaskFields, live_since, node_ids
 from .connection import async_client
@@ -554,3 +554,10 @@ class GatewayStore:
             active_jobs=int(active),
             latencies_ms=[float(x) for x in lat],
         )
+
+    # ------------------------------------------------------------------ outputs (gateway/outputs.py)
+
+    async def job_record(self, job_id: str) -> JobRecord | None:
+        """A job's record (its outputs: what `GET /jobs/<id>/outputs/<name>` may serve)."""
+        raw = await self.r.hgetall(keys.job(job_id))
+        return JobRecord.from_hash(raw) if raw else None
