@@ -200,6 +200,9 @@ def run_up(
         write_private(settings.controller_file, json.dumps(info, indent=2) + "\n")
         print_join(console, join_url, gateway_url)
         console.print(f"Operator token (dashboard actions, `processdistro result` from elsewhere): {operator_token}")
+        console.print(
+            f"Dashboard as the operator (keep this link to yourself): {gateway_url}/dashboard#token={operator_token}"
+        )
         if tls is not None:
             console.print(f"Certificate fingerprint (workers pin it; in the join link as fp=): {tls.fingerprint}")
         if workers > 0:
