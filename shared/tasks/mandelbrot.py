@@ -157,6 +157,7 @@ class _Kernel:
         self._local = threading.local()
 
     def _instance(self) -> tuple[wasmtime.Store, wasmtime.Memory, wasmtime.Func, wasmtime.Func, int]:
+        found: tuple[wasmtime.Store, wasmtime.Memory, wasmtime.Func, wasmtime.Func, int] | None
         found = getattr(self._local, "inst", None)
         if found is None:
             store = wasmtime.Store(self.engine)
@@ -170,7 +171,7 @@ class _Kernel:
             ptr = alloc(store, INPUT.size)
             assert isinstance(ptr, int) and ptr != 0
             found = self._local.inst = (store, memory, run, output_ptr, ptr)
-        return found  # type: ignore[no-any-return]
+        return found
 
     def __call__(self, p: MandelbrotParams, i: int, j: int, limit: int) -> int:
         store, memory, run, output_ptr, ptr = self._instance()
@@ -266,7 +267,8 @@ def colourize(counts: np.ndarray, max_iter: int) -> np.ndarray:
     else:
         present, index = np.unique(flat, return_inverse=True)
         table = _palette(present, max_iter)
-    return table[index].reshape(*counts.shape, 3)
+    image: np.ndarray = table[index].reshape(*counts.shape, 3)
+    return image
 
 
 _PARAMS = ("width", "height", "xmin", "xmax", "ymin", "ymax", "max_iter", "tile")
