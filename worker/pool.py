@@ -309,6 +309,7 @@ def measure_speed(sha256: str, path: Path, limits: Limits, *, timeout_s: float =
     measured in an executor process of its own (the engine tasks run on), which is killed if
     it takes longer than `timeout_s`. Raises a `TaskError` when the module fails or overruns."""
     proc = _Proc(0, limits)
+    reply: tuple[Any, ...] = ("died", None)
     try:
         reply = proc.call(("bench", sha256, str(path)), timeout_s)
         if reply[0] == "ok":
@@ -319,10 +320,11 @@ def measure_speed(sha256: str, path: Path, limits: Limits, *, timeout_s: float =
             raise DeadlineExceeded(f"the benchmark took longer than {timeout_s:g}s; executor process killed")
         raise ExecutorCrashed(f"benchmark process died (exit code {reply[1]})")
     finally:
-        with contextlib.suppress(OSError):
-            proc.conn.send(None)
-        proc.wait(STOP_GRACE_S)
-        proc.reap()
+        if reply[0] in ("ok", "error"):  # idle: let it exit on its own
+            with contextlib.suppress(OSError):
+                proc.conn.send(None)
+            proc.wait(STOP_GRACE_S)
+        proc.reap()  # kills it if it is still there (an overrun, or no exit in time)
 
 
 if __name__ == "__main__":
