@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help install up test wasm wasm-check bench lint schema browser node prometheus tmux clean wasi-toolchain examples wasm-toolchain rust-example \
+.PHONY: help install up test wasm wasm-check bench compare lint schema browser node prometheus tmux clean wasi-toolchain examples wasm-toolchain rust-example \
 	local-images compose-e2e swarm-e2e
 
 help:
@@ -20,6 +20,7 @@ help:
 	@echo "make examples  build the examples under examples/: WASI commands in C (and their native twins)"
 	@echo "               and pd-ABI modules in Rust (\`make rust-example\` builds only those)"
 	@echo "make bench     run the benchmarks under bench/"
+	@echo "make compare   ProcessDistro vs Dask vs Ray, same kernel and tiles (QUICK=1: a short run)"
 	@echo "make lint      ruff and mypy"
 	@echo "make schema    export the protocol's JSON Schemas to shared/schema/"
 	@echo "make screenshots  docs/img/dashboard-*.png from the dashboard's Chromium test"
@@ -76,6 +77,11 @@ wasm-check:
 
 bench: install
 	$(PY) -m bench
+
+# ProcessDistro vs Dask vs Ray on the same kernel and tiles (bench/compare.py; Dask and Ray
+# go into .bench-venv/ on first use)
+compare: install
+	$(PY) -m bench --only compare $(if $(QUICK),--quick)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -5,8 +5,11 @@ it (every one has returned a result for it: two nodes that disagree, both still 
 or when the live nodes that may have left it parked for `PARKED_WAIT_S` (connected but never
 asking for work), the scheduler's reaper hands the copy to the
 aggregators as a `resolve` entry (`core.replication.parked_fate`), and the aggregator runs
-the module here, in wasmtime, with the worker's own runner and engine settings: modules are
-deterministic, so the controller's bytes are the subtask's true result. A dispute thus
+the module here, in wasmtime, with the worker's own runner: modules are deterministic, so the
+controller's bytes are the subtask's true result. Unlike a worker's executor process (which
+its pool kills at the deadline, so its engine has no in-WASM checks), the aggregator must
+live on past a runaway module: its runner keeps epoch interruption (`interruptible=True`), and
+the module's deadline stops the run in-process. A dispute thus
 always ends, by another node or by the controller, never by waiting for one.
 """
 
@@ -54,7 +57,7 @@ class Resolver:
         """The module's output on `data`, and the milliseconds it took. Raises the runner's
         `TaskError` when the module fails (a trap of a pd-ABI module, a deadline, the cap)."""
         if self._runner is None:
-            self._runner = ModuleRunner(limits=Limits())
+            self._runner = ModuleRunner(limits=Limits(), interruptible=True)  # bounded in-process
         started = time.monotonic()
         output = self._runner.run(
             sha, self.module_path(sha), data, Limits().within(limits.deadline_s, limits.memory_mb)

@@ -11,7 +11,8 @@ Modules
     executor.py  `Executor` (what runs a part; tests inject their own) and `WasmExecutor`
     join.py      `WorkerConfig`, the join link, the node report and its answer, backoff
     pool.py      `ExecutorPool`: one spawned process per slot; deadline guard, cancel = kill
-    runtime.py   `ModuleRunner`: wasmtime with an epoch deadline and a memory cap (in-process)
+    runtime.py   `ModuleRunner`: wasmtime with a memory cap, and an epoch deadline unless the
+                 process's owner kills it at the deadline (executor processes)
     fetch.py     `ModuleStore` (modules on disk by sha256) and `BlockCache` (shared inputs)
     device.py    identity kept per worker name, the device's description, the benchmark
     exceptions.py  the errors, hierarchy in its docstring

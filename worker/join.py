@@ -21,10 +21,11 @@ from pydantic import ValidationError
 from ..shared.exceptions import ConfigError
 from ..shared.protocol import PROTOCOL_VERSION, NodeAccepted, NodeReport, Welcome
 from ..tls import client_context
-from .device import benchmark, describe
+from .device import describe
 from .exceptions import Banned, JoinRefused, TaskError
 from .fetch import MAX_JSON_BYTES, ModuleStore, read_capped
-from .runtime import Limits, ModuleRunner
+from .pool import measure_speed
+from .runtime import Limits
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +183,6 @@ async def measure(
 
 
 def _benchmark_blocking(limits: Limits, sha: str, path: Path) -> float:
-    runner = ModuleRunner(limits=limits)
-    try:
-        return benchmark(runner, sha, path)
-    finally:
-        runner.close()
+    # in an executor process, on the engine tasks run on (no in-WASM deadline checks): the
+    # score is the speed the node's executors have
+    return measure_speed(sha, path, limits)

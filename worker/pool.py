@@ -8,10 +8,17 @@ start method) talking over a `multiprocessing` socket pair: unlike `multiprocess
 this never re-imports the caller's `__main__` and starts no resource-tracker process.
 
 Each process serves requests from its end of a pipe, one at a time. The parent waits for the
-answer in a thread (so the event loop never blocks) and guards the wait itself: a process that
-has not answered `deadline + GUARD_GRACE_S` after the request (the epoch deadline should have
-stopped it long before) is killed. A process that hit its deadline or memory cap answers and
-then exits; the pool starts a fresh one in its place.
+answer in a thread (so the event loop never blocks), and **the parent enforces the deadline**:
+the processes run wasmtime's default configuration (`ModuleRunner(interruptible=False)`), with
+no deadline check inside the compiled code, which made compute-bound kernels twice as slow.
+The clock starts when the request is sent to a process that has the module compiled already,
+or when a process that had to compile it first says `ready` (a fresh interpreter's start-up
+and the compile get `GUARD_GRACE_S` on top); a process that has not answered `deadline +
+KILL_SLACK_S` after that is killed and the run fails with `DeadlineExceeded`. A process that
+hit its memory cap answers and then exits; the pool starts a fresh one in place of either.
+
+`measure_speed` runs the join benchmark the same way, in a process of its own under the same
+engine, so the score a node reports is the speed its executors have.
 
 Processes ignore SIGINT: Ctrl-C reaches the whole process group, and the parent decides how to
 stop (Leave first, then `close`). They exit when the parent goes away (EOF on the pipe, or a
@@ -49,15 +56,18 @@ from .runtime import Limits, ModuleRunner
 log = logging.getLogger(__name__)
 
 MAX_PROCESSES = 1024  # whatever the caller asks (the CLI's --cores bound); issue 9.9
-GUARD_GRACE_S = 10.0  # also covers a fresh process's start-up (interpreter, wasmtime, compile)
+GUARD_GRACE_S = 10.0  # a fresh process's start-up (interpreter, wasmtime) and the compile
+KILL_SLACK_S = 0.05  # how late past its deadline a run is killed, at least
+BENCH_TIMEOUT_S = 60.0  # the join benchmark: start-up, compile, ~0.5 s of runs
 STOP_GRACE_S = 2.0
 # failures after which the process that reported them exits (and is replaced)
 RETIRING = {DeadlineExceeded.__name__, MemoryCapReached.__name__, ExecutorCrashed.__name__}
 
 
 # One request on the pipe: (task id, module sha256, module file, input bytes, the run's limits
-# as (deadline_s, memory_bytes)); None = exit.
+# as (deadline_s, memory_bytes)); BenchRequest: ("bench", sha256, module file); None = exit.
 Request = tuple[str, str, str, bytes, tuple[float, int]]
+BenchRequest = tuple[str, str, str]
 
 
 # ---------------------------------------------------------------------------- child side
@@ -74,7 +84,7 @@ def _serve(conn: Connection, limits: Limits) -> None:
     """Entry point of an executor process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), name="watch-parent", daemon=True).start()
-    runner = ModuleRunner(limits=limits)
+    runner = ModuleRunner(limits=limits, interruptible=False)  # the parent kills an overrun
     while True:
         try:
             request = conn.recv()
@@ -82,9 +92,15 @@ def _serve(conn: Connection, limits: Limits) -> None:
             return
         if request is None:
             return
+        if len(request) == 3:
+            _bench(conn, runner, request)
+            continue
         _task_id, sha256, path, data, (deadline_s, memory_bytes) = request
-        started = time.perf_counter()
         try:
+            if not runner.compiled(sha256):
+                runner.kind(sha256, Path(path))  # compile now: the deadline starts after `ready`
+                conn.send(("ready",))
+            started = time.perf_counter()
             output = runner.run(sha256, Path(path), data, Limits(deadline_s=deadline_s, memory_bytes=memory_bytes))
         except TaskError as exc:
             name = type(exc).__name__
@@ -96,6 +112,16 @@ def _serve(conn: Connection, limits: Limits) -> None:
             conn.send(("error", ExecutorCrashed.__name__, f"executor error: {exc!r}"))
             return
         conn.send(("ok", output, (time.perf_counter() - started) * 1000.0))
+
+
+def _bench(conn: Connection, runner: ModuleRunner, request: BenchRequest) -> None:
+    from .device import benchmark  # numpy: only a benchmarking process needs it
+
+    _, sha256, path = request
+    try:
+        conn.send(("ok", benchmark(runner, sha256, Path(path))))
+    except TaskError as exc:
+        conn.send(("error", type(exc).__name__, str(exc)))
 
 
 # ---------------------------------------------------------------------------- parent side
@@ -114,6 +140,9 @@ class _Proc:
         theirs.close()
         self.conn: Connection = ours
         self.task_id: str | None = None
+        #: modules this process has compiled (it said `ready` or answered): their runs' clock
+        #: starts at the send
+        self.compiled: set[str] = set()
 
     @property
     def pid(self) -> int:
@@ -126,13 +155,26 @@ class _Proc:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(max(0.0, timeout))
 
-    def call(self, request: Request, timeout: float) -> tuple[Any, ...]:
-        """Blocking: send one request, wait for its answer (in a pool thread)."""
+    def call(self, request: Request | BenchRequest, deadline_s: float) -> tuple[Any, ...]:
+        """Blocking: send one request, wait for its answer (in a pool thread). `("timeout",
+        seconds run)` when the run took longer than `deadline_s` (+ `KILL_SLACK_S`), counted
+        from the send to a process that has the module compiled, else from its `ready` (the
+        send to `ready`: `GUARD_GRACE_S` more, for start-up and the compile)."""
+        sha256 = request[1]
         try:
+            started = time.monotonic()
             self.conn.send(request)
-            if not self.conn.poll(timeout):
-                return ("timeout",)
-            return tuple(self.conn.recv())
+            grace = KILL_SLACK_S if sha256 in self.compiled else GUARD_GRACE_S
+            while True:
+                if not self.conn.poll(max(0.0, started + deadline_s + grace - time.monotonic())):
+                    return ("timeout", time.monotonic() - started)
+                reply = tuple(self.conn.recv())
+                if reply[0] != "ready":
+                    if reply[0] == "ok":
+                        self.compiled.add(sha256)
+                    return reply
+                self.compiled.add(sha256)
+                started, grace = time.monotonic(), KILL_SLACK_S
         except (EOFError, OSError):
             self.wait(1.0)
             return ("died", self.process.returncode)
@@ -198,9 +240,8 @@ class ExecutorPool:
         limits = limits or self.limits
         proc = await self._idle.get()
         proc.task_id = task_id
-        timeout = limits.deadline_s + GUARD_GRACE_S  # the guard follows the run's own deadline
         request: Request = (task_id, sha256, str(path), data, (limits.deadline_s, limits.memory_bytes))
-        call: Future[tuple[Any, ...]] = self._threads.submit(proc.call, request, timeout)
+        call: Future[tuple[Any, ...]] = self._threads.submit(proc.call, request, limits.deadline_s)
         retire = True
         try:
             reply = await asyncio.wrap_future(call)
@@ -213,7 +254,8 @@ class ExecutorPool:
                 raise task_error(reply[1], reply[2])
             if kind == "timeout":
                 raise DeadlineExceeded(
-                    f"no answer within {timeout:g}s (deadline {limits.deadline_s:g}s); executor process killed"
+                    f"task ran past its {limits.deadline_s:g}s deadline (stopped after {reply[1]:.1f}s); "
+                    "executor process killed"
                 )
             raise ExecutorCrashed(f"executor process died (exit code {reply[1]}) while running the task")
         finally:
@@ -260,6 +302,29 @@ class ExecutorPool:
         while not self._idle.empty():
             self._idle.get_nowait().conn.close()
         self._threads.shutdown(wait=False, cancel_futures=True)
+
+
+def measure_speed(sha256: str, path: Path, limits: Limits, *, timeout_s: float = BENCH_TIMEOUT_S) -> float:
+    """Blocking: the join benchmark's score (worker/device.py `benchmark`) for module `sha256`,
+    measured in an executor process of its own (the engine tasks run on), which is killed if
+    it takes longer than `timeout_s`. Raises a `TaskError` when the module fails or overruns."""
+    proc = _Proc(0, limits)
+    reply: tuple[Any, ...] = ("died", None)
+    try:
+        reply = proc.call(("bench", sha256, str(path)), timeout_s)
+        if reply[0] == "ok":
+            return float(reply[1])
+        if reply[0] == "error":
+            raise task_error(reply[1], reply[2])
+        if reply[0] == "timeout":
+            raise DeadlineExceeded(f"the benchmark took longer than {timeout_s:g}s; executor process killed")
+        raise ExecutorCrashed(f"benchmark process died (exit code {reply[1]})")
+    finally:
+        if reply[0] in ("ok", "error"):  # idle: let it exit on its own
+            with contextlib.suppress(OSError):
+                proc.conn.send(None)
+            proc.wait(STOP_GRACE_S)
+        proc.reap()  # kills it if it is still there (an overrun, or no exit in time)
 
 
 if __name__ == "__main__":

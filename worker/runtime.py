@@ -3,17 +3,24 @@
 A module is compiled once per process and one instance per module serves many runs, as the
 ABI allows. Two limits guard every run:
 
-- a wall-clock **deadline**, by epoch interruption: a daemon thread advances the engine's
-  epoch every `TICK_S` and each run gets `deadline_s / TICK_S` ticks. Epoch checks cost far
-  less than fuel metering, and a deadline in seconds is what an operator can reason about.
-  The thread can tick while a run is in progress because wasmtime-py calls into the engine
-  through ctypes, which releases the GIL.
+- a wall-clock **deadline**. Who enforces it depends on where the runner lives:
+  - in an executor process (`ModuleRunner(interruptible=False)`, worker/pool.py) the engine
+    has wasmtime's default configuration, with no check of any kind inside the compiled code,
+    and the deadline is the pool's: it kills the process that overruns (a few tens of ms
+    late at most). Epoch checks on every loop back-edge made the Mandelbrot kernel 2.07x
+    slower (docs/benchmarks.md), and a process we can kill needs no in-WASM check.
+  - in a process that must live on (`interruptible=True`, the default: the controller's
+    `Resolver`, tests), by epoch interruption: a daemon thread advances the engine's epoch
+    every `TICK_S` and each run gets `deadline_s / TICK_S` ticks. The thread can tick while
+    a run is in progress because wasmtime-py calls into the engine through ctypes, which
+    releases the GIL.
 - a **memory cap**, by `Store.set_limits(memory_size=...)`: `memory.grow` past it returns -1,
   which the kernels report as status 3 (or `pd_alloc` returning 0).
 
 Both are the worker's own (`Limits`), lowered for a task that brings its own
 (`TaskAssign.deadline_s`/`memory_mb`, `Limits.within`): `run` takes the limits of each call,
-so the epoch deadline and the store's limiter are set per run and cost nothing while it runs.
+so the epoch deadline (if any) and the store's limiter are set per run and cost nothing while it
+runs.
 
 After a trap the instance (and its store) is discarded, as the ABI requires.
 
@@ -90,20 +97,28 @@ def _u32(value: object) -> int:
 
 
 class ModuleRunner:
-    """Compiles and runs modules in this process. Not thread-safe: one run at a time."""
+    """Compiles and runs modules in this process. Not thread-safe: one run at a time.
 
-    def __init__(self, *, limits: Limits) -> None:
+    `interruptible=True` (the default) enforces each run's deadline inside the engine (epoch
+    interruption). `interruptible=False` runs on wasmtime's default configuration at full
+    speed and leaves the deadline to whoever owns the process (`ExecutorPool` kills it): use
+    it only in a process that can be killed."""
+
+    def __init__(self, *, limits: Limits, interruptible: bool = True) -> None:
         self.limits = limits
+        self.interruptible = interruptible
         config = wasmtime.Config()
-        config.epoch_interruption = True
+        config.epoch_interruption = interruptible
         self.engine = wasmtime.Engine(config)
         self._modules: dict[str, wasmtime.Module] = {}
         self._instances: dict[str, _Instance] = {}
         self._kinds: dict[str, ModuleKind] = {}
         self._wasi: WasiRunner | None = None
         self._stop = threading.Event()
-        self._ticker = threading.Thread(target=self._tick, name="wasm-epoch", daemon=True)
-        self._ticker.start()
+        self._ticker: threading.Thread | None = None
+        if interruptible:
+            self._ticker = threading.Thread(target=self._tick, name="wasm-epoch", daemon=True)
+            self._ticker.start()
 
     def _tick(self) -> None:
         while not self._stop.wait(TICK_S):
@@ -111,7 +126,8 @@ class ModuleRunner:
 
     def close(self) -> None:
         self._stop.set()
-        self._ticker.join(1.0)
+        if self._ticker is not None:
+            self._ticker.join(1.0)
         self._instances.clear()
         self._modules.clear()
         self._wasi = None
@@ -137,6 +153,10 @@ class ModuleRunner:
         self._modules[sha256] = module
         return module
 
+    def compiled(self, sha256: str) -> bool:
+        """Whether module `sha256` is compiled in this runner already (its next run starts at once)."""
+        return sha256 in self._modules
+
     def kind(self, sha256: str, path: Path) -> ModuleKind:
         """Whether module `sha256` is a WASI command or a pd-ABI module (compiling it once)."""
         kind = self._kinds.get(sha256)
@@ -152,7 +172,8 @@ class ModuleRunner:
         module = self.module(sha256, path)
         store = wasmtime.Store(self.engine)
         store.set_limits(memory_size=self.limits.memory_bytes)
-        store.set_epoch_deadline(self.limits.deadline_ticks)
+        if self.interruptible:
+            store.set_epoch_deadline(self.limits.deadline_ticks)
         try:
             instance = wasmtime.Instance(store, module, [])
         except wasmtime.Trap as exc:
@@ -183,7 +204,10 @@ class ModuleRunner:
         if self.kind(sha256, path) is ModuleKind.WASI:
             if self._wasi is None:
                 self._wasi = WasiRunner(
-                    self.engine, tick_s=TICK_S, deadline_s=limits.deadline_s, memory_bytes=limits.memory_bytes
+                    self.engine,
+                    tick_s=TICK_S if self.interruptible else None,
+                    deadline_s=limits.deadline_s,
+                    memory_bytes=limits.memory_bytes,
                 )
             # the runner reads its limits at each run: set this run's
             self._wasi.deadline_s, self._wasi.memory_bytes = limits.deadline_s, limits.memory_bytes
@@ -196,7 +220,8 @@ class ModuleRunner:
         cap_mib = limits.memory_bytes / MIB
         started = time.monotonic()
         store.set_limits(memory_size=limits.memory_bytes)
-        store.set_epoch_deadline(limits.deadline_ticks)
+        if self.interruptible:
+            store.set_epoch_deadline(limits.deadline_ticks)
         try:
             ptr = _u32(inst.alloc(store, len(data)))
             if ptr == 0:

@@ -12,8 +12,9 @@ run per stdin, each in a fresh instance (fresh memory), with wasmtime's own WASI
   and the stepped `Clock`, exactly as shared/wasi.py defines them, so every node prints the
   same bytes.
 
-The limits are the worker's (runtime.py): the epoch deadline covers the whole subtask (all
-its runs), and the memory cap applies to each run's store. A run past the deadline fails the
+The limits are the worker's (runtime.py): the deadline covers the whole subtask (all its
+runs; enforced by epoch interruption on an interruptible engine, else by the executor pool's
+kill), and the memory cap applies to each run's store. A run past the deadline fails the
 subtask with `DeadlineExceeded`, as for any module. A run that fails (non-zero exit or trap)
 with its memory near the cap fails the subtask with `MemoryCapReached` rather than giving a
 result another node with a larger cap would not reproduce.
@@ -208,10 +209,11 @@ class _StderrTail:
 
 
 class WasiRunner:
-    """Runs WASI command modules on `engine`: the worker's, with epoch interruption on and a
-    thread that advances its epoch every `tick_s`. Not thread-safe: one run at a time."""
+    """Runs WASI command modules on `engine`: the worker's. `tick_s`: the engine has epoch
+    interruption on and a thread advances its epoch every `tick_s`; None: it has not, and the
+    process's owner enforces the deadline (runtime.py). Not thread-safe: one run at a time."""
 
-    def __init__(self, engine: wasmtime.Engine, *, tick_s: float, deadline_s: float, memory_bytes: int) -> None:
+    def __init__(self, engine: wasmtime.Engine, *, tick_s: float | None, deadline_s: float, memory_bytes: int) -> None:
         self.engine = engine
         self.tick_s = tick_s
         self.deadline_s = deadline_s
@@ -282,7 +284,8 @@ class WasiRunner:
         store = wasmtime.Store(self.engine)
         try:
             store.set_limits(memory_size=self.memory_bytes)
-            store.set_epoch_deadline(max(1, math.ceil(left_s / self.tick_s)) + 1)  # +1: the current tick is partial
+            if self.tick_s is not None:  # +1: the current tick is partial
+                store.set_epoch_deadline(max(1, math.ceil(left_s / self.tick_s)) + 1)
             store.set_wasi(config)
             code, trap, mib = self._start(name, store, module, envelope.deterministic, started)
         finally:

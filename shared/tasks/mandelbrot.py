@@ -12,15 +12,18 @@ import argparse
 import math
 import random
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import wasmtime
 from numpy.lib.format import open_memmap
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..modules import DEFAULT_STATIC_DIR
 from .base import JobFiles, Subtask, TaskPlugin, Verdict, keep_or_write, merged, shared_memmap
 
 # The module's 64-byte input, little-endian: xmin xmax ymin ymax (f64), then the image's W H,
@@ -28,9 +31,12 @@ from .base import JobFiles, Subtask, TaskPlugin, Verdict, keep_or_write, merged,
 INPUT = struct.Struct("<4d8I")
 DEFAULT_VIEW = (-2.0, 1.0, -1.5, 1.5)  # xmin, xmax, ymin, ymax
 SAMPLES_PER_TILE = 4
-#: Iterations the controller spends on the spot checks of one tile, at most: about 40 ms of
-#: Python on one core, whatever `max_iter` is (`spot_check`).
+#: Iterations the controller spends on the spot checks of one tile, at most, whatever
+#: `max_iter` is (`spot_check`): well under a millisecond in the kernel (about 40 ms in Python).
 CHECK_ITERATIONS = 100_000
+#: The module the controller recomputes sample pixels with (any build gives the same counts).
+CHECK_MODULE = DEFAULT_STATIC_DIR / "wasm" / "mandelbrot.wasm"
+PNG_LEVEL = 1  # zlib level of the image (finalize)
 # Help text for the `submit mandelbrot` flags that have one; the rest show just their default.
 _HELP = {"tile": "tile edge in pixels (one subtask per tile)"}
 
@@ -133,6 +139,74 @@ def escape_count(p: MandelbrotParams, i: int, j: int, limit: int | None = None) 
     return n
 
 
+#: (params, column, row, limit) -> the pixel's count, iterating at most `limit` times
+Escape = Callable[[MandelbrotParams, int, int, int], int]
+
+
+class _Kernel:
+    """The Mandelbrot module in this process, one pixel per call: the pixel `(i, j)` as a 1x1
+    tile of the same image with `max_iter = limit` is exactly `escape_count(p, i, j, limit)`
+    (the loop stops at `min(max_iter, limit)` either way, and `cx`, `cy` do not depend on the
+    cap). Our own module on calls of at most `CHECK_ITERATIONS` iterations: bounded, so the
+    engine is wasmtime's default (no deadline checks), and it runs the pixel ~100x faster than
+    Python. One instance per thread (a store is not thread-safe)."""
+
+    def __init__(self, path: Path) -> None:
+        self.engine = wasmtime.Engine()
+        self.module = wasmtime.Module(self.engine, path.read_bytes())
+        self._local = threading.local()
+
+    def _instance(self) -> tuple[wasmtime.Store, wasmtime.Memory, wasmtime.Func, wasmtime.Func, int]:
+        found: tuple[wasmtime.Store, wasmtime.Memory, wasmtime.Func, wasmtime.Func, int] | None
+        found = getattr(self._local, "inst", None)
+        if found is None:
+            store = wasmtime.Store(self.engine)
+            exports = wasmtime.Instance(store, self.module, []).exports(store)
+            memory, alloc, run, output_ptr = (exports[n] for n in ("memory", "pd_alloc", "pd_run", "pd_output_ptr"))
+            assert isinstance(memory, wasmtime.Memory)
+            assert isinstance(alloc, wasmtime.Func) and isinstance(run, wasmtime.Func)
+            assert isinstance(output_ptr, wasmtime.Func)
+            # one input buffer for every call: `pd_run` keeps the input (docs/wasm-abi.md),
+            # and only a new `pd_alloc` would free it
+            ptr = alloc(store, INPUT.size)
+            assert isinstance(ptr, int) and ptr != 0
+            found = self._local.inst = (store, memory, run, output_ptr, ptr)
+        return found
+
+    def __call__(self, p: MandelbrotParams, i: int, j: int, limit: int) -> int:
+        store, memory, run, output_ptr, ptr = self._instance()
+        memory.write(store, tile_input(p.width, p.height, i, j, 1, 1, min(p.max_iter, limit), p.view), ptr)
+        status = run(store, ptr, INPUT.size)
+        if status != 0:
+            raise RuntimeError(f"the Mandelbrot module returned status {status} for pixel ({i}, {j})")
+        out = output_ptr(store)
+        assert isinstance(out, int)
+        count: int = struct.unpack("<I", memory.read(store, out, out + 4))[0]
+        return count
+
+
+_KERNEL: _Kernel | None = None
+#: pixels capped at more iterations than this are computed by the module (`kernel_escape`)
+KERNEL_FROM = 300
+_KERNEL_LOCK = threading.Lock()
+
+
+def kernel_escape(p: MandelbrotParams, i: int, j: int, limit: int) -> int:
+    """`escape_count(p, i, j, limit)`, by the Mandelbrot module in this process when the pixel
+    may take more than `KERNEL_FROM` iterations (a call costs about as much as that many
+    iterations of Python), else by the Python loop; the same count either way."""
+    global _KERNEL
+    if min(p.max_iter, limit) <= KERNEL_FROM:
+        return escape_count(p, i, j, limit)
+    if _KERNEL is None:
+        with _KERNEL_LOCK:
+            if _KERNEL is None and CHECK_MODULE.exists():
+                _KERNEL = _Kernel(CHECK_MODULE)
+    if _KERNEL is None:
+        return escape_count(p, i, j, limit)
+    return _KERNEL(p, i, j, limit)
+
+
 def spot_check(
     p: MandelbrotParams,
     x0: int,
@@ -140,6 +214,7 @@ def spot_check(
     tile: np.ndarray,
     rng: random.Random,
     budget: int = CHECK_ITERATIONS,
+    escape: Escape = kernel_escape,
 ) -> tuple[Verdict, int]:
     """Recompute `SAMPLES_PER_TILE` pixels of a tile, chosen uniformly by `rng`, spending at
     most `budget` iterations in all; returns the verdict and the iterations spent.
@@ -148,7 +223,10 @@ def spot_check(
     (a cheap pixel: the common case, and every pixel when `max_iter` is modest) is checked
     exactly, in `claimed + 1` iterations at most; an expensive one is checked up to its share
     (it must not escape before). Pixels are not picked by their claimed cost: the claims are
-    the node's, and a liar could steer such a choice away from its inventions."""
+    the node's, and a liar could steer such a choice away from its inventions.
+
+    `escape` computes a pixel: the module in this process (`kernel_escape`) or the reference
+    loop (`escape_count`); the same pixels, the same counts, the same verdict either way."""
     h, w = tile.shape
     samples = min(SAMPLES_PER_TILE, w * h)
     share = max(1, budget // samples)
@@ -159,21 +237,38 @@ def spot_check(
         # an exact check of a count below max_iter runs one step past it (it must escape there)
         need = claimed + 1 if claimed < p.max_iter else claimed
         cap = min(need, share)
-        n = escape_count(p, x0 + c, y0 + r, limit=cap)
+        n = escape(p, x0 + c, y0 + r, cap)
         spent += n
         if n != (claimed if cap == need else cap):
             return Verdict.REJECT, spent
     return Verdict.ACCEPT, spent
 
 
-def colourize(counts: np.ndarray, max_iter: int) -> np.ndarray:
-    """RGB image of the counts; points that reach `max_iter` are black."""
-    t = np.log1p(counts.astype(np.float64)) / math.log1p(max_iter)
+def _palette(values: np.ndarray, max_iter: int) -> np.ndarray:
+    """The colour of each count in `values` (1-D), the formula of the image: (len, 3) uint8."""
+    t = np.log1p(values.astype(np.float64)) / math.log1p(max_iter)
     u = 1.0 - t
     rgb = np.stack([9.0 * u * t**3, 15.0 * u**2 * t**2, 8.5 * u**3 * t], axis=-1) * 255.0
     out = np.clip(rgb, 0, 255).astype(np.uint8)
-    out[counts >= max_iter] = 0
+    out[values >= max_iter] = 0
     return out
+
+
+def colourize(counts: np.ndarray, max_iter: int) -> np.ndarray:
+    """RGB image of the counts; points that reach `max_iter` are black.
+
+    A pixel's colour depends on its count alone, so the formula runs once per distinct count
+    (a table of `max_iter + 1` colours, or of the counts present when that is smaller) and the
+    image is a lookup: the same bytes as the formula per pixel, ten times faster."""
+    flat = np.minimum(counts.reshape(-1), max_iter)  # at or past max_iter: black either way
+    if max_iter + 1 <= flat.size:
+        table = _palette(np.arange(max_iter + 1, dtype=np.uint32), max_iter)
+        index = flat
+    else:
+        present, index = np.unique(flat, return_inverse=True)
+        table = _palette(present, max_iter)
+    image: np.ndarray = table[index].reshape(*counts.shape, 3)
+    return image
 
 
 _PARAMS = ("width", "height", "xmin", "xmax", "ymin", "ymax", "max_iter", "tile")
@@ -245,7 +340,11 @@ class MandelbrotPlugin(TaskPlugin[MandelbrotParams]):
             counts = self._counts(files)
             keep_or_write(raw, lambda p: np.save(p, counts))
             keep_or_write(
-                image, lambda p: Image.fromarray(colourize(counts, params.max_iter), "RGB").save(p, format="PNG")
+                image,
+                # zlib level 1: two thirds of level 6's time for a 2048² image, a file ~17 % larger
+                lambda p: Image.fromarray(colourize(counts, params.max_iter), "RGB").save(
+                    p, format="PNG", compress_level=PNG_LEVEL
+                ),
             )
         return {"raw": str(raw), "image": str(image)}
 
