@@ -18,6 +18,8 @@ from processdistro.worker.state import (
     Connected,
     Disconnected,
     Event,
+    Flush,
+    Hold,
     Instruction,
     NodeState,
     PartDone,
@@ -44,6 +46,8 @@ def event_of(raw: dict[str, Any]) -> Event:
         return PartFailed(raw["failed"], raw["message"])
     if raw.get("tick"):
         return Tick()
+    if raw.get("flush"):
+        return Flush()
     if raw.get("disconnected"):
         return Disconnected()
     raise ValueError(f"expected a node event in the table, got {raw!r}")
@@ -57,6 +61,8 @@ def as_json(instruction: Instruction) -> dict[str, Any]:
         return {"start": instruction.task_id, **{k: v for k, v in limits.items() if v is not None}}
     if isinstance(instruction, Stop):
         return {"stop": instruction.task_id}
+    if isinstance(instruction, Hold):
+        return {"hold": instruction.ms}
     raise TypeError(f"expected an instruction, got {instruction!r}")
 
 
