@@ -93,7 +93,9 @@ def parse_results(raw: dict[str, object], most: int = MAX_RESULTS_PER_FRAME) -> 
         try:
             good.append(report_adapter.validate_python(item))
         except ValidationError as exc:
-            refused.append(Refusal(ErrorCode.INVALID, f"invalid 'results' item: {describe(exc, root=f'items[{k}]')}"))
+            task = item.get("task_id") if isinstance(item, dict) else None
+            named = f" (task {str(task)[:40]!r})" if task is not None else ""
+            refused.append(Refusal(ErrorCode.INVALID, f"invalid items[{k}]{named}: {describe(exc, root='item')}"))
     return Reports(good, refused)
 
 
