@@ -13,15 +13,66 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 from conftest import Controller
 from executors import mandelbrot_tile
 from nodes import Node, run_async
+from processdistro.gateway.frames import Refusal, Reports, parse_frame
 from processdistro.shared import keys
-from processdistro.shared.protocol import PROTOCOL_VERSION
+from processdistro.shared.protocol import MAX_ELAPSED_MS, MAX_RESULTS_PER_FRAME, PROTOCOL_VERSION
 from processdistro.shared.store.connection import Client
 from websockets.sync.client import ClientConnection, connect
 
 SMALL = ["--width", "64", "--height", "64", "--tile", "16", "--max-iter", "50", "--replicate", "0"]
+
+
+def item(task_id: str = "1-0", **extra: object) -> dict[str, object]:
+    return {"type": "result", "task_id": task_id, "output_b64": "AQ==", "elapsed_ms": 1.0, **extra}
+
+
+@pytest.mark.parametrize(
+    ("frame", "kept", "refused"),
+    [
+        ({"type": "results", "items": [item(f"1-{k}") for k in range(MAX_RESULTS_PER_FRAME)]}, 64, None),
+        ({"type": "results", "items": [item(), {"type": "task_failed", "task_id": "2-0", "message": "x"}]}, 2, None),
+        ({"type": "results", "items": [item(), item(elapsed_ms=MAX_ELAPSED_MS * 2), item(task_id="x")]}, 1, 2),
+        ({"type": "results", "items": [item(), item(extra=1), {"type": "results", "items": [item()]}]}, 1, 2),
+        ({"type": "results", "items": [item(f"1-{k}") for k in range(MAX_RESULTS_PER_FRAME + 1)]}, None, "invalid"),
+        ({"type": "results", "items": []}, None, "invalid"),
+        ({"type": "results", "items": {"0": item()}}, None, "invalid"),
+        ({"type": "results", "items": [item()], "free": 3}, None, "invalid"),
+    ],
+    ids=[
+        "the-most-items",
+        "result-and-failure",
+        "out-of-bounds-and-bad-id-items-refused-alone",
+        "extra-field-and-nested-frame-refused-alone",
+        "too-many-items",
+        "no-items",
+        "items-not-a-list",
+        "extra-field-on-the-frame",
+    ],
+)
+def test_a_results_frame_is_parsed_item_by_item(frame: dict[str, object], kept: int | None, refused: object) -> None:
+    got = parse_frame(json.dumps(frame), 1 << 20)
+    if kept is None:
+        assert isinstance(got, Refusal) and got.code.value == refused
+    else:
+        assert isinstance(got, Reports) and len(got.items) == kept and len(got.refused) == (refused or 0)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type":"results","items":[{"type":"result","task_id":"1-0","output_b64":"AQ==","elapsed_ms":NaN}]}',
+        '{"type":"results","items":' + "[" * 100 + "]" * 100 + "}",
+    ],
+    ids=["nan-in-an-item", "too-deep"],
+)
+def test_a_results_frame_is_parsed_strictly(text: str) -> None:
+    """Non-finite numbers and deep nesting refuse the whole frame before anything is parsed."""
+    got = parse_frame(text, 1 << 20)
+    assert isinstance(got, Refusal) and got.code.value == "malformed"
 
 
 def frames_until(ws: ClientConnection, done: Any, timeout: float) -> list[dict[str, Any]]:
