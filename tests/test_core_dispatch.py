@@ -187,8 +187,9 @@ def test_parts_wanted(fields: TaskFields, adaptive: bool, multipart: bool, part_
         (task("j", 1, module="other"), False),
         (task("j", 1, backup_of="x"), False),
         (task("j", 1, replicated=True), False),
+        (task("j", 1, attempt=1), False),
     ],
-    ids=["same-job", "other-job", "other-module", "backup", "replicated"],
+    ids=["same-job", "other-job", "other-module", "backup", "replicated", "retried"],
 )
 def test_bundles_with(extra: TaskFields, bundled: bool) -> None:
     assert dispatch.bundles_with(task("j", 0), extra) is bundled

@@ -168,8 +168,13 @@ def peak(previous: float | None, sample: float, decay: float = PEAK_DECAY) -> fl
 
 
 def bundles_with(first: TaskFields, extra: TaskFields) -> bool:
-    """May entry `extra`, read after `first`, be a further part of the same task?"""
-    return extra.job == first.job and extra.module == first.module and not (extra.backup_of or extra.replicated)
+    """May entry `extra`, read after `first`, be a further part of the same task? Not a
+    retried copy (`attempt` > 0): it goes through the failure screen on its own."""
+    return (
+        extra.job == first.job
+        and extra.module == first.module
+        and not (extra.backup_of or extra.replicated or extra.attempt)
+    )
 
 
 def assignments(held: Mapping[str, Held]) -> int:
