@@ -231,23 +231,6 @@ class GatewayStore:
         node_seen(pipe, node_id)  # its keys go NODE_KEEP_S after it left
         await pipe.execute()
 
-    async def record_time(
-        self, node_id: str, kind_field: str, average_ms: float, sample_ms: float, task_id: str, job_id: str = ""
-    ) -> bool:
-        """Keep a task's time (the cluster's recent list, the node's average per kind) and
-        count the result in the node's tallies (`core.failures.standing`); True if task
-        entry `task_id` has a backup copy."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hincrby(keys.node(node_id), "returned", 1)
-        if job_id:
-            pipe.hincrby(keys.job_tally(job_id), f"{node_id}:ok", 1)
-            pipe.expire(keys.job_tally(job_id), FAILURES_TTL_S)
-        pipe.lpush(keys.LATENCY, round(sample_ms, 2))
-        pipe.ltrim(keys.LATENCY, 0, LATENCY_KEPT - 1)
-        pipe.hset(keys.node(node_id), kind_field, round(average_ms, 2))
-        pipe.exists(keys.backup_marker(task_id))
-        return bool((await pipe.execute())[-1])
-
     async def record_failure(
         self, fields: TaskFields, node_id: str, message: str, node_timeout_s: float, voter: str = ""
     ) -> FailureView:

@@ -3,8 +3,9 @@
 The results of one `results` frame (or a single `result`) go into the results stream in one
 script call, each with what `HANDOVER_LUA` does for one: the result entry added, the task
 entry acknowledged and deleted, and for a replicated subtask the node's voter marked as
-having returned it. The node's figures for them (`GatewayStore.record_time`, summed) travel
-in the same round trip.
+having returned it. The node's figures for them travel in the same round trip: its tallies
+(`returned`, and `<node>:ok` in each job's `keys.job_tally`), the cluster's recent part
+times (`keys.LATENCY`), its average per kind, and whether each task has a backup copy.
 """
 
 from __future__ import annotations
