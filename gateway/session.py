@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 UNPARK_LOOK = 16  # parked copies a dispatch looks at
 READ_BLOCK_MS = 1000  # how long a dispatch waits for new entries before it looks again
 BENCH_LOOK_S = 1.0  # how often a benched node's dispatch looks whether its bench is over
+BACKPRESSURE_LOOK_S = 0.05  # how often a dispatch held back by waiting results looks again
 
 
 class NodeSession:
@@ -256,6 +257,11 @@ class NodeSession:
                     break
                 if await self.store.benched(self.node_id):  # its failures stood out: no new tasks
                     await asyncio.sleep(BENCH_LOOK_S)
+                    continue
+                if await self.store.results_waiting() >= self.settings.results_backlog:
+                    # the aggregators are behind: more results would only queue (in Redis), and a
+                    # later job of higher priority would wait behind them
+                    await asyncio.sleep(BACKPRESSURE_LOOK_S)
                     continue
                 for task_id, fields in await self.store.read(self.consumer, self.want, block_ms=READ_BLOCK_MS):
                     await self._assign(task_id, fields)

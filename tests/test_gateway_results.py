@@ -26,6 +26,12 @@ from websockets.sync.client import ClientConnection, connect
 SMALL = ["--width", "64", "--height", "64", "--tile", "16", "--max-iter", "50", "--replicate", "0"]
 
 
+@pytest.fixture
+def controller_env() -> dict[str, str]:
+    """Trivial subtasks of other kinds than hash and crack bundled as parts (off by default)."""
+    return {"PD_SMALL_TASK_MS": "50"}
+
+
 def item(task_id: str = "1-0", **extra: object) -> dict[str, object]:
     return {"type": "result", "task_id": task_id, "output_b64": "AQ==", "elapsed_ms": 1.0, **extra}
 

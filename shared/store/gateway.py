@@ -40,6 +40,7 @@ from .streams import ensure_groups_async
 log = logging.getLogger(__name__)
 
 JOB_STATE_TTL_S = 1.0  # how long a gateway trusts what it read of a job's state
+RESULTS_LOOK_S = 0.05  # how long a gateway trusts what it read of the results stream's length
 RETURNED_TTL_S = 86_400  # how long a replicated subtask remembers who returned it
 LATENCY_KEPT = 200  # recent task times in `keys.LATENCY`
 RELEASE_MAX = 10_000  # pending entries one connection's cleanup requeues
@@ -103,6 +104,7 @@ class GatewayStore:
         self._requeue = client.register_script(REQUEUE_LUA)
         self._handover = client.register_script(HANDOVER_LUA)
         self._job_over: dict[str, tuple[float, bool]] = {}  # job id -> (read at, over)
+        self._results_waiting = (0.0, 0)  # (read at, results stream length)
 
     @classmethod
     def connect(cls, url: str | None) -> GatewayStore:
@@ -433,6 +435,14 @@ class GatewayStore:
             over = True
         self._job_over[job_id] = (now, over)
         return over
+
+    async def results_waiting(self) -> int:
+        """Results not yet committed by an aggregator (the results stream's length), read at
+        most every `RESULTS_LOOK_S` for all of this gateway's sessions."""
+        now = time.monotonic()
+        if now - self._results_waiting[0] >= RESULTS_LOOK_S:
+            self._results_waiting = (now, int(await self.r.xlen(keys.RESULTS)))
+        return self._results_waiting[1]
 
     def forget_job(self, job_id: str) -> None:
         """Read the job's state afresh next time (a `cancel_job` came)."""
