@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aredis
+from redis.exceptions import NoScriptError
 
 from .. import keys
 from ..queue import TaskFields
@@ -58,8 +59,10 @@ class Handovers:
             flat = [x for kv in entry.items() for x in kv]
             returned_keys.append(keys.job_returned(f.job, f.index))
             args += [item.task_id, (voter or node_id) if f.replicated else "", len(flat), *flat]
+        script_keys = [keys.TASKS, keys.RESULTS, *returned_keys]
         pipe = self.r.pipeline(transaction=False)
-        await self._many(keys=[keys.TASKS, keys.RESULTS, *returned_keys], args=args, client=pipe)
+        # EVALSHA itself: a script call through the pipeline would cost a SCRIPT EXISTS round trip each time
+        pipe.evalsha(self._many.sha, len(script_keys), *script_keys, *args)
         node_key = keys.node(node_id)
         pipe.hincrby(node_key, "returned", len(items))
         for job, n in Counter(item.fields.job for item in items).items():
@@ -72,5 +75,10 @@ class Handovers:
             pipe.hincrby(keys.STATS, "results_batched", len(items) - 1)
         for item in items:
             pipe.exists(keys.backup_marker(item.task_id))
-        replies = await pipe.execute()
+        replies = await pipe.execute(raise_on_error=False)
+        if isinstance(replies[0], NoScriptError):  # a Redis that forgot it (restarted): load it, hand over
+            await self._many(keys=script_keys, args=args)
+        for reply in replies[1 if isinstance(replies[0], NoScriptError) else 0 :]:
+            if isinstance(reply, Exception):
+                raise reply
         return [bool(x) for x in replies[-len(items) :]]
