@@ -2,6 +2,9 @@
 (refusals say "expected X, got Y", so a node's author can see what was wrong); the task
 frame a node is sent.
 
+A `results` frame is taken item by item (`Reports`): a bad item is refused on its own, and
+the others are kept.
+
 A frame is parsed with `validation.strict_loads`: no `Infinity`/`NaN`/`1e999` (Python's
 `json` takes them), and nesting depth is checked on the raw text before parsing, so a frame
 of 100,000 `[` is refused like any other malformed frame instead of raising RecursionError.
@@ -16,18 +19,21 @@ from pydantic import ValidationError
 
 from ..shared.modules import Module
 from ..shared.protocol import (
+    MAX_RESULTS_PER_FRAME,
     AgentLog,
     ErrorCode,
     Heartbeat,
     Hello,
     Leave,
     Ready,
+    Results,
     TaskAssign,
     TaskFailed,
     TaskPart,
     TaskResult,
     Welcome,
     node_message_adapter,
+    report_adapter,
 )
 from ..shared.queue import TaskFields
 from ..shared.settings import Settings
@@ -43,7 +49,15 @@ class Refusal:
     close: bool = False  # the frame is over the size cap: the socket is closed too
 
 
-def parse_frame(text: str | None, cap: int) -> NodeFrame | Refusal:
+@dataclass(frozen=True)
+class Reports:
+    """A `results` frame: its valid items in order, and a refusal for each bad one."""
+
+    items: list[TaskResult | TaskFailed]
+    refused: list[Refusal]
+
+
+def parse_frame(text: str | None, cap: int) -> NodeFrame | Reports | Refusal:
     """Validate one frame (`text` None: it was binary) against the node protocol."""
     if text is None:
         return Refusal(ErrorCode.MALFORMED, "expected a JSON text frame, got a binary frame")
@@ -57,10 +71,33 @@ def parse_frame(text: str | None, cap: int) -> NodeFrame | Refusal:
         return Refusal(ErrorCode.MALFORMED, f"expected JSON, got a parse error: {exc}")
     if not isinstance(raw, dict) or not isinstance(raw.get("type"), str):
         return Refusal(ErrorCode.MALFORMED, "expected an object with a string 'type'")
+    if raw["type"] == "results":
+        return parse_results(raw)
     try:
-        return node_message_adapter.validate_python(raw)
+        message = node_message_adapter.validate_python(raw)
     except ValidationError as exc:
         return Refusal(ErrorCode.INVALID, f"invalid {raw['type']!r} message: {describe(exc, root='message')}")
+    return Reports(list(message.items), []) if isinstance(message, Results) else message
+
+
+def parse_results(raw: dict[str, object], most: int = MAX_RESULTS_PER_FRAME) -> Reports | Refusal:
+    """The items of a `results` frame, each validated on its own (`protocol.Results`)."""
+    items = raw.get("items")
+    if set(raw) != {"type", "items"} or not isinstance(items, list) or not 1 <= len(items) <= most:
+        got = f"{len(items)} items" if isinstance(items, list) else f"fields {sorted(raw)}"
+        return Refusal(
+            ErrorCode.INVALID, f"invalid 'results' message: expected 'items', 1 to {most} reports, got {got}"
+        )
+    good: list[TaskResult | TaskFailed] = []
+    refused: list[Refusal] = []
+    for k, item in enumerate(items):
+        try:
+            good.append(report_adapter.validate_python(item))
+        except ValidationError as exc:
+            task = item.get("task_id") if isinstance(item, dict) else None
+            named = f" (task {str(task)[:40]!r})" if task is not None else ""
+            refused.append(Refusal(ErrorCode.INVALID, f"invalid items[{k}]{named}: {describe(exc, root='item')}"))
+    return Reports(good, refused)
 
 
 def welcome(node_id: str, slots: int, settings: Settings) -> Welcome:
@@ -72,6 +109,7 @@ def welcome(node_id: str, slots: int, settings: Settings) -> Welcome:
         prefetch=settings.prefetch,
         heartbeat_interval_s=settings.heartbeat_interval_s,
         max_message_bytes=settings.max_message_bytes,
+        results_per_frame=settings.results_per_frame if settings.results_per_frame > 1 else None,
     )
 
 

@@ -9,8 +9,6 @@ and a silent node (no frame for `node_timeout_s`) is closed, which does the same
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import itertools
 import logging
 import secrets
@@ -23,7 +21,6 @@ from ..shared.core import dispatch
 from ..shared.core.dispatch import Held, Replica, Verdict
 from ..shared.core.failures import FailureOutcome
 from ..shared.logs import safe_text
-from ..shared.messages import DropCopies
 from ..shared.modules import Module, ModuleRegistry
 from ..shared.protocol import (
     MULTIPART_SINCE,
@@ -43,17 +40,20 @@ from ..shared.protocol import (
 from ..shared.queue import TaskFields, consumer_name
 from ..shared.settings import Settings
 from ..shared.store.gateway import GatewayStore
+from ..shared.store.handover import Handovers
 from ..shared.tasks import PLUGINS
 from . import agent_log, failures
 from .auth import TokenSigner
-from .frames import NodeFrame, Refusal, parse_frame, task_frame, welcome
+from .frames import NodeFrame, Refusal, Reports, parse_frame, task_frame, welcome
 from .metrics import GatewayMetrics
+from .results import take_results
 
 log = logging.getLogger(__name__)
 
 UNPARK_LOOK = 16  # parked copies a dispatch looks at
 READ_BLOCK_MS = 1000  # how long a dispatch waits for new entries before it looks again
 BENCH_LOOK_S = 1.0  # how often a benched node's dispatch looks whether its bench is over
+BACKPRESSURE_LOOK_S = 0.05  # how often a dispatch held back by waiting results looks again
 
 
 class NodeSession:
@@ -95,6 +95,8 @@ class NodeSession:
         self.dropped = False  # the node went away without leaving (counted per held subtask)
         self._send_lock = asyncio.Lock()
         self.ewma: dict[str, float] = {}  # "ewma_ms:<kind>" -> observed task time
+        self.peak: dict[str, float] = {}  # kind -> slowest recent part time (`dispatch.peak`)
+        self.handovers = Handovers(store.r)
         self.simd = False
         self.multipart = False
         self.given_back: dict[str, None] = {}  # recent tasks taken back (stolen, or another copy won)
@@ -199,8 +201,15 @@ class NodeSession:
                 continue
             await self._handle(frame)
 
-    async def _handle(self, m: NodeFrame) -> None:
+    async def _handle(self, m: NodeFrame | Reports) -> None:
         match m:
+            case Reports():  # several reports: each taken on its own
+                for refusal in m.refused:
+                    await self.refuse(refusal.code, refusal.message)
+                await take_results(self, [r for r in m.items if isinstance(r, TaskResult)])
+                for failed in m.items:
+                    if isinstance(failed, TaskFailed):
+                        await self._failed(failed)
             case Ready():
                 self.want = dispatch.want_after_ready(
                     free=m.free,
@@ -211,7 +220,7 @@ class NodeSession:
                 if self.want:
                     self.wake.set()
             case TaskResult():
-                await self._result(m)
+                await take_results(self, [m])
             case Heartbeat():
                 await self._touch(running=m.running, done=m.done)
             case TaskFailed():
@@ -224,41 +233,6 @@ class NodeSession:
                 await self.close(CloseCode.NORMAL, "left")
             case AgentLog():  # a notable event on the node, for the controller's log
                 await agent_log.AGENT_LOGS.receive(self.store, self.node_id, m)
-
-    async def _result(self, m: TaskResult) -> None:
-        held = self.held.get(m.task_id)
-        if held is None:
-            if m.task_id in self.given_back:  # it had started after all: another node has it now
-                return
-            await self.refuse(ErrorCode.UNKNOWN_TASK, f"task {m.task_id} is not held by this connection")
-            return
-        fields = held.fields
-        try:
-            output = base64.b64decode(m.output_b64, validate=True)
-        except (binascii.Error, ValueError):  # the model validated it; belt and braces
-            await self.refuse(ErrorCode.INVALID, "output_b64 is not base64")
-            return
-        elapsed = time.monotonic() - held.sent
-        # a replicated copy stays in `held` until the handover has also recorded that this
-        # node returned it, so the node never takes the other copy in between
-        await self.store.hand_over(
-            m.task_id,
-            fields,
-            node_id=self.node_id,
-            output=output,
-            elapsed_ms=m.elapsed_ms,
-            returned=fields.replicated,
-            voter=self.voter,
-        )
-        self.held.pop(m.task_id, None)
-        self.done += 1
-        self.metrics.latency.observe(elapsed)
-        field = EWMA_PREFIX.decode() + fields.kind
-        sample = dispatch.sample_ms(m.elapsed_ms, elapsed)
-        self.ewma[field] = dispatch.ewma(self.ewma.get(field), sample)
-        backed_up = await self.store.record_time(self.node_id, field, self.ewma[field], sample, m.task_id, fields.job)
-        if dispatch.drops_copies(fields, backed_up=backed_up):
-            await self.store.publish(DropCopies(job_id=fields.job, index=fields.index, winner=m.task_id))
 
     async def _failed(self, m: TaskFailed) -> None:
         held = self.held.pop(m.task_id, None)
@@ -286,6 +260,11 @@ class NodeSession:
                     break
                 if await self.store.benched(self.node_id):  # its failures stood out: no new tasks
                     await asyncio.sleep(BENCH_LOOK_S)
+                    continue
+                if await self.store.results_waiting() >= self.settings.results_backlog:
+                    # the aggregators are behind: more results would only queue (in Redis), and a
+                    # later job of higher priority would wait behind them
+                    await asyncio.sleep(BACKPRESSURE_LOOK_S)
                     continue
                 for task_id, fields in await self.store.read(self.consumer, self.want, block_ms=READ_BLOCK_MS):
                     await self._assign(task_id, fields)
@@ -363,6 +342,8 @@ class NodeSession:
             multipart=self.multipart,
             part_ms=self.ewma.get(EWMA_PREFIX.decode() + fields.kind),
             target_task_s=self.settings.target_task_s,
+            peak_ms=self.peak.get(fields.kind),
+            small_task_s=self.settings.small_task_ms / 1000,
         )
         if wanted > 1:
             # the next entries of the same job become further parts of this task

@@ -165,8 +165,24 @@ class AgentLog(_Msg):
     message: str = Field(default="", max_length=MAX_AGENT_LOG)
 
 
+MAX_RESULTS_PER_FRAME = 64  # reports in one `results` frame, at most
+
+Report = Annotated[TaskResult | TaskFailed, Field(discriminator="type")]
+report_adapter: TypeAdapter[Report] = TypeAdapter(Report)
+
+
+class Results(_Msg):
+    """Several reports (`result` and `task_failed` frames, whole) in one frame, in the order
+    the parts finished. Only to a gateway whose `welcome` has `results_per_frame`, and at
+    most that many. The gateway takes each item on its own: a bad item is refused with an
+    `error` frame naming its place (`items[3]`), the others are kept."""
+
+    type: Literal["results"] = "results"
+    items: list[Report] = Field(min_length=1, max_length=MAX_RESULTS_PER_FRAME)
+
+
 NodeMessage = Annotated[
-    Hello | Ready | Heartbeat | TaskResult | TaskFailed | Leave | AgentLog, Field(discriminator="type")
+    Hello | Ready | Heartbeat | TaskResult | TaskFailed | Results | Leave | AgentLog, Field(discriminator="type")
 ]
 node_message_adapter: TypeAdapter[NodeMessage] = TypeAdapter(NodeMessage)
 
@@ -183,10 +199,43 @@ class Welcome(_Msg):
     #: the largest frame this gateway takes: a node reports a result that would not fit as
     #: `task_failed` (`result_too_large`) instead of sending a frame that closes its socket
     max_message_bytes: int | None = Field(default=None, ge=1024)
+    #: reports this gateway takes in one `results` frame; absent: send each report alone
+    results_per_frame: int | None = Field(default=None, ge=2, le=MAX_RESULTS_PER_FRAME)
 
 
 #: bytes a result frame adds around its base64 output (type, task id, elapsed time)
 RESULT_FRAME_OVERHEAD = 200
+#: characters a `task_failed` message may take in a frame, per character of text (JSON escapes
+#: a control character as `\u0000`; a UTF-16 surrogate pair is two characters in JavaScript)
+FAILURE_ESCAPE_FACTOR = 6
+
+
+def report_chars(report: TaskResult | TaskFailed) -> int:
+    """An upper bound on the characters a report takes inside a frame."""
+    if isinstance(report, TaskResult):
+        return len(report.output_b64) + RESULT_FRAME_OVERHEAD
+    return FAILURE_ESCAPE_FACTOR * len(report.message) + RESULT_FRAME_OVERHEAD
+
+
+def frame_chars(reports: list[TaskResult | TaskFailed]) -> int:
+    """An upper bound on the characters of a `results` frame of `reports`."""
+    return RESULT_FRAME_OVERHEAD + sum(report_chars(r) for r in reports)
+
+
+def pack_reports(
+    reports: list[TaskResult | TaskFailed], per_frame: int, max_chars: int
+) -> list[TaskResult | TaskFailed | Results]:
+    """`reports` in as few frames as a gateway takes, in order: at most `per_frame` to a
+    `results` frame, each frame within `max_chars`; a frame of one report is the report
+    itself (`static/js/protocol.js` `packReports` packs alike)."""
+    frames: list[list[TaskResult | TaskFailed]] = []
+    for report in reports:
+        last = frames[-1] if frames else None
+        if last and len(last) < per_frame and frame_chars([*last, report]) <= max_chars:
+            last.append(report)
+        else:
+            frames.append([report])
+    return [f[0] if len(f) == 1 else Results(items=f) for f in frames]
 
 
 def result_too_large(output_b64_chars: int, max_message_bytes: int | None) -> str | None:

@@ -69,6 +69,23 @@ class Settings(BaseSettings):
     max_connections_per_address: int = Field(
         default=256, ge=1, description="open connections (HTTP and WebSocket) from one client address, at most"
     )
+    # the node <-> gateway hop (issue 11)
+    results_per_frame: int = Field(
+        default=32, ge=1, le=64, description="reports a node may send in one `results` frame (1: each alone)"
+    )
+    small_task_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=10_000,
+        description="kinds other than hash and crack: consecutive subtasks go several to a task while the "
+        "node's slowest recent part is this small beside it (e.g. 50; 0: one subtask per task)",
+    )
+    results_backlog: int = Field(
+        default=512,
+        ge=1,
+        description="gateways give nodes no new tasks while this many results wait for the aggregators "
+        "(more would only queue in Redis, and a later job of higher priority would wait behind them)",
+    )
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

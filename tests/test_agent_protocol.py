@@ -185,6 +185,10 @@ BUILD_ALL = """async () => {
       m.heartbeat(2, 41), m.result("1712345678901-0", out, 12.5), m.result("2-3", "", 0),
       m.taskFailed("5-6", "x".repeat(5000)), m.leave(),
     ],
+    batches: [
+      m.results([m.result("1-0", out, 1), m.taskFailed("1-1", "boom")]),
+      ...m.packReports([m.result("1-0", out, 1), m.result("1-1", out, 1), m.result("1-2", out, 1)], 2, 1 << 20),
+    ],
     reports: [
       m.nodeReport({joinCode: "ABCD-1234", deviceId: "a".repeat(32), cores: 8, memoryGb: 4,
                     browser: "Chrome 126", os: "Android 14", benchmarkScore: 3.5e8, simd: true}),
@@ -216,6 +220,12 @@ def test_builders_validate_against_schemas(page: Page) -> None:
         validate("node_report.json", report)
         P.NodeReport.model_validate(report)
     hello, hello2, ready3, _, hb, res, _, failed, leave = built["node"]
+    for message in built["batches"]:  # several reports to a frame, and packReports as pack_reports packs
+        validate("node_message.json", message)
+        P.node_message_adapter.validate_python(message)
+    mixed, two, one = built["batches"]
+    assert [i["type"] for i in mixed["items"]] == ["result", "task_failed"]
+    assert [i["task_id"] for i in two["items"]] == ["1-0", "1-1"] and one["type"] == "result"
     assert hello == {"type": "hello", "protocol": P.PROTOCOL_VERSION, "running": []}
     assert hello2["running"] == ["1-0", "1712345678901-12"]
     assert ready3 == {"type": "ready", "free": 3}

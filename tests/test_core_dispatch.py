@@ -187,8 +187,9 @@ def test_parts_wanted(fields: TaskFields, adaptive: bool, multipart: bool, part_
         (task("j", 1, module="other"), False),
         (task("j", 1, backup_of="x"), False),
         (task("j", 1, replicated=True), False),
+        (task("j", 1, attempt=1), False),
     ],
-    ids=["same-job", "other-job", "other-module", "backup", "replicated"],
+    ids=["same-job", "other-job", "other-module", "backup", "replicated", "retried"],
 )
 def test_bundles_with(extra: TaskFields, bundled: bool) -> None:
     assert dispatch.bundles_with(task("j", 0), extra) is bundled
@@ -354,3 +355,41 @@ def test_parts_wanted_with_a_poisoned_part_time(part_ms: float) -> None:
     not a finite positive time means "not measured" (one part), a tiny one the most parts."""
     got = dispatch.parts_wanted(task(), adaptive=True, multipart=True, part_ms=part_ms, target_task_s=4.0)
     assert got == (MAX_PARTS if part_ms == 1e-300 else 1)
+
+
+@pytest.mark.parametrize(
+    ("fields", "peak_ms", "small_task_s", "parts"),
+    [
+        (task(), 0.1, 0.05, MAX_PARTS),
+        (task(), 5.0, 0.05, 10),
+        (task(), 80.0, 0.05, 1),
+        (task(), None, 0.05, 1),
+        (task(), 0.1, 0.0, 1),
+        (task(backup_of="x"), 0.1, 0.05, 1),
+        (task(replicated=True), 0.1, 0.05, 1),
+    ],
+    ids=["trivial-capped", "fits-the-small-target", "costly-one-part", "not-measured-yet", "off", "backup", "replica"],
+)
+def test_parts_wanted_for_other_kinds(
+    fields: TaskFields, peak_ms: float | None, small_task_s: float, parts: int
+) -> None:
+    """Kinds other than hash and crack are bundled by the node's slowest recent part time."""
+    got = dispatch.parts_wanted(
+        fields,
+        adaptive=False,
+        multipart=True,
+        part_ms=0.1,
+        target_task_s=4.0,
+        peak_ms=peak_ms,
+        small_task_s=small_task_s,
+    )
+    assert got == parts
+
+
+@pytest.mark.parametrize(
+    ("previous", "sample", "peak"),
+    [(None, 3.0, 3.0), (10.0, 3.0, 9.0), (10.0, 20.0, 20.0), (float("nan"), 3.0, 3.0), (10.0, float("inf"), 9.0)],
+    ids=["first", "decays", "new-peak", "poisoned-previous", "non-finite-sample-ignored"],
+)
+def test_peak(previous: float | None, sample: float, peak: float) -> None:
+    assert dispatch.peak(previous, sample) == pytest.approx(peak)

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from processdistro.shared.protocol import Hello, TaskResult, server_message_adapter
+from processdistro.shared.protocol import Hello, Results, TaskResult, server_message_adapter
 from processdistro.worker.state import (
     Connected,
     Disconnected,
     Event,
+    Flush,
+    Hold,
     Instruction,
     NodeState,
     PartDone,
@@ -44,6 +46,8 @@ def event_of(raw: dict[str, Any]) -> Event:
         return PartFailed(raw["failed"], raw["message"])
     if raw.get("tick"):
         return Tick()
+    if raw.get("flush"):
+        return Flush()
     if raw.get("disconnected"):
         return Disconnected()
     raise ValueError(f"expected a node event in the table, got {raw!r}")
@@ -57,6 +61,8 @@ def as_json(instruction: Instruction) -> dict[str, Any]:
         return {"start": instruction.task_id, **{k: v for k, v in limits.items() if v is not None}}
     if isinstance(instruction, Stop):
         return {"stop": instruction.task_id}
+    if isinstance(instruction, Hold):
+        return {"hold": instruction.ms}
     raise TypeError(f"expected an instruction, got {instruction!r}")
 
 
@@ -97,3 +103,20 @@ def test_a_report_the_socket_lost_waits_in_the_outbox() -> None:
     assert [as_json(i) for i in state.handle(Connected())] == [{"send": Hello(running=["1-0"]).model_dump(mode="json")}]
     welcome = state.handle(Received(server_message_adapter.validate_python(CASES[0]["steps"][1]["event"]["recv"])))
     assert welcome[0] == Send(lost) and [as_json(i) for i in welcome[1:]] == [{"send": {"type": "ready", "free": 3}}]
+
+
+def test_a_results_frame_the_socket_lost_waits_in_the_outbox() -> None:
+    """Python's I/O layer only: a `results` frame lost with the socket goes back item by item
+    and is sent again, packed, after the next welcome."""
+    welcome = {**CASES[0]["steps"][1]["event"]["recv"], "results_per_frame": 4}
+    state = NodeState()
+    state.handle(Connected())
+    state.handle(Received(server_message_adapter.validate_python(welcome)))
+    lost = [TaskResult(task_id=f"1-{k}", output_b64="AQ==", elapsed_ms=5) for k in range(3)]
+    assert state.handle(Undelivered(Results(items=lost))) == []
+    state.handle(Disconnected())
+    assert [as_json(i) for i in state.handle(Connected())] == [
+        {"send": Hello(running=["1-0", "1-1", "1-2"]).model_dump(mode="json")}
+    ]
+    again = state.handle(Received(server_message_adapter.validate_python(welcome)))
+    assert again[0] == Send(Results(items=lost))

@@ -2,21 +2,16 @@
 (`shared/protocol.py`, `static/js/agent.js`). This is the I/O layer: every decision about
 tasks is `NodeState`'s (`state.py`); the node feeds it events and carries out what it says.
 
-Life cycle: benchmark (one core, under a second, which also puts the mandelbrot module in the
-module cache) -> `POST /node-report` with the join code -> `WS /ws?token=...` -> Hello ->
-Welcome -> Ready{free} / TaskAssign / TaskResult ... Heartbeats every `heartbeat_interval_s`.
-
-- The device id and its secret (`device.Identity`) go in every node report; a new identity
-  in the answer (the id was known, this worker could not prove it) is adopted and kept.
-- A lost connection is retried with capped exponential backoff and jitter, keeping the
-  identity; 4001 (token refused) first re-reports; 4002 (replaced by another connection of
-  this identity, secret and all) after a longer backoff, so two copies of one home take turns.
-- Only 4004 (banned) stops the worker for good: `Banned` is raised to `main`.
-- Frames go out through one writer per connection, in the order `NodeState` made them; a
-  report the socket took down with it goes back to `NodeState`'s outbox.
-- A stopped part (cancel) is stopped by cancelling its run: `WasmExecutor` kills its process.
-- SIGINT/SIGTERM: Leave, close 1000, stop the executor, return.
-"""
+Life cycle: benchmark (it also caches the mandelbrot module) -> `POST /node-report` ->
+`WS /ws?token=...` -> Hello -> Welcome -> Ready / TaskAssign / TaskResult ... Heartbeats.
+The device id and its secret go in every node report; a new identity in the answer is
+adopted and kept. A lost connection is retried with capped exponential backoff and jitter,
+keeping the identity; 4001 (token refused) first re-reports; 4002 (replaced by another
+connection of this identity) after a longer backoff, so two copies of one home take turns.
+Only 4004 (banned) stops the worker for good (`Banned`). One writer per connection sends
+frames in `NodeState`'s order; a report the socket took down goes back to its outbox. A
+`Hold` arms one timer, which feeds `Flush`. A cancelled part's run is cancelled (its
+process killed). SIGINT/SIGTERM: Leave, close, return."""
 
 from __future__ import annotations
 
@@ -37,6 +32,7 @@ from ..shared.protocol import (
     ErrorMessage,
     Leave,
     NodeAccepted,
+    Results,
     ServerMessage,
     TaskFailed,
     TaskResult,
@@ -53,6 +49,8 @@ from .state import (
     Connected,
     Disconnected,
     Event,
+    Flush,
+    Hold,
     Instruction,
     NodeState,
     Outgoing,
@@ -106,6 +104,7 @@ class WorkerNode:
         self._blocks: BlockCache | None = None
         self._outq: asyncio.Queue[Outgoing | None] | None = None
         self._runs: dict[str, asyncio.Task[None]] = {}
+        self._flush_timer: asyncio.TimerHandle | None = None  # armed by `Hold`, feeds `Flush`
         self._stop = asyncio.Event()
 
     @property
@@ -357,7 +356,7 @@ class WorkerNode:
                     await asyncio.wait_for(ws.close(CloseCode.NORMAL, "leave"), CLOSE_TIMEOUT_S)
 
     def _undelivered(self, message: Outgoing | None) -> None:
-        if isinstance(message, TaskResult | TaskFailed):
+        if isinstance(message, TaskResult | TaskFailed | Results):
             self._feed(Undelivered(message))
 
     async def _leave_on_stop(self, outq: asyncio.Queue[Outgoing | None]) -> None:
@@ -381,6 +380,8 @@ class WorkerNode:
     # ------------------------------------------------------------------ carrying out decisions
 
     def _feed(self, event: Event) -> None:
+        if isinstance(event, Flush):
+            self._flush_timer = None
         for instruction in self.state.handle(event):
             self._carry_out(instruction)
 
@@ -399,6 +400,8 @@ class WorkerNode:
             if stopped is not None:
                 stopped.cancel()  # WasmExecutor kills the process running it
                 log.info("node %s: task %s cancelled", self.node_id, instruction.task_id)
+        elif isinstance(instruction, Hold) and self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(instruction.ms / 1000, self._feed, Flush())
 
     async def _run_part(self, part: Start) -> None:
         assert self._blocks is not None and self.executor is not None

@@ -25,6 +25,13 @@ The rules:
 - A part id already held (an assignment repeated after a reconnect) is ignored; a task of
   only repeated parts is dropped, and `ready` is sent again (the gateway counted it).
 - `done`/`failed` of a part that is not running (stopped by a cancel) is ignored.
+- Reports travel several to a frame (`results`) when the gateway's `welcome` says how many
+  it takes (`results_per_frame`): a report is held in `batch` while the node is busy with
+  more parts, and the batch is sent at once when a `ready` is due (a task ended), when no
+  part runs any more, when it is full (items, or the gateway's frame limit), or when the
+  timer the first held report asked for (`Hold`, at most `RESULTS_HOLD_MS`) fires (`Flush`).
+  So a lone or big task's result is never delayed by more than that, and trivial parts go
+  many to a frame. A batch of one goes as a plain `result`/`task_failed` frame.
 """
 
 from __future__ import annotations
@@ -35,24 +42,30 @@ from dataclasses import dataclass, field
 from typing import TypeAlias
 
 from ..shared.protocol import (
+    MAX_RESULTS_PER_FRAME,
     CancelTasks,
     Heartbeat,
     Hello,
     Leave,
     Ready,
+    Results,
     ServerMessage,
     TaskAssign,
     TaskFailed,
     TaskPart,
     TaskResult,
     Welcome,
+    frame_chars,
+    pack_reports,
     result_too_large,
 )
 
 MAX_LISTED = 1024  # protocol caps: Hello.running, Ready.free, Heartbeat.running
+MAX_FRAME_CHARS = 1 << 24  # a `results` frame's size when the gateway names no limit
+RESULTS_HOLD_MS = 10  # a report waits at most this long for others to share its frame
 
 Report: TypeAlias = TaskResult | TaskFailed
-Outgoing: TypeAlias = Hello | Ready | Heartbeat | TaskResult | TaskFailed | Leave
+Outgoing: TypeAlias = Hello | Ready | Heartbeat | TaskResult | TaskFailed | Results | Leave
 
 
 # ---------------------------------------------------------------------------- events
@@ -94,13 +107,18 @@ class Disconnected:
 
 
 @dataclass(frozen=True)
+class Flush:
+    """The timer a `Hold` asked for fired: send the held reports."""
+
+
+@dataclass(frozen=True)
 class Undelivered:
-    """A report handed out in a `Send` could not be written (the socket closed under it)."""
+    """A report (or several) handed out in a `Send` could not be written (the socket closed under it)."""
 
-    message: Report
+    message: Report | Results
 
 
-Event: TypeAlias = Connected | Received | PartDone | PartFailed | Tick | Disconnected | Undelivered
+Event: TypeAlias = Connected | Received | PartDone | PartFailed | Tick | Flush | Disconnected | Undelivered
 
 
 # ---------------------------------------------------------------------------- instructions
@@ -135,7 +153,14 @@ class Stop:
     task_id: str
 
 
-Instruction: TypeAlias = Send | Start | Stop
+@dataclass(frozen=True)
+class Hold:
+    """Feed `Flush` in `ms` milliseconds (reports are held for company meanwhile)."""
+
+    ms: int
+
+
+Instruction: TypeAlias = Send | Start | Stop | Hold
 
 
 # ---------------------------------------------------------------------------- state
@@ -171,6 +196,8 @@ class NodeState:
     prefetch: int = 0
     #: the gateway's frame limit (`Welcome.max_message_bytes`): a bigger result is a failure
     max_message_bytes: int | None = None
+    #: reports the gateway takes in one `results` frame (`Welcome.results_per_frame`); None: one
+    results_per_frame: int | None = None
     #: a socket is open and the gateway said `welcome` on it: frames may be sent
     welcomed: bool = False
     #: tasks waiting for a slot, oldest first
@@ -179,6 +206,8 @@ class NodeState:
     running: list[Work] = field(default_factory=list)
     #: part id -> report made while not welcomed, sent after the next `welcome`
     outbox: dict[str, Report] = field(default_factory=dict)
+    #: reports made while welcomed, held to share one `results` frame
+    batch: list[Report] = field(default_factory=list)
     #: the `free` of the last `ready` sent on this connection (-1: none, or made stale)
     last_ready: int = -1
     #: parts completed / failed since start
@@ -192,7 +221,7 @@ class NodeState:
     def held(self) -> list[str]:
         """Part ids this node still holds: running and waiting parts, then unsent reports."""
         ids = [tid for w in (*self.running, *self.queue) for tid in w.held()]
-        return list(dict.fromkeys([*ids, *self.outbox]))[:MAX_LISTED]
+        return list(dict.fromkeys([*ids, *(r.task_id for r in self.batch), *self.outbox]))[:MAX_LISTED]
 
     def running_parts(self) -> list[str]:
         return [w.current for w in self.running if w.current is not None]
@@ -202,7 +231,7 @@ class NodeState:
     def handle(self, event: Event) -> list[Instruction]:
         """Take in one event; return what to do, in order."""
         if isinstance(event, Connected):
-            self.welcomed = False
+            self._unsent()
             self.last_ready = -1
             return [Send(Hello(running=self.held()))]
         if isinstance(event, Received):
@@ -221,12 +250,15 @@ class NodeState:
             if not self.welcomed:
                 return []
             return [Send(Heartbeat(running=min(len(self.running), MAX_LISTED), done=self.done))]
+        if isinstance(event, Flush):
+            return self._flush()
         if isinstance(event, Disconnected):
-            self.welcomed = False
+            self._unsent()
             self.last_ready = -1
             return []
         if isinstance(event, Undelivered):
-            self.outbox[event.message.task_id] = event.message
+            for report in event.message.items if isinstance(event.message, Results) else [event.message]:
+                self.outbox[report.task_id] = report
             return []
         raise TypeError(f"expected a node event, got {event!r}")
 
@@ -238,7 +270,9 @@ class NodeState:
             self.welcomed = True
             self.slots, self.prefetch = m.slots, m.prefetch
             self.max_message_bytes = m.max_message_bytes
-            out += [Send(report) for report in self.outbox.values()]
+            self.results_per_frame = m.results_per_frame
+            reports = list(self.outbox.values())
+            out += [Send(frame) for frame in pack_reports(reports, self._per_frame(), self._cap())]
             self.outbox.clear()
             self.last_ready = -1
             out += self._pump()
@@ -282,6 +316,7 @@ class NodeState:
     def _cancel(self, ids: set[str]) -> list[Instruction]:
         for task_id in ids:
             self.outbox.pop(task_id, None)
+        self.batch = [r for r in self.batch if r.task_id not in ids]
         for work in (*self.running, *self.queue):
             work.waiting = deque(p for p in work.waiting if p.task_id not in ids)
         self.queue = deque(w for w in self.queue if w.waiting)
@@ -305,15 +340,45 @@ class NodeState:
         else:
             self.failed += 1
         out: list[Instruction] = []
-        if self.welcomed:
+        if not self.welcomed:
+            self.outbox[task_id] = report
+        elif self._per_frame() <= 1:
             out.append(Send(report))
         else:
-            self.outbox[task_id] = report
-        out += self._advance(work)
+            if self.batch and frame_chars([*self.batch, report]) > self._cap():
+                out += self._flush()  # it would not fit beside them
+            self.batch.append(report)
+        after = self._advance(work)
+        ready: list[Instruction] = []
         if work not in self.running:  # its last part: the slot is free
-            out += self._pump()
-            out += self._ready()
-        return out
+            after += self._pump()
+            ready = self._ready()
+        if self.batch:
+            if ready or not self.running_parts() or len(self.batch) >= self._per_frame():
+                out += self._flush()  # before the ready: the gateway counts the tasks by their reports
+            elif len(self.batch) == 1:
+                after.append(Hold(RESULTS_HOLD_MS))
+        return out + after + ready
+
+    # ------------------------------------------------------------------ several reports to a frame
+
+    def _per_frame(self) -> int:
+        return min(self.results_per_frame or 1, MAX_RESULTS_PER_FRAME)
+
+    def _cap(self) -> int:
+        return self.max_message_bytes if self.max_message_bytes is not None else MAX_FRAME_CHARS
+
+    def _flush(self) -> list[Instruction]:
+        """The held reports, as one frame."""
+        batch, self.batch = self.batch, []
+        return [Send(frame) for frame in pack_reports(batch, self._per_frame(), self._cap())]
+
+    def _unsent(self) -> None:
+        """The socket is gone (or new): held reports wait in the outbox for the next welcome."""
+        self.welcomed = False
+        for report in self.batch:
+            self.outbox[report.task_id] = report
+        self.batch = []
 
     def _advance(self, work: Work) -> list[Instruction]:
         """Start `work`'s next part in its slot, or end the task (freeing the slot)."""

@@ -135,19 +135,46 @@ def pick_module(by_sha: Mapping[str, Module], by_name: Mapping[str, Module], sha
 
 
 def parts_wanted(
-    fields: TaskFields, *, adaptive: bool, multipart: bool, part_ms: float | None, target_task_s: float
+    fields: TaskFields,
+    *,
+    adaptive: bool,
+    multipart: bool,
+    part_ms: float | None,
+    target_task_s: float,
+    peak_ms: float | None = None,
+    small_task_s: float = 0.0,
 ) -> int:
-    """How many parts one task of `fields` should have on this node: as many as fit
-    `target_task_s` for an adaptive kind on a node that speaks protocol 2; one for a backup
-    or replicated copy (each is one particular subtask) and everything else."""
-    if not (adaptive and multipart and not fields.backup_of and not fields.replicated):
+    """How many parts one task of `fields` should have on this node (one that speaks
+    protocol 2): as many as fit `target_task_s` for an adaptive kind; for any other kind
+    (whose parts may differ a lot in cost, like Mandelbrot tiles) as many as fit
+    `small_task_s` at the node's slowest recent part time (`peak_ms`), so trivial subtasks
+    travel many to a frame while a task stays short whatever lands in it. One for a backup
+    or replicated copy (each is one particular subtask)."""
+    if not multipart or fields.backup_of or fields.replicated:
         return 1
-    return parts_per_task(part_ms, target_task_s)
+    if adaptive:
+        return parts_per_task(part_ms, target_task_s)
+    return parts_per_task(peak_ms, small_task_s) if small_task_s > 0 else 1
+
+
+PEAK_DECAY = 0.9  # how fast a node's slowest recent part time forgets an old slow part
+
+
+def peak(previous: float | None, sample: float, decay: float = PEAK_DECAY) -> float:
+    """A node's slowest recent part time: the new sample, or the previous peak decayed."""
+    new = finite(sample, MAX_TASK_MS) or 0.0
+    old = finite(previous, MAX_TASK_MS)
+    return new if old is None else max(new, decay * old)
 
 
 def bundles_with(first: TaskFields, extra: TaskFields) -> bool:
-    """May entry `extra`, read after `first`, be a further part of the same task?"""
-    return extra.job == first.job and extra.module == first.module and not (extra.backup_of or extra.replicated)
+    """May entry `extra`, read after `first`, be a further part of the same task? Not a
+    retried copy (`attempt` > 0): it goes through the failure screen on its own."""
+    return (
+        extra.job == first.job
+        and extra.module == first.module
+        and not (extra.backup_of or extra.replicated or extra.attempt)
+    )
 
 
 def assignments(held: Mapping[str, Held]) -> int:

@@ -41,6 +41,7 @@ from .streams import ensure_groups_async
 log = logging.getLogger(__name__)
 
 JOB_STATE_TTL_S = 1.0  # how long a gateway trusts what it read of a job's state
+RESULTS_LOOK_S = 0.05  # how long a gateway trusts what it read of the results stream's length
 RETURNED_TTL_S = 86_400  # how long a replicated subtask remembers who returned it
 LATENCY_KEPT = 200  # recent task times in `keys.LATENCY`
 RELEASE_MAX = 10_000  # pending entries one connection's cleanup requeues
@@ -104,6 +105,7 @@ class GatewayStore:
         self._requeue = client.register_script(REQUEUE_LUA)
         self._handover = client.register_script(HANDOVER_LUA)
         self._job_over: dict[str, tuple[float, bool]] = {}  # job id -> (read at, over)
+        self._results_waiting = (0.0, 0)  # (read at, results stream length)
 
     @classmethod
     def connect(cls, url: str | None) -> GatewayStore:
@@ -234,23 +236,6 @@ class GatewayStore:
         node_seen(pipe, node_id)  # its keys go NODE_KEEP_S after it left
         queue_event(pipe, "node", node_id=node_id, what="left")
         await pipe.execute()
-
-    async def record_time(
-        self, node_id: str, kind_field: str, average_ms: float, sample_ms: float, task_id: str, job_id: str = ""
-    ) -> bool:
-        """Keep a task's time (the cluster's recent list, the node's average per kind) and
-        count the result in the node's tallies (`core.failures.standing`); True if task
-        entry `task_id` has a backup copy."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hincrby(keys.node(node_id), "returned", 1)
-        if job_id:
-            pipe.hincrby(keys.job_tally(job_id), f"{node_id}:ok", 1)
-            pipe.expire(keys.job_tally(job_id), FAILURES_TTL_S)
-        pipe.lpush(keys.LATENCY, round(sample_ms, 2))
-        pipe.ltrim(keys.LATENCY, 0, LATENCY_KEPT - 1)
-        pipe.hset(keys.node(node_id), kind_field, round(average_ms, 2))
-        pipe.exists(keys.backup_marker(task_id))
-        return bool((await pipe.execute())[-1])
 
     async def record_failure(
         self, fields: TaskFields, node_id: str, message: str, node_timeout_s: float, voter: str = ""
@@ -458,6 +443,14 @@ class GatewayStore:
             over = True
         self._job_over[job_id] = (now, over)
         return over
+
+    async def results_waiting(self) -> int:
+        """Results not yet committed by an aggregator (the results stream's length), read at
+        most every `RESULTS_LOOK_S` for all of this gateway's sessions."""
+        now = time.monotonic()
+        if now - self._results_waiting[0] >= RESULTS_LOOK_S:
+            self._results_waiting = (now, int(await self.r.xlen(keys.RESULTS)))
+        return self._results_waiting[1]
 
     def forget_job(self, job_id: str) -> None:
         """Read the job's state afresh next time (a `cancel_job` came)."""

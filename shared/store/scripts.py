@@ -96,6 +96,28 @@ end
 return 1
 """
 
+# Hand several results of one node over in one call: for each, what HANDOVER_LUA does.
+HANDOVER_MANY_LUA = """
+local tasks, results = KEYS[1], KEYS[2]
+-- KEYS[2 + i]: the returned set (`keys.job_returned`) of the i-th result's subtask
+local group, ttl = ARGV[1], ARGV[2]
+-- then per result: task entry id, voter to mark ('' for nobody), the number n of field and
+-- value strings of its result entry, and those n strings
+local a = 3
+for i = 3, #KEYS do
+  local entry, marker, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  redis.call('XADD', results, '*', unpack(ARGV, a + 3, a + 2 + n))
+  redis.call('XACK', tasks, group, entry)
+  redis.call('XDEL', tasks, entry)
+  if marker ~= '' then
+    redis.call('SADD', KEYS[i], marker)
+    redis.call('EXPIRE', KEYS[i], ttl)
+  end
+  a = a + 3 + n
+end
+return #KEYS - 2
+"""
+
 # Record a merged result: first valid result per index wins; the job moves to
 # `finalizing` exactly once, when the last index is merged.
 COMMIT_LUA = (

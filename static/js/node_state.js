@@ -11,20 +11,43 @@
 //   {done: partId, output_b64, elapsed_ms}  a part ran to the end
 //   {failed: partId, message}               a part could not run
 //   {tick: true}                            the heartbeat timer fired
+//   {flush: true}                           the timer a hold asked for fired
 //   {disconnected: true}                    the socket closed
-// Instructions: {send: frame}, {start: partId, deadline_s?, memory_mb?}, {stop: partId}; a start
-// carries the task's limits when it has them (the runner enforces them on the pool).
+// Instructions: {send: frame}, {start: partId, deadline_s?, memory_mb?}, {stop: partId},
+// {hold: ms}; a start carries the task's limits when it has them (the runner enforces them on
+// the pool); a hold asks for a flush event in `ms` milliseconds.
 //
 // A task holds one slot; its parts run one after the other in that slot, and each part's
 // result is sent as soon as it is done (the task's checkpoints). A task survives reconnects:
 // results produced while disconnected wait in the outbox until the next welcome, and the
 // hello lists every part still held. Only a cancel drops a part: a waiting one is skipped, a
 // running one is stopped, and the task's other parts go on.
+//
+// Reports travel several to a frame (`results`) when the welcome says how many the gateway takes
+// (results_per_frame): a report is held while the node is busy with more parts, and the batch is
+// sent when a ready is due (a task ended), when no part runs, when it is full, or when the hold
+// timer of its first report fires (at most RESULTS_HOLD_MS): as worker/state.py does.
 
-import { ServerType, heartbeat, hello, ready, result, resultTooLarge, taskFailed, taskLimits } from "./protocol.js";
+import {
+  Limits,
+  ServerType,
+  frameChars,
+  heartbeat,
+  hello,
+  packReports,
+  ready,
+  result,
+  resultTooLarge,
+  taskFailed,
+  taskLimits,
+} from "./protocol.js";
 
 /** Hello and Ready carry at most this many ids / this much room (shared/protocol.py). */
 const MAX_IDS = 1024;
+/** A report waits at most this long for others to share its frame (worker/state.py). */
+export const RESULTS_HOLD_MS = 10;
+/** A `results` frame's size when the gateway names no limit (worker/state.py MAX_FRAME_CHARS). */
+const MAX_FRAME_CHARS = 1 << 24;
 
 /** One task on this node. */
 class Task {
@@ -53,6 +76,8 @@ export class NodeState {
     this.prefetch = 0;
     /** The gateway's frame limit (welcome.max_message_bytes): a bigger result is a failure. */
     this.maxMessageBytes = null;
+    /** Reports the gateway takes in one `results` frame (welcome.results_per_frame); null: one. */
+    this.resultsPerFrame = null;
     this.nodeId = null;
     this.heartbeatIntervalS = null;
     /** A welcome came on the open socket: frames other than hello may be sent. */
@@ -64,6 +89,8 @@ export class NodeState {
     this.running = new Set();
     /** @type {Map<string, object>} part id -> result/task_failed frame not yet sent */
     this.outbox = new Map();
+    /** @type {object[]} reports made while welcomed, held to share one `results` frame */
+    this.batch = [];
     /** The free count last sent in a ready; -1 when the server's count is unknown. */
     this.lastReady = -1;
     /** Counters: results sent (one per part), failures, tasks and parts received. */
@@ -81,7 +108,7 @@ export class NodeState {
   /** Every part held and not reported, then the unsent results: what a hello lists. */
   held() {
     const ids = [...this.running.values(), ...this.queue].flatMap((t) => t.unreported());
-    return [...new Set([...ids, ...this.outbox.keys()])].slice(0, MAX_IDS);
+    return [...new Set([...ids, ...this.batch.map((r) => r.task_id), ...this.outbox.keys()])].slice(0, MAX_IDS);
   }
 
   /**
@@ -103,10 +130,12 @@ export class NodeState {
   handle(event) {
     const out = [];
     if (event.connected) {
-      this.welcomed = false;
+      this.#unsent();
       out.push({ send: hello(this.held()) });
     } else if (event.disconnected) {
-      this.welcomed = false;
+      this.#unsent();
+    } else if (event.flush) {
+      this.#flush(out);
     } else if (event.tick) {
       if (this.welcomed) out.push({ send: heartbeat(this.running.size, this.done) });
     } else if (event.done !== undefined) {
@@ -135,6 +164,7 @@ export class NodeState {
     this.queue = [];
     this.running.clear();
     this.outbox.clear();
+    this.batch = [];
     this.lastReady = -1;
   }
 
@@ -149,10 +179,11 @@ export class NodeState {
         this.prefetch = Math.max(0, Math.trunc(Number(frame.prefetch) || 0));
         this.heartbeatIntervalS = frame.heartbeat_interval_s;
         this.maxMessageBytes = Number.isFinite(frame.max_message_bytes) ? frame.max_message_bytes : null;
-        for (const [id, message] of this.outbox) {
-          this.outbox.delete(id);
+        this.resultsPerFrame = Number.isInteger(frame.results_per_frame) ? frame.results_per_frame : null;
+        for (const message of packReports([...this.outbox.values()], this.#perFrame(), this.#cap())) {
           out.push({ send: message });
         }
+        this.outbox.clear();
         this.lastReady = -1;
         this.#pump(out);
         this.#ready(out);
@@ -198,6 +229,7 @@ export class NodeState {
   /** Drop part `id`: unsent, waiting or running; a task whose running part stops joins `stopped`. */
   #cancel(out, id, stopped) {
     this.outbox.delete(id);
+    this.batch = this.batch.filter((r) => r.task_id !== id);
     for (const task of [...this.running.values(), ...this.queue]) {
       task.waiting = task.waiting.filter((p) => p.task_id !== id);
       if (task.current && task.current.task_id === id) {
@@ -216,20 +248,61 @@ export class NodeState {
     return false;
   }
 
-  /** A running part ended with `message`: report it (or keep it), then the task goes on. */
+  /** A running part ended with `message`: report it (or hold or keep it), then the task goes on. */
   #finish(out, id, message) {
-    if (this.welcomed) out.push({ send: message });
-    else this.outbox.set(id, message);
+    if (!this.welcomed) this.outbox.set(id, message);
+    else if (this.#perFrame() <= 1) out.push({ send: message });
+    else {
+      if (this.batch.length && frameChars([...this.batch, message]) > this.#cap()) this.#flush(out); // would not fit
+      this.batch.push(message);
+    }
+    const after = [];
+    let readyDue = false;
     for (const task of this.running.values()) {
       if (task.current && task.current.task_id === id) {
         task.current = null;
-        if (this.#advance(out, task)) {
-          this.#pump(out);
-          this.#ready(out);
+        if (this.#advance(after, task)) {
+          this.#pump(after);
+          const before = after.length;
+          this.#ready(after);
+          readyDue = after.length > before;
         }
-        return;
+        break;
       }
     }
+    if (this.batch.length) {
+      const busy = [...this.running.values()].some((t) => t.current);
+      if (readyDue || !busy || this.batch.length >= this.#perFrame()) {
+        this.#flush(out); // before the ready: the gateway counts the tasks by their reports
+      } else if (this.batch.length === 1) {
+        after.push({ hold: RESULTS_HOLD_MS });
+      }
+    }
+    out.push(...after);
+  }
+
+  // -------------------------------------------------------------- several reports to a frame
+
+  #perFrame() {
+    return Math.min(this.resultsPerFrame || 1, Limits.MAX_RESULTS_PER_FRAME);
+  }
+
+  #cap() {
+    return this.maxMessageBytes !== null ? this.maxMessageBytes : MAX_FRAME_CHARS;
+  }
+
+  /** Send the held reports, as one frame. */
+  #flush(out) {
+    const batch = this.batch;
+    this.batch = [];
+    for (const frame of packReports(batch, this.#perFrame(), this.#cap())) out.push({ send: frame });
+  }
+
+  /** The socket is gone (or new): held reports wait in the outbox for the next welcome. */
+  #unsent() {
+    this.welcomed = false;
+    for (const report of this.batch) this.outbox.set(report.task_id, report);
+    this.batch = [];
   }
 
   /** Start the task's next part, or end the task; true if it ended (its slot is free). */

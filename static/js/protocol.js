@@ -13,6 +13,7 @@ export const NodeType = Object.freeze({
   HEARTBEAT: "heartbeat",
   RESULT: "result",
   TASK_FAILED: "task_failed",
+  RESULTS: "results", // several result / task_failed frames in one (welcome.results_per_frame)
   LEAVE: "leave",
   LOG: "log", // a notable event for the controller's log (built by agent_log.js logFrame)
 });
@@ -64,6 +65,7 @@ export const Limits = Object.freeze({
   MAX_DEVICE_TEXT: 200,
   MAX_DEADLINE_S: 86400, // a task's per-part deadline (`task.deadline_s`), at most
   MAX_MEMORY_MB: 65536, // a task's memory cap (`task.memory_mb`), at most
+  MAX_RESULTS_PER_FRAME: 64, // reports in one `results` frame
 });
 
 const clampInt = (value, lo, hi) => Math.min(hi, Math.max(lo, Math.trunc(Number(value) || 0)));
@@ -137,6 +139,39 @@ export function taskFailed(taskId, message) {
     task_id: String(taskId),
     message: String(message).slice(0, Limits.MAX_FAILURE_MESSAGE),
   };
+}
+
+/** Several `result` / `task_failed` frames in one, in order. */
+export function results(items) {
+  return { type: NodeType.RESULTS, items: Array.from(items) };
+}
+
+/** Characters a `task_failed` message may take in a frame, per character (shared/protocol.py). */
+const FAILURE_ESCAPE_FACTOR = 6;
+
+/** An upper bound on the characters of a `results` frame of `reports` (shared/protocol.py frame_chars). */
+export function frameChars(reports) {
+  let chars = RESULT_FRAME_OVERHEAD;
+  for (const r of reports) {
+    const text = r.type === NodeType.RESULT ? r.output_b64.length : FAILURE_ESCAPE_FACTOR * r.message.length;
+    chars += text + RESULT_FRAME_OVERHEAD;
+  }
+  return chars;
+}
+
+/**
+ * `reports` in as few frames as the gateway takes, in order: at most `perFrame` to a `results`
+ * frame, each within `maxChars`; a frame of one report is the report itself (shared/protocol.py
+ * pack_reports).
+ */
+export function packReports(reports, perFrame, maxChars) {
+  const frames = [];
+  for (const report of reports) {
+    const last = frames[frames.length - 1];
+    if (last && last.length < perFrame && frameChars([...last, report]) <= maxChars) last.push(report);
+    else frames.push([report]);
+  }
+  return frames.map((f) => (f.length === 1 ? f[0] : results(f)));
 }
 
 export function leave() {

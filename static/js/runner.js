@@ -31,6 +31,8 @@ export class Runner {
     /** performance.now() of the first welcome, and of each part done since (for the rate). */
     this.since = null;
     this.completions = [];
+    /** The timer a `hold` armed (one at a time): it feeds `{flush: true}`. */
+    this.flushTimer = null;
   }
 
   /** Parts done per minute over the last minute (or since the first welcome, if sooner). */
@@ -53,6 +55,12 @@ export class Runner {
       if (instruction.send) this.send(instruction.send);
       else if (instruction.start !== undefined) this.#start(instruction.start);
       else if (instruction.stop !== undefined) this.#stop(instruction.stop);
+      else if (instruction.hold !== undefined && this.flushTimer === null) {
+        this.flushTimer = setTimeout(() => {
+          this.flushTimer = null;
+          this.feed({ flush: true });
+        }, instruction.hold);
+      }
     }
     this.fed(event);
   }
@@ -60,6 +68,8 @@ export class Runner {
   /** Stop every part and the workers; the node forgets its tasks. */
   close(reason = "agent stopped") {
     this.closed = true;
+    clearTimeout(this.flushTimer);
+    this.flushTimer = null;
     for (const run of this.runs.values()) run.stopped = true;
     this.runs.clear();
     this.pool.close(reason);

@@ -253,6 +253,30 @@ describe("Session", () => {
     w.session.leave();
   });
 
+  it("sends a task's part results in one results frame when the welcome says results_per_frame", async () => {
+    const w = world();
+    await w.session.join();
+    const ws = w.sockets.at(-1);
+    ws.open();
+    ws.push({ ...welcome, results_per_frame: 8 });
+    ws.push(task("1-0", [1], { "1-1": [2], "1-2": [3] }));
+    await until(() => ws.frames("results").length === 1, "one results frame");
+    assert.deepEqual(
+      ws.frames("results")[0].items.map((i) => [i.task_id, unb64(i.output_b64)]),
+      [
+        ["1-0", [1]],
+        ["1-1", [2]],
+        ["1-2", [3]],
+      ],
+    );
+    assert.equal(ws.frames("result").length, 0);
+    // a result held while the task's next part runs on and on goes when the hold timer fires
+    ws.push(task("2-0", [4], { "2-1": [SPIN] }));
+    await until(() => ws.frames("result").length === 1, "the held result, on its timer");
+    assert.equal(ws.frames("result")[0].task_id, "2-0");
+    w.session.leave();
+  });
+
   it("reports a part whose input is not base64 as failed and goes on", async () => {
     const w = world();
     const ws = await connected(w);
