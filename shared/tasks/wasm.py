@@ -18,7 +18,9 @@ module (docs/wasm-abi.md) gets one input per subtask, its bytes as they are.
 Results go where the user asked, as each subtask merges: `OUTDIR/out/<relative path>` (for
 `--lines`/`--count`: `OUTDIR/out/<index>`) with stdout, `OUTDIR/err/<same>` with stderr when
 there is any; finalize writes `OUTDIR/manifest.jsonl`, one line per input in input order. So
-OUTDIR must be where the aggregators run (with compose: on the shared data volume), as
+`pd.map` writes one file per subtask instead (`WasmParams.packed`: `OUTDIR/packed/<subtask>`,
+the result envelope as the node returned it, which the API splits). OUTDIR must be where
+the aggregators run (with compose: on the shared data volume), as
 crack's wordlist must be where the scheduler runs. A run that exits non-zero or traps fails
 the job, naming it, unless `--keep-going`: then the manifest records it and `submit --wait`
 exits non-zero.
