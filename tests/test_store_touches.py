@@ -31,7 +31,12 @@ def test_touches_wait_for_the_flush_and_are_written_once(r: Client, redis_url: s
             assert n1["running"] == "1" and n1["done"] == "2" and n1["connection"] == "conn1"
             assert r.hget(keys.node("n2"), "done") == b"5"
             assert all(score > 1.0 for _m, score in r.zrange(keys.NODES, 0, -1, withscores=True))
-            assert 0 < r.ttl(keys.node("n1"))  # the record's TTL is refreshed, as a touch always did
+            assert 0 < r.ttl(keys.node("n1"))  # the record's TTL is set at its first flush
+            r.expire(keys.node("n1"), 100)
+            batcher.touch("n1", "c1", "conn1", running=0, done=3)
+            await batcher.flush()
+            assert r.hget(keys.node("n1"), "done") == b"3"
+            assert 0 < r.ttl(keys.node("n1")) <= 100  # and not again for TTL_EVERY_S: HSET keeps it
         finally:
             await batcher.aclose()
             await client.aclose()

@@ -9,8 +9,9 @@ memory, and one flush a `FLUSH_S` writes every node touched since, each once:
 - `keys.NODES`: ZADD XX, so a consumer that was released meanwhile (its entry removed by
   `GatewayStore.release`) is never added back; the first touch of a connection, which adds
   it, is written at once by `GatewayStore.touch`;
-- the node's record: `last_seen`, `connection` and the figures of its last heartbeat, and
-  its keys' TTL (`expiry.node_seen`).
+- the node's record: `last_seen`, `connection` and the figures of its last heartbeat; its
+  keys' TTL (`expiry.node_seen`, a week) once a `TTL_EVERY_S` per node, not every second
+  (HSET keeps a key's TTL; two EXPIREs per node a second were half of a flush's cost).
 
 What this delays is bounded by `FLUSH_S` (a second), against `node_timeout_s` (4 s by
 default) for anything that reads liveness: the scheduler's reaper, replica views, metrics.
@@ -34,6 +35,8 @@ FLUSH_S = 1.0
 #: figures a heartbeat carries: a touch with only these (or none) may wait for the flush
 BATCHED_FIELDS = frozenset({"running", "done"})
 CHUNK = 1000  # nodes per pipeline, so one flush never holds Redis long
+TTL_EVERY_S = 60.0  # a node's keys' TTL is refreshed this often by heartbeats
+TTL_KEPT = 100_000  # nodes whose last TTL refresh is remembered (then all are refreshed again)
 
 
 class TouchBatcher:
@@ -45,6 +48,7 @@ class TouchBatcher:
         #: consumer -> (node id, connection, figures): touched since the last flush
         self._pending: dict[str, tuple[str, str, dict[str, str | int | float]]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._ttl_at: dict[str, float] = {}  # node id -> when its TTL was last refreshed here
 
     def touch(self, node_id: str, consumer: str, connection: str, **figures: str | int | float) -> None:
         """Record that the connection is alive (written at the next flush)."""
@@ -65,13 +69,17 @@ class TouchBatcher:
         batch, self._pending = self._pending, {}
         items = list(batch.items())
         now = time.time()
+        if len(self._ttl_at) > TTL_KEPT:
+            self._ttl_at.clear()
         for start in range(0, len(items), CHUNK):
             chunk = items[start : start + CHUNK]
             pipe = self.r.pipeline(transaction=False)
             pipe.zadd(keys.NODES, {consumer: now for consumer, _ in chunk}, xx=True)
             for _consumer, (node_id, connection, figures) in chunk:
                 pipe.hset(keys.node(node_id), mapping={"last_seen": now, "connection": connection, **figures})
-                node_seen(pipe, node_id)
+                if now - self._ttl_at.get(node_id, 0.0) >= TTL_EVERY_S:
+                    node_seen(pipe, node_id)
+                    self._ttl_at[node_id] = now
             await pipe.execute()
 
     async def _run(self) -> None:
