@@ -67,6 +67,7 @@ GOAL_CORES = 0.3
 GOAL_RSS_BYTES = 1024**3
 FD_HEADROOM = 512
 REJOIN_S = 1.0  # a simulated node the gateway closed joins again after this
+JOIN_TIMEOUT_S = 30.0  # a node report, a socket's opening, the welcome: each at most this
 # one job with the scheduler's tail on beside the nodes: it treats them as idle takers
 TAIL_ON_JOB = os.environ.get("PD_BENCH_TAIL_ON", "1") != "0"
 
@@ -157,14 +158,16 @@ async def _session(
     )
     async with gate:
         try:
-            status, body = await _post_report(host, port, source, report.model_dump_json().encode())
+            async with asyncio.timeout(JOIN_TIMEOUT_S):  # a starved gateway must not hold a slot for ever
+                status, body = await _post_report(host, port, source, report.model_dump_json().encode())
             if status != 200:
                 raise RuntimeError(f"node report: HTTP {status} {body[:200]!r}")
             accepted = NodeAccepted.model_validate_json(body)
             device_id, secret = accepted.node_id, accepted.node_secret or secret
             url = f"ws://{host}:{port}{accepted.ws_path}?token={quote(accepted.token, safe='')}"
-            ws = await websockets.connect(url, local_addr=(source, 0), open_timeout=60)
-            welcome = json.loads(await ws.recv())
+            ws = await websockets.connect(url, local_addr=(source, 0), open_timeout=JOIN_TIMEOUT_S)
+            async with asyncio.timeout(JOIN_TIMEOUT_S):
+                welcome = json.loads(await ws.recv())
             if welcome.get("type") != "welcome":
                 raise RuntimeError(f"expected a welcome, got {welcome}")
             await ws.send(Hello(protocol=PROTOCOL_VERSION).model_dump_json())
