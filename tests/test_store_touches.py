@@ -5,6 +5,9 @@ a connection written at once."""
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any
 
 from processdistro.shared import keys
 from processdistro.shared.store.connection import Client, async_client
@@ -12,8 +15,22 @@ from processdistro.shared.store.gateway import GatewayStore
 from processdistro.shared.store.touches import TouchBatcher
 
 
-def _run(coro: object) -> None:
-    asyncio.run(coro)  # type: ignore[arg-type]
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    """Run `coro` on a loop of its own, in a thread: the browser tests' playwright keeps a
+    loop running in the main thread for the whole session."""
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            asyncio.run(coro)
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=target, name="touches-test")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 def test_touches_wait_for_the_flush_and_are_written_once(r: Client, redis_url: str) -> None:
@@ -31,7 +48,7 @@ def test_touches_wait_for_the_flush_and_are_written_once(r: Client, redis_url: s
             assert n1["running"] == "1" and n1["done"] == "2" and n1["connection"] == "conn1"
             assert r.hget(keys.node("n2"), "done") == b"5"
             assert all(score > 1.0 for _m, score in r.zrange(keys.NODES, 0, -1, withscores=True))
-            assert 0 < r.ttl(keys.node("n1"))  # the record's TTL is set at its first flush
+            assert r.ttl(keys.node("n1")) > 0  # the record's TTL is set at its first flush
             r.expire(keys.node("n1"), 100)
             batcher.touch("n1", "c1", "conn1", running=0, done=3)
             await batcher.flush()
