@@ -13,9 +13,11 @@ read once, lazily, and cut into subtasks of many small inputs whose blocks go to
 bounded chunks (`store.client.BlockWriter`) as they are made, so a generator of a million
 inputs is never held in memory. The submit command is sent once every input is stored.
 
-Outputs are where the aggregators write them: `OUTDIR/out/<index>` (stdout of each input)
-and `OUTDIR/manifest.jsonl`, OUTDIR by default `<data dir>/map/<job id>` of the settings
-this process reads (for `up` on this machine, the same directory the aggregator writes). The
+Outputs are where the aggregators write them: `OUTDIR/packed/<subtask>` (the result
+envelope of each subtask: stdout, stderr and exit code of each of its inputs; with
+`files=True`, `OUTDIR/out/<index>` per input instead) and `OUTDIR/manifest.jsonl`, OUTDIR
+by default `<data dir>/map/<job id>` of the settings this process reads (for `up` on this
+machine, the same directory the aggregator writes). The
 API reads them from there, so it must run where the aggregators' files are (as `submit
 --wait` must to copy outputs); with compose, pass an `outdir` on the shared data volume.
 Progress and failures come from Redis: the job record and its set of merged subtasks.
@@ -41,7 +43,8 @@ from .shared.settings import Settings
 from .shared.store import client as store
 from .shared.store.connection import UNAVAILABLE
 from .shared.tasks import get_plugin, load_task_repo
-from .shared.tasks.wasm import Source, WasmPlugin
+from .shared.tasks.wasm import PACKED, Source, WasmPlugin
+from .shared.wasi import ResultEnvelope
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +126,24 @@ class MapJob(Job):
     """`pd.map`'s job: outputs by input index, as they merge (`as_completed`) or all at once
     in input order (`results`)."""
 
-    def __init__(self, client: store.Redis, job_id: str, *, inputs: int, groups: list[tuple[int, int]], outdir: Path):
+    def __init__(
+        self,
+        client: store.Redis,
+        job_id: str,
+        *,
+        inputs: int,
+        groups: list[tuple[int, int]],
+        outdir: Path,
+        packed: bool = False,
+    ):
         super().__init__(client, job_id, "wasm")
         self.inputs = inputs  #: how many inputs the job has
-        self.outdir = outdir  #: where the aggregators write out/<index> and manifest.jsonl
+        #: where the aggregators write packed/<subtask> (or out/<index>) and manifest.jsonl
+        self.outdir = outdir
+        self.packed = packed  #: one file per subtask, its result envelope (`map(files=False)`)
         self._groups = groups  # subtask -> (first input, inputs)
 
-    def _output(self, index: int) -> bytes:
-        path = self.outdir / "out" / str(index)
+    def _read(self, path: Path) -> bytes:
         try:
             return path.read_bytes()
         except FileNotFoundError:
@@ -138,6 +151,19 @@ class MapJob(Job):
                 f"output {path} of job {self.id} is merged but not on this machine: the aggregator"
                 " writes elsewhere; pass `outdir=` on a directory both can reach"
             ) from None
+
+    def _outputs(self, subtask: int) -> Iterator[tuple[int, bytes]]:
+        """(input index, stdout) of every input of a merged subtask."""
+        first, n = self._groups[subtask]
+        if not self.packed:
+            for index in range(first, first + n):
+                yield index, self._read(self.outdir / "out" / str(index))
+            return
+        runs = ResultEnvelope.decode(self._read(self.outdir / PACKED / f"{subtask:09d}")).runs
+        if len(runs) != n:  # the aggregator checked this before merging
+            raise ProcessDistroError(f"job {self.id}: subtask {subtask} holds {len(runs)} outputs, not {n}")
+        for k, run in enumerate(runs):
+            yield first + k, run.stdout
 
     def as_completed(self, timeout: float | None = None) -> Iterator[tuple[int, bytes]]:
         """Yield `(input index, stdout)` of every input once, as the subtasks holding them
@@ -151,9 +177,7 @@ class MapJob(Job):
                 fresh = sorted(store.done_indexes(self._r, self.id) - seen) if now.done > len(seen) else []
                 for subtask in fresh:
                     seen.add(subtask)
-                    first, n = self._groups[subtask]
-                    for index in range(first, first + n):
-                        yield index, self._output(index)
+                    yield from self._outputs(subtask)
                 if now.state.terminal:
                     if now.state is not JobState.DONE:
                         raise JobFailed(self.id, now.state, now.error)
@@ -208,7 +232,9 @@ class Connection:
         if record.kind == WasmPlugin.kind and record.params.get("source") == Source.ITEMS.value:
             params = WasmPlugin().parse_params(record.params)
             groups = [(first, n) for first, n, _blocks, _names in params.groups]
-            return MapJob(self._r, job_id, inputs=params.inputs, groups=groups, outdir=Path(params.outdir))
+            return MapJob(
+                self._r, job_id, inputs=params.inputs, groups=groups, outdir=Path(params.outdir), packed=params.packed
+            )
         return Job(self._r, job_id, record.kind)
 
     def submit(self, kind: str, *, priority: int = 0, replicate: float | None = None, **params: Any) -> Job:
@@ -233,6 +259,7 @@ class Connection:
         outdir: str | Path | None = None,
         priority: int = 0,
         seed: int | None = None,
+        files: bool = False,
     ) -> MapJob:
         """Run `module` (a WASI command or pd-ABI module: a path or its bytes) once per input
         (bytes, or text as UTF-8: its stdin), `args` its argv after the program name, `env`
@@ -240,7 +267,10 @@ class Connection:
         `replicate` the share of subtasks run on two nodes and compared (default 0.1);
         `nondeterministic` gives the program real randomness and clocks (and turns
         replication off). Inputs are streamed into Redis; returns once the job is submitted.
-        A bad module or parameter raises ParamsError with nothing queued."""
+        A bad module or parameter raises ParamsError with nothing queued. Outputs are written
+        one file per subtask (`OUTDIR/packed/<subtask>`, read back by the job); `files=True`
+        writes `OUTDIR/out/<index>` and `err/<index>` per input instead, as `submit wasm`
+        does (a file per input costs the aggregator more than a small program's run)."""
         _check_share(replicate)
         job_id = new_job_id()
         target = Path(outdir) if outdir is not None else self.settings.data_path / "map" / job_id
@@ -254,6 +284,7 @@ class Connection:
             "memory_mb": memory,
             "deterministic": not nondeterministic,
             "seed": seed,
+            "packed": not files,
         }
         if nondeterministic:
             log.warning("job %s: nondeterministic: outputs cannot be compared, so no subtask is replicated", job_id)
@@ -277,7 +308,9 @@ class Connection:
             writer.discard()  # nothing queued: the blocks stored so far go too
             raise
         groups = [(first, n) for first, n, _blocks, _names in parsed.groups]
-        return MapJob(self._r, job_id, inputs=parsed.inputs, groups=groups, outdir=Path(parsed.outdir))
+        return MapJob(
+            self._r, job_id, inputs=parsed.inputs, groups=groups, outdir=Path(parsed.outdir), packed=parsed.packed
+        )
 
 
 def connect(url: str | None = None, *, home: str | Path | None = None) -> Connection:

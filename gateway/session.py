@@ -162,7 +162,10 @@ class NodeSession:
         next_refresh = time.monotonic() + refresh_every
         last_touch = 0.0
         while True:
-            await asyncio.sleep(min(0.25, timeout / 8))
+            # wake only when something is due (silence, the next touch, a token refresh):
+            # about once a second per connection, not four times (bench/simnodes.py)
+            due = min(self.last_seen + timeout, last_touch + 1.0, next_refresh)
+            await asyncio.sleep(max(0.01, due - time.monotonic()))
             now = time.monotonic()
             if now - self.last_seen > timeout:
                 log.warning("node %s: silent for %.1fs; closing", self.node_id, now - self.last_seen)

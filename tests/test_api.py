@@ -96,13 +96,36 @@ def test_map_over_10000_inputs_returns_every_output_in_order(
     bad = [i for i in range(n) if results[i] != shout(lines[i])]
     assert not bad, f"{len(bad)} wrong outputs, first {bad[0]}: {results[bad[0]]!r}"
     assert all(seen[i] == results[i] for i in range(n))
-    # many small inputs share a subtask
+    # many small inputs share a subtask, and its outputs one file
     assert progress.state is JobState.DONE and progress.total == progress.done == math.ceil(n / GROUP_RUNS)
+    assert len(list((job.outdir / "packed").iterdir())) == progress.total
+    assert not (job.outdir / "out").exists()
     # and the program's native build agrees on a sample
     native = tmp_path / "shout"
     subprocess.run(["clang", "-O2", "-o", native, tmp_path / "shout.c"], check=True)
     for i in range(0, n, 997):
         assert subprocess.run([native], input=lines[i], capture_output=True).stdout == results[i], i
+
+
+def test_map_with_files_writes_a_file_per_input(
+    tmp_path: Path,
+    r: Client,
+    controller: Controller,
+    workers: list[Worker],  # noqa: F811
+    shout_wasm: Path,
+) -> None:
+    two_workers(controller, tmp_path, workers)
+    inputs = [f"input {i}".encode() for i in range(500)]
+    with connect(controller.redis_url, home=controller.home) as pd:
+        job = pd.map(shout_wasm, inputs, replicate=0, files=True)
+        results = job.results(timeout=180)
+        assert results == [shout(x) for x in inputs]
+        assert pd.job(job.id).results(timeout=10) == results  # found again: still the per-input files
+    assert sorted(int(p.name) for p in (job.outdir / "out").iterdir()) == list(range(len(inputs)))
+    assert (job.outdir / "out" / "7").read_bytes() == shout(inputs[7])
+    assert not (job.outdir / "packed").exists()
+    manifest = job.manifest()
+    assert [m["index"] for m in manifest] == list(range(len(inputs))) and manifest[7]["exit_code"] == 0
 
 
 def test_a_failing_input_raises_job_failed_naming_it_and_submit_takes_any_kind(

@@ -34,13 +34,18 @@ def sync_client(url: str | None) -> redis.Redis:
 
 
 def async_client(url: str | None, *, max_connections: int = 512) -> aredis.Redis:
-    return aredis.Redis.from_url(
+    # a blocking pool: past `max_connections` commands in flight, the next waits for a free
+    # connection instead of raising MaxConnectionsError (2,000 nodes closing at once each
+    # release their tasks: bench/simnodes.py saw every cleanup past the 512th fail)
+    pool = aredis.BlockingConnectionPool.from_url(
         _require(url),
         retry=_retry(),
         retry_on_error=_RETRY_ERRORS,
         health_check_interval=30,
         max_connections=max_connections,
+        timeout=None,
     )
+    return aredis.Redis.from_pool(pool)
 
 
 # What the rest of the code (and the tests) call a client: they name the type through the

@@ -37,6 +37,7 @@ from .events import queue_event
 from .expiry import node_seen
 from .scripts import HANDOVER_LUA, REQUEUE_LUA
 from .streams import ensure_groups_async
+from .touches import BATCHED_FIELDS, TouchBatcher
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class GatewayStore:
         self._handover = client.register_script(HANDOVER_LUA)
         self._job_over: dict[str, tuple[float, bool]] = {}  # job id -> (read at, over)
         self._results_waiting = (0.0, 0)  # (read at, results stream length)
+        self.touches = TouchBatcher(client)  # heartbeats' liveness, written once a second
 
     @classmethod
     def connect(cls, url: str | None) -> GatewayStore:
@@ -115,6 +117,7 @@ class GatewayStore:
         await ensure_groups_async(self.r)
 
     async def aclose(self) -> None:
+        await self.touches.aclose()
         await self.r.aclose()
 
     async def ping(self) -> None:
@@ -222,7 +225,11 @@ class GatewayStore:
         await pipe.execute()
 
     async def touch(self, node_id: str, consumer: str, connection: str, **extra: str | int | float) -> None:
-        """The connection is alive (its score in `keys.NODES`), with figures for the record."""
+        """The connection is alive (its score in `keys.NODES`), with figures for the record.
+        A heartbeat's touch (no figures but `BATCHED_FIELDS`) is coalesced (`TouchBatcher`)."""
+        if extra.keys() <= BATCHED_FIELDS:
+            self.touches.touch(node_id, consumer, connection, **extra)
+            return
         now = time.time()
         pipe = self.r.pipeline(transaction=False)
         pipe.zadd(keys.NODES, {consumer: now})
@@ -388,6 +395,7 @@ class GatewayStore:
         """Requeue everything a closed connection holds (its consumer's pending entries: an
         XREADGROUP cut short by the close may have delivered entries nobody saw) and forget
         the consumer. The number requeued."""
+        self.touches.forget(consumer)
         pending = await self.r.xpending_range(
             keys.TASKS, keys.NODES_GROUP, "-", "+", RELEASE_MAX, consumername=consumer
         )

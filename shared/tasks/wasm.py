@@ -18,7 +18,9 @@ module (docs/wasm-abi.md) gets one input per subtask, its bytes as they are.
 Results go where the user asked, as each subtask merges: `OUTDIR/out/<relative path>` (for
 `--lines`/`--count`: `OUTDIR/out/<index>`) with stdout, `OUTDIR/err/<same>` with stderr when
 there is any; finalize writes `OUTDIR/manifest.jsonl`, one line per input in input order. So
-OUTDIR must be where the aggregators run (with compose: on the shared data volume), as
+`pd.map` writes one file per subtask instead (`WasmParams.packed`: `OUTDIR/packed/<subtask>`,
+the result envelope as the node returned it, which the API splits). OUTDIR must be where
+the aggregators run (with compose: on the shared data volume), as
 crack's wordlist must be where the scheduler runs. A run that exits non-zero or traps fails
 the job, naming it, unless `--keep-going`: then the manifest records it and `submit --wait`
 exits non-zero.
@@ -59,6 +61,7 @@ DEFAULT_REPLICATE = 0.1
 STDERR_IN_ERROR = 400  # characters of stderr a failed job's message ends with
 FAILED_NAMED = 20  # failed inputs `summary` names
 MANIFEST = "manifest.jsonl"
+PACKED = "packed"  # a packed job's outputs: OUTDIR/packed/<subtask>, one result envelope each
 _EMPTY_HEAD = len(RunEnvelope((), (), ()).encode()) - 4  # an envelope's bytes before its runs count
 
 #: Where `prepare` puts each block as it is cut: (sha256, bytes). The Python API passes one
@@ -94,6 +97,9 @@ class WasmParams(BaseModel):
     memory_mb: int | None = Field(default=None, ge=1, le=MAX_MEMORY_MB)
     deterministic: bool = True
     seed: int = Field(default=0, ge=0, lt=2**64)
+    #: outputs one file per subtask (`packed/<subtask>`, its result envelope) instead of
+    #: out/<input> and err/<input> per input: what `pd.map` reads (`packed_path`)
+    packed: bool = False
 
     @field_validator("env")
     @classmethod
@@ -247,8 +253,9 @@ class WasmPlugin(TaskPlugin[WasmParams]):
         if not wasi and (raw.get("args") or raw.get("env") or raw.get("count") is not None):
             raise ParamsError(f"{program} is a pd-ABI module: it takes no --arg, --env or --count")
         outdir = Path(os.path.expanduser(str(raw["outdir"]))).resolve()
-        if (outdir / "out").exists() and any((outdir / "out").iterdir()):
-            raise ParamsError(f"{outdir}/out holds an earlier job's outputs: choose another -o or remove them")
+        for sub in ("out", PACKED):
+            if (outdir / sub).exists() and any((outdir / sub).iterdir()):
+                raise ParamsError(f"{outdir}/{sub} holds an earlier job's outputs: choose another -o or remove them")
         blocks: dict[str, bytes] = {}
         groups: list[tuple[int, int, str, str]] = []
         if raw.get("count") is not None:
@@ -287,6 +294,7 @@ class WasmPlugin(TaskPlugin[WasmParams]):
             "memory_mb": raw.get("memory_mb"),
             "deterministic": bool(raw.get("deterministic", True)),
             "seed": secrets.randbits(63) if seed is None else int(seed),
+            "packed": bool(raw.get("packed")),
         }
         self.parse_params(params)  # a bad --env or --timeout is refused here, with nothing stored
         return Prepared(params=params, blocks=blocks, modules=[data])
@@ -400,13 +408,17 @@ class WasmPlugin(TaskPlugin[WasmParams]):
         first, _n = self._runs(params, index)
         outdir = Path(params.outdir)
         records = []
+        if params.packed:  # one file for the subtask, whatever its inputs: the envelope as it came
+            packed = output if params.module_kind is ModuleKind.WASI_COMMAND else ResultEnvelope(runs).encode()
+            _write(packed_path(params, index), packed)
         for k, ((label, rel), run) in enumerate(zip(self._labels(files, params, index), runs, strict=True)):
-            _write(outdir / "out" / rel, run.stdout)
-            err = outdir / "err" / rel
-            if run.stderr:
-                _write(err, run.stderr)
-            else:
-                err.unlink(missing_ok=True)  # a result merged again (after a ban) may have none
+            if not params.packed:
+                _write(outdir / "out" / rel, run.stdout)
+                err = outdir / "err" / rel
+                if run.stderr:
+                    _write(err, run.stderr)
+                else:
+                    err.unlink(missing_ok=True)  # a result merged again (after a ban) may have none
             record: dict[str, Any] = {
                 "input": label,
                 "index": first + k,
@@ -448,7 +460,12 @@ class WasmPlugin(TaskPlugin[WasmParams]):
         # another job is not kept)
         manifest = outdir / MANIFEST
         _write(manifest, "".join(lines).encode(), durable=True)
-        return {"manifest": str(manifest), "out": str(outdir / "out")}
+        return {"manifest": str(manifest), "out": str(outdir / (PACKED if params.packed else "out"))}
+
+
+def packed_path(params: WasmParams, index: int) -> Path:
+    """Where a packed job's subtask `index` is written: its result envelope (`shared/wasi.py`)."""
+    return Path(params.outdir) / PACKED / f"{index:09d}"
 
 
 def _write(path: Path, data: bytes, *, durable: bool = False) -> None:
@@ -471,6 +488,7 @@ __all__ = [
     "WasmParams",
     "WasmPlugin",
     "envelope_head",
+    "packed_path",
     "runs_section",
     "subtask_seed",
 ]
