@@ -16,7 +16,7 @@ import httpx
 import pytest
 import websockets
 from conftest import Controller
-from nodes import Node
+from nodes import Node, run_async
 from processdistro.gateway.agent_log import BURST, RATE
 from processdistro.shared import keys
 from processdistro.shared.protocol import NodeReport, node_message_adapter
@@ -143,7 +143,7 @@ def test_agent_events_logged_safely_and_rate_limited(controller: Controller, r: 
             await ws.send(json.dumps({"type": "heartbeat", "running": 0, "done": 0}))
             await asyncio.sleep(0.5)
 
-    asyncio.run(frames())
+    run_async(frames())
     assert seen["error"]["type"] == "error" and seen["error"]["code"] == "invalid", seen["error"]
     log_path = controller.home / "gateway.log"
     wait_for(lambda: "agent reconnect: back" in log_path.read_text(), 20, "the event after the pause")

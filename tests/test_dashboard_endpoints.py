@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import Controller
+from nodes import run_async
 from numpy.lib.format import open_memmap
 from PIL import Image
 from processdistro.gateway.dashboard import qr_svg
@@ -254,7 +255,7 @@ def test_one_reader_for_every_dashboard_and_none_while_nobody_looks(redis_url: s
             await feed.aclose()
             await client.aclose()
 
-    asyncio.run(scenario())
+    run_async(scenario())
 
 
 def test_an_open_feed_does_not_hold_a_stopping_gateway(controller: Controller) -> None:
