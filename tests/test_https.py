@@ -178,47 +178,43 @@ def test_https_join_link_pins_the_certificate(https_up: tuple[dict[str, str], di
 
 
 def test_chromium_over_https_and_a_pinned_native_worker_compute_exactly(
-    https_up: tuple[dict[str, str], dict[str, Any], Path], tmp_path: Path
+    https_up: tuple[dict[str, str], dict[str, Any], Path], tmp_path: Path, browser: Any
 ) -> None:
-    from playwright.sync_api import sync_playwright
-
     env, info, log = https_up
     home = Path(env["PD_HOME"])
     pin = spki_pin((home / "tls" / "cert.pem").read_bytes())
     width, height, max_iter = 512, 512, 300
     expected = reference_counts(width, height, -2.0, 1.0, -1.5, 1.5, max_iter)
     sockets: list[str] = []
-    with sync_playwright() as pw:
-        # exactly this certificate's key is accepted; any other certificate error still fails
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[*CHROMIUM_ARGS, f"--ignore-certificate-errors-spki-list={pin}"],
-            headless=True,
+    # exactly this certificate's key is accepted; any other certificate error still fails
+    # a second browser from the session's Playwright (one sync Playwright per process)
+    pinned = browser.browser_type.launch(
+        executable_path=CHROMIUM,
+        args=[*CHROMIUM_ARGS, f"--ignore-certificate-errors-spki-list={pin}"],
+        headless=True,
+    )
+    try:
+        page = pinned.new_context().new_page()
+        page.on("websocket", lambda ws: sockets.append(ws.url))
+        page.goto(info["join_url"])
+        page.click("#join")
+        page.wait_for_function("document.getElementById('state').textContent.trim() === 'connected'", timeout=60_000)
+        assert page.evaluate("location.protocol") == "https:"
+        assert page.evaluate("window.isSecureContext") is True  # what phones get on https
+        out = tmp_path / "out"
+        done = subprocess.run(
+            [sys.executable, "-m", "processdistro", "submit", "mandelbrot", "--width", str(width)]
+            + ["--height", str(height), "--tile", "32", "--max-iter", str(max_iter), "--wait", "-q"]
+            + ["--timeout", "240", "-o", str(out / "m.png"), "--raw", str(out / "m.npy")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
-        try:
-            page = browser.new_context().new_page()
-            page.on("websocket", lambda ws: sockets.append(ws.url))
-            page.goto(info["join_url"])
-            page.click("#join")
-            page.wait_for_function(
-                "document.getElementById('state').textContent.trim() === 'connected'", timeout=60_000
-            )
-            assert page.evaluate("location.protocol") == "https:"
-            assert page.evaluate("window.isSecureContext") is True  # what phones get on https
-            out = tmp_path / "out"
-            done = subprocess.run(
-                [sys.executable, "-m", "processdistro", "submit", "mandelbrot", "--width", str(width)]
-                + ["--height", str(height), "--tile", "32", "--max-iter", str(max_iter), "--wait", "-q"]
-                + ["--timeout", "240", "-o", str(out / "m.png"), "--raw", str(out / "m.npy")],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            assert done.returncode == 0, done.stdout + done.stderr + log.read_text()
-            browser_done = int(page.locator("#tasks-done").text_content() or 0)
-        finally:
-            browser.close()
+        assert done.returncode == 0, done.stdout + done.stderr + log.read_text()
+        browser_done = int(page.locator("#tasks-done").text_content() or 0)
+    finally:
+        pinned.close()
     np.testing.assert_array_equal(np.load(out / "m.npy"), expected)
     assert sockets and all(u.startswith("wss://") for u in sockets), sockets
     client = plain_client(info["redis_url"])

@@ -361,6 +361,7 @@ class WorkerNode:
 
     async def _leave_on_stop(self, outq: asyncio.Queue[Outgoing | None]) -> None:
         await self._stop.wait()
+        self._feed(Flush())  # reports held for a batch go out before we leave
         outq.put_nowait(Leave())
 
     async def _heartbeats(self) -> None:

@@ -55,7 +55,14 @@ class Handovers:
         args: list[object] = [keys.NODES_GROUP, RETURNED_TTL_S]
         for item in items:
             f = item.fields
-            entry = {**f.to_redis(), "node": node_id, "output": item.output, "elapsed_ms": item.elapsed_ms}
+            # the voter travels with the result: the aggregator counts replicas one vote per voter
+            entry = {
+                **f.to_redis(),
+                "node": node_id,
+                "output": item.output,
+                "elapsed_ms": item.elapsed_ms,
+                "voter": voter or node_id,
+            }
             flat = [x for kv in entry.items() for x in kv]
             returned_keys.append(keys.job_returned(f.job, f.index))
             args += [item.task_id, (voter or node_id) if f.replicated else "", len(flat), *flat]

@@ -183,7 +183,7 @@ def test_resolve_identity(r: Client, redis_url: str, known: bool | str, presente
         finally:
             await store.aclose()
 
-    identity = asyncio.run(go())
+    identity = run_async(go())
     assert identity.admission is want
     assert (identity.node_id == "victim-id-0001") is (want is not Admission.NEW)
     assert (identity.secret is not None) is (want is not Admission.KEPT)
