@@ -100,9 +100,9 @@ def test_dashboard_follows_a_job_on_a_tab_and_a_native_worker(
     pages.append(tab)
     native(controller, tmp_path, workers)
     both = wait_nodes(r, 2)
-    # long enough to watch (and to cancel): 1024 tiles, many of them deep in the set
+    # long enough to watch (and to cancel) on a fast machine: 4096 tiles, many deep in the set
     proc = controller.submit_mandelbrot(
-        tmp_path, "--width", "1024", "--height", "1024", "--tile", "32", "--max-iter", "100000", "--timeout", "900"
+        tmp_path, "--width", "2048", "--height", "2048", "--tile", "32", "--max-iter", "100000", "--timeout", "900"
     )
     try:
         job_id = wait_until("the job is listed", lambda: r.zrange(keys.JOBS, 0, 0), 30, controller)[0].decode()
