@@ -95,7 +95,6 @@ def print_join(console: Console, join_url: str, gateway_url: str) -> None:
     console.print(f"Dashboard: {gateway_url}/dashboard   Metrics: {gateway_url}/metrics")
     cli = shutil.which("processdistro") or str(Path(sys.executable).parent / "processdistro")
     console.print(f"Submit work from another terminal, e.g.  {cli} submit mandelbrot -o m.png --wait")
-    console.print("Press Ctrl-C to stop everything.")
 
 
 def certificate(settings: Settings, *, cert: Path | None, key: Path | None) -> Certificate:
@@ -207,6 +206,7 @@ def run_up(
             console.print(f"Certificate fingerprint (workers pin it; in the join link as fp=): {tls.fingerprint}")
         if workers > 0:
             console.print(f"Starting {workers} local native worker(s); logs in {logs}/worker-*.log")
+        console.print("Press Ctrl-C to stop everything.")
         waiting = (
             LocalWorkers(redis_url, workers, settings.node_timeout_s, since=workers_started) if workers > 0 else None
         )
