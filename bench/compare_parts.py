@@ -14,7 +14,6 @@ Interleaved, medians of three.
 
 from __future__ import annotations
 
-import math
 import random
 import shutil
 import statistics
@@ -32,6 +31,7 @@ from processdistro.shared.tasks.mandelbrot import (
     Escape,
     MandelbrotParams,
     MandelbrotPlugin,
+    _palette,
     escape_count,
     kernel_escape,
     spot_check,
@@ -45,13 +45,9 @@ PLUGIN = MandelbrotPlugin()
 
 
 def _old_colourize(counts: np.ndarray, max_iter: int) -> np.ndarray:
-    # the colouring as it was (per pixel), for the "before" figure
-    t = np.log1p(counts.astype(np.float64)) / math.log1p(max_iter)
-    u = 1.0 - t
-    rgb = np.stack([9.0 * u * t**3, 15.0 * u**2 * t**2, 8.5 * u**3 * t], axis=-1) * 255.0
-    out = np.clip(rgb, 0, 255).astype(np.uint8)
-    out[counts >= max_iter] = 0
-    return out
+    # the colouring as it was: the image's formula on every pixel (`_palette` over the whole
+    # array), for the "before" figure; finalize now applies it once per distinct count
+    return _palette(counts, max_iter)
 
 
 def _checks(p: MandelbrotParams, counts: np.ndarray, escape: Escape) -> tuple[float, list[tuple[Verdict, int]]]:
