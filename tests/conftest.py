@@ -223,7 +223,9 @@ class Controller:
                 text=True,
             )
 
-    def wait_ready(self, timeout: float = 20) -> None:
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until the gateway answers and the scheduler and aggregator registered (three Python
+        processes importing at once take a while on a loaded 2-core machine)."""
         deadline = time.monotonic() + timeout
         client = plain_client(self.redis_url)
         try:
