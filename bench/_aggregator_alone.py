@@ -14,21 +14,20 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _scratch import scratch_redis  # a script: bench/ is its first path entry
 from processdistro import client
 from processdistro.aggregator.service import Aggregator
 from processdistro.scheduler.service import Scheduler
 from processdistro.shared import keys
 from processdistro.shared.jobs import JobState
 from processdistro.shared.modules import ModuleRegistry
-from processdistro.shared.redis_server import EmbeddedRedis
 from processdistro.shared.service import StopFlag
 from processdistro.shared.settings import Settings
-from processdistro.shared.store.connection import Client, plain_client
+from processdistro.shared.store.connection import Client
 from processdistro.shared.store.jobs import load_job
 from processdistro.shared.store.streams import ensure_groups
 from processdistro.shared.tasks import plugin_and_params
@@ -95,17 +94,8 @@ def measure(r: Client, redis_pid: int, work: Path, width: int, height: int) -> d
 
 def main() -> None:
     width, height = int(sys.argv[1]), int(sys.argv[2])
-    with tempfile.TemporaryDirectory(prefix="pd-agg-alone-") as tmp:
-        work = Path(tmp)
-        server = EmbeddedRedis(directory=work / "redis", persist=False)
-        url = server.start()
-        r = plain_client(url)
-        try:
-            assert server.process is not None
-            print(json.dumps(measure(r, server.process.pid, work, width, height)))
-        finally:
-            r.close()
-            server.stop()
+    with scratch_redis("pd-agg-alone-") as scratch:
+        print(json.dumps(measure(scratch.r, scratch.redis_pid, scratch.work, width, height)))
 
 
 if __name__ == "__main__":

@@ -34,11 +34,12 @@ from processdistro.shared.tasks.mandelbrot import (
     _palette,
     escape_count,
     kernel_escape,
-    spot_check,
 )
 from processdistro.worker.device import benchmark, describe
 from processdistro.worker.pool import measure_speed
 from processdistro.worker.runtime import Limits, ModuleRunner
+
+from .pipeline import _test_helpers
 
 REPS = 3
 PLUGIN = MandelbrotPlugin()
@@ -51,12 +52,12 @@ def _old_colourize(counts: np.ndarray, max_iter: int) -> np.ndarray:
 
 
 def _checks(p: MandelbrotParams, counts: np.ndarray, escape: Escape) -> tuple[float, list[tuple[Verdict, int]]]:
+    _test_helpers()  # puts tests/ on the path: the suite's loop over the tiles, not a copy
+    from mandel_checks import check_every_tile
+
     rng = random.Random(20261130)
-    found = []
     t0 = time.process_time()
-    for index in range(PLUGIN.count(p)):
-        x0, y0, w, h = p.tile_rect(index)
-        found.append(spot_check(p, x0, y0, counts[y0 : y0 + h, x0 : x0 + w], rng, escape=escape))
+    found = check_every_tile(p, counts, rng, escape)
     return time.process_time() - t0, found
 
 

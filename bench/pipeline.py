@@ -49,7 +49,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -60,12 +59,13 @@ from typing import Any
 import numpy as np
 from processdistro.shared import keys
 from processdistro.shared.queue import TaskFields
-from processdistro.shared.redis_server import EmbeddedRedis, free_port
+from processdistro.shared.redis_server import free_port
 from processdistro.shared.store.connection import Client, plain_client
 from processdistro.shared.tasks.mandelbrot import MandelbrotParams, MandelbrotPlugin
 from rich.console import Console
 
 from . import Report, Table
+from ._scratch import scratch_redis
 
 REPO = Path(__file__).resolve().parent.parent
 TILE = 4
@@ -492,41 +492,33 @@ def run(*, quick: bool, console: Console) -> Report:
     alone: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     log_lines: list[str] = []
     base: dict[str, list[float]] = {"naive": [], "batched": []}
-    with tempfile.TemporaryDirectory(prefix="pd-bench-") as tmp:
-        work = Path(tmp)
-        server = EmbeddedRedis(directory=work / "redis", persist=False)
-        url = server.start()
-        r = plain_client(url)
-        try:
-            assert server.process is not None
-            console.print(f"baselines: {n_subtasks} entries, naive and batched")
-            for k, v in baselines(url, n_subtasks, 2).items():
-                base[k] += v
-            for rep in range(reps):  # interleaved, so drift on a shared machine hits every variant and node count
-                for variant, python in variants.items():
-                    home = work / f"pd-home-{variant}-{rep}"
-                    home.mkdir()
-                    ctl = make_controller(controller_cls, url, home, profile_dir if variant == "this" else None, python)
-                    try:
-                        ctl.wait_ready(timeout=90)  # a loaded machine starts services slowly
-                        for config in configs:
-                            console.print(f"job {rep + 1}/{reps} ({variant}): {n_subtasks} subtasks, {_label(config)}")
-                            runs[variant][config].append(
-                                _one_job(ctl, r, py_node, server.process.pid, size, work, config, python, profile_dir)
-                            )
-                        log_lines += notable_log_lines(home)
-                    finally:
-                        _stop_controller(ctl, profile_dir if variant == "this" else None)
-            console.print("the aggregator alone")
-            for _ in range(reps):
-                for variant, python in variants.items():
-                    alone[variant].append(aggregator_alone(python, ALONE_SIZES[quick]))
-            console.print("baselines again")
-            for k, v in baselines(url, n_subtasks, 2).items():
-                base[k] += v
-        finally:
-            r.close()
-            server.stop()
+    with scratch_redis("pd-bench-") as scratch:
+        work, url, r = scratch.work, scratch.url, scratch.r
+        console.print(f"baselines: {n_subtasks} entries, naive and batched")
+        for k, v in baselines(url, n_subtasks, 2).items():
+            base[k] += v
+        for rep in range(reps):  # interleaved, so drift on a shared machine hits every variant and node count
+            for variant, python in variants.items():
+                home = work / f"pd-home-{variant}-{rep}"
+                home.mkdir()
+                ctl = make_controller(controller_cls, url, home, profile_dir if variant == "this" else None, python)
+                try:
+                    ctl.wait_ready(timeout=90)  # a loaded machine starts services slowly
+                    for config in configs:
+                        console.print(f"job {rep + 1}/{reps} ({variant}): {n_subtasks} subtasks, {_label(config)}")
+                        runs[variant][config].append(
+                            _one_job(ctl, r, py_node, scratch.redis_pid, size, work, config, python, profile_dir)
+                        )
+                    log_lines += notable_log_lines(home)
+                finally:
+                    _stop_controller(ctl, profile_dir if variant == "this" else None)
+        console.print("the aggregator alone")
+        for _ in range(reps):
+            for variant, python in variants.items():
+                alone[variant].append(aggregator_alone(python, ALONE_SIZES[quick]))
+        console.print("baselines again")
+        for k, v in baselines(url, n_subtasks, 2).items():
+            base[k] += v
     compute_us = node_compute_us()
     report = _report(runs["this"], base, n_subtasks, compute_us)
     report.tables.append(_alone_table(alone))

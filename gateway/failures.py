@@ -42,12 +42,12 @@ async def on_failure(
         fields.index,
         safe_text(message),  # the node's own text: literal, one line
     )
-    view = await store.record_failure(fields, node_id, message[:1000], settings.node_timeout_s, voter)
+    view = await store.failures.record_failure(fields, node_id, message[:1000], settings.node_timeout_s, voter)
     decision = judge_failure(index=fields.index, node=node_id, failed_on=view.failed_on, live=view.live)
     match decision.outcome:
         case FailureOutcome.FAIL_JOB:
             await store.send_command(Fail(job_id=fields.job, reason=decision.text[:2000]))
-            await store.unbench(*view.failed_on)  # their failures were the job's
+            await store.failures.unbench(*view.failed_on)  # their failures were the job's
             return decision.outcome
         case FailureOutcome.WAIT:
             log.warning("job %s: %s", fields.job, decision.text)
@@ -65,10 +65,10 @@ async def on_failure(
                     view.total.samples,
                     settings.bench_s,
                 )
-                await store.bench(node_id, settings.bench_s)
+                await store.failures.bench(node_id, settings.bench_s)
             case Standing.BAN:
                 log.warning("node %s: to be banned: it went on failing tasks its peers completed", node_id)
-                await store.request_ban(node_id, fields)
+                await store.failures.request_ban(node_id, fields)
     return decision.outcome
 
 
@@ -77,7 +77,7 @@ async def on_drop(store: GatewayStore, node_id: str, held: list[TaskFields]) -> 
     fail the job of a subtask that brought down several distinct nodes."""
     subtasks = sorted({(f.job, f.index) for f in held})
     try:
-        for (job_id, index), drops in zip(subtasks, await store.record_drops(node_id, subtasks), strict=True):
+        for (job_id, index), drops in zip(subtasks, await store.failures.record_drops(node_id, subtasks), strict=True):
             if reason := judge_drops(index=index, drops=drops):
                 log.warning("job %s: %s", job_id, reason)
                 await store.send_command(Fail(job_id=job_id, reason=reason))
@@ -88,6 +88,10 @@ async def on_drop(store: GatewayStore, node_id: str, held: list[TaskFields]) -> 
 async def rescreen(store: GatewayStore, node_id: str, fields: TaskFields, verdict: Verdict) -> Verdict:
     """A copy of a subtask this node reported failing is parked, for another node or for
     one that comes (only a requeued copy, `attempt` > 0, can have failed anywhere)."""
-    if verdict is not Verdict.DROP and fields.attempt and await store.failed_here(fields.job, fields.index, node_id):
+    if (
+        verdict is not Verdict.DROP
+        and fields.attempt
+        and await store.failures.failed_here(fields.job, fields.index, node_id)
+    ):
         return Verdict.PARK
     return verdict

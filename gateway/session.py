@@ -261,7 +261,7 @@ class NodeSession:
                 await self._unpark()  # a benched node may still confirm (or fail) a parked copy
                 if self.want <= 0:
                     break
-                if await self.store.benched(self.node_id):  # its failures stood out: no new tasks
+                if await self.store.failures.benched(self.node_id):  # its failures stood out: no new tasks
                     await asyncio.sleep(BENCH_LOOK_S)
                     continue
                 if await self.store.results_waiting() >= self.settings.results_backlog:

@@ -4,9 +4,11 @@ flushed per test; real service processes; real Chromium."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -221,7 +223,9 @@ class Controller:
                 text=True,
             )
 
-    def wait_ready(self, timeout: float = 20) -> None:
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until the gateway answers and the scheduler and aggregator registered (three Python
+        processes importing at once take a while on a loaded 2-core machine)."""
         deadline = time.monotonic() + timeout
         client = plain_client(self.redis_url)
         try:
@@ -272,6 +276,39 @@ def controller(r: Client, redis_url: str, tmp_path: Path, controller_env: dict[s
         yield ctl
     finally:
         ctl.stop()
+
+
+@contextlib.contextmanager
+def started_up(
+    args: list[str], *, env: dict[str, str], log: Path, ready: str, timeout: float = 60
+) -> Iterator[subprocess.Popen[str]]:
+    """`processdistro <args>` (`up ...`) in a session of its own (a process group, as a shell
+    gives a foreground job), its output in `log`; yields it once `ready` is in the log. On
+    leaving, if it still runs: Ctrl-C to `up`, then the group killed if it is not gone in 30 s."""
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "processdistro", *args],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while ready not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 @pytest.fixture(scope="session")

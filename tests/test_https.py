@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import CHROMIUM, CHROMIUM_ARGS
+from conftest import CHROMIUM, CHROMIUM_ARGS, started_up
 from cryptography import x509
 from mandel_ref import reference_counts
 from processdistro.shared import keys
@@ -115,31 +115,11 @@ def https_up(tmp_path: Path) -> Iterator[tuple[dict[str, str], dict[str, Any], P
     env = {k: v for k, v in os.environ.items() if not k.startswith("PD_")}
     env.update({"PD_HOME": str(tmp_path / "home"), "PD_PORT": str(free_port()), "PD_HOST": "127.0.0.1"})
     log = tmp_path / "up.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "processdistro", "up", "--https", "--workers", "1"],
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while "1 local worker(s) ready" not in log.read_text():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+    with started_up(
+        ["up", "--https", "--workers", "1"], env=env, log=log, ready="1 local worker(s) ready", timeout=120
+    ):
         info = json.loads((tmp_path / "home" / "controller.json").read_text())
         yield env, info, log
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(2)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                proc.wait()
 
 
 def test_https_join_link_pins_the_certificate(https_up: tuple[dict[str, str], dict[str, Any], Path]) -> None:
@@ -285,21 +265,9 @@ def test_up_with_your_own_certificate(tmp_path: Path) -> None:
     )
     assert alone.returncode == 2 and "--cert and --key go together" in alone.stderr, alone.stderr
     log = tmp_path / "up.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "processdistro", "up", "--cert", str(own.cert), "--key", str(own.key)],
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while "Join link" not in log.read_text():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+    with started_up(
+        ["up", "--cert", str(own.cert), "--key", str(own.key)], env=env, log=log, ready="Join link", timeout=120
+    ) as proc:
         info = json.loads((tmp_path / "home" / "controller.json").read_text())
         assert info["tls_fingerprint"] == own.fingerprint and info["join_url"].endswith(f"&fp={own.fingerprint}")
         assert not (tmp_path / "home" / "tls").exists(), "no certificate of its own was made"
@@ -307,8 +275,4 @@ def test_up_with_your_own_certificate(tmp_path: Path) -> None:
         assert ok.status_code == 200
         proc.send_signal(2)
         proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-            proc.wait()
     assert proc.returncode == 0, log.read_text()

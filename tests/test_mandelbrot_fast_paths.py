@@ -2,7 +2,7 @@
 
 - `kernel_escape` (the module in-process for expensive pixels) == `escape_count` (the Python
   loop of docs/wasm-abi.md), pixel by pixel and cap by cap, and `spot_check` reaches the same
-  verdict with the same iterations spent through either;
+  verdicts with the same iterations spent through either, tile by tile over an image;
 - `colourize` (a lookup table) == the colour formula applied per pixel.
 """
 
@@ -13,6 +13,7 @@ import random
 
 import numpy as np
 import pytest
+from mandel_checks import check_every_tile
 from processdistro.shared.tasks.base import Verdict
 from processdistro.shared.tasks.mandelbrot import (
     CHECK_MODULE,
@@ -22,7 +23,6 @@ from processdistro.shared.tasks.mandelbrot import (
     colourize,
     escape_count,
     kernel_escape,
-    spot_check,
 )
 
 DEFAULT = MandelbrotParams(width=2048, height=2048, max_iter=2000, tile=128)
@@ -59,20 +59,21 @@ def test_the_kernel_agrees_on_random_pixels_and_caps() -> None:
 
 @pytest.mark.parametrize("claim", ["honest", "off-by-one", "all-max", "zeros"])
 def test_spot_checks_agree_through_either_pixel_routine(claim: str) -> None:
-    p = MandelbrotParams(width=64, height=64, xmin=-0.8, xmax=0.4, ymin=-0.6, ymax=0.6, max_iter=3000, tile=64)
+    # four tiles of 32 x 32: the checks find each tile's pixels from its corner
+    p = MandelbrotParams(width=64, height=64, xmin=-0.8, xmax=0.4, ymin=-0.6, ymax=0.6, max_iter=3000, tile=32)
     truth = np.array([[escape_count(p, i, j) for i in range(64)] for j in range(64)], dtype=np.uint32)
-    tile = {
+    counts = {
         "honest": truth,
         "off-by-one": truth + 1,
         "all-max": np.full_like(truth, p.max_iter),
         "zeros": np.zeros_like(truth),
     }[claim]
     for seed in range(30):
-        slow = spot_check(p, 0, 0, tile, random.Random(seed), escape=escape_count)
-        fast = spot_check(p, 0, 0, tile, random.Random(seed))
-        assert fast == slow, seed
+        slow = check_every_tile(p, counts, random.Random(seed), escape=escape_count)
+        fast = check_every_tile(p, counts, random.Random(seed))
+        assert len(fast) == 4 and fast == slow, seed
         if claim == "honest":
-            assert fast[0] is Verdict.ACCEPT
+            assert all(verdict is Verdict.ACCEPT for verdict, _ in fast), fast
 
 
 def _formula(counts: np.ndarray, max_iter: int) -> np.ndarray:

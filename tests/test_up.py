@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import started_up
 from processdistro.shared.redis_server import free_port
 
 
@@ -37,19 +38,8 @@ def up(tmp_path: Path) -> tuple[subprocess.Popen[str], dict[str, str], Path]:
     env = {k: v for k, v in os.environ.items() if k != "PD_REDIS_URL"}
     env.update({"PD_HOME": str(tmp_path / "home"), "PD_PORT": str(free_port()), "PD_HOST": "127.0.0.1"})
     log = tmp_path / "up.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "processdistro", "up"], env=env, stdout=fh, stderr=subprocess.STDOUT, text=True
-        )
-    deadline = time.monotonic() + 60
-    while "Join link" not in log.read_text():
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.1)
-    yield proc, env, log
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    with started_up(["up"], env=env, log=log, ready="Join link") as proc:
+        yield proc, env, log
 
 
 def test_up_prints_join_link_and_stops_cleanly(up: tuple[subprocess.Popen[str], dict[str, str], Path]) -> None:
@@ -151,30 +141,12 @@ def test_ctrl_c_stops_services_first_and_redis_last(tmp_path: Path) -> None:
     home = tmp_path / "home"
     env.update({"PD_HOME": str(home), "PD_PORT": str(free_port()), "PD_HOST": "127.0.0.1"})
     log = tmp_path / "up.log"
-    with open(log, "w") as fh:  # its own process group, as a shell gives a foreground job
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "processdistro", "up"],
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while "Join link" not in log.read_text():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+    with started_up(["up"], env=env, log=log, ready="Join link") as proc:
         kids = children_of(proc.pid)
         started = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
         proc.wait(timeout=30)
         took = time.monotonic() - started
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     logs = {p.name: p.read_text() for p in (home / "logs").glob("*.log")}
     assert proc.returncode == 0, log.read_text()
     time.sleep(0.2)
@@ -212,21 +184,7 @@ def test_idle_up_with_a_worker_stops_within_a_second(tmp_path: Path, how: str, s
     home = tmp_path / "home"
     env.update({"PD_HOME": str(home), "PD_PORT": str(free_port()), "PD_HOST": "127.0.0.1"})
     log = tmp_path / "up.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "processdistro", "up", "--workers", "1"],
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while "1 local worker(s) ready" not in log.read_text():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+    with started_up(["up", "--workers", "1"], env=env, log=log, ready="1 local worker(s) ready", timeout=120) as proc:
         time.sleep(1.0)  # idle: every service in its steady loop
         everything = descendants(proc.pid)
         assert len(everything) >= 6, everything  # redis, three services, the worker and its executor
@@ -237,10 +195,6 @@ def test_idle_up_with_a_worker_stops_within_a_second(tmp_path: Path, how: str, s
             proc.send_signal(sig)
         proc.wait(timeout=30)
         took = time.monotonic() - started
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     print(f"\n{how}: up returned {took:.2f}s after the signal")
     assert proc.returncode == 0, log.read_text()
     time.sleep(0.2)

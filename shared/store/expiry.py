@@ -22,6 +22,7 @@ from .. import keys
 JOB_KEEP_S = 7 * 86_400  # a finished job's record and done set
 NODE_KEEP_S = 7 * 86_400  # a node's record and merged list after its last sign of life
 PRUNE_LOOK = 100  # oldest ids of `keys.JOBS` checked per ended job
+RETURNED_TTL_S = 86_400  # how long a replicated subtask remembers who returned it (gateways write it)
 
 
 def job_ended(client: Any, job_id: str) -> None:

@@ -19,7 +19,9 @@ from redis.exceptions import NoScriptError
 
 from .. import keys
 from ..queue import TaskFields
-from .gateway import FAILURES_TTL_S, LATENCY_KEPT, RETURNED_TTL_S
+from .expiry import RETURNED_TTL_S
+from .failures import FAILURES_TTL_S
+from .gateway import LATENCY_KEPT
 from .scripts import HANDOVER_MANY_LUA
 
 

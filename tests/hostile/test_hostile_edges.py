@@ -24,8 +24,8 @@ from processdistro.shared.jobs import JobState
 from processdistro.shared.redis_server import free_port
 from processdistro.shared.store import modules
 from processdistro.shared.store.connection import Client
-from processdistro.shared.store.expiry import JOB_KEEP_S, NODE_KEEP_S
-from processdistro.shared.store.gateway import FAILURES_TTL_S, RETURNED_TTL_S
+from processdistro.shared.store.expiry import JOB_KEEP_S, NODE_KEEP_S, RETURNED_TTL_S
+from processdistro.shared.store.failures import FAILURES_TTL_S
 from processdistro.shared.store.jobs import JobStore, drop_blocks, load_job, store_blocks
 from processdistro.shared.store.results import VOTES_TTL_S, ResultStream
 from test_matmul import wait_job
@@ -243,7 +243,7 @@ def test_per_job_keys_end_with_their_job(r: Client) -> None:
         "job_votes": lambda: results.vote(job, 0, "node-a", b"out"),
         "job_first_vote": lambda: results.vote(job, 1, "node-a", b"out"),
         "job_vote_nodes": lambda: results.vote(job, 0, "node-a", b"out", voter="@10.0.0.9"),
-        # as GatewayStore.record_failure / record_drops and Handovers.hand_over write them
+        # as FailureStore.record_failure / record_drops and Handovers.hand_over write them
         "job_failures": lambda: _hash_with_ttl(r, keys.job_failures(job, 0), "node-a", "boom"),
         "job_drops": lambda: _hash_with_ttl(r, keys.job_drops(job, 0), "node-a", 1),
         "job_tally": lambda: _hash_with_ttl(r, keys.job_tally(job), "node-a:failed", 1),
