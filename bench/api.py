@@ -27,7 +27,7 @@ pd-ABI rows (goal 3, 50,000 small items/s): `pd.map` of examples/rust_rot13 (a t
 pd-ABI module that exports `pd_run_batch`) over M lines (M = 200,000; `--quick` 50,000),
 `batch=True` (the default: up to `BATCH_RUNS` inputs per subtask, one call into the module
 each) with replicate 0 and with the default 0.1, and `batch=False` (before: one input per
-subtask) over fewer lines (5,000; `--quick` 2,000: it is ~100x slower), interleaved in the
+subtask) over fewer lines (3,000; `--quick` 1,000: it is ~100x slower), interleaved in the
 same run. Baselines in this process: the ModuleRunner looping `pd_run` per line (what a user
 would write), and the same ModuleRunner given batches of `BATCH_RUNS` (one core's ceiling).
 
@@ -80,7 +80,7 @@ MODES: dict[str, tuple[float | None, bool]] = {
 }
 # pd-ABI rows: mode -> (replicate, batch); inputs for batch=False are fewer (it is far slower)
 PD_ABI_N = {False: 200_000, True: 50_000}
-PD_ABI_BEFORE_N = {False: 5_000, True: 2_000}
+PD_ABI_BEFORE_N = {False: 3_000, True: 1_000}
 PD_ABI_LOOP_N = 20_000  # lines the per-call loop baseline times
 PD_ABI_MODES: dict[str, tuple[float | None, bool]] = {
     "pd-ABI, batch=False, replicate 0 (before: one input per subtask)": (0.0, False),

@@ -100,6 +100,15 @@ def test_anything_but_a_well_formed_batch_is_one_input(data: bytes) -> None:
     assert split_batch(data) is None
 
 
+def test_the_browser_agent_is_held_to_the_same_bytes() -> None:
+    """tests/js/pd_batch.test.mjs checks static/js/pd_batch.js against these strings."""
+    js = (ROOT / "tests" / "js" / "pd_batch.test.mjs").read_text()
+    batch = encode_batch([b"hi", b"", b"\x00\xff"]).hex()
+    results = encode_results([(0, b"uv"), (2, b""), (0, b"")]).hex()
+    assert f'BATCH_HEX = "{batch}"' in js and f'RESULTS_HEX = "{results}"' in js
+    assert MAGIC.hex() == "504442415431f8ff" and '"504442415431f8ff"' in js
+
+
 def test_the_magic_is_no_valid_input_of_a_built_in_kernel() -> None:
     (as_float,) = struct.unpack("<d", MAGIC)
     assert np.isnan(as_float)  # mandelbrot refuses a NaN bound

@@ -336,3 +336,45 @@ async function runBatch(sha256, url, bytes, items, guard) {
   }
   return encodeResults(results);
 }
+
+const OPS = {
+  [WorkerOp.RUN]: run,
+  [WorkerOp.PRELOAD]: async ({ sha256, module }) => {
+    if (!(module instanceof WebAssembly.Module)) throw new TypeError("preload expects a WebAssembly.Module");
+    if (!modules.has(sha256)) modules.set(sha256, Promise.resolve(module));
+    return [{}, []];
+  },
+  [WorkerOp.EXPORT]: async ({ sha256 }) => {
+    const pending = modules.get(sha256);
+    return [{ module: pending ? await pending : null }, []];
+  },
+};
+
+function serializeError(err) {
+  if (err instanceof Error) {
+    const out = { name: err.name, message: err.message, stack: err.stack || "" };
+    if (err.status !== undefined) out.status = err.status;
+    return out;
+  }
+  return { name: "Error", message: String(err), stack: "" };
+}
+
+async function handle(request) {
+  const id = request && request.id;
+  try {
+    const op = OPS[request && request.op];
+    if (!op) throw new TypeError(`expected one of ${Object.keys(OPS).join(", ")}, got op ${JSON.stringify(request && request.op)}`);
+    const [reply, transfer] = await op(request);
+    self.postMessage({ id, ok: true, ...reply }, transfer);
+  } catch (err) {
+    self.postMessage({ id, ok: false, error: serializeError(err) });
+  }
+}
+
+// Nothing to await before serving, so onmessage is installed synchronously during module
+// evaluation: the worker's message queue is only drained after that, so no message is lost.
+// Requests are chained so an instance never runs two tasks at once.
+let queue = Promise.resolve();
+self.onmessage = (event) => {
+  queue = queue.then(() => handle(event.data));
+};
