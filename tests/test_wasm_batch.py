@@ -9,6 +9,7 @@ import hashlib
 import random
 import string
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from processdistro.shared.pd_batch import (
 from processdistro.shared.tasks.base import Checked, JobFiles, Origin, Verdict
 from processdistro.shared.tasks.wasm import BATCH_RUNS, WasmPlugin
 from processdistro.shared.tasks.wasm_outputs import OutputError, node_results, read_packed
-from processdistro.worker.exceptions import MemoryCapReached, ModuleTrapped
+from processdistro.worker.exceptions import MemoryCapReached, ModuleInvalid, ModuleTrapped
 from processdistro.worker.runtime import MIB, Limits, ModuleRunner
 from test_examples_rust import build, rot13
 
@@ -64,7 +65,7 @@ def module(tmp_path: Path, wat: str, name: str) -> tuple[str, Path]:
 
 
 @pytest.fixture
-def runner() -> ModuleRunner:
+def runner() -> Iterator[ModuleRunner]:
     r = ModuleRunner(limits=Limits(deadline_s=30, memory_bytes=64 * MIB), interruptible=False)
     yield r
     r.close()
@@ -232,3 +233,26 @@ def test_a_batch_result_reads_as_one_result_per_input(tmp_path: Path) -> None:
     assert [r.split(", ")[2] for r in rows] == ['"exit_code": 0', '"exit_code": 2', '"exit_code": 0']
     runs = node_results(wasi=False, batch=True, output=output, inputs=3)
     assert [(r.exit_code, r.stdout) for r in runs] == [(0, b"svar"), (2, b""), (0, b"nyfb svar")]
+
+
+# A hostile (or broken) module: its pd_run_batch says ok but its output is not the batch's.
+LIAR_WAT = """(module
+  (memory (export "memory") 1)
+  (func (export "pd_alloc") (param i32) (result i32) i32.const 1024)
+  (func (export "pd_run") (param i32 i32) (result i32) i32.const 0)
+  (func (export "pd_run_batch") (param i32 i32) (result i32) i32.const 0)
+  (func (export "pd_output_ptr") (result i32) i32.const 0)
+  (func (export "pd_output_len") (result i32) LEN))"""
+
+
+@pytest.mark.parametrize(
+    ("length", "error"),
+    [("i32.const 4", "pd_run_batch output: a batch output of 0 results, expected 2"), ("i32.const -16", "outside")],
+    ids=["too few results", "outside memory"],
+)
+def test_a_module_lying_in_its_batch_output_fails_the_task(
+    runner: ModuleRunner, tmp_path: Path, length: str, error: str
+) -> None:
+    sha, path = module(tmp_path, LIAR_WAT.replace("LEN", length), "liar.wasm")
+    with pytest.raises(ModuleInvalid, match=error):
+        runner.run(sha, path, encode_batch([b"a", b"b"]))
