@@ -45,7 +45,7 @@ import os
 import random
 import secrets
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -53,12 +53,23 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..exceptions import ParamsError
-from ..pd_batch import encode_batch
 from ..protocol import MAX_DEADLINE_S, MAX_MEMORY_MB
 from ..wasi import RunEnvelope, RunResult
 from ..wasm_module import ModuleKind, inspect
 from .base import Checked, JobFiles, Origin, Prepared, Subtask, TaskLimits, TaskPlugin, Verdict
-from .wasm_inputs import python_item, read_input, read_lines, read_module, safe_relative, walk_inputs
+from .wasm_inputs import (
+    BATCH_RUNS,
+    GROUP_RUNS,
+    BlockSink,
+    cut_groups,
+    python_item,
+    read_input,
+    read_lines,
+    read_module,
+    runs_section,
+    safe_relative,
+    walk_inputs,
+)
 from .wasm_outputs import (
     PACKED,
     OutputError,
@@ -71,23 +82,10 @@ from .wasm_outputs import (
     write,
 )
 
-GROUP_RUNS = 64  # inputs per subtask at most
-GROUP_BYTES = 1024 * 1024  # stdin bytes per subtask at most (a larger input is a subtask alone)
-# A batch of pd-ABI inputs (`WasmParams.batch`): a node runs it in one call, so a subtask may
-# hold many more than a WASI group (whose every input is a fresh instance); a gateway still
-# gives a fast node several subtasks per task (`adaptive`).
-BATCH_RUNS = 2048
-BATCH_BYTES = 256 * 1024
 DEFAULT_REPLICATE = 0.1
 STDERR_IN_ERROR = 400  # characters of stderr a failed job's message ends with
 FAILED_NAMED = 20  # failed inputs `summary` names
 MANIFEST = "manifest.jsonl"
-_EMPTY_HEAD = len(RunEnvelope((), (), ()).encode()) - 4  # an envelope's bytes before its runs count
-
-#: Where `prepare` puts each block as it is cut: (sha256, bytes). The Python API passes one
-#: that writes them to Redis in bounded chunks, so a generator of a million inputs is never
-#: held in memory at once; without one, `prepare` collects them in `Prepared.blocks`.
-BlockSink = Callable[[str, bytes], None]
 
 
 class Source(StrEnum):
@@ -169,11 +167,6 @@ def envelope_head(params: WasmParams, index: int, extra_env: tuple[str, ...] = (
     env = (*params.env, *extra_env)
     head = RunEnvelope(argv, env, (), subtask_seed(params.seed, index), params.deterministic).encode()
     return head[:-4]  # without the runs count of an envelope of no runs
-
-
-def runs_section(stdins: tuple[bytes, ...]) -> bytes:
-    """The end of a run envelope: the runs count and one stdin per run."""
-    return RunEnvelope((), (), stdins).encode()[_EMPTY_HEAD:]
 
 
 class WasmPlugin(TaskPlugin[WasmParams]):
@@ -302,7 +295,8 @@ class WasmPlugin(TaskPlugin[WasmParams]):
                     Source.ITEMS,
                     ((str(i), python_item(i, b)) for i, b in enumerate(raw.get("items") or ())),
                 )
-            total = self._group(items, source, wasi, batch, store_block or blocks.__setitem__, groups)
+            named = source in (Source.INPUTS, Source.LINES)
+            total = cut_groups(items, wasi, batch, named, store_block or blocks.__setitem__, groups)
             if total == 0:
                 raise ParamsError("no inputs: the files, directories or lines given hold none")
         seed = raw.get("seed")
@@ -326,49 +320,6 @@ class WasmPlugin(TaskPlugin[WasmParams]):
         }
         self.parse_params(params)  # a bad --env or --timeout is refused here, with nothing stored
         return Prepared(params=params, blocks=blocks, modules=[data])
-
-    @staticmethod
-    def _group(
-        items: Iterable[tuple[str, bytes]],
-        source: Source,
-        wasi: bool,
-        batch: bool,
-        store_block: BlockSink,
-        groups: list[tuple[int, int, str, str]],
-    ) -> int:
-        """Cut the inputs into subtasks (consecutive ones, up to GROUP_RUNS and GROUP_BYTES;
-        BATCH_RUNS and BATCH_BYTES for a batch; one each for another pd-ABI module) and their
-        blocks, each handed to `store_block` as it is cut (only one subtask's inputs are held);
-        returns how many inputs there were."""
-        names: list[str] = []
-        stdins: list[bytes] = []
-        total = 0
-
-        def add(data: bytes) -> str:
-            sha = hashlib.sha256(data).hexdigest()
-            store_block(sha, data)
-            return sha
-
-        def flush() -> None:
-            body = add(runs_section(tuple(stdins)) if wasi else encode_batch(stdins) if batch else stdins[0])
-            named = add(json.dumps(names).encode()) if source in (Source.INPUTS, Source.LINES) else ""
-            groups.append((total - len(stdins), len(stdins), body, named))
-            names.clear()
-            stdins.clear()
-
-        size = 0
-        most, most_bytes = (BATCH_RUNS, BATCH_BYTES) if batch else (GROUP_RUNS if wasi else 1, GROUP_BYTES)
-        for name, data in items:
-            if stdins and (len(stdins) == most or size + len(data) > most_bytes):
-                flush()
-                size = 0
-            names.append(name)
-            stdins.append(data)
-            size += len(data)
-            total += 1
-        if stdins:
-            flush()
-        return total
 
     # ------------------------------------------------------------ the controller
 
@@ -497,6 +448,7 @@ class WasmPlugin(TaskPlugin[WasmParams]):
 __all__ = [
     "BATCH_RUNS",
     "DEFAULT_REPLICATE",
+    "GROUP_RUNS",
     "BlockSink",
     "WasmParams",
     "WasmPlugin",
