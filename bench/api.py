@@ -23,6 +23,14 @@ the program (stdin the line; stdout its counts, checksum and top words).
   module (examples/rust_rot13) called 5,000 times through the same ModuleRunner: what a node
   pays per run when no WASI instance is built (the ceiling for many tiny items).
 
+pd-ABI rows (goal 3, 50,000 small items/s): `pd.map` of examples/rust_rot13 (a trivial
+pd-ABI module that exports `pd_run_batch`) over M lines (M = 200,000; `--quick` 50,000),
+`batch=True` (the default: up to `BATCH_RUNS` inputs per subtask, one call into the module
+each) with replicate 0 and with the default 0.1, and `batch=False` (before: one input per
+subtask) over fewer lines (3,000; `--quick` 1,000: it is ~100x slower), interleaved in the
+same run. Baselines in this process: the ModuleRunner looping `pd_run` per line (what a user
+would write), and the same ModuleRunner given batches of `BATCH_RUNS` (one core's ceiling).
+
 Every output of every `pd.map` run is compared with the baseline's; a difference fails the
 benchmark. The services, the workers and this process share the machine's cores.
 """
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import os
 import statistics
 import subprocess
 import tempfile
@@ -41,8 +50,9 @@ from pathlib import Path
 from typing import Any
 
 from processdistro import connect
+from processdistro.shared.pd_batch import decode_results, encode_batch
 from processdistro.shared.redis_server import EmbeddedRedis
-from processdistro.shared.tasks.wasm import GROUP_RUNS
+from processdistro.shared.tasks.wasm import BATCH_RUNS, GROUP_RUNS
 from processdistro.shared.wasi import ResultEnvelope, RunEnvelope
 from processdistro.worker.runtime import Limits, ModuleRunner
 from rich.console import Console
@@ -67,6 +77,15 @@ MODES: dict[str, tuple[float | None, bool]] = {
     "files=True, replicate 0 (before: a file per input)": (0.0, True),
     "replicate 0 (packed: a file per subtask)": (0.0, False),
     "replicate 0.1 (wasm default), packed": (None, False),
+}
+# pd-ABI rows: mode -> (replicate, batch); inputs for batch=False are fewer (it is far slower)
+PD_ABI_N = {False: 200_000, True: 50_000}
+PD_ABI_BEFORE_N = {False: 3_000, True: 1_000}
+PD_ABI_LOOP_N = 20_000  # lines the per-call loop baseline times
+PD_ABI_MODES: dict[str, tuple[float | None, bool]] = {
+    "pd-ABI, batch=False, replicate 0 (before: one input per subtask)": (0.0, False),
+    "pd-ABI, batches, replicate 0": (0.0, True),
+    "pd-ABI, batches, replicate 0.1 (wasm default)": (None, True),
 }
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "box"]
 
@@ -130,6 +149,37 @@ def pd_abi_ceiling() -> float:
         runner.close()
 
 
+def rot13_loop(n: int, batch: int) -> float:
+    """Items/s of examples/rust_rot13 through the worker's ModuleRunner in this process over
+    the first n lines: one `pd_run` per line (batch 1, as a user's loop), or batch inputs of
+    `batch` lines (one `pd_run_batch` call each); every output checked."""
+    data = ROT13.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    runner = ModuleRunner(limits=Limits())
+    items = list(lines(n))
+    try:
+        runner.module(sha, ROT13)
+        started = time.perf_counter()
+        outs: list[bytes] = []
+        if batch == 1:
+            outs = [runner.run(sha, ROT13, item) for item in items]
+        else:
+            for at in range(0, n, batch):
+                outs += [
+                    out for _s, out in decode_results(runner.run(sha, ROT13, encode_batch(items[at : at + batch])))
+                ]
+        rate = n / (time.perf_counter() - started)
+        if outs != [rot13(item) for item in items]:
+            raise RuntimeError(f"rust_rot13 in the loop (batch {batch}) gave a wrong output")
+        return rate
+    finally:
+        runner.close()
+
+
+def rot13(data: bytes) -> bytes:
+    return codecs.encode(data.decode(), "rot13").encode()
+
+
 # ---------------------------------------------------------------------------- pd.map
 
 
@@ -179,11 +229,13 @@ def map_run(
     expected: list[bytes],
     cpu: Callable[[], dict[str, float]],
     files: bool = False,
+    module: Path = MODULE,
+    batch: bool = True,
 ) -> MapRun:
     before = cpu()
     with connect(url, home=home) as pd:
         started = time.perf_counter()
-        job = pd.map(MODULE, lines(n), replicate=replicate, timeout=120, files=files)
+        job = pd.map(module, lines(n), replicate=replicate, timeout=120, files=files, batch=batch)
         submitted = time.perf_counter()
         outputs: list[bytes | None] = [None] * n
         first = 0.0
@@ -210,6 +262,15 @@ def run(*, quick: bool, console: Console) -> Report:
     cold: MapRun | None = None
 
     ceiling: list[float] = []
+    m, m_before = PD_ABI_N[quick], PD_ABI_BEFORE_N[quick]
+    abi_runs: dict[str, list[MapRun]] = {mode: [] for mode in PD_ABI_MODES}
+    abi_loop: dict[int, list[float]] = {1: [], BATCH_RUNS: []}
+    abi_expected = [rot13(line) for line in lines(m)]
+
+    def measure_abi_loop() -> None:
+        for batch in abi_loop:
+            console.print(f"baseline: rust_rot13 over {PD_ABI_LOOP_N} lines in one ModuleRunner, batch {batch}")
+            abi_loop[batch].append(rot13_loop(PD_ABI_LOOP_N, batch))
 
     def measure_baseline() -> list[bytes]:
         ceiling.append(pd_abi_ceiling())
@@ -222,6 +283,7 @@ def run(*, quick: bool, console: Console) -> Report:
         return out
 
     expected = measure_baseline()
+    measure_abi_loop()
     controller_cls, _py_node = _test_helpers()
     with tempfile.TemporaryDirectory(prefix="pd-bench-api-") as tmp:
         work = Path(tmp)
@@ -244,10 +306,17 @@ def run(*, quick: bool, console: Console) -> Report:
                 return cpu_now(ctl, workers, redis_pid)
 
             cold = map_run(url, home, WARM_UP, "warm-up", 0.0, expected[:WARM_UP], cpu)
+            map_run(url, home, 1000, "warm-up", 0.0, abi_expected[:1000], cpu, module=ROT13)
             for rep in range(REPS[quick]):  # interleaved, so drift on a shared machine hits both modes
                 for mode, (replicate, files) in modes.items():
                     console.print(f"pd.map {rep + 1}/{REPS[quick]}: {n} inputs on {WORKERS} workers, {mode}")
                     runs[mode].append(map_run(url, home, n, mode, replicate, expected, cpu, files))
+                for mode, (replicate, batch) in PD_ABI_MODES.items():
+                    k = m if batch else m_before
+                    console.print(f"pd.map {rep + 1}/{REPS[quick]}: {k} lines through rust_rot13, {mode}")
+                    abi_runs[mode].append(
+                        map_run(url, home, k, mode, replicate, abi_expected[:k], cpu, module=ROT13, batch=batch)
+                    )
             log_lines = notable_log_lines(home)
         finally:
             for w in workers:
@@ -256,8 +325,57 @@ def run(*, quick: bool, console: Console) -> Report:
             server.stop()
     if measure_baseline() != expected:
         raise RuntimeError("the baseline's outputs changed between its two runs")
+    measure_abi_loop()
     assert cold is not None
-    return _report(n, base, base_cpu, runs, cold, log_lines, ceiling)
+    report = _report(n, base, base_cpu, runs, cold, log_lines, ceiling)
+    _abi_report(report, m, abi_loop, abi_runs)
+    return report
+
+
+def _abi_report(report: Report, m: int, loop: dict[int, list[float]], runs: dict[str, list[MapRun]]) -> None:
+    """The pd-ABI rows: a table of their own, and their figures in the report's data."""
+    reference = statistics.median(loop[1])
+    table = Table(
+        f"lines of ~60 bytes through examples/rust_rot13 (pd-ABI, exports pd_run_batch); pd.map on {WORKERS}"
+        f" native workers vs one process looping in wasmtime; load average {os.getloadavg()[0]:.1f} at the end",
+        [
+            "how",
+            "inputs",
+            "items/s (runs)",
+            "x loop",
+            "wall s",
+            "subtasks",
+            "workers / aggregator / rest CPU us per input",
+        ],
+    )
+    for batch, rates in loop.items():
+        label = "1 pd_run per input" if batch == 1 else f"pd_run_batch of {batch}"
+        rate = statistics.median(rates)
+        table.rows.append(
+            [f"loop: ModuleRunner, {label}", PD_ABI_LOOP_N, _runs_text(rates), rate / reference, "", "", ""]
+        )
+    data: dict[str, Any] = {"loop_items_per_s": {str(k): v for k, v in loop.items()}, "inputs": m}
+    for mode, rs in runs.items():
+        med = sorted(rs, key=lambda x: x.rate)[(len(rs) - 1) // 2]
+        per = {k: v * 1e6 / med.inputs for k, v in med.cpu_s.items()}
+        rest = sum(v for k, v in per.items() if k not in ("workers", "aggregator"))
+        cpu = f"{per.get('workers', 0):.0f} / {per.get('aggregator', 0):.0f} / {rest:.0f}"
+        rates = [x.rate for x in rs]
+        table.rows.append(
+            [f"pd.map, {mode}", med.inputs, _runs_text(rates), med.rate / reference, med.seconds, med.subtasks, cpu]
+        )
+        data[mode] = {
+            "median_items_per_s": med.rate,
+            "ratio_to_loop": med.rate / reference,
+            "runs": [vars(x) for x in rs],
+        }
+    report.tables.append(table)
+    report.data["pd_abi"] = data
+
+
+def _runs_text(rates: list[float]) -> str:
+    med = statistics.median(rates)
+    return f"{med:,.0f} ({' / '.join(f'{r:,.0f}' for r in rates)})" if len(rates) > 1 else f"{med:,.0f}"
 
 
 def _report(
@@ -322,10 +440,10 @@ def _report(
             f"the controller's three services, {WORKERS} workers and this process share the machine's cores",
             f"before the timed jobs, a warm-up pd.map of {cold.inputs} inputs (the workers fetch and compile the"
             f" module) took {cold.seconds:.2f} s, first output after {cold.first_s:.2f} s",
-            f"goal 50,000 items/s: the node side alone caps it on this machine. A WASI run builds its"
-            f" instance: {reference:,.0f} runs/s on one core (the loop), so at most {2 * reference:,.0f}/s on"
-            f" 2 cores with a free controller; a trivial pd-ABI call through the same ModuleRunner:"
-            f" {statistics.median(ceiling):,.0f} runs/s on one core ({2 * statistics.median(ceiling):,.0f}/s on 2)",
+            f"a WASI run builds its instance: {reference:,.0f} runs/s on one core (the loop), so at most"
+            f" {2 * reference:,.0f}/s on 2 cores with a free controller; a trivial pd-ABI call through the same"
+            f" ModuleRunner: {statistics.median(ceiling):,.0f} runs/s on one core; many such inputs go in"
+            " batches (the rust_rot13 table)",
         ],
         data={
             "inputs": n,

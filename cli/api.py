@@ -43,12 +43,15 @@ from .shared.settings import Settings
 from .shared.store import client as store
 from .shared.store.connection import UNAVAILABLE
 from .shared.tasks import get_plugin, load_task_repo
-from .shared.tasks.wasm import PACKED, Source, WasmPlugin
-from .shared.wasi import ResultEnvelope
+from .shared.tasks.wasm import Source, WasmPlugin
+from .shared.tasks.wasm_outputs import OutputError, packed_path, read_packed
 
 log = logging.getLogger(__name__)
 
 _FIELDS = ("state", "done", "total", "error")
+# how often `as_completed` looks for merged subtasks: a map of small items is over in about a
+# second, so the CLI's POLL_S (0.2 s) would be a large share of it; a look is two small reads
+MAP_POLL_S = 0.03
 
 
 class JobFailed(ProcessDistroError):
@@ -135,12 +138,14 @@ class MapJob(Job):
         groups: list[tuple[int, int]],
         outdir: Path,
         packed: bool = False,
+        batch: bool = False,
     ):
         super().__init__(client, job_id, "wasm")
         self.inputs = inputs  #: how many inputs the job has
         #: where the aggregators write packed/<subtask> (or out/<index>) and manifest.jsonl
         self.outdir = outdir
         self.packed = packed  #: one file per subtask, its result envelope (`map(files=False)`)
+        self.batch = batch  #: a pd-ABI module's inputs, many per subtask (packed: its batch output)
         self._groups = groups  # subtask -> (first input, inputs)
 
     def _read(self, path: Path) -> bytes:
@@ -159,11 +164,11 @@ class MapJob(Job):
             for index in range(first, first + n):
                 yield index, self._read(self.outdir / "out" / str(index))
             return
-        runs = ResultEnvelope.decode(self._read(self.outdir / PACKED / f"{subtask:09d}")).runs
-        if len(runs) != n:  # the aggregator checked this before merging
-            raise ProcessDistroError(f"job {self.id}: subtask {subtask} holds {len(runs)} outputs, not {n}")
-        for k, run in enumerate(runs):
-            yield first + k, run.stdout
+        try:
+            outs = read_packed(self._read(packed_path(self.outdir, subtask)), batch=self.batch, inputs=n)
+        except OutputError as exc:  # the aggregator checked this before merging
+            raise ProcessDistroError(f"job {self.id}: subtask {subtask}: {exc}") from None
+        yield from enumerate(outs, first)
 
     def as_completed(self, timeout: float | None = None) -> Iterator[tuple[int, bytes]]:
         """Yield `(input index, stdout)` of every input once, as the subtasks holding them
@@ -187,7 +192,9 @@ class MapJob(Job):
                         raise ProcessDistroError(f"job {self.id} is done but merged {len(seen)} subtasks")
                 if fresh:
                     continue  # the consumer took a while: look again at once
-            _sleep_or_timeout(deadline, f"job {self.id}: {len(seen)} of {len(self._groups)} subtasks after {timeout} s")
+            _sleep_or_timeout(
+                deadline, f"job {self.id}: {len(seen)} of {len(self._groups)} subtasks after {timeout} s", MAP_POLL_S
+            )
 
     def results(self, timeout: float | None = 600) -> list[bytes]:
         """Every input's stdout, in input order, once all are merged. JobFailed if the job
@@ -233,7 +240,13 @@ class Connection:
             params = WasmPlugin().parse_params(record.params)
             groups = [(first, n) for first, n, _blocks, _names in params.groups]
             return MapJob(
-                self._r, job_id, inputs=params.inputs, groups=groups, outdir=Path(params.outdir), packed=params.packed
+                self._r,
+                job_id,
+                inputs=params.inputs,
+                groups=groups,
+                outdir=Path(params.outdir),
+                packed=params.packed,
+                batch=params.batch,
             )
         return Job(self._r, job_id, record.kind)
 
@@ -260,6 +273,7 @@ class Connection:
         priority: int = 0,
         seed: int | None = None,
         files: bool = False,
+        batch: bool = True,
     ) -> MapJob:
         """Run `module` (a WASI command or pd-ABI module: a path or its bytes) once per input
         (bytes, or text as UTF-8: its stdin), `args` its argv after the program name, `env`
@@ -270,7 +284,14 @@ class Connection:
         A bad module or parameter raises ParamsError with nothing queued. Outputs are written
         one file per subtask (`OUTDIR/packed/<subtask>`, read back by the job); `files=True`
         writes `OUTDIR/out/<index>` and `err/<index>` per input instead, as `submit wasm`
-        does (a file per input costs the aggregator more than a small program's run)."""
+        does (a file per input costs the aggregator more than a small program's run).
+
+        A WASI command's inputs go up to 64 to a subtask (one fresh instance each); a pd-ABI
+        module's up to 2,048 (`BATCH_RUNS`), as one batch a node runs in one call into the
+        module when it exports `pd_run_batch` (docs/wasm-abi.md), else one `pd_run` each. A
+        pd-ABI input whose `pd_run` returns a status other than 0 fails the job naming it,
+        as a WASI program's non-zero exit does. `batch=False`: one pd-ABI input per subtask,
+        as `submit wasm` sends them (the layout before batches)."""
         _check_share(replicate)
         job_id = new_job_id()
         target = Path(outdir) if outdir is not None else self.settings.data_path / "map" / job_id
@@ -285,6 +306,7 @@ class Connection:
             "deterministic": not nondeterministic,
             "seed": seed,
             "packed": not files,
+            "batch": batch,
         }
         if nondeterministic:
             log.warning("job %s: nondeterministic: outputs cannot be compared, so no subtask is replicated", job_id)
@@ -309,7 +331,13 @@ class Connection:
             raise
         groups = [(first, n) for first, n, _blocks, _names in parsed.groups]
         return MapJob(
-            self._r, job_id, inputs=parsed.inputs, groups=groups, outdir=Path(parsed.outdir), packed=parsed.packed
+            self._r,
+            job_id,
+            inputs=parsed.inputs,
+            groups=groups,
+            outdir=Path(parsed.outdir),
+            packed=parsed.packed,
+            batch=parsed.batch,
         )
 
 
@@ -346,10 +374,10 @@ def _check_share(replicate: float | None) -> None:
         raise ParamsError(f"expected replicate from 0 to 1, got {replicate}")
 
 
-def _sleep_or_timeout(deadline: float | None, message: str) -> None:
+def _sleep_or_timeout(deadline: float | None, message: str, poll_s: float = POLL_S) -> None:
     if deadline is not None and time.monotonic() >= deadline:
         raise TimeoutError(message)
-    time.sleep(POLL_S)
+    time.sleep(poll_s)
 
 
 __all__ = ["Connection", "Job", "JobFailed", "MapJob", "Progress", "connect"]

@@ -24,6 +24,9 @@ runs.
 
 After a trap the instance (and its store) is discarded, as the ABI requires.
 
+A pd-ABI input that is a batch (shared/pd_batch.py) runs all its inputs in one call to the
+module's `pd_run_batch` when it exports one, else one `pd_run` each: the output is the same.
+
 A module that is a WASI command (`ModuleKind.WASI`) is run by `wasi_run.WasiRunner` on the
 same engine, under the same limits: its input and output are shared/wasi.py's envelopes.
 """
@@ -40,7 +43,8 @@ from pathlib import Path
 
 import wasmtime
 
-from .exceptions import DeadlineExceeded, MemoryCapReached, ModuleInvalid, ModuleStatus, ModuleTrapped
+from ..shared.pd_batch import MAGIC, STATUS_OUT_OF_MEMORY, BatchError, decode_results, encode_results, split_batch
+from .exceptions import DeadlineExceeded, MemoryCapReached, ModuleInvalid, ModuleStatus, ModuleTrapped, TaskError
 from .wasi_run import WasiRunner, is_wasi_command
 
 TICK_S = 0.05
@@ -88,6 +92,7 @@ class _Instance:
     run: wasmtime.Func
     output_ptr: wasmtime.Func
     output_len: wasmtime.Func
+    run_batch: wasmtime.Func | None  # the optional `pd_run_batch` (docs/wasm-abi.md, "Batches")
 
 
 def _u32(value: object) -> int:
@@ -190,7 +195,10 @@ class ModuleRunner:
             if not isinstance(func, wasmtime.Func):
                 raise ModuleInvalid(f"module {sha256[:12]} does not export the function `{name}`")
             funcs.append(func)
-        inst = _Instance(store, memory, *funcs)
+        batch = exports.get("pd_run_batch")
+        alloc, run, output_ptr, output_len = funcs
+        optional = batch if isinstance(batch, wasmtime.Func) else None
+        inst = _Instance(store, memory, alloc, run, output_ptr, output_len, optional)
         self._instances[sha256] = inst
         return inst
 
@@ -212,6 +220,51 @@ class ModuleRunner:
             # the runner reads its limits at each run: set this run's
             self._wasi.deadline_s, self._wasi.memory_bytes = limits.deadline_s, limits.memory_bytes
             return self._wasi.run(sha256[:12], self.module(sha256, path), bytes(data))
+        items = split_batch(data)
+        if items is not None:
+            return self._batch(sha256, path, data, items, limits)
+        return self._call(sha256, path, data, limits)
+
+    def _batch(
+        self, sha256: str, path: Path, data: bytes | bytearray, items: list[memoryview], limits: Limits
+    ) -> bytes:
+        """A batch input (shared/pd_batch.py): one `pd_run_batch` call when the module exports
+        it, else (or when that call traps, to tell which input it was) one `pd_run` per input.
+        Either way the same bytes: per input, its status and its output."""
+        started = time.monotonic()
+        if self._instance(sha256, path).run_batch is not None:
+            try:
+                out = self._call(sha256, path, data, limits, batch=True)
+            except ModuleTrapped:
+                pass  # dropped with its instance: find the input that traps, one at a time
+            else:
+                try:
+                    results = decode_results(out, len(items))
+                except BatchError as exc:
+                    raise ModuleInvalid(f"module {sha256[:12]}: pd_run_batch output: {exc}") from None
+                for k, (status, _out) in enumerate(results):
+                    if status == STATUS_OUT_OF_MEMORY:
+                        raise MemoryCapReached(
+                            f"input {k} of {len(items)} ran out of memory (status 3); "
+                            f"the memory cap is {limits.memory_bytes / MIB:.0f} MiB"
+                        )
+                return out
+        results = []
+        for k, item in enumerate(items):
+            left = limits.deadline_s - (time.monotonic() - started)  # the deadline covers the batch
+            try:
+                results.append((0, self._call(sha256, path, item, Limits(max(left, 1e-3), limits.memory_bytes))))
+            except ModuleStatus as exc:
+                results.append((exc.status or 0, b""))
+            except TaskError as exc:
+                raise type(exc)(f"input {k} of {len(items)}: {exc}") from None
+        return encode_results(results)
+
+    def _call(
+        self, sha256: str, path: Path, data: bytes | bytearray | memoryview, limits: Limits, *, batch: bool = False
+    ) -> bytes:
+        """One call into a pd-ABI module: `pd_run` on `data`, or `pd_run_batch` on the batch
+        `data` past its magic (`batch`)."""
         kept = self._instances.get(sha256)
         if kept is not None and kept.memory.data_len(kept.store) > limits.memory_bytes:
             del self._instances[sha256]  # grown past this run's cap by an earlier run: start afresh
@@ -232,7 +285,11 @@ class ModuleRunner:
                 )
             if data:
                 inst.memory.write(store, data if isinstance(data, bytearray) else bytearray(data), ptr)
-            status = _u32(inst.run(store, ptr, len(data)))
+            if batch:
+                assert inst.run_batch is not None
+                status = _u32(inst.run_batch(store, ptr + len(MAGIC), len(data) - len(MAGIC)))
+            else:
+                status = _u32(inst.run(store, ptr, len(data)))
             if status == 3:
                 mib = inst.memory.data_len(store) / MIB
                 raise MemoryCapReached(

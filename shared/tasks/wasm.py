@@ -13,7 +13,11 @@ subtask: consecutive inputs, up to `GROUP_RUNS` or `GROUP_BYTES`, are one block 
 runs section of a run envelope (`shared/wasi.py`); the subtask's inline bytes are the head
 (argv, env, seed), so inline + block is the envelope a node runs. `--count` runs differ in
 their environment, which an envelope holds once, so each is a subtask of its own. A pd-ABI
-module (docs/wasm-abi.md) gets one input per subtask, its bytes as they are.
+module (docs/wasm-abi.md) gets one input per subtask, its bytes as they are; with
+`WasmParams.batch` (what `pd.map` asks for) up to `BATCH_RUNS` of them per subtask instead, as
+one batch input (`shared/pd_batch.py`) that a node runs in one call into the module when it
+exports `pd_run_batch`. How a node's result reads as one result per input, and what a packed
+job writes: `wasm_outputs.py`.
 
 Results go where the user asked, as each subtask merges: `OUTDIR/out/<relative path>` (for
 `--lines`/`--count`: `OUTDIR/out/<index>`) with stdout, `OUTDIR/err/<same>` with stderr when
@@ -41,7 +45,7 @@ import os
 import random
 import secrets
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -50,24 +54,38 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..exceptions import ParamsError
 from ..protocol import MAX_DEADLINE_S, MAX_MEMORY_MB
-from ..wasi import TRAPPED, EnvelopeError, ResultEnvelope, RunEnvelope, RunResult
+from ..wasi import RunEnvelope, RunResult
 from ..wasm_module import ModuleKind, inspect
-from .base import Checked, JobFiles, Origin, Prepared, Subtask, TaskLimits, TaskPlugin, Verdict, atomic_write
-from .wasm_inputs import python_item, read_input, read_lines, read_module, safe_relative, walk_inputs
+from .base import Checked, JobFiles, Origin, Prepared, Subtask, TaskLimits, TaskPlugin, Verdict
+from .wasm_inputs import (
+    BATCH_RUNS,
+    GROUP_RUNS,
+    BlockSink,
+    cut_groups,
+    python_item,
+    read_input,
+    read_lines,
+    read_module,
+    runs_section,
+    safe_relative,
+    walk_inputs,
+)
+from .wasm_outputs import (
+    PACKED,
+    OutputError,
+    exit_text,
+    manifest_lines,
+    manifest_rows,
+    node_results,
+    packed_bytes,
+    packed_path,
+    write,
+)
 
-GROUP_RUNS = 64  # inputs per subtask at most
-GROUP_BYTES = 1024 * 1024  # stdin bytes per subtask at most (a larger input is a subtask alone)
 DEFAULT_REPLICATE = 0.1
 STDERR_IN_ERROR = 400  # characters of stderr a failed job's message ends with
 FAILED_NAMED = 20  # failed inputs `summary` names
 MANIFEST = "manifest.jsonl"
-PACKED = "packed"  # a packed job's outputs: OUTDIR/packed/<subtask>, one result envelope each
-_EMPTY_HEAD = len(RunEnvelope((), (), ()).encode()) - 4  # an envelope's bytes before its runs count
-
-#: Where `prepare` puts each block as it is cut: (sha256, bytes). The Python API passes one
-#: that writes them to Redis in bounded chunks, so a generator of a million inputs is never
-#: held in memory at once; without one, `prepare` collects them in `Prepared.blocks`.
-BlockSink = Callable[[str, bytes], None]
 
 
 class Source(StrEnum):
@@ -100,6 +118,9 @@ class WasmParams(BaseModel):
     #: outputs one file per subtask (`packed/<subtask>`, its result envelope) instead of
     #: out/<input> and err/<input> per input: what `pd.map` reads (`packed_path`)
     packed: bool = False
+    #: a pd-ABI module's inputs go up to BATCH_RUNS to a subtask, as one batch input
+    #: (shared/pd_batch.py), instead of one per subtask: what `pd.map` asks for
+    batch: bool = False
 
     @field_validator("env")
     @classmethod
@@ -118,6 +139,8 @@ class WasmParams(BaseModel):
 
     @model_validator(mode="after")
     def _groups(self) -> WasmParams:
+        if self.batch and self.module_kind is not ModuleKind.PD_ABI:
+            raise ValueError("only a pd-ABI module's inputs are batched")
         if self.source is Source.COUNT:
             if self.groups:
                 raise ValueError("a --count job has no input groups")
@@ -146,11 +169,6 @@ def envelope_head(params: WasmParams, index: int, extra_env: tuple[str, ...] = (
     return head[:-4]  # without the runs count of an envelope of no runs
 
 
-def runs_section(stdins: tuple[bytes, ...]) -> bytes:
-    """The end of a run envelope: the runs count and one stdin per run."""
-    return RunEnvelope((), (), stdins).encode()[_EMPTY_HEAD:]
-
-
 class WasmPlugin(TaskPlugin[WasmParams]):
     """run your own WebAssembly program (WASI command or pd-ABI) over many inputs"""
 
@@ -162,6 +180,7 @@ class WasmPlugin(TaskPlugin[WasmParams]):
     # task as fit PD_TARGET_TASK_S at its measured speed, as for hash and crack, so a fast
     # node is not held back by one task frame per subtask.
     adaptive = True
+    _last: tuple[bytes, tuple[str, int], tuple[RunResult, ...]] | None = None
 
     # ------------------------------------------------------------ the command line
 
@@ -223,17 +242,17 @@ class WasmPlugin(TaskPlugin[WasmParams]):
         return raw
 
     def summary(self, outputs: dict[str, str]) -> list[str]:
-        rows = _manifest(outputs)
+        rows = manifest_rows(outputs)
         failed = [r for r in rows if r["exit_code"] != 0]
         lines = [f"{len(rows)} inputs, {len(failed)} failed; outputs in {outputs.get('out', '?')}"]
         for r in failed[:FAILED_NAMED]:
-            lines.append(f"failed: {r['input']} (index {r['index']}): {_exit_text(r['exit_code'])}")
+            lines.append(f"failed: {r['input']} (index {r['index']}): {exit_text(r['exit_code'])}")
         if len(failed) > FAILED_NAMED:
             lines.append(f"... and {len(failed) - FAILED_NAMED} more (see {outputs['manifest']})")
         return lines
 
     def exit_code(self, outputs: dict[str, str]) -> int:
-        return 1 if any(r["exit_code"] != 0 for r in _manifest(outputs)) else 0
+        return 1 if any(r["exit_code"] != 0 for r in manifest_rows(outputs)) else 0
 
     # ------------------------------------------------------------ submit
 
@@ -250,6 +269,7 @@ class WasmPlugin(TaskPlugin[WasmParams]):
             program, data = module_path.name, read_module(module_path)
         info = inspect(data, name=program)
         wasi = info.kind is ModuleKind.WASI_COMMAND
+        batch = bool(raw.get("batch")) and not wasi  # a WASI command's inputs share an envelope already
         if not wasi and (raw.get("args") or raw.get("env") or raw.get("count") is not None):
             raise ParamsError(f"{program} is a pd-ABI module: it takes no --arg, --env or --count")
         outdir = Path(os.path.expanduser(str(raw["outdir"]))).resolve()
@@ -275,7 +295,8 @@ class WasmPlugin(TaskPlugin[WasmParams]):
                     Source.ITEMS,
                     ((str(i), python_item(i, b)) for i, b in enumerate(raw.get("items") or ())),
                 )
-            total = self._group(items, source, wasi, store_block or blocks.__setitem__, groups)
+            named = source in (Source.INPUTS, Source.LINES)
+            total = cut_groups(items, wasi, batch, named, store_block or blocks.__setitem__, groups)
             if total == 0:
                 raise ParamsError("no inputs: the files, directories or lines given hold none")
         seed = raw.get("seed")
@@ -295,49 +316,10 @@ class WasmPlugin(TaskPlugin[WasmParams]):
             "deterministic": bool(raw.get("deterministic", True)),
             "seed": secrets.randbits(63) if seed is None else int(seed),
             "packed": bool(raw.get("packed")),
+            "batch": batch,
         }
         self.parse_params(params)  # a bad --env or --timeout is refused here, with nothing stored
         return Prepared(params=params, blocks=blocks, modules=[data])
-
-    @staticmethod
-    def _group(
-        items: Iterable[tuple[str, bytes]],
-        source: Source,
-        wasi: bool,
-        store_block: BlockSink,
-        groups: list[tuple[int, int, str, str]],
-    ) -> int:
-        """Cut the inputs into subtasks (consecutive ones, up to GROUP_RUNS and GROUP_BYTES;
-        one each for a pd-ABI module) and their blocks, each handed to `store_block` as it is
-        cut (only one subtask's inputs are held); returns how many inputs there were."""
-        names: list[str] = []
-        stdins: list[bytes] = []
-        total = 0
-
-        def add(data: bytes) -> str:
-            sha = hashlib.sha256(data).hexdigest()
-            store_block(sha, data)
-            return sha
-
-        def flush() -> None:
-            body = add(runs_section(tuple(stdins)) if wasi else stdins[0])
-            named = add(json.dumps(names).encode()) if source in (Source.INPUTS, Source.LINES) else ""
-            groups.append((total - len(stdins), len(stdins), body, named))
-            names.clear()
-            stdins.clear()
-
-        size = 0
-        for name, data in items:
-            if stdins and (not wasi or len(stdins) == GROUP_RUNS or size + len(data) > GROUP_BYTES):
-                flush()
-                size = 0
-            names.append(name)
-            stdins.append(data)
-            size += len(data)
-            total += 1
-        if stdins:
-            flush()
-        return total
 
     # ------------------------------------------------------------ the controller
 
@@ -373,19 +355,25 @@ class WasmPlugin(TaskPlugin[WasmParams]):
         first, n, _stdins, _names = params.groups[index]
         return first, n
 
-    def _results(self, params: WasmParams, output: bytes) -> tuple[RunResult, ...]:
-        if params.module_kind is ModuleKind.PD_ABI:
-            return (RunResult(0, output),)  # a failed pd-ABI run never returns a result
-        return ResultEnvelope.decode(output).runs
+    def _results(self, params: WasmParams, index: int, output: bytes) -> tuple[RunResult, ...]:
+        # verify, confirm, failure and merge each read the same result of a subtask in turn:
+        # the last one read is kept (by identity: the same bytes object of the same subtask)
+        last = self._last
+        if last is not None and last[0] is output and last[1] == (params.module, index):
+            return last[2]
+        wasi = params.module_kind is ModuleKind.WASI_COMMAND
+        runs = node_results(wasi=wasi, batch=params.batch, output=output, inputs=self._runs(params, index)[1])
+        self._last = (output, (params.module, index), runs)
+        return runs
 
     def verify(self, params: WasmParams, index: int, task_input: bytes, output: bytes, rng: random.Random) -> Verdict:
         # a user's program has no cheap check beyond the shape of its result: replication
         # compares whole results instead
         try:
-            runs = self._results(params, output)
-        except EnvelopeError:
+            self._results(params, index, output)
+        except OutputError:
             return Verdict.REJECT
-        return Verdict.ACCEPT if len(runs) == self._runs(params, index)[1] else Verdict.REJECT
+        return Verdict.ACCEPT
 
     def _labels(self, files: JobFiles, params: WasmParams, index: int) -> list[tuple[str, str]]:
         """(manifest input, path under out/) of each input of subtask `index`."""
@@ -404,91 +392,67 @@ class WasmPlugin(TaskPlugin[WasmParams]):
         self.merge_result(files, params, index, output, Origin("", 0.0, Checked.SINGLE))
 
     def merge_result(self, files: JobFiles, params: WasmParams, index: int, output: bytes, origin: Origin) -> None:
-        runs = self._results(params, output)
+        runs = self._results(params, index, output)
         first, _n = self._runs(params, index)
         outdir = Path(params.outdir)
-        records = []
-        if params.packed:  # one file for the subtask, whatever its inputs: the envelope as it came
-            packed = output if params.module_kind is ModuleKind.WASI_COMMAND else ResultEnvelope(runs).encode()
-            _write(packed_path(params, index), packed)
-        for k, ((label, rel), run) in enumerate(zip(self._labels(files, params, index), runs, strict=True)):
-            if not params.packed:
-                _write(outdir / "out" / rel, run.stdout)
+        if params.packed:  # one file for the subtask, whatever its inputs: the result as it came
+            wasi = params.module_kind is ModuleKind.WASI_COMMAND
+            write(
+                packed_path(params.outdir, index), packed_bytes(wasi=wasi, batch=params.batch, output=output, runs=runs)
+            )
+        labels = self._labels(files, params, index)
+        if not params.packed:
+            for (_label, rel), run in zip(labels, runs, strict=True):
+                write(outdir / "out" / rel, run.stdout)
                 err = outdir / "err" / rel
                 if run.stderr:
-                    _write(err, run.stderr)
+                    write(err, run.stderr)
                 else:
                     err.unlink(missing_ok=True)  # a result merged again (after a ban) may have none
-            record: dict[str, Any] = {
-                "input": label,
-                "index": first + k,
-                "exit_code": run.exit_code,
-                "bytes": len(run.stdout),
-                "sha256": hashlib.sha256(run.stdout).hexdigest(),
-                "node": origin.node,
-                "elapsed_ms": round(origin.elapsed_ms, 1),  # of the whole subtask
-                "verified": origin.checked.value,
-                "subtask": index,
-            }
-            if len(origin.agreeing) > 1:
-                record["nodes"] = list(origin.agreeing)
-            records.append(record)
-        _write(files.path(f"runs/{index:09d}.json"), json.dumps(records).encode())
+        common: dict[str, Any] = {
+            "node": origin.node,
+            "elapsed_ms": round(origin.elapsed_ms, 1),  # of the whole subtask
+            "verified": origin.checked.value,
+            "subtask": index,
+        }
+        if len(origin.agreeing) > 1:
+            common["nodes"] = list(origin.agreeing)
+        lines = manifest_lines(first, [label for label, _rel in labels], runs, common)
+        write(files.path(f"runs/{index:09d}.jsonl"), lines.encode())
 
     def confirm(self, params: WasmParams, index: int, output: bytes) -> bool:
         # a failed run counts once a second node agrees; without determinism, no two agree
-        return params.deterministic and any(run.exit_code != 0 for run in self._results(params, output))
+        return params.deterministic and any(run.exit_code != 0 for run in self._results(params, index, output))
 
     def failure(self, files: JobFiles, params: WasmParams, index: int, output: bytes) -> str | None:
         if params.keep_going:
             return None
-        runs = self._results(params, output)
+        runs = self._results(params, index, output)
         for (label, _rel), run in zip(self._labels(files, params, index), runs, strict=True):
             if run.exit_code != 0:
                 tail = run.stderr.decode("utf-8", errors="replace")[-STDERR_IN_ERROR:].strip()
-                return f"input {label!r} {_exit_text(run.exit_code)}; stderr ends: {tail or '(empty)'}"
+                return f"input {label!r} {exit_text(run.exit_code)}; stderr ends: {tail or '(empty)'}"
         return None
 
     def finalize(self, files: JobFiles, params: WasmParams) -> dict[str, str]:
         outdir = Path(params.outdir)
-        lines = []
-        for index in range(self.count(params)):
-            path = files.path(f"runs/{index:09d}.json")
-            lines += [json.dumps(r) + "\n" for r in json.loads(path.read_text())]
-        # rewritten whole each time, from the per-subtask records, which are never removed:
-        # a second finalize writes the same bytes (a manifest left in the user's outdir by
-        # another job is not kept)
+        lines = [files.path(f"runs/{index:09d}.jsonl").read_bytes() for index in range(self.count(params))]
+        # rewritten whole each time, from the per-subtask records (the manifest's own lines),
+        # which are never removed: a second finalize writes the same bytes (a manifest left in
+        # the user's outdir by another job is not kept)
         manifest = outdir / MANIFEST
-        _write(manifest, "".join(lines).encode(), durable=True)
+        write(manifest, b"".join(lines), durable=True)
         return {"manifest": str(manifest), "out": str(outdir / (PACKED if params.packed else "out"))}
 
 
-def packed_path(params: WasmParams, index: int) -> Path:
-    """Where a packed job's subtask `index` is written: its result envelope (`shared/wasi.py`)."""
-    return Path(params.outdir) / PACKED / f"{index:09d}"
-
-
-def _write(path: Path, data: bytes, *, durable: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda fh: fh.write(data), durable=durable)
-
-
-def _exit_text(code: int) -> str:
-    return "trapped" if code == TRAPPED else f"exited with code {code}"
-
-
-def _manifest(outputs: dict[str, str]) -> list[dict[str, Any]]:
-    path = Path(outputs["manifest"])
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
 __all__ = [
+    "BATCH_RUNS",
     "DEFAULT_REPLICATE",
+    "GROUP_RUNS",
     "BlockSink",
     "WasmParams",
     "WasmPlugin",
     "envelope_head",
-    "packed_path",
     "runs_section",
     "subtask_seed",
 ]

@@ -7,7 +7,8 @@
 //
 // Two kinds of module (shared/wasi.py says which is which):
 // - pd-ABI (no imports): exports `memory`, `pd_alloc(len) -> ptr`, `pd_run(ptr, len) -> status`
-//   (0 = ok), `pd_output_ptr() -> ptr`, `pd_output_len() -> len`.
+//   (0 = ok), `pd_output_ptr() -> ptr`, `pd_output_len() -> len`, and optionally
+//   `pd_run_batch(ptr, len) -> status`: a batch input (shared/pd_batch.py) runs in one call.
 // - WASI command (exports `_start`, imports only `wasi_snapshot_preview1`): the input is a run
 //   envelope, the output a result envelope (wasi_envelope.js). Each stdin is one run on a fresh
 //   instance, through the vendored browser_wasi_shim with no preopened directories; a
@@ -15,6 +16,7 @@
 
 import { WorkerOp } from "./protocol.js";
 import { Clock, CLOCK_STEP_NS, SplitMix64, TRAPPED, decodeRun, encodeResult, runSeed } from "./wasi_envelope.js";
+import { BATCH_MAGIC, OUT_OF_MEMORY, checkBatchOutput, encodeResults, splitBatch } from "./pd_batch.js";
 import { capMemory } from "./wasm_memcap.js";
 import { fdAdvise, stdioFds } from "./wasi_stdio.js";
 
@@ -272,27 +274,67 @@ async function run({ sha256, url, input, memoryMb = null }) {
   if (kept && memoryMb !== null && kept.memory.buffer.byteLength > memoryMb * MIB) {
     instances.delete(sha256); // grown past this task's cap by an earlier run: start afresh
   }
-  const ex = await getExports(sha256, url);
+  const items = splitBatch(bytes);
   const started = performance.now();
   try {
-    guard(ex.memory);
-    const ptr = ex.pd_alloc(bytes.length) >>> 0;
-    // Re-read memory.buffer after every call: a call may grow memory and detach the old one.
-    new Uint8Array(ex.memory.buffer, ptr, bytes.length).set(bytes);
-    const status = ex.pd_run(ptr, bytes.length);
-    guard(ex.memory); // before the status: a module out of memory may say so by status 3
-    if (status !== 0) throw new TaskStatusError(status);
-    const outPtr = ex.pd_output_ptr() >>> 0;
-    const outLen = ex.pd_output_len() >>> 0;
-    const output = new Uint8Array(ex.memory.buffer, outPtr, outLen).slice();
+    const output = items ? await runBatch(sha256, url, bytes, items, guard) : callPd(await getExports(sha256, url), bytes, guard);
     const elapsedMs = performance.now() - started;
-    if (ex.memory.buffer.byteLength > MAX_MEMORY) instances.delete(sha256);
+    const ex = instances.get(sha256);
+    if (ex && ex.memory.buffer.byteLength > MAX_MEMORY) instances.delete(sha256);
     return [{ output: output.buffer, elapsedMs }, [output.buffer]];
   } catch (err) {
     // A trap can leave the instance's memory half-written: start the next task afresh.
     instances.delete(sha256);
     throw err;
   }
+}
+
+/** One call into a pd-ABI module: `pd_run` on `bytes`, or `pd_run_batch` on the batch past its magic. */
+function callPd(ex, bytes, guard, batch = false) {
+  guard(ex.memory);
+  const ptr = ex.pd_alloc(bytes.length) >>> 0;
+  // Re-read memory.buffer after every call: a call may grow memory and detach the old one.
+  new Uint8Array(ex.memory.buffer, ptr, bytes.length).set(bytes);
+  const status = batch ? ex.pd_run_batch(ptr + BATCH_MAGIC.length, bytes.length - BATCH_MAGIC.length) : ex.pd_run(ptr, bytes.length);
+  guard(ex.memory); // before the status: a module out of memory may say so by status 3
+  if (status !== 0) throw new TaskStatusError(status);
+  const outPtr = ex.pd_output_ptr() >>> 0;
+  const outLen = ex.pd_output_len() >>> 0;
+  return new Uint8Array(ex.memory.buffer, outPtr, outLen).slice();
+}
+
+/**
+ * A batch: one `pd_run_batch` call when the module exports it, else (or when that call traps,
+ * to tell which input it was) one `pd_run` per input. An input's status 3 fails the task, as
+ * for a lone input; another status is that input's result.
+ */
+async function runBatch(sha256, url, bytes, items, guard) {
+  const ex = await getExports(sha256, url);
+  if (typeof ex.pd_run_batch === "function") {
+    try {
+      const output = callPd(ex, bytes, guard, true);
+      const oom = checkBatchOutput(output, items.length);
+      if (oom !== null) throw new TaskStatusError(OUT_OF_MEMORY); // as for a lone input
+      return output;
+    } catch (err) {
+      if (!(err instanceof WebAssembly.RuntimeError || err instanceof RangeError)) throw err;
+      instances.delete(sha256); // a trap: find the input, one at a time, on fresh instances
+    }
+  }
+  const results = [];
+  for (const [k, item] of items.entries()) {
+    try {
+      results.push([0, callPd(await getExports(sha256, url), item, guard)]);
+    } catch (err) {
+      if (err instanceof TaskStatusError && err.status !== OUT_OF_MEMORY) {
+        results.push([err.status, new Uint8Array(0)]);
+        continue;
+      }
+      err.message = `input ${k} of ${items.length}: ${err.message}`;
+      throw err;
+    }
+  }
+  return encodeResults(results);
 }
 
 const OPS = {

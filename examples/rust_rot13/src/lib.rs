@@ -12,7 +12,8 @@
 //! The task logic is the plain functions [`rot13_byte`] and [`rot13`], unit-tested natively
 //! with `cargo test`. On `wasm32` the crate is `no_std` + `alloc`; the allocator, panic handler
 //! and the bodies of the four exports come from the `pd_abi` crate in wasm_tasks/, and the
-//! exports themselves are the small block at the bottom of this file.
+//! exports themselves are the small block at the bottom of this file. It also exports the
+//! optional `pd_run_batch` (many inputs in one call), which `pd.map` uses.
 #![cfg_attr(target_arch = "wasm32", no_std)]
 
 extern crate alloc;
@@ -82,6 +83,16 @@ mod abi {
     pub extern "C" fn pd_run(ptr: u32, len: u32) -> u32 {
         // The output lives in pd_abi's arena until the next pd_alloc / pd_run.
         pd_abi::run(ptr, len, |input| {
+            let out: &'static [u8] = super::rot13(input).leak();
+            Ok(out)
+        })
+    }
+
+    /// Run ROT13 on every input of a batch (docs/wasm-abi.md, "Batches"): one call for many
+    /// small inputs, each output exactly `pd_run`'s.
+    #[unsafe(no_mangle)]
+    pub extern "C" fn pd_run_batch(ptr: u32, len: u32) -> u32 {
+        pd_abi::run_batch(ptr, len, |input| {
             let out: &'static [u8] = super::rot13(input).leak();
             Ok(out)
         })

@@ -11,6 +11,10 @@
 //! allocates its output after it, so a large input (a matrix block, a wordlist) is never copied.
 //! An input range anywhere else in linear memory is copied into the arena first.
 //!
+//! The optional fifth export, `pd_run_batch` ([`run_batch`]), runs many small inputs in one
+//! call (one host-to-module round trip per batch instead of per input); a kernel forwards it
+//! with the same task closure as `pd_run`.
+//!
 //! On other targets (native `cargo test`) only the status codes are compiled.
 #![no_std]
 
@@ -24,7 +28,7 @@ pub const STATUS_BAD_PARAMS: u32 = 2;
 pub const STATUS_OUT_OF_MEMORY: u32 = 3;
 
 #[cfg(target_arch = "wasm32")]
-pub use wasm::{alloc, output_len, output_ptr, run};
+pub use wasm::{alloc, output_len, output_ptr, run, run_batch};
 
 /// A bump allocator over the module's own linear memory (grown with `memory.grow`).
 ///
@@ -84,6 +88,28 @@ mod heap {
     /// Free everything allocated after the mark.
     pub fn rewind() {
         TOP.store(get(&MARK), Relaxed);
+    }
+
+    /// Current end of the arena.
+    pub fn top() -> usize {
+        get(&TOP)
+    }
+
+    /// Move the end of the arena to `end` (>= the mark), growing memory to cover it; false
+    /// (nothing changed) when `memory.grow` refuses or `end` is past 4 GiB.
+    pub fn set_top(end: u64) -> bool {
+        if end > u32::MAX as u64 {
+            return false;
+        }
+        let have = memory_bytes();
+        if end > have {
+            let pages = (end - have).div_ceil(PAGE) as usize;
+            if wasm32::memory_grow(0, pages) == usize::MAX {
+                return false;
+            }
+        }
+        TOP.store(end as usize, Relaxed);
+        true
     }
 
     /// Bump-allocate `size` bytes aligned to `align` (a power of two); null on failure.
@@ -193,6 +219,106 @@ mod wasm {
             }
             Err(status) => status,
         }
+    }
+
+    /// `pd_run_batch`: run `task` on every input of a batch, each exactly as `pd_run` would,
+    /// and record one output holding all their results (docs/wasm-abi.md, "Batches").
+    ///
+    /// The `len` bytes at `ptr` are `u32 count` then `count` times `u32 len, len bytes`; the
+    /// output is `u32 count` then, per input in order, `u32 status, u32 len, len bytes` (len 0
+    /// unless status is 0). Returns 1 for a malformed batch or a range outside memory, 3 when
+    /// the results cannot be allocated; otherwise 0, each input's own status in the output.
+    ///
+    /// Between inputs, everything `task` allocated is freed (the arena is rewound to just past
+    /// the results so far), as `pd_run` rewinds between runs: an input sees what it would see
+    /// alone, except for addresses, so a task whose output depends only on its input gives the
+    /// same bytes batched or not.
+    pub fn run_batch(ptr: u32, len: u32, mut task: impl FnMut(&[u8]) -> Result<&'static [u8], u32>) -> u32 {
+        clear_output();
+        let (start, end) = (u64::from(ptr), u64::from(ptr) + u64::from(len));
+        if end > heap::memory_bytes() {
+            return STATUS_BAD_LENGTH;
+        }
+        heap::rewind();
+        let batch: &[u8] = if start >= heap::base() as u64 && end <= heap::mark() as u64 {
+            // SAFETY: inside linear memory, in the part of the arena kept across `rewind`.
+            unsafe { core::slice::from_raw_parts(ptr as usize as *const u8, len as usize) }
+        } else {
+            let dst = heap::bump(len as usize, 8);
+            if dst.is_null() {
+                return STATUS_OUT_OF_MEMORY;
+            }
+            // SAFETY: both ranges lie inside linear memory; `copy` allows overlap.
+            unsafe {
+                core::ptr::copy(ptr as usize as *const u8, dst, len as usize);
+                core::slice::from_raw_parts(dst, len as usize)
+            }
+        };
+        let Some(count) = batch_count(batch) else {
+            return STATUS_BAD_LENGTH;
+        };
+        let out_start = heap::top() as u64;
+        if !heap::set_top(out_start + 4) {
+            return STATUS_OUT_OF_MEMORY;
+        }
+        put_u32(out_start, count);
+        let mut out_end = out_start + 4;
+        let mut at = 4usize;
+        for _ in 0..count {
+            let n = read_u32(batch, at) as usize;
+            let input = &batch[at + 4..at + 4 + n];
+            at += 4 + n;
+            // the entry's header, then the task's scratch above it (freed after the input)
+            if !heap::set_top(out_end + 8) {
+                return STATUS_OUT_OF_MEMORY;
+            }
+            let (status, out): (u32, &[u8]) = match task(input) {
+                Ok(out) => (STATUS_OK, out),
+                Err(status) => (status, &[]),
+            };
+            let data = out_end + 8;
+            if !heap::set_top(data + out.len() as u64) {
+                return STATUS_OUT_OF_MEMORY;
+            }
+            // SAFETY: `data..data+len` is inside memory (set_top grew it); the output is in
+            // memory (the arena above `data`, the input, or static data); `copy` allows overlap.
+            unsafe { core::ptr::copy(out.as_ptr(), data as usize as *mut u8, out.len()) };
+            put_u32(out_end, status);
+            put_u32(out_end + 4, out.len() as u32);
+            out_end = data + out.len() as u64;
+        }
+        OUT_PTR.store(out_start as u32, Relaxed);
+        OUT_LEN.store((out_end - out_start) as u32, Relaxed);
+        STATUS_OK
+    }
+
+    /// The count of a well-formed batch (its inputs exactly fill it), else None.
+    fn batch_count(batch: &[u8]) -> Option<u32> {
+        if batch.len() < 4 {
+            return None;
+        }
+        let count = read_u32(batch, 0);
+        let mut at = 4usize;
+        for _ in 0..count {
+            if batch.len() - at < 4 {
+                return None;
+            }
+            let n = read_u32(batch, at) as usize;
+            if batch.len() - at - 4 < n {
+                return None;
+            }
+            at += 4 + n;
+        }
+        (at == batch.len()).then_some(count)
+    }
+
+    fn read_u32(bytes: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+    }
+
+    fn put_u32(addr: u64, value: u32) {
+        // SAFETY: callers pass an address below the arena's end, which set_top grew memory to.
+        unsafe { core::ptr::write_unaligned(addr as usize as *mut [u8; 4], value.to_le_bytes()) };
     }
 
     /// `pd_output_ptr`: address of the last successful run's output (0 if none).
