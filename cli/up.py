@@ -21,6 +21,7 @@ from pathlib import Path
 import qrcode
 from rich.console import Console
 
+from .launch import ForkedProcess, can_fork, fork_service, preload
 from .shared.exceptions import ConfigError
 from .shared.redis_server import EmbeddedRedis, private_secret, redis_password, write_private
 from .shared.settings import Settings
@@ -51,7 +52,8 @@ class Child:
     name: str
     argv: list[str]
     env: dict[str, str]
-    process: subprocess.Popen[bytes] | None = None
+    process: subprocess.Popen[bytes] | ForkedProcess | None = None
+    fork: bool = False  # a service forked from `up` (launch.py), else a spawned `argv`
     restarts: int = 0
     started_at: float = 0.0
     backoff: float = 0.5
@@ -60,9 +62,16 @@ class Child:
 
     def start(self) -> None:
         assert self.log_path is not None
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = out = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        if self.fork:
+            try:
+                self.process = fork_service(self.name, self.env, out)
+                self.started_at = time.monotonic()
+                return
+            except RuntimeError as exc:  # a thread in `up` (none is started before): spawn
+                log.warning("%s: %s", self.name, exc)
         self.process = subprocess.Popen(
-            self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+            self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
         )
         self.started_at = time.monotonic()
 
@@ -154,7 +163,10 @@ def run_up(
         # PD_TASK_REPO too, to submit them)
         env["PD_TASK_REPO"] = str(settings.task_repo.expanduser().resolve())
     argv0 = [sys.executable, "-m", "processdistro"]
-    children = [Child(n, [*argv0, n], env, log_path=logs / f"{n}.log") for n in SERVICES]
+    fork = can_fork()
+    if fork:
+        preload()  # what every service imports, imported once (launch.py)
+    children = [Child(n, [*argv0, n], env, fork=fork, log_path=logs / f"{n}.log") for n in SERVICES]
 
     stopping = False
 
