@@ -46,6 +46,7 @@ PRELOAD = (
     "processdistro.shared.store.jobs",
     "processdistro.shared.store.streams",
     "processdistro.shared.store.liveness",
+    "processdistro.shared.tasks",
     "redis.asyncio",
 )
 WAIT_SLICE_S = 0.005  # how often `ForkedProcess.wait` looks at a child with a timeout

@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import qrcode
 from rich.console import Console
 
 from .launch import ForkedProcess, can_fork, fork_service, preload
@@ -33,6 +32,7 @@ log = logging.getLogger(__name__)
 SERVICES = ("gateway", "scheduler", "aggregator")
 OPERATOR_TOKEN_FILE = "operator.token"
 STOP_GRACE_S = 6.0
+JOIN_CODE_POLL_S = 0.02  # the gateway sets it as it becomes ready: one GET a poll
 WORKERS_READY_S = 120.0  # local workers not all joined by then: say so (they may still come)
 
 
@@ -92,6 +92,8 @@ class Child:
 
 
 def print_join(console: Console, join_url: str, gateway_url: str) -> None:
+    import qrcode  # here: while the services start, not before they can
+
     qr = qrcode.QRCode(border=1)
     qr.add_data(join_url)
     qr.make(fit=True)
@@ -306,7 +308,7 @@ def _wait_for_gateway(redis_url: str, gateway: Child, timeout: float) -> str | N
             code = store.join_code(client)
             if code:
                 return code
-            time.sleep(0.1)
+            time.sleep(JOIN_CODE_POLL_S)
         return None
     finally:
         client.close()
