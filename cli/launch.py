@@ -42,12 +42,11 @@ PRELOAD = (
     "processdistro.shared.messages",
     "processdistro.shared.service",
     "processdistro.shared.modules",
-    "processdistro.shared.store.connection",
+    "processdistro.shared.store.connection",  # redis and redis.asyncio
     "processdistro.shared.store.jobs",
     "processdistro.shared.store.streams",
     "processdistro.shared.store.liveness",
     "processdistro.shared.tasks",
-    "redis.asyncio",
 )
 WAIT_SLICE_S = 0.005  # how often `ForkedProcess.wait` looks at a child with a timeout
 
