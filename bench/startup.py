@@ -65,6 +65,7 @@ class UpRun:
     printed_s: float  # spawn -> the "ProcessDistro is up." line
     ready_s: float  # spawn -> /healthz 200 and the scheduler and aggregator alive
     stop_s: float  # SIGINT -> the process exited
+    cpu_s: float = 0.0  # CPU time (user + system) of `up` and its services when it was ready
 
 
 def up_once(work: Path, code: Path | None = None) -> UpRun:
@@ -81,7 +82,7 @@ def up_once(work: Path, code: Path | None = None) -> UpRun:
         proc = subprocess.Popen(
             [sys.executable, "-m", "processdistro", "up"], env=env, stdout=fh, stderr=subprocess.STDOUT
         )
-    printed = ready = 0.0
+    printed = ready = cpu = 0.0
     client = None
     try:
         while not ready:
@@ -94,6 +95,7 @@ def up_once(work: Path, code: Path | None = None) -> UpRun:
                 client = plain_client(_redis_url(home))
             if client is not None and _ready(client, port):
                 ready = time.perf_counter() - started
+                cpu = cpu_seconds(proc.pid)
             time.sleep(0.01)
         stopping = time.perf_counter()
         proc.send_signal(signal.SIGINT)
@@ -107,7 +109,25 @@ def up_once(work: Path, code: Path | None = None) -> UpRun:
             proc.wait()
     if proc.returncode != 0:
         raise RuntimeError(f"up exited {proc.returncode}:\n{out.read_text()[-3000:]}")
-    return UpRun(printed, ready, stop)
+    return UpRun(printed, ready, stop, cpu)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of process `pid` and its Python children (not redis-server, the same program
+    before and after), from /proc: what starting cost whatever else the machine ran. A forked
+    child counts from its fork, its parent's work before it in the parent's figure."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    for each in [pid, *map(int, children)]:
+        try:
+            if "redis-server" in Path(f"/proc/{each}/cmdline").read_text():
+                continue
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
 
 
 def baseline_code(revision: str, work: Path) -> Path:
@@ -273,6 +293,7 @@ def run(*, quick: bool, console: Console) -> Report:
         ["spawn -> ready (healthz, scheduler, aggregator)", *stats([u.ready_s for u in ups]), UP_GOAL_S]
     )
     up_table.rows.append(["SIGINT -> exited", *stats([u.stop_s for u in ups]), ""])
+    up_table.rows.append(["CPU s of up and its services, to ready", *stats([u.cpu_s for u in ups]), ""])
     if olds:
         up_table.title += f", alternating with {len(olds)} runs of {revision} (before)"
         up_table.rows.append(
@@ -280,6 +301,7 @@ def run(*, quick: bool, console: Console) -> Report:
         )
         up_table.rows.append([f"before ({revision}): spawn -> ready", *stats([u.ready_s for u in olds]), UP_GOAL_S])
         up_table.rows.append([f"before ({revision}): SIGINT -> exited", *stats([u.stop_s for u in olds]), ""])
+        up_table.rows.append([f"before ({revision}): CPU s to ready", *stats([u.cpu_s for u in olds]), ""])
     phases = ["node report sent", "socket opened", "welcome", "first task"]
     join_table = Table(
         f"a browser's first join (Chromium, fresh context), a job queued: {reps} runs",
@@ -293,7 +315,12 @@ def run(*, quick: bool, console: Console) -> Report:
     compared = []
     if olds:
         old_ready = statistics.median(u.ready_s for u in olds)
-        compared = [f"up -> ready before ({revision}): {old_ready:.2f} s; after / before: {up_ready / old_ready:.2f}"]
+        old_cpu = statistics.median(u.cpu_s for u in olds)
+        new_cpu = statistics.median(u.cpu_s for u in ups)
+        compared = [
+            f"up -> ready before ({revision}): {old_ready:.2f} s; after / before: {up_ready / old_ready:.2f}",
+            f"CPU to ready: {new_cpu:.2f} s, before {old_cpu:.2f} s; after / before: {new_cpu / old_cpu:.2f}",
+        ]
     first = statistics.median(j.marks["first task"] for j in joins)
     return Report(
         name="startup",

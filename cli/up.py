@@ -92,7 +92,7 @@ class Child:
 
 
 def print_join(console: Console, join_url: str, gateway_url: str) -> None:
-    import qrcode  # here: while the services start, not before they can
+    import qrcode  # imported by `run_up` as the services start, not before they can
 
     qr = qrcode.QRCode(border=1)
     qr.add_data(join_url)
@@ -180,6 +180,8 @@ def run_up(
     try:
         for c in children:
             c.start()
+        import qrcode  # noqa: F401 - for `print_join`: imported while the services start
+
         host = (
             settings.public_url
             or f"{scheme}://{lan_address() if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
