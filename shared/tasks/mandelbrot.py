@@ -17,9 +17,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-# imported first, not on first use: `_KERNEL` keeps wasmtime objects that must be freed
-# before wasmtime's own module is torn down at exit
-import wasmtime
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..lazy import lazy, lazy_function
@@ -28,10 +25,12 @@ from .base import JobFiles, Subtask, TaskPlugin, Verdict, keep_or_write, merged,
 
 if TYPE_CHECKING:
     import numpy as np
+    import wasmtime
     from numpy.lib.format import open_memmap
     from PIL import Image
 else:
     np = lazy("numpy")
+    wasmtime = lazy("wasmtime")
     open_memmap = lazy_function("numpy.lib.format", "open_memmap")
     Image = lazy("PIL.Image")
 
