@@ -2,7 +2,8 @@
 supervised child processes (forked from `up` on Linux: `launch.py`; given the task repo,
 `--task-repo`/PD_TASK_REPO, if any), the join link and its QR code; with `--https` the
 gateway serves TLS (`tls.py`: a self-signed certificate kept in $PD_HOME/tls, or
-`--cert/--key`) and the join link carries the certificate's fingerprint. Ctrl-C (or SIGTERM) stops the workers and services, then Redis."""
+`--cert/--key`) and the join link carries the certificate's fingerprint. Ctrl-C (or
+SIGTERM) stops the workers and services, then Redis."""
 
 from __future__ import annotations
 
