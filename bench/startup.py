@@ -15,6 +15,11 @@ first task.
 
 Goals (issue 11, goal 5): join -> first task under 1 s; `up` -> ready under 1.5 s. The
 machine is shared: the load average is in the report.
+
+Before and after in one run: with `PD_BENCH_BEFORE=<git revision>` the `up` runs alternate
+with runs of that revision's code (exported with `git archive` into a temporary directory
+and put first on `PYTHONPATH`, so `python -m processdistro` and the services it starts are
+that revision's), and the report has a row for each.
 """
 
 from __future__ import annotations
@@ -60,20 +65,24 @@ class UpRun:
     printed_s: float  # spawn -> the "ProcessDistro is up." line
     ready_s: float  # spawn -> /healthz 200 and the scheduler and aggregator alive
     stop_s: float  # SIGINT -> the process exited
+    cpu_s: float = 0.0  # CPU time (user + system) of `up` and its services when it was ready
 
 
-def up_once(work: Path) -> UpRun:
+def up_once(work: Path, code: Path | None = None) -> UpRun:
+    """One `up`, of this checkout's code, or with `code` (`baseline_code`) of another's."""
     home = work / f"home-{time.monotonic_ns()}"
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PD_REDIS_URL"}
     env |= {"PD_HOME": str(home), "PD_PORT": str(port), "PD_HOST": "127.0.0.1"}
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
     out = work / "up.out"
     with open(out, "wb") as fh:
         started = time.perf_counter()
         proc = subprocess.Popen(
             [sys.executable, "-m", "processdistro", "up"], env=env, stdout=fh, stderr=subprocess.STDOUT
         )
-    printed = ready = 0.0
+    printed = ready = cpu = 0.0
     client = None
     try:
         while not ready:
@@ -86,6 +95,7 @@ def up_once(work: Path) -> UpRun:
                 client = plain_client(_redis_url(home))
             if client is not None and _ready(client, port):
                 ready = time.perf_counter() - started
+                cpu = cpu_seconds(proc.pid)
             time.sleep(0.01)
         stopping = time.perf_counter()
         proc.send_signal(signal.SIGINT)
@@ -99,7 +109,42 @@ def up_once(work: Path) -> UpRun:
             proc.wait()
     if proc.returncode != 0:
         raise RuntimeError(f"up exited {proc.returncode}:\n{out.read_text()[-3000:]}")
-    return UpRun(printed, ready, stop)
+    return UpRun(printed, ready, stop, cpu)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of process `pid` and its Python children (not redis-server, the same program
+    before and after), from /proc: what starting cost whatever else the machine ran. A forked
+    child counts from its fork, its parent's work before it in the parent's figure."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    for each in [pid, *map(int, children)]:
+        try:
+            if "redis-server" in Path(f"/proc/{each}/cmdline").read_text():
+                continue
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
+def baseline_code(revision: str, work: Path) -> Path:
+    """The package as of git `revision`, laid out as it installs (`processdistro` is cli/,
+    with shared/, gateway/, ... inside it): a directory to put first on `PYTHONPATH`. The
+    editable install's finder comes after the path entries, so this code is what runs."""
+    tree = work / "baseline"
+    tree.mkdir()
+    repo = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(["git", "-C", str(repo), "archive", revision], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    for package in ("shared", "gateway", "scheduler", "aggregator", "worker"):
+        (tree / "cli" / package).symlink_to(tree / package, target_is_directory=True)
+    path = work / "baseline-path"
+    path.mkdir()
+    (path / "processdistro").symlink_to(tree / "cli", target_is_directory=True)
+    return path
 
 
 def _redis_url(home: Path) -> str:
@@ -219,12 +264,20 @@ def browser_runs(reps: int, console: Console) -> list[JoinRun]:
 
 def run(*, quick: bool, console: Console) -> Report:
     reps = REPS[quick]
+    revision = os.environ.get("PD_BENCH_BEFORE")
     before = load()
     ups: list[UpRun] = []
+    olds: list[UpRun] = []
     with tempfile.TemporaryDirectory(prefix="pd-bench-up-") as tmp:
+        old_code = baseline_code(revision, Path(tmp)) if revision else None
         for rep in range(reps):
             console.print(f"processdistro up {rep + 1}/{reps}")
-            ups.append(up_once(Path(tmp)))
+            if old_code is None:
+                ups.append(up_once(Path(tmp)))
+                continue
+            # alternate which goes first, so neither always meets the other's leftovers
+            for which in ("old", "new") if rep % 2 == 0 else ("new", "old"):
+                (olds if which == "old" else ups).append(up_once(Path(tmp), old_code if which == "old" else None))
     joins = browser_runs(reps, console)
     after = load()
 
@@ -240,6 +293,15 @@ def run(*, quick: bool, console: Console) -> Report:
         ["spawn -> ready (healthz, scheduler, aggregator)", *stats([u.ready_s for u in ups]), UP_GOAL_S]
     )
     up_table.rows.append(["SIGINT -> exited", *stats([u.stop_s for u in ups]), ""])
+    up_table.rows.append(["CPU s of up and its services, to ready", *stats([u.cpu_s for u in ups]), ""])
+    if olds:
+        up_table.title += f", alternating with {len(olds)} runs of {revision} (before)"
+        up_table.rows.append(
+            [f"before ({revision}): spawn -> 'ProcessDistro is up.'", *stats([u.printed_s for u in olds]), ""]
+        )
+        up_table.rows.append([f"before ({revision}): spawn -> ready", *stats([u.ready_s for u in olds]), UP_GOAL_S])
+        up_table.rows.append([f"before ({revision}): SIGINT -> exited", *stats([u.stop_s for u in olds]), ""])
+        up_table.rows.append([f"before ({revision}): CPU s to ready", *stats([u.cpu_s for u in olds]), ""])
     phases = ["node report sent", "socket opened", "welcome", "first task"]
     join_table = Table(
         f"a browser's first join (Chromium, fresh context), a job queued: {reps} runs",
@@ -250,6 +312,15 @@ def run(*, quick: bool, console: Console) -> Report:
         if values:
             join_table.rows.append([phase, *stats(values), JOIN_GOAL_S if phase == "first task" else ""])
     up_ready = statistics.median(u.ready_s for u in ups)
+    compared = []
+    if olds:
+        old_ready = statistics.median(u.ready_s for u in olds)
+        old_cpu = statistics.median(u.cpu_s for u in olds)
+        new_cpu = statistics.median(u.cpu_s for u in ups)
+        compared = [
+            f"up -> ready before ({revision}): {old_ready:.2f} s; after / before: {up_ready / old_ready:.2f}",
+            f"CPU to ready: {new_cpu:.2f} s, before {old_cpu:.2f} s; after / before: {new_cpu / old_cpu:.2f}",
+        ]
     first = statistics.median(j.marks["first task"] for j in joins)
     return Report(
         name="startup",
@@ -257,11 +328,13 @@ def run(*, quick: bool, console: Console) -> Report:
         tables=[up_table, join_table],
         notes=[
             f"up -> ready: {up_ready:.2f} s (goal {UP_GOAL_S} s: {'met' if up_ready < UP_GOAL_S else 'MISSED'})",
+            *compared,
             f"join -> first task: {first:.2f} s (goal {JOIN_GOAL_S} s: {'met' if first < JOIN_GOAL_S else 'MISSED'})",
             f"load average (1/5/15 min) before: {before}; after: {after}",
         ],
         data={
             "up": [vars(u) for u in ups],
+            "up_before": {"revision": revision, "runs": [vars(u) for u in olds]} if olds else None,
             "joins": [j.marks for j in joins],
             "load_before": before,
             "load_after": after,

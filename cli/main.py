@@ -17,18 +17,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rich.markup import escape
-
 from .console import console, err
-from .retry import add_retry_parser
-from .rotate import add_rotate_parser
 from .shared.exceptions import ConfigError, ProcessDistroError
 from .shared.logs import setup_logging
 from .shared.settings import Settings
-from .shared.tasks import load_task_repo, task_repo
-from .show import add_show_parsers
-from .submit import add_cancel_parser, add_result_parser, add_submit_parser
-from .top import add_top_parser
+
+# The job commands' modules (submit, show, top, ...) and the task plugins are imported only
+# by the commands that use them: `up` and the services start in a fraction of the time
+# (issue 11, goal 5), and each service imports what it runs.
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -44,6 +40,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from .shared.tasks import load_task_repo
     from .up import run_up
 
     setup_logging("up", settings.log_level)
@@ -58,6 +55,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_service(args: argparse.Namespace, settings: Settings) -> int:
+    from .shared.tasks import task_repo
+
     setup_logging(args.command, settings.log_level)
     report = task_repo()
     if report.path is not None:
@@ -120,7 +119,9 @@ def cmd_healthcheck(args: argparse.Namespace, settings: Settings) -> int:
 # ---------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, full: bool = True) -> argparse.ArgumentParser:
+    """The command line. Without `full`, only the commands defined in this module (`CORE`):
+    the others' modules are not imported, and a `CORE` command parses the same either way."""
     p = argparse.ArgumentParser(prog="processdistro", description="Turn the devices on your LAN into extra CPU.")
     p.add_argument("--redis-url", help="Redis to use (default: $PD_REDIS_URL, else the running `up`'s)")
     p.add_argument("--home", type=Path, help="state directory (default: $PD_HOME or ~/.processdistro)")
@@ -176,13 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.set_defaults(func=cmd_worker)
 
-    add_submit_parser(sub)
-    add_result_parser(sub)
-    add_show_parsers(sub)
-    add_top_parser(sub)
-    add_cancel_parser(sub)
-    add_retry_parser(sub)
-    add_rotate_parser(sub)
+    if full:
+        _add_job_parsers(sub)
 
     sc = sub.add_parser("schema", help="export the protocol's JSON Schemas")
     sc.add_argument("--out", type=Path, default=Path("shared/schema"))
@@ -194,6 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_job_parsers(sub: Any) -> None:
+    from .retry import add_retry_parser
+    from .rotate import add_rotate_parser
+    from .show import add_show_parsers
+    from .submit import add_cancel_parser, add_result_parser, add_submit_parser
+    from .top import add_top_parser
+
+    add_submit_parser(sub)
+    add_result_parser(sub)
+    add_show_parsers(sub)
+    add_top_parser(sub)
+    add_cancel_parser(sub)
+    add_retry_parser(sub)
+    add_rotate_parser(sub)
+
+
+# the commands `build_parser` defines itself (the others need their modules imported)
+CORE = ("up", "gateway", "scheduler", "aggregator", "worker", "schema", "healthcheck")
 # commands that never look a task kind up: they do not load (or run) the task repo
 NO_TASK_REPO = ("up", "worker", "schema", "healthcheck", "rotate-code")
 # commands that say what is broken in the task repo themselves
@@ -201,6 +215,8 @@ SAY_BROKEN = ("kinds", "gateway", "scheduler", "aggregator")
 
 
 def _broken_lines() -> list[str]:
+    from .shared.tasks import task_repo
+
     report = task_repo()
     lines = [f"task repo: {report.error}"] if report.error else []
     lines += [f"task repo {report.path}: kind {b.name!r} not loaded: {b.error}" for b in report.broken]
@@ -208,23 +224,40 @@ def _broken_lines() -> list[str]:
 
 
 def _warn_broken() -> None:
+    from rich.markup import escape
+
     for line in _broken_lines():
         err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False)
 
 
-def _load_task_repo(argv: list[str]) -> None:
-    """Register the task repo's kinds ($PD_TASK_REPO) before the parser is built, so that
-    `submit <kind>` exists for them; every service started through here has them too."""
+def _command(argv: list[str]) -> str | None:
+    """The command `argv` names, if any, before the whole parser is built."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--redis-url")
     pre.add_argument("--home")
     pre.add_argument("command", nargs="?")
-    command = pre.parse_known_args(argv)[0].command
+    command: str | None = pre.parse_known_args(argv)[0].command
+    return command
+
+
+def _needs_full_parser(argv: list[str], command: str | None) -> bool:
+    """Build every command's parser unless a `CORE` command runs (`processdistro -h up`
+    prints the whole list: a help option before the command needs them all)."""
+    if command not in CORE:
+        return True
+    return bool({"-h", "--help"} & set(argv[: argv.index(command)]))
+
+
+def _load_task_repo(command: str | None) -> None:
+    """Register the task repo's kinds ($PD_TASK_REPO) before the parser is built, so that
+    `submit <kind>` exists for them; every service started through here has them too."""
     if command in NO_TASK_REPO:
         return
     path = Settings().task_repo
     if path is None:
         return
+    from .shared.tasks import load_task_repo
+
     load_task_repo(path.expanduser().resolve())
     if command not in SAY_BROKEN:
         _warn_broken()
@@ -232,12 +265,13 @@ def _load_task_repo(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    command = _command(argv)
     try:
-        _load_task_repo(argv)
+        _load_task_repo(command)
     except ProcessDistroError as exc:
         err.print(f"[red]error:[/] {exc}")
         sys.exit(2)
-    args = build_parser().parse_args(argv)
+    args = build_parser(full=_needs_full_parser(argv, command)).parse_args(argv)
     try:
         settings = _settings(args)
         code = args.func(args, settings)

@@ -1,8 +1,9 @@
 """`processdistro up`: Redis (embedded unless PD_REDIS_URL is set), the three services as
-supervised child processes (given the task repo, `--task-repo`/PD_TASK_REPO, if any), the
-join link and its QR code; with `--https` the gateway serves TLS (`tls.py`: a self-signed
-certificate kept in $PD_HOME/tls, or `--cert/--key`) and the join link carries the
-certificate's fingerprint. Ctrl-C (or SIGTERM) stops the workers and services, then Redis."""
+supervised child processes (forked from `up` on Linux: `launch.py`; given the task repo,
+`--task-repo`/PD_TASK_REPO, if any), the join link and its QR code; with `--https` the
+gateway serves TLS (`tls.py`: a self-signed certificate kept in $PD_HOME/tls, or
+`--cert/--key`) and the join link carries the certificate's fingerprint. Ctrl-C (or
+SIGTERM) stops the workers and services, then Redis."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import qrcode
 from rich.console import Console
 
+from .launch import ForkedProcess, can_fork, fork_service, preload
 from .shared.exceptions import ConfigError
 from .shared.redis_server import EmbeddedRedis, private_secret, redis_password, write_private
 from .shared.settings import Settings
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 SERVICES = ("gateway", "scheduler", "aggregator")
 OPERATOR_TOKEN_FILE = "operator.token"
 STOP_GRACE_S = 6.0
+JOIN_CODE_POLL_S = 0.02  # the gateway sets it as it becomes ready: one GET a poll
 WORKERS_READY_S = 120.0  # local workers not all joined by then: say so (they may still come)
 
 
@@ -51,7 +53,8 @@ class Child:
     name: str
     argv: list[str]
     env: dict[str, str]
-    process: subprocess.Popen[bytes] | None = None
+    process: subprocess.Popen[bytes] | ForkedProcess | None = None
+    fork: bool = False  # a service forked from `up` (launch.py), else a spawned `argv`
     restarts: int = 0
     started_at: float = 0.0
     backoff: float = 0.5
@@ -60,9 +63,16 @@ class Child:
 
     def start(self) -> None:
         assert self.log_path is not None
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = out = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        if self.fork:
+            try:
+                self.process = fork_service(self.name, self.env, out)
+                self.started_at = time.monotonic()
+                return
+            except RuntimeError as exc:  # a thread in `up` (none is started before): spawn
+                log.warning("%s: %s", self.name, exc)
         self.process = subprocess.Popen(
-            self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+            self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
         )
         self.started_at = time.monotonic()
 
@@ -83,6 +93,8 @@ class Child:
 
 
 def print_join(console: Console, join_url: str, gateway_url: str) -> None:
+    import qrcode  # imported by `run_up` as the services start, not before they can
+
     qr = qrcode.QRCode(border=1)
     qr.add_data(join_url)
     qr.make(fit=True)
@@ -154,7 +166,10 @@ def run_up(
         # PD_TASK_REPO too, to submit them)
         env["PD_TASK_REPO"] = str(settings.task_repo.expanduser().resolve())
     argv0 = [sys.executable, "-m", "processdistro"]
-    children = [Child(n, [*argv0, n], env, log_path=logs / f"{n}.log") for n in SERVICES]
+    fork = can_fork()
+    if fork:
+        preload()  # what every service imports, imported once (launch.py)
+    children = [Child(n, [*argv0, n], env, fork=fork, log_path=logs / f"{n}.log") for n in SERVICES]
 
     stopping = False
 
@@ -166,6 +181,8 @@ def run_up(
     try:
         for c in children:
             c.start()
+        import qrcode  # noqa: F401 - for `print_join`: imported while the services start
+
         host = (
             settings.public_url
             or f"{scheme}://{lan_address() if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
@@ -294,7 +311,7 @@ def _wait_for_gateway(redis_url: str, gateway: Child, timeout: float) -> str | N
             code = store.join_code(client)
             if code:
                 return code
-            time.sleep(0.1)
+            time.sleep(JOIN_CODE_POLL_S)
         return None
     finally:
         client.close()

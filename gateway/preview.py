@@ -20,14 +20,22 @@ import math
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-from numpy.lib.format import open_memmap
-from PIL import Image
 from pydantic import ValidationError
 
+from ..shared.lazy import lazy, lazy_function
 from ..shared.tasks.base import JobFiles
 from ..shared.tasks.mandelbrot import MandelbrotParams, MandelbrotPlugin, colourize
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.lib.format import open_memmap
+    from PIL import Image
+else:
+    np = lazy("numpy")
+    open_memmap = lazy_function("numpy.lib.format", "open_memmap")
+    Image = lazy("PIL.Image")
 
 log = logging.getLogger(__name__)
 

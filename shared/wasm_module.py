@@ -18,10 +18,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
-
-import wasmtime
+from typing import TYPE_CHECKING
 
 from .exceptions import ParamsError
+from .lazy import lazy
+
+if TYPE_CHECKING:
+    import wasmtime
+else:
+    wasmtime = lazy("wasmtime")
 
 MIB = 1024 * 1024
 MAX_MODULE_BYTES = 64 * MIB

@@ -24,17 +24,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Generic, TypeVar
 
-import numpy as np
-from numpy.lib.format import open_memmap
 from pydantic import BaseModel, ValidationError
 
 from .. import validation
 from ..exceptions import ParamsError
 from ..jobs import JobRecord
+from ..lazy import lazy, lazy_function
 from ..protocol import MAX_DEADLINE_S, MAX_MEMORY_MB
 from ..queue import TaskFields
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.lib.format import open_memmap
+else:
+    np = lazy("numpy")
+    open_memmap = lazy_function("numpy.lib.format", "open_memmap")
 
 P = TypeVar("P", bound=BaseModel)
 

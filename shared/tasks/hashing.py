@@ -31,14 +31,20 @@ import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from numpy.lib.format import open_memmap
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..exceptions import ParamsError
+from ..lazy import lazy, lazy_function
 from .base import JobFiles, Prepared, Subtask, TaskPlugin, Verdict, keep_or_write, merged
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.lib.format import open_memmap
+else:
+    np = lazy("numpy")
+    open_memmap = lazy_function("numpy.lib.format", "open_memmap")
 
 HEADER = struct.Struct("<B3xIII")  # mode, padding, iterations, dklen, count
 MODE_HASH = 0

@@ -15,16 +15,24 @@ import struct
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
-import wasmtime
-from numpy.lib.format import open_memmap
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..lazy import lazy, lazy_function
 from ..modules import DEFAULT_STATIC_DIR
 from .base import JobFiles, Subtask, TaskPlugin, Verdict, keep_or_write, merged, shared_memmap
+
+if TYPE_CHECKING:
+    import numpy as np
+    import wasmtime
+    from numpy.lib.format import open_memmap
+    from PIL import Image
+else:
+    np = lazy("numpy")
+    wasmtime = lazy("wasmtime")
+    open_memmap = lazy_function("numpy.lib.format", "open_memmap")
+    Image = lazy("PIL.Image")
 
 # The module's 64-byte input, little-endian: xmin xmax ymin ymax (f64), then the image's W H,
 # the tile's x0 y0 tile_w tile_h, max_iter and a reserved 0 (u32).

@@ -16,13 +16,18 @@ import random
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..exceptions import ParamsError
+from ..lazy import lazy
 from .base import JobFiles, Prepared, Subtask, TaskPlugin, Verdict, merged
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    np = lazy("numpy")
 
 HEADER = struct.Struct("<4I")  # dtype code, m, k, n
 DTYPES: dict[str, tuple[int, str]] = {"float64": (0, "<f8"), "float32": (1, "<f4")}
