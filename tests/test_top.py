@@ -106,6 +106,19 @@ class Tmux:
         out = self.tmux("display-message", "-p", "-t", "t", "#{pane_dead} #{pane_dead_status}").split()
         return out[0] == "1", int(out[1]) if len(out) > 1 and out[1] else None
 
+    def ended(self) -> str | None:
+        """How the pane's process ended ("status N" or "signal N"), once tmux knows: it marks a
+        pane dead when the terminal closes, which can come before it has reaped the process."""
+        dead, status, sig = (
+            self.tmux("display-message", "-p", "-t", "t", "#{pane_dead}|#{pane_dead_status}|#{pane_dead_signal}")
+            .strip()
+            .split("|")
+            + ["", ""]
+        )[:3]
+        if dead != "1":
+            return None
+        return f"status {status}" if status else f"signal {sig}" if sig else None
+
     def close(self) -> None:
         subprocess.run(["tmux", "-S", self.socket, "kill-server"], env=self.env, capture_output=True, timeout=30)
 
@@ -159,8 +172,8 @@ def test_top_in_a_terminal_follows_a_running_job_and_quits_on_q(
             assert lines[0].startswith("processdistro top"), screen  # the frame fits: nothing scrolled
             assert max(cell_len(line) for line in lines) <= 80
             term.keys("q")
-            wait_for(lambda: term.dead()[0], 10, term.screen)
-            assert term.dead() == (True, 0)
+            wait_for(lambda: term.ended() is not None, 10, term.screen)
+            assert term.ended() == "status 0", term.screen()
             after = term.screen()
             assert "Traceback" not in after, after
             assert "processdistro top" not in after, after  # the alternate screen is gone
