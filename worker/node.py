@@ -283,6 +283,9 @@ class WorkerNode:
                 websockets.connect(
                     url,
                     max_size=MAX_FRAME_BYTES,
+                    # no permessage-deflate: compressing a 64 KiB result cost more CPU than the
+                    # bytes it saves on a local network (the gateway inflates it, too)
+                    compression=None,
                     open_timeout=CONNECT_TIMEOUT_S,
                     close_timeout=CLOSE_TIMEOUT_S,
                     ssl=self.config.tls,  # pinned to the join link's fp=: WorkerConfig.tls
