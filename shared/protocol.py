@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidatorFunctionWrapHandler, field_validator
 
 from .logs import escape_control
 
@@ -69,6 +69,14 @@ def _check_b64(value: str) -> str:
     except (binascii.Error, ValueError) as exc:
         raise ValueError(f"expected base64 text, got invalid data ({exc})") from None
     return Base64Text(value, data)
+
+
+def _check_output_b64(value: object, handler: ValidatorFunctionWrapHandler) -> str:
+    # a node's own result (`Base64Text` made from its output bytes) is not decoded again to
+    # be checked; anything else (what a gateway parses) is checked in full
+    if isinstance(value, Base64Text):
+        return value
+    return _check_b64(handler(value))
 
 
 def b64_bytes(text: str) -> bytes:
@@ -170,7 +178,7 @@ class TaskResult(_Msg):
     output_b64: str
     elapsed_ms: float = Field(ge=0, le=MAX_ELAPSED_MS)
 
-    _b64 = field_validator("output_b64")(_check_b64)
+    _b64 = field_validator("output_b64", mode="wrap")(_check_output_b64)
 
     def binary_frame(self) -> bytes | None:
         return binary_frame([self])
