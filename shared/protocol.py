@@ -60,6 +60,9 @@ class Base64Text(str):
         self.data = data
         return self
 
+    def __reduce__(self) -> tuple[type[Base64Text], tuple[str, bytes]]:
+        return Base64Text, (str(self), self.data)  # copies and pickles keep the bytes
+
 
 def _check_b64(value: str) -> str:
     # strict mode: only the alphabet, padding only at the end, no excess data (what the
