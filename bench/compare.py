@@ -17,7 +17,9 @@
   PD_HOME, a warm-up job, then per row `processdistro submit mandelbrot ... --wait -q --raw
   F` (default settings: 5 % of the tiles replicated on both workers and compared, every tile
   spot-checked, PNG and .npy written). Makespan: the job record's created -> finished; the
-  `submit --wait` process's wall time (interpreter start-up included) is shown beside it.
+  `submit --wait` process's wall time (interpreter start-up included) is shown beside it,
+  and the CPU each of its processes spent on the job (utime + stime from /proc before and
+  after it, summed per kind of process: `cpu_by_process`).
 - **Dask**: `LocalCluster(n_workers=2, threads_per_worker=1)`, `client.map`, `gather`;
   **Ray**: `ray.init(num_cpus=2)`, one remote task per tile, `ray.get`. Both in the
   benchmark virtualenv `.bench-venv/` (created on first use: `dask[distributed]`, `ray` and
@@ -150,6 +152,49 @@ class Turn:
     makespan: dict[str, float] = field(default_factory=dict)  # row -> s
     wall: dict[str, float] = field(default_factory=dict)  # row -> s, `submit --wait` (ProcessDistro)
     startup_s: float = 0.0
+    #: row -> process group -> CPU seconds its job cost (ProcessDistro: /proc, `cpu_by_process`)
+    cpu: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: process groups of `up --workers 2`, by a word of their command line (first match wins)
+PROCESS_GROUPS = [
+    ("redis-server", "Redis"),
+    ("worker.pool", "executor processes (the kernel)"),
+    ("processdistro gateway", "gateway"),
+    ("processdistro scheduler", "scheduler"),
+    ("processdistro aggregator", "aggregator (verify, merge, commit, finalize)"),
+    ("processdistro worker", "workers' socket processes"),
+]
+
+
+def cpu_by_process(root: int) -> dict[str, float]:
+    """utime + stime (s) of every process under `root` (`up`), summed per `PROCESS_GROUPS`
+    group; processes of no group are left out (the `up` supervisor itself)."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        kids = [p for p, pp in parent.items() if pp == pid]
+        tree.update(kids)
+        todo += kids
+    out: dict[str, float] = {}
+    for pid in tree:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        group = next((g for word, g in PROCESS_GROUPS if word in cmd), None)
+        if group is not None:
+            out[group] = out.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
 
 
 def free_port() -> int:
@@ -206,9 +251,12 @@ def turn_processdistro(table: list[Row], work: Path, expected: dict[str, np.ndar
         for row in table:
             raw = work / f"pd-{row.params.width}.npy"
             raw.unlink(missing_ok=True)
+            cpu0 = cpu_by_process(up.pid)
             t0 = time.perf_counter()
             _pd(env, *_submit_args(row.params), "--raw", str(raw))
             turn.wall[row.name] = time.perf_counter() - t0
+            cpu1 = cpu_by_process(up.pid)
+            turn.cpu[row.name] = {g: cpu1[g] - cpu0.get(g, 0.0) for g in cpu1}
             job = json.loads(_pd(env, "jobs", "--json", "--limit", "1"))[0]
             if job["state"] != "done":
                 raise RuntimeError(f"job {job['id']} ended {job['state']}: {job.get('error')}")
@@ -385,6 +433,16 @@ def _report(
     ba.rows.append([change, f"{ep:.2f} s", f"{de:.2f} s", f"{ep / de:.2f}×"])
     ba.rows.extend(parts)
     report.tables.append(ba)
+    groups = [g for _word, g in PROCESS_GROUPS]
+    for row in (r for r in table if r.compute):
+        per = {g: [t.cpu[row.name].get(g, 0.0) for t in turns["ProcessDistro"]] for g in groups}
+        cpu = Table(
+            f"ProcessDistro CPU per {row.name} job, by process (median of {rounds}, /proc)", ["process", "CPU s"]
+        )
+        cpu.rows += [[g, f"{med(per[g]):.2f}"] for g in groups]
+        cpu.rows.append(["total", f"{med([sum(t.cpu[row.name].values()) for t in turns['ProcessDistro']]):.2f}"])
+        report.tables.append(cpu)
+        data["rows"][row.name]["cpu_s_by_process"] = per
     data["epoch_serial_s"] = epoch
     data["before_after"] = parts
     data["load"] = {"before": list(load[0]), "after": list(load[1])}

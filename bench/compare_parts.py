@@ -6,7 +6,15 @@ tiles (no benchmark of its own: `python -m bench` skips modules without `run`).
   `kernel_escape` (after: the module in-process for expensive pixels); CPU seconds, and the
   verdicts and iterations spent checked equal.
 - finalize: `.npy` + colouring + PNG of the job's counts, as it was (the per-pixel formula,
-  zlib level 6) and `MandelbrotPlugin.finalize` now; the images decoded and compared.
+  zlib level 6), as the merge left it (a colour table, Pillow's PNG at zlib level 1, then the
+  `.npy`) and `MandelbrotPlugin.finalize` now (bands of rows without filters compressed on
+  two threads, the `.npy` beside them); the images decoded and compared.
+- result frame: one 64 KiB tile's trip through the node's and the gateway's Python, CPU: as
+  a JSON text frame (base64 made and written by the node, parsed and checked by the
+  gateway's `parse_frame`, both with today's code) and as a binary frame (`binary_frame`,
+  `parse_binary`); the bytes the gateway ends up with checked equal. (Before this branch a
+  text result was also checked by the node, decoded twice by the gateway with a slower
+  check, and deflated and inflated by permessage-deflate: not counted here.)
 - join score: the worker's benchmark in the worker's main process on an epoch-interrupted
   engine (before) and `pool.measure_speed` in an executor process (after).
 Interleaved, medians of three.
@@ -14,6 +22,7 @@ Interleaved, medians of three.
 
 from __future__ import annotations
 
+import base64
 import random
 import shutil
 import statistics
@@ -24,14 +33,17 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from processdistro.gateway.frames import Reports, parse_frame
 from processdistro.shared.core.dispatch import pick_module
 from processdistro.shared.modules import ModuleRegistry
-from processdistro.shared.tasks.base import JobFiles, Verdict
+from processdistro.shared.protocol import Base64Text, Results, TaskResult, b64_bytes
+from processdistro.shared.tasks.base import JobFiles, Verdict, atomic_write
 from processdistro.shared.tasks.mandelbrot import (
     Escape,
     MandelbrotParams,
     MandelbrotPlugin,
     _palette,
+    colourize,
     escape_count,
     kernel_escape,
 )
@@ -66,6 +78,40 @@ def _finalize_before(p: MandelbrotParams, counts: np.ndarray, out: Path) -> floa
     np.save(out / "counts.npy", counts)
     Image.fromarray(_old_colourize(counts, p.max_iter), "RGB").save(out / "mandelbrot.png", format="PNG")
     return time.perf_counter() - t0
+
+
+def _finalize_merged(p: MandelbrotParams, counts: np.ndarray, out: Path) -> float:
+    # finalize as the merge left it: the .npy, the colour table, then Pillow at zlib level 1,
+    # each written durably (fsync) as finalize writes them
+    t0 = time.perf_counter()
+    atomic_write(out / "counts.npy", lambda f: np.save(f, counts), durable=True)
+    image = Image.fromarray(colourize(counts, p.max_iter), "RGB")
+    atomic_write(out / "mandelbrot.png", lambda f: image.save(f, format="PNG", compress_level=1), durable=True)
+    return time.perf_counter() - t0
+
+
+def _frames(tiles: list[bytes]) -> tuple[float, float]:
+    """CPU per tile of a result's trip as a text frame and as a binary frame (node + gateway)."""
+    got: dict[str, list[bytes]] = {"text": [], "binary": []}
+    t0 = time.process_time()
+    for k, tile in enumerate(tiles):
+        out = Base64Text(base64.b64encode(tile).decode(), tile)
+        text = Results(items=[TaskResult(task_id=f"{k + 1}-0", output_b64=out, elapsed_ms=1.0)]).model_dump_json()
+        frame = parse_frame(text, 1 << 24)
+        assert isinstance(frame, Reports)
+        got["text"].append(b64_bytes(frame.items[0].output_b64))  # type: ignore[union-attr]
+    t1 = time.process_time()
+    for k, tile in enumerate(tiles):
+        out = Base64Text(base64.b64encode(tile).decode(), tile)
+        data = Results(items=[TaskResult(task_id=f"{k + 1}-0", output_b64=out, elapsed_ms=1.0)]).binary_frame()
+        assert data is not None
+        frame = parse_frame(None, 1 << 24, data)
+        assert isinstance(frame, Reports)
+        got["binary"].append(b64_bytes(frame.items[0].output_b64))  # type: ignore[union-attr]
+    t2 = time.process_time()
+    if got["text"] != tiles or got["binary"] != tiles:
+        raise RuntimeError("a result frame did not carry the tile's bytes")
+    return (t1 - t0) / len(tiles), (t2 - t1) / len(tiles)
 
 
 def _finalize_after(p: MandelbrotParams, counts: np.ndarray, out: Path) -> float:
@@ -122,24 +168,37 @@ def before_after(p: MandelbrotParams, counts: np.ndarray, work: Path) -> list[li
         d.mkdir(parents=True)
         return d
 
+    mid_dir = work / "finalize-merged"
     both(
         "finalize",
         lambda: _finalize_before(p, counts, fresh(old_dir)),
         lambda: _finalize_after(p, counts, fresh(new_dir)),
     )
-    old_png = np.asarray(Image.open(old_dir / "mandelbrot.png"))
+    for _ in range(REPS):
+        before.setdefault("finalize-merged", []).append(_finalize_merged(p, counts, fresh(mid_dir)))
     new_png = np.asarray(Image.open(new_dir / "mandelbrot.png"))
-    if not (np.array_equal(old_png, new_png) and np.array_equal(np.load(new_dir / "counts.npy"), counts)):
-        raise RuntimeError("finalize wrote a different image or counts than before")
+    for d in (old_dir, mid_dir):
+        if not np.array_equal(np.asarray(Image.open(d / "mandelbrot.png")), new_png):
+            raise RuntimeError(f"finalize wrote a different image than {d.name}")
+    if not np.array_equal(np.load(new_dir / "counts.npy"), counts):
+        raise RuntimeError("finalize wrote different counts")
+    tiles = [
+        np.ascontiguousarray(counts[y0 : y0 + h, x0 : x0 + w]).tobytes()
+        for x0, y0, w, h in (p.tile_rect(i) for i in range(PLUGIN.count(p)))
+    ]
+    for _ in range(REPS):
+        text_s, binary_s = _frames(tiles)
+        before.setdefault("frame", []).append(text_s)
+        after.setdefault("frame", []).append(binary_s)
     reg = ModuleRegistry()
     base = reg.get("mandelbrot")
     module = pick_module(reg.by_sha, reg.by_name, base.sha256, simd=describe().simd) or base
     assert module.path is not None
     path = module.path
     both("join", lambda: _join_before(module.sha256, path), lambda: measure_speed(module.sha256, path, Limits()))
-    tiles = PLUGIN.count(p)
+    count = PLUGIN.count(p)
     rows.append([
-        f"verify: spot checks of the {tiles} tiles (CPU)",
+        f"verify: spot checks of the {count} tiles (CPU)",
         f"{_median(before['verify']) * 1000:.0f} ms", f"{_median(after['verify']) * 1000:.0f} ms",
         f"{_median(before['verify']) / _median(after['verify']):.1f}×",
     ])  # fmt: skip
@@ -147,6 +206,16 @@ def before_after(p: MandelbrotParams, counts: np.ndarray, work: Path) -> list[li
         f"finalize: .npy + colouring + PNG of {p.width}×{p.height}",
         f"{_median(before['finalize']):.2f} s", f"{_median(after['finalize']):.2f} s",
         f"{_median(before['finalize']) / _median(after['finalize']):.1f}×",
+    ])  # fmt: skip
+    rows.append([
+        "finalize, as the merge left it (colour table, Pillow PNG level 1) → now",
+        f"{_median(before['finalize-merged']):.2f} s", f"{_median(after['finalize']):.2f} s",
+        f"{_median(before['finalize-merged']) / _median(after['finalize']):.1f}×",
+    ])  # fmt: skip
+    rows.append([
+        "result frame of a 64 KiB tile, node + gateway Python (CPU): JSON text → binary",
+        f"{_median(before['frame']) * 1e3:.2f} ms", f"{_median(after['frame']) * 1e3:.2f} ms",
+        f"{_median(before['frame']) / _median(after['frame']):.1f}×",
     ])  # fmt: skip
     rows.append([
         f"join benchmark score ({module.name}, one core)",

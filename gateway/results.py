@@ -9,7 +9,6 @@ other results of the frame are kept either way.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import time
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from ..shared.capacity import EWMA_PREFIX
 from ..shared.core import dispatch
 from ..shared.core.dispatch import Held
 from ..shared.messages import DropCopies
-from ..shared.protocol import ErrorCode, TaskResult
+from ..shared.protocol import ErrorCode, TaskResult, b64_bytes
 from ..shared.store.handover import Handover
 
 if TYPE_CHECKING:
@@ -37,7 +36,7 @@ async def take_results(session: NodeSession, results: Sequence[TaskResult]) -> N
                 await s.refuse(ErrorCode.UNKNOWN_TASK, f"task {m.task_id} is not held by this connection")
             continue
         try:
-            output = base64.b64decode(m.output_b64, validate=True)
+            output = b64_bytes(m.output_b64)  # decoded once, by the model's check
         except (binascii.Error, ValueError):  # the model validated it; belt and braces
             await s.refuse(ErrorCode.INVALID, f"output_b64 of task {m.task_id} is not base64")
             continue

@@ -195,7 +195,7 @@ class NodeSession:
                 self.dropped = not self.closing
                 return
             self.last_seen = time.monotonic()
-            frame = parse_frame(msg.get("text"), self.settings.max_message_bytes)
+            frame = parse_frame(msg.get("text"), self.settings.max_message_bytes, msg.get("bytes"))
             if isinstance(frame, Refusal):
                 await self.refuse(frame.code, frame.message)
                 if frame.close:

@@ -283,6 +283,7 @@ class WorkerNode:
                 websockets.connect(
                     url,
                     max_size=MAX_FRAME_BYTES,
+                    compression=None,  # permessage-deflate: more CPU than it saves bytes on a LAN
                     open_timeout=CONNECT_TIMEOUT_S,
                     close_timeout=CLOSE_TIMEOUT_S,
                     ssl=self.config.tls,  # pinned to the join link's fp=: WorkerConfig.tls
@@ -297,7 +298,7 @@ class WorkerNode:
         writer = asyncio.create_task(self._write(ws, outq))
         leaver = asyncio.create_task(self._leave_on_stop(outq))
         heartbeat: asyncio.Task[None] | None = None
-        welcomed = False
+        welcomed = self._binary = False
         try:
             self._feed(Connected())
             async for frame in ws:
@@ -307,7 +308,7 @@ class WorkerNode:
                 if self._on_frame is not None:
                     self._on_frame(message)
                 if isinstance(message, Welcome):
-                    welcomed = True
+                    welcomed, self._binary = True, bool(message.binary_results)  # results as bytes
                     self.node_id = message.node_id
                     self._set_capacity(message.slots, message.heartbeat_interval_s)
                     log.info("node %s: connected (%d slots)", self.node_id, message.slots)
@@ -345,7 +346,7 @@ class WorkerNode:
                 self._undelivered(message)
                 continue
             try:
-                await ws.send(message.model_dump_json())
+                await ws.send((self._binary and message.binary_frame()) or message.model_dump_json())
             except websockets.ConnectionClosed:
                 open_ = False
                 self._undelivered(message)

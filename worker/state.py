@@ -43,6 +43,7 @@ from typing import TypeAlias
 
 from ..shared.protocol import (
     MAX_RESULTS_PER_FRAME,
+    Base64Text,
     CancelTasks,
     Heartbeat,
     Hello,
@@ -237,7 +238,7 @@ class NodeState:
         if isinstance(event, Received):
             return self._received(event.message)
         if isinstance(event, PartDone):
-            output_b64 = base64.b64encode(event.output).decode()
+            output_b64 = Base64Text(base64.b64encode(event.output).decode(), event.output)  # not decoded again
             if (too_large := result_too_large(len(output_b64), self.max_message_bytes)) is not None:
                 return self._finished(event.task_id, TaskFailed(task_id=event.task_id, message=too_large))
             return self._finished(

@@ -239,3 +239,32 @@ export function fromBase64(text) {
     ? Uint8Array.fromBase64(text)
     : fromBase64Portable(text);
 }
+
+/**
+ * A `result` or `results` frame as a binary frame (shared/protocol.py `binary_frame`), for a
+ * gateway whose welcome said `binary_results`: the JSON header's length (u32, little-endian),
+ * the header ({type: "results", items}: a result as {type, task_id, elapsed_ms, size}, a
+ * task_failed whole), then the results' outputs back to back. The gateway then parses no
+ * base64 and no long JSON string. null when no report is a result: that frame goes as text.
+ */
+export function binaryFrame(frame) {
+  const reports = frame.type === "results" ? frame.items : frame.type === "result" ? [frame] : null;
+  if (!Array.isArray(reports) || !reports.some((r) => r.type === "result")) return null;
+  const outputs = [];
+  const items = reports.map((r) => {
+    if (r.type !== "result") return r;
+    const bytes = fromBase64(r.output_b64);
+    outputs.push(bytes);
+    return { type: "result", task_id: r.task_id, elapsed_ms: r.elapsed_ms, size: bytes.length };
+  });
+  const head = new TextEncoder().encode(JSON.stringify({ type: "results", items }));
+  const out = new Uint8Array(4 + head.length + outputs.reduce((n, b) => n + b.length, 0));
+  new DataView(out.buffer).setUint32(0, head.length, true);
+  out.set(head, 4);
+  let at = 4 + head.length;
+  for (const bytes of outputs) {
+    out.set(bytes, at);
+    at += bytes.length;
+  }
+  return out;
+}

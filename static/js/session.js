@@ -7,7 +7,7 @@
 // back each part's outcome. The socket, fetch and the workers' endpoints come in through the
 // constructor, as comlink's `wrap(endpoint)` takes an interface.
 
-import { CloseCode, ServerType, leave } from "./protocol.js";
+import { CloseCode, ServerType, binaryFrame, leave } from "./protocol.js";
 import { BlockCache } from "./blocks.js";
 import { benchmark, benchmarkEntry, describeDevice, deviceId, exportModule, keepIdentity, nodeSecret } from "./device.js";
 import { ACTIVE, LOG_LINES, REPLACED_ATTEMPT, State, afterClose } from "./lifecycle.js";
@@ -387,7 +387,7 @@ export class Session extends EventTarget {
   }
 
   #onWelcome(msg) {
-    this.attempt = 0;
+    [this.attempt, this.binaryResults] = [0, msg.binary_results === true]; // results as bytes: binaryFrame
     this.nodeId = msg.node_id;
     this.slots = msg.slots;
     this.prefetch = msg.prefetch;
@@ -409,7 +409,7 @@ export class Session extends EventTarget {
 
   #send(frame) {
     const ws = this.ws;
-    if (ws && ws.readyState === this.Socket.OPEN) ws.send(JSON.stringify(frame));
+    if (ws && ws.readyState === this.Socket.OPEN) ws.send((this.binaryResults && binaryFrame(frame)) || JSON.stringify(frame));
   }
 
   #blockUrl(job, sha) {
