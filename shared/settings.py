@@ -74,7 +74,7 @@ class Settings(BaseSettings):
         default=32, ge=1, le=64, description="reports a node may send in one `results` frame (1: each alone)"
     )
     small_task_ms: float = Field(
-        default=50.0,
+        default=100.0,
         ge=0,
         le=10_000,
         description="kinds other than hash and crack: consecutive subtasks go several to a task while the "
