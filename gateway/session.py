@@ -179,8 +179,8 @@ class NodeSession:
                 self.dropped = True
                 await self.close(CloseCode.SILENT, "no heartbeat")
                 return
-            if self.spare and self.want <= 0 and now - self.spare_since >= SPARE_KEEP_S:
-                await self._requeue_spare(len(self.spare))  # the node is busy for longer: others may take them
+            if self.spare and now - self.spare_since >= SPARE_KEEP_S:
+                await self._requeue_spare(len(self.spare))  # not taken soon (busy, or benched): others may
             if now - last_touch >= 1.0:
                 # the connection's liveness in Redis: the scheduler's reaper acts on it only
                 # if this gateway itself dies (we close silent nodes ourselves)
@@ -271,13 +271,15 @@ class NodeSession:
             await self.wake.wait()
             while self.want > 0 and not self.closing:
                 await self._unpark()  # a benched node may still confirm (or fail) a parked copy
-                while self.spare and self.want > 0:
-                    await self._assign(*self.spare.pop(0))
                 if self.want <= 0:
                     break
                 if await self.store.benched(self.node_id):  # its failures stood out: no new tasks
                     await asyncio.sleep(BENCH_LOOK_S)
                     continue
+                while self.spare and self.want > 0:  # read before anything still in the stream
+                    await self._assign(*self.spare.pop(0))
+                if self.want <= 0:
+                    break
                 if await self.store.results_waiting() >= self.settings.results_backlog:
                     # the aggregators are behind: more results would only queue (in Redis), and a
                     # later job of higher priority would wait behind them
