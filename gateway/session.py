@@ -223,9 +223,7 @@ class NodeSession:
                     if isinstance(failed, TaskFailed):
                         await self._failed(failed)
             case Ready():
-                if not self.said_ready:  # from now on it counts as a taker and a voter
-                    self.said_ready = True
-                    await self._touch(ready=self.connection)
+                await self._mark_ready()
                 self.want = dispatch.want_after_ready(
                     free=m.free,
                     slots=self.slots,
@@ -242,12 +240,20 @@ class NodeSession:
                 await self._failed(m)
             case Hello():
                 self.multipart = m.protocol >= MULTIPART_SINCE  # an older agent gets one part per task
+                if m.running:  # back after a reconnect, busy: it says `ready` only once a slot frees
+                    await self._mark_ready()
                 if unknown := dispatch.unknown_running(self.held, m.running):
                     await self.send(CancelTasks(task_ids=unknown))
             case Leave():
                 await self.close(CloseCode.NORMAL, "left")
             case AgentLog():  # a notable event on the node, for the controller's log
                 await agent_log.AGENT_LOGS.receive(self.store, self.node_id, m)
+
+    async def _mark_ready(self) -> None:
+        """From now on the node counts as a taker and a voter (`core.replication.said_ready`)."""
+        if not self.said_ready:
+            self.said_ready = True
+            await self._touch(ready=self.connection)
 
     async def _failed(self, m: TaskFailed) -> None:
         held = self.held.pop(m.task_id, None)
