@@ -332,9 +332,10 @@ class NodeSession:
             peak_ms=self.peak.get(fields.kind),
             small_task_s=self.settings.small_task_ms / 1000,
         )
-        if wanted > 1:
-            # the next entries of the same job become further parts of this task
-            for eid, extra in await self.store.read(self.consumer, wanted - 1, block_ms=None):
+        if (more := wanted - 1 - len(self.spare)) > 0:
+            # the next entries of the same job become further parts of this task (fewer while
+            # entries of another job wait as spare: they must not pile up out of others' reach)
+            for eid, extra in await self.store.read(self.consumer, more, block_ms=None):
                 (parts if dispatch.bundles_with(fields, extra) else others).append((eid, extra))
         group = next(self._groups)
         now = time.monotonic()
