@@ -1,7 +1,9 @@
 """One node's WebSocket connection: frames in -> decisions (`shared/core/dispatch.py`) ->
 store (`shared/store/gateway.py`); frames out.
 
-Invariant: what this connection holds is exactly the pending entries of its stream consumer
+Invariant: what this connection holds (sent to the node, and `spare`: entries read along with
+a task's parts that could not join it, kept in stream order for the node's next `ready`
+rather than requeued behind later work) is exactly the pending entries of its stream consumer
 (`queue.consumer_name(node, connection)`); on close every one of them is requeued at once,
 and a silent node (no frame for `node_timeout_s`) is closed, which does the same.
 """
@@ -18,7 +20,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ..shared.capacity import EWMA_PREFIX
 from ..shared.core import dispatch
-from ..shared.core.dispatch import Held, Replica, Verdict
+from ..shared.core.dispatch import Held
 from ..shared.core.failures import FailureOutcome
 from ..shared.logs import safe_text
 from ..shared.modules import Module, ModuleRegistry
@@ -47,6 +49,7 @@ from .auth import TokenSigner
 from .frames import NodeFrame, Refusal, Reports, parse_frame, task_frame, welcome
 from .metrics import GatewayMetrics
 from .results import take_results
+from .screening import usable
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ UNPARK_LOOK = 16  # parked copies a dispatch looks at
 READ_BLOCK_MS = 1000  # how long a dispatch waits for new entries before it looks again
 BENCH_LOOK_S = 1.0  # how often a benched node's dispatch looks whether its bench is over
 BACKPRESSURE_LOOK_S = 0.05  # how often a dispatch held back by waiting results looks again
+SPARE_KEEP_S = 1.0  # entries read along with a task's parts wait this long for the node's next `ready`
 
 
 class NodeSession:
@@ -100,6 +104,9 @@ class NodeSession:
         self.simd = False
         self.multipart = False
         self.given_back: dict[str, None] = {}  # recent tasks taken back (stolen, or another copy won)
+        self.spare: list[tuple[str, TaskFields]] = []  # read, not sent: served first (see the invariant)
+        self.spare_since = 0.0
+        self.said_ready = False  # recorded once as `ready` (`core.replication.said_ready`)
 
     # ------------------------------------------------------------------ frames out
 
@@ -172,6 +179,8 @@ class NodeSession:
                 self.dropped = True
                 await self.close(CloseCode.SILENT, "no heartbeat")
                 return
+            if self.spare and now - self.spare_since >= SPARE_KEEP_S:
+                await self._requeue_spare(len(self.spare))  # not taken soon (busy, or benched): others may
             if now - last_touch >= 1.0:
                 # the connection's liveness in Redis: the scheduler's reaper acts on it only
                 # if this gateway itself dies (we close silent nodes ourselves)
@@ -214,6 +223,7 @@ class NodeSession:
                     if isinstance(failed, TaskFailed):
                         await self._failed(failed)
             case Ready():
+                await self._mark_ready()
                 self.want = dispatch.want_after_ready(
                     free=m.free,
                     slots=self.slots,
@@ -230,12 +240,20 @@ class NodeSession:
                 await self._failed(m)
             case Hello():
                 self.multipart = m.protocol >= MULTIPART_SINCE  # an older agent gets one part per task
+                if m.running:  # back after a reconnect, busy: it says `ready` only once a slot frees
+                    await self._mark_ready()
                 if unknown := dispatch.unknown_running(self.held, m.running):
                     await self.send(CancelTasks(task_ids=unknown))
             case Leave():
                 await self.close(CloseCode.NORMAL, "left")
             case AgentLog():  # a notable event on the node, for the controller's log
                 await agent_log.AGENT_LOGS.receive(self.store, self.node_id, m)
+
+    async def _mark_ready(self) -> None:
+        """From now on the node counts as a taker and a voter (`core.replication.said_ready`)."""
+        if not self.said_ready:
+            self.said_ready = True
+            await self._touch(ready=self.connection)
 
     async def _failed(self, m: TaskFailed) -> None:
         held = self.held.pop(m.task_id, None)
@@ -249,7 +267,7 @@ class NodeSession:
         )
         if outcome is FailureOutcome.FAIL_JOB:
             await self.store.drop(m.task_id)  # the scheduler fails the job
-        else:  # for another node: `_usable` parks it when this node reads it again
+        else:  # for another node: `screening.usable` parks it when this node reads it again
             await self.store.requeue([m.task_id], bump=1)
 
     # ------------------------------------------------------------------ dispatch
@@ -264,13 +282,17 @@ class NodeSession:
                 if await self.store.failures.benched(self.node_id):  # its failures stood out: no new tasks
                     await asyncio.sleep(BENCH_LOOK_S)
                     continue
+                while self.spare and self.want > 0:  # read before anything still in the stream
+                    await self._assign(*self.spare.pop(0))
+                if self.want <= 0:
+                    break
                 if await self.store.results_waiting() >= self.settings.results_backlog:
                     # the aggregators are behind: more results would only queue (in Redis), and a
                     # later job of higher priority would wait behind them
                     await asyncio.sleep(BACKPRESSURE_LOOK_S)
                     continue
                 for task_id, fields in await self.store.read(self.consumer, self.want, block_ms=READ_BLOCK_MS):
-                    await self._assign(task_id, fields)
+                    await self._assign_or_keep(task_id, fields)
             self.wake.clear()
 
     async def _unpark(self) -> None:
@@ -288,46 +310,8 @@ class NodeSession:
             if await self.store.unpark(task_id, self.consumer):
                 await self._assign(task_id, fields)
 
-    async def _usable(self, task_id: str, fields: TaskFields) -> bool:
-        """Carry out `dispatch.screen` and the replica rule: False if the task is not to be
-        sent (dropped, parked, or decided)."""
-        over = await self.store.job_is_over(fields.job)
-        index_done = (
-            not over
-            and dispatch.needs_index_done(fields, self.node_id)
-            and await self.store.index_done(fields.job, fields.index)
-        )
-        verdict = dispatch.screen(fields, node_id=self.node_id, job_over=over, index_done=index_done)
-        match await failures.rescreen(self.store, self.node_id, fields, verdict):
-            case Verdict.DROP:
-                await self.store.drop(task_id)
-                return False
-            case Verdict.PARK:  # taken from the parked set by another node (`_unpark`)
-                await self.store.park(task_id)
-                return False
-            case Verdict.REPLICA:
-                return await self._may_replicate(task_id, fields)
-            case Verdict.SEND:
-                return True
-
-    async def _may_replicate(self, task_id: str, fields: TaskFields) -> bool:
-        """The replica rule (`dispatch.replica_rule`), reading only what each step needs."""
-        held_here = dispatch.holds(self.held, fields.job, fields.index)
-        if not held_here and dispatch.may_take_replica(
-            holds=False, returned_here=await self.store.has_returned(fields.job, fields.index, self.voter)
-        ):
-            return True
-        returned, votes, live = await self.store.replica_view(fields.job, fields.index, self.settings.node_timeout_s)
-        if dispatch.replica_fallback(node_id=self.voter, returned=returned, votes=votes, live=live) is Replica.PARK:
-            await self.store.park(task_id)
-        else:  # Replica.DECIDE: the aggregator accepts the one result
-            await self.store.hand_over(
-                task_id, fields, node_id=self.node_id, output=b"", elapsed_ms=0, returned=False, decide=1
-            )
-        return False
-
     async def _assign(self, task_id: str, fields: TaskFields) -> None:
-        if not await self._usable(task_id, fields):
+        if not await usable(self, task_id, fields):
             return
         module = dispatch.pick_module(self.modules.by_sha, self.modules.by_name, fields.module, simd=self.simd)
         if module is None and await self.store.module_stored(fields.module):
@@ -348,9 +332,10 @@ class NodeSession:
             peak_ms=self.peak.get(fields.kind),
             small_task_s=self.settings.small_task_ms / 1000,
         )
-        if wanted > 1:
-            # the next entries of the same job become further parts of this task
-            for eid, extra in await self.store.read(self.consumer, wanted - 1, block_ms=None):
+        if (more := wanted - 1 - len(self.spare)) > 0:
+            # the next entries of the same job become further parts of this task (fewer while
+            # entries of another job wait as spare: they must not pile up out of others' reach)
+            for eid, extra in await self.store.read(self.consumer, more, block_ms=None):
                 (parts if dispatch.bundles_with(fields, extra) else others).append((eid, extra))
         group = next(self._groups)
         now = time.monotonic()
@@ -360,25 +345,40 @@ class NodeSession:
         await self.send(task_frame(parts, module))
         if len(parts) > 1:
             await self.store.count("parts_bundled", len(parts) - 1)
-        for tid, f in others:  # read along with the parts but of another job
-            if self.want > 0:
-                await self._assign(tid, f)
-            else:
-                await self.store.requeue([tid], bump=0)
+        for tid, f in others:  # read along with the parts but of another job (or a copy)
+            await self._assign_or_keep(tid, f)
+
+    async def _assign_or_keep(self, task_id: str, fields: TaskFields) -> None:
+        """Send a task read for the node while it wants one, else keep it `spare` (requeued, it
+        would go behind every later entry: a job of higher priority would wait for them)."""
+        if self.want > 0:
+            await self._assign(task_id, fields)
+            return
+        if not self.spare:
+            self.spare_since = time.monotonic()
+        self.spare.append((task_id, fields))
+
+    async def _requeue_spare(self, count: int) -> int:
+        """Give back up to `count` spare entries (the latest read first)."""
+        ids = [tid for tid, _f in self.spare[-count:]] if count > 0 else []
+        del self.spare[len(self.spare) - len(ids) :]
+        return await self.store.requeue(ids, bump=0) if ids else 0
 
     # ------------------------------------------------------------------ control (from the hub)
 
     async def give_back(self, count: int) -> None:
         """Requeue up to `count` of the task entries this node has not started, for idle
         nodes (`dispatch.to_give_back` chooses them)."""
-        ids = dispatch.to_give_back(self.held, slots=self.slots, count=count)
-        if not ids:
-            return
+        n = await self._requeue_spare(count)  # never sent: nothing to cancel at the node
+        ids = dispatch.to_give_back(self.held, slots=self.slots, count=count - n)
         for tid in ids:
             self.held.pop(tid, None)
             dispatch.remember(self.given_back, tid)
-        await self.send(CancelTasks(task_ids=ids))
-        n = await self.store.requeue(ids, bump=0)
+        if ids:
+            await self.send(CancelTasks(task_ids=ids))
+            n += await self.store.requeue(ids, bump=0)
+        if not n:
+            return
         await self.store.count("tasks_stolen", n)
         log.info("node %s: gave back %d waiting tasks for idle nodes", self.node_id, n)
 
@@ -396,6 +396,10 @@ class NodeSession:
     async def cancel_job(self, job_id: str) -> None:
         """The job is over: stop its tasks on the node and drop their entries."""
         ids = dispatch.of_job(self.held, job_id)
+        spare = [tid for tid, f in self.spare if f.job == job_id]
+        self.spare = [(tid, f) for tid, f in self.spare if f.job != job_id]
+        for tid in spare:
+            await self.store.drop(tid)
         for tid in ids:
             self.held.pop(tid, None)
             await self.store.drop(tid)

@@ -33,6 +33,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .core.replication import said_ready
 from .protocol import MAX_ELAPSED_MS, MAX_PARTS, MAX_SCORE
 from .queue import consumer_name
 
@@ -82,6 +83,7 @@ class NodeView:
     score: float | None = None  # benchmark, iterations/s per core
     ewma_ms: dict[str, float] = field(default_factory=dict)  # observed task time per kind
     held: int = 0  # tasks it holds now (pending entries of its consumer)
+    ready: bool = True  # its connection has asked for work (`core.replication.said_ready`)
 
     @classmethod
     def of(cls, node_id: str, h: dict[bytes, bytes]) -> NodeView:
@@ -92,7 +94,8 @@ class NodeView:
         }
         score = finite(h.get(b"score"), MAX_SCORE)
         consumer = consumer_name(node_id, h.get(b"connection", b"").decode())
-        return cls(node_id, consumer, int(h.get(b"slots", 1)), score or None, ewma)
+        ready = said_ready(h.get(b"ready"), h.get(b"connection"))
+        return cls(node_id, consumer, int(h.get(b"slots", 1)), score or None, ewma, ready=ready)
 
     def task_ms(self, kind: str, peers: Iterable[NodeView]) -> float | None:
         """Expected time of one task of `kind` here: observed, or estimated from a peer that

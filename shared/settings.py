@@ -74,11 +74,11 @@ class Settings(BaseSettings):
         default=32, ge=1, le=64, description="reports a node may send in one `results` frame (1: each alone)"
     )
     small_task_ms: float = Field(
-        default=0.0,
+        default=100.0,
         ge=0,
         le=10_000,
         description="kinds other than hash and crack: consecutive subtasks go several to a task while the "
-        "node's slowest recent part is this small beside it (e.g. 50; 0: one subtask per task)",
+        "node's slowest recent part is this small beside it (0: one subtask per task)",
     )
     results_backlog: int = Field(
         default=512,

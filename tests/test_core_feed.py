@@ -3,6 +3,8 @@ shared by jobs. No Redis, no processes."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from processdistro.shared.capacity import NodeView
 from processdistro.shared.core.feed import (
@@ -142,13 +144,15 @@ def test_backlog_target_holds_what_the_nodes_take_in_a_tenth_of_a_second(
 @pytest.mark.parametrize(
     ("previous", "taken", "elapsed_s", "expected"),
     [
-        (0.0, 100, 0.1, 300.0),  # first sample: 1,000/s weighted 0.3
+        (0.0, 100, 0.1, 1000.0 * (1 - math.exp(-1 / 3))),  # first sample: 1,000/s weighted ~0.28
         (1000.0, 100, 0.1, 1000.0),  # steady
-        (1000.0, 0, 0.05, 700.0),  # nothing taken: the rate decays
+        (1000.0, 0, 0.05, 1000.0 * math.exp(-1 / 6)),  # nothing taken: the rate decays
         (1000.0, -20, 0.1, 1000.0),  # entries came back (requeued): no sample
         (1000.0, 50, 0.0, 1000.0),  # no time passed: no sample
+        (500.0, 32, 0.001, 500.0 + (32_000.0 - 500.0) * (1 - math.exp(-0.001 / 0.3))),  # ~605/s, not 10,000
+        (1000.0, 0, 3.0, 1000.0 * math.exp(-10)),  # a long quiet turn: the rate is forgotten
     ],
-    ids=["first", "steady", "idle", "requeued", "no time"],
+    ids=["first", "steady", "idle", "requeued", "no time", "a bundled burst weighs little", "long quiet"],
 )
 def test_drain_rate(previous: float, taken: int, elapsed_s: float, expected: float) -> None:
     assert drain_rate(previous, taken, elapsed_s) == pytest.approx(expected)
@@ -174,3 +178,11 @@ def test_command_wait(fed: int, unfed: bool, backlog: int, drain_per_s: float, e
 
 def test_a_busy_wait_is_shorter_than_an_idle_one() -> None:
     assert 0 < BUSY_WAIT_MS < IDLE_WAIT_MS
+
+
+def test_backlog_target_counts_only_nodes_that_take_work() -> None:
+    """2,000 connected nodes that never asked for work (bench/simnodes.py) would make the
+    backlog 8,000 entries deep, and a later job of higher priority wait behind it."""
+    mute = [NodeView(f"m{i}", f"m{i}~1", 1, ready=False) for i in range(2000)]
+    working = [NodeView("w", "w~1", 2)]
+    assert backlog_target(mute + working, frozenset(), 4.0) == backlog_target(working, frozenset(), 4.0) == MIN_BACKLOG

@@ -20,6 +20,7 @@ from processdistro.shared.core.replication import (
     outvoted_by,
     parked_fate,
     penalty,
+    said_ready,
     sampled,
 )
 
@@ -314,3 +315,20 @@ def test_the_controller_outvotes_whoever_differs_from_its_own_result() -> None:
 
 def test_the_controller_is_never_banned() -> None:
     assert penalty(CONTROLLER, 99, 3) is Penalty.COUNTED
+
+
+@pytest.mark.parametrize(
+    ("ready", "connection", "expected"),
+    [
+        (b"c1", b"c1", True),  # its current connection asked for work
+        (None, b"c1", False),  # connected, never asked (a monitor, a stuck agent, bench/simnodes.py)
+        (b"c0", b"c1", False),  # asked on an earlier connection; this one has not yet
+        (b"", b"", False),  # nothing recorded
+        ("c1", "c1", True),  # read as text
+    ],
+    ids=["ready", "never said ready", "an old connection's ready", "empty", "text"],
+)
+def test_only_nodes_that_said_ready_take_work_and_vote(
+    ready: bytes | str | None, connection: bytes | str | None, expected: bool
+) -> None:
+    assert said_ready(ready, connection) is expected

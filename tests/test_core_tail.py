@@ -10,6 +10,7 @@ from processdistro.shared import keys
 from processdistro.shared.capacity import NodeView
 from processdistro.shared.core.tail import (
     BACKUP_MIN_MS,
+    STEAL_MIN_MS,
     Backup,
     Instruction,
     Pending,
@@ -29,6 +30,13 @@ H = "hash"  # an adaptive kind: a task is many parts
 def node(node_id: str, slots: int, held: int, ms: float | None = None, *, kind: str = M) -> tuple[NodeView, int]:
     """A live node with `slots`, holding `held` tasks, taking `ms` per task of `kind`."""
     return NodeView(node_id, f"{node_id}~1", slots, ewma_ms={kind: ms} if ms else {}), held
+
+
+def silent(node_id: str, slots: int, ms: float | None = None, *, kind: str = M) -> tuple[NodeView, int]:
+    """A live node, connected but never having said `ready`: it holds nothing and takes nothing."""
+    view, _ = node(node_id, slots, 0, ms, kind=kind)
+    view.ready = False
+    return view, 0
 
 
 def settings(**kw: object) -> TailSettings:
@@ -149,6 +157,39 @@ STEALS = [
     ),
 ]
 
+STEALS += [
+    StealCase(
+        "a connected node that never said ready is no idle taker",
+        [silent("mute", 4, 500), node("holder", 1, 3, 1000)],
+        [],
+    ),
+    StealCase(
+        "beside a silent node, a ready idle one still takes its share",
+        [silent("mute", 4, 500), node("idle", 1, 0, 500), node("holder", 1, 3, 1000)],
+        [Steal("holder~1", 1)],
+    ),
+    StealCase(
+        "a silent node is no busy taker either",
+        [silent("mute", 1, 100), node("holder", 1, 3, 1000)],
+        [],
+    ),
+    StealCase(
+        "bundled trivial parts (62 queued at 1 ms) are done before a steal would land",
+        [node("idle", 2, 0, 1), node("holder", 2, 64, 1)],
+        [],
+    ),
+    StealCase(
+        "queued parts worth STEAL_MIN_MS are still stolen",
+        [node("idle", 2, 0, 10), node("holder", 2, 2 + int(STEAL_MIN_MS / 10), 10)],
+        [Steal("holder~1", 2)],
+    ),
+    StealCase(
+        "just under STEAL_MIN_MS of queued work stays",
+        [node("idle", 2, 0, 10), node("holder", 2, 1 + int(STEAL_MIN_MS / 10), 10)],
+        [],
+    ),
+]
+
 
 @pytest.mark.parametrize("case", STEALS, ids=[c.id for c in STEALS])
 def test_stealing(case: StealCase) -> None:
@@ -167,6 +208,8 @@ def test_nothing_without_room_or_without_held_tasks() -> None:
     empty = [node("a", 1, 0, 500)]
     assert not any_room([n for n, _ in empty], {}, 1)
     assert decide(empty) == []
+    mute = [silent("mute", 4, 500), node("b", 1, 2, 1000)]
+    assert not any_room([n for n, _ in mute], {n.consumer: h for n, h in mute if h}, 1)
 
 
 # ------------------------------------------------------------------ backups
@@ -294,6 +337,22 @@ BACKUPS = [
         [out("slow~1", 300)],
         [],
         kw={"backups": False},
+    ),
+]
+
+BACKUPS += [
+    BackupCase(
+        "no copy for a connected node that never said ready",
+        [silent("mute", 4, 500), node("slow", 1, 2, 1000)],
+        [out("slow~1", 3000), out("slow~1", 100, "queued")],
+        [],
+    ),
+    BackupCase(
+        "a silent node gives no room to a stuck task either",
+        [silent("mute", 4, 500)],
+        [out("gone~1", 3500)],
+        [],
+        extra_held={"gone~1": 1},
     ),
 ]
 

@@ -29,8 +29,11 @@ MAX_DRAIN_BACKLOG = 2048
 BUSY_WAIT_MS = 5
 #: ... and when no job has anything left to feed
 IDLE_WAIT_MS = 50
-#: weight of the newest sample in the drain rate's moving average
-DRAIN_WEIGHT = 0.3
+#: the drain rate's moving average forgets with this time constant: a sample weighs by the time
+#: it covers (a burst of a node taking 32 bundled parts between two turns a millisecond apart
+#: is not a rate of 32,000/s: weighted 0.3 per sample, it filled the backlog with seconds of
+#: work, and a job of higher priority submitted then waited behind it)
+DRAIN_TAU_S = 0.3
 
 
 @dataclass(frozen=True)
@@ -58,23 +61,28 @@ class Batch:
 def backlog_target(
     nodes: Iterable[NodeView], adaptive: frozenset[str], target_task_s: float, drain_per_s: float = 0.0
 ) -> int:
-    """Enough undelivered entries for every live slot to take a few tasks, at the parts
-    per task a node gets for the adaptive kinds (hash, crack), and for what the nodes
-    take in `REFILL_S` at `drain_per_s` entries per second (at most `MAX_DRAIN_BACKLOG`)."""
+    """Enough undelivered entries for every slot of a node that takes work (`NodeView.ready`:
+    connected nodes that never ask would only make the queue a later job of higher priority
+    waits behind longer) to take a few tasks, at the parts per task a node gets for the
+    adaptive kinds (hash, crack), and for what the nodes take in `REFILL_S` at `drain_per_s`
+    entries per second (at most `MAX_DRAIN_BACKLOG`)."""
     room = 0
-    for node in nodes:
+    for node in (n for n in nodes if n.ready):
         parts = [parts_per_task(ms, target_task_s) for k, ms in node.ewma_ms.items() if k in adaptive]
         room += node.slots * max([1, *parts])
     drain = min(MAX_DRAIN_BACKLOG, math.ceil(max(0.0, drain_per_s) * REFILL_S))
     return max(MIN_BACKLOG, 4 * room, drain)
 
 
-def drain_rate(previous: float, taken: int, elapsed_s: float, *, weight: float = DRAIN_WEIGHT) -> float:
-    """The nodes' take from the backlog, entries per second, as a moving average: `taken`
-    entries left the backlog in the `elapsed_s` since the last sample. A sample over no
-    time (or a negative take: entries requeued) leaves the average as it was."""
+def drain_rate(previous: float, taken: int, elapsed_s: float, *, tau_s: float = DRAIN_TAU_S) -> float:
+    """The nodes' take from the backlog, entries per second, as a moving average over time:
+    `taken` entries left the backlog in the `elapsed_s` since the last sample, which weighs
+    `1 - exp(-elapsed_s / tau_s)` (about 0.28 for a tenth of a second, 0.003 for a
+    millisecond). A sample over no time (or a negative take: entries requeued) leaves the
+    average as it was."""
     if elapsed_s <= 0 or taken < 0:
         return previous
+    weight = 1 - math.exp(-elapsed_s / tau_s)
     return (1 - weight) * previous + weight * (taken / elapsed_s)
 
 

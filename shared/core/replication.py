@@ -76,6 +76,17 @@ class VoteDecision:
     reason: str = ""
 
 
+def said_ready(ready: bytes | str | None, connection: bytes | str | None) -> bool:
+    """Does a live node take work, and so count as a voter (who could confirm a replicated
+    subtask) and as a taker for stealing and backups? Only once its current connection has
+    said `ready`, or resumed running tasks in its `hello` after a reconnect (the gateway
+    records that connection as `ready` in the node's record): a node that is connected but
+    never asks for work (a monitor, a stuck agent, the simulated nodes of bench/simnodes.py)
+    would otherwise be waited for, `PARKED_WAIT_S` per replicated copy, and be given stolen
+    work and backups it never takes. A reconnect must say it again."""
+    return bool(ready) and ready == connection
+
+
 def confirmers(live: Set[str], voters: Set[str]) -> set[str]:
     """Live nodes that have not returned a result for the subtask: who could confirm."""
     return set(live) - set(voters)

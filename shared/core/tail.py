@@ -13,6 +13,13 @@ returns instructions; `scheduler/tail.py` reads the inputs and carries the instr
    (`BACKUP_SPEEDUP`), or out far longer than tasks usually take (`BACKUP_FACTOR` typical
    task times, at least `BACKUP_STUCK_MIN_MS`), gets a copy for a node with room (`Backup`);
    the first valid result wins.
+
+Takers (idle nodes, nodes with room) are only nodes whose connection has said `ready`
+(`NodeView.ready`): a connected node that never asks for work would take nothing. A
+holder's `held` counts task entries, i.e. parts (a task may carry several: docs/protocol.md),
+so what it has queued is weighed by time: queued parts that it runs within `STEAL_MIN_MS`
+(trivial parts bundled by the gateway) are not worth a round trip of `Steal`, cancel and
+requeue, and are left where they are.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ BACKUP_SPEEDUP = 0.67  # back up a running task for an idle node at least this m
 BACKUP_STUCK_MIN_MS = 1500  # ... or one out for longer than this and than
 BACKUP_FACTOR = 3.0  # this many typical task times (a node that stalled)
 TYPICAL_MS_UNKNOWN = 1000.0  # the typical task time before any latency was recorded
+STEAL_MIN_MS = 100.0  # never steal queued work that its holder runs within this long
 
 
 @dataclass(frozen=True)
@@ -104,7 +112,7 @@ def backup_candidates(pending: Sequence[Pending], nodes: dict[str, NodeView]) ->
 
 def any_room(nodes: Iterable[NodeView], held: dict[str, int], prefetch: int) -> bool:
     """Could `plan` do anything: some task is held, and some node has room for one more?"""
-    return bool(held) and any(held.get(n.consumer, 0) < n.slots + prefetch for n in nodes)
+    return bool(held) and any(n.ready and held.get(n.consumer, 0) < n.slots + prefetch for n in nodes)
 
 
 def plan(
@@ -126,9 +134,9 @@ def plan(
     views = [dataclasses.replace(n, held=held.get(n.consumer, 0)) for n in nodes]
     # stealing feeds nodes that ran out of work; a backup may also wait in the prefetch
     # queue of a node much faster than the holder (behind the task it just stole)
-    idle = [n for n in views if n.held < n.slots]
+    idle = [n for n in views if n.ready and n.held < n.slots]
     idle_slots = sum(n.slots - n.held for n in idle)
-    room = [n for n in views if n.held < n.slots + settings.prefetch]
+    room = [n for n in views if n.ready and n.held < n.slots + settings.prefetch]
     if not room or not held:
         return []
     # a busy node with prefetch room, much faster than a holder, may queue its task: it
@@ -142,7 +150,7 @@ def plan(
         if queued <= 0 or not settings.stealing or idle_slots + busy_slots <= 0:
             continue
         kind = newest_kind.get(holder.consumer, "")
-        if not kind:
+        if not kind or not worth_stealing(holder, queued, kind, views):
             continue
         if idle_slots > 0 and worth_moving(holder, idle, kind, STEAL_FACTOR, views):
             takers, free = idle, idle_slots
@@ -168,6 +176,13 @@ def plan(
         backup_slots = sum(n.slots + settings.prefetch - n.held for n in room) - stolen
         out.extend(_backups(views, room, backup_slots, candidates, backed_up, typical_ms(latencies_ms), settings))
     return out
+
+
+def worth_stealing(holder: NodeView, queued: int, kind: str, views: Sequence[NodeView]) -> bool:
+    """Does the holder's queued work last long enough to move: `queued` entries (parts) at
+    its time per part of `kind`, at least `STEAL_MIN_MS`? Unknown speed: `worth_moving` decides."""
+    ms = holder.task_ms(kind, views)
+    return ms is None or queued * ms >= STEAL_MIN_MS
 
 
 def _share(mine: float, theirs: float) -> float:

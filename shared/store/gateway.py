@@ -30,6 +30,7 @@ import redis
 import redis.asyncio as aredis
 
 from .. import keys
+from ..core.replication import said_ready
 from ..exceptions import ProcessDistroError
 from ..jobs import JobRecord, JobState
 from ..messages import Ban, Cancel, CancelJob, DropCopies, Fail, Steal, Submit
@@ -367,7 +368,8 @@ class GatewayStore:
 
     async def replica_view(self, job_id: str, index: int, node_timeout_s: float) -> tuple[set[str], int, set[str]]:
         """A replicated subtask's returned voters and vote count, and the live voters
-        (`core.dispatch.voter_key`, kept as `voter` in each node's record)."""
+        (`core.dispatch.voter_key`, kept as `voter` in each node's record) of the nodes that
+        take work (`core.replication.said_ready`)."""
         pipe = self.r.pipeline(transaction=False)
         pipe.smembers(keys.job_returned(job_id, index))
         pipe.hlen(keys.job_votes(job_id, index))
@@ -376,8 +378,9 @@ class GatewayStore:
         live = sorted(node_ids(conns))
         pipe = self.r.pipeline(transaction=False)
         for n in live:
-            pipe.hget(keys.node(n), "voter")
-        voters = {(v.decode() if v else n) for n, v in zip(live, await pipe.execute(), strict=True)}
+            pipe.hmget(keys.node(n), "voter", "ready", "connection")
+        records = zip(live, await pipe.execute(), strict=True)
+        voters = {(v.decode() if v else n) for n, (v, ready, conn) in records if said_ready(ready, conn)}
         return {n.decode() for n in returned}, int(votes), voters
 
     # ------------------------------------------------------------------ messages

@@ -7,6 +7,7 @@ import redis
 
 from .. import keys
 from ..capacity import NodeView
+from ..core.replication import said_ready
 from .streams import live_node_ids
 
 
@@ -31,11 +32,15 @@ def live_voters(client: redis.Redis, node_timeout_s: float) -> set[str]:
 
 
 def voters_of(client: redis.Redis, node_ids: list[str]) -> dict[str, str]:
-    """node id -> its voter."""
+    """node id -> its voter, for the nodes that take work (`core.replication.said_ready`)."""
     pipe = client.pipeline(transaction=False)
     for node_id in node_ids:
-        pipe.hget(keys.node(node_id), "voter")
-    return {n: (_text(v) if v else n) for n, v in zip(node_ids, pipe.execute(), strict=True)}
+        pipe.hmget(keys.node(node_id), "voter", "ready", "connection")
+    return {
+        n: (_text(v) if v else n)
+        for n, (v, ready, conn) in zip(node_ids, pipe.execute(), strict=True)
+        if said_ready(ready, conn)
+    }
 
 
 def connections(client: redis.Redis, *, silent_since: float) -> tuple[set[str], set[str]]:
