@@ -260,7 +260,11 @@ def run_as_node(
 
 
 def live(r: Client, *nodes: str) -> None:
+    """Nodes connected (connection c1) that have said `ready`, as a gateway records them:
+    only such nodes take work and count as voters (`core.replication.said_ready`)."""
     r.zadd(keys.NODES, {f"{n}~c1": time.time() + 3600 for n in nodes})
+    for n in nodes:
+        r.hset(keys.node(n), mapping={"connection": "c1", "ready": "c1"})
 
 
 def settle(r: Client, sched: Scheduler, agg: Aggregator, job_id: str) -> JobState:
