@@ -43,7 +43,7 @@ from .shared.settings import Settings
 from .shared.store import client as store
 from .shared.store.connection import UNAVAILABLE
 from .shared.tasks import get_plugin, load_task_repo
-from .shared.tasks.wasm import Source, WasmPlugin
+from .shared.tasks.wasm import Source, WasmParams, WasmPlugin
 from .shared.tasks.wasm_outputs import OutputError, packed_path, read_packed
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,19 @@ class MapJob(Job):
         self.batch = batch  #: a pd-ABI module's inputs, many per subtask (packed: its batch output)
         self._groups = groups  # subtask -> (first input, inputs)
 
+    @classmethod
+    def of(cls, client: store.Redis, job_id: str, params: WasmParams) -> MapJob:
+        """The job of a `map` submitted with these (parsed) parameters."""
+        return cls(
+            client,
+            job_id,
+            inputs=params.inputs,
+            groups=[(first, n) for first, n, _blocks, _names in params.groups],
+            outdir=Path(params.outdir),
+            packed=params.packed,
+            batch=params.batch,
+        )
+
     def _read(self, path: Path) -> bytes:
         try:
             return path.read_bytes()
@@ -237,17 +250,7 @@ class Connection:
         if record is None:
             raise JobNotFound(job_id)
         if record.kind == WasmPlugin.kind and record.params.get("source") == Source.ITEMS.value:
-            params = WasmPlugin().parse_params(record.params)
-            groups = [(first, n) for first, n, _blocks, _names in params.groups]
-            return MapJob(
-                self._r,
-                job_id,
-                inputs=params.inputs,
-                groups=groups,
-                outdir=Path(params.outdir),
-                packed=params.packed,
-                batch=params.batch,
-            )
+            return MapJob.of(self._r, job_id, WasmPlugin().parse_params(record.params))
         return Job(self._r, job_id, record.kind)
 
     def submit(self, kind: str, *, priority: int = 0, replicate: float | None = None, **params: Any) -> Job:
@@ -329,16 +332,7 @@ class Connection:
         except BaseException:
             writer.discard()  # nothing queued: the blocks stored so far go too
             raise
-        groups = [(first, n) for first, n, _blocks, _names in parsed.groups]
-        return MapJob(
-            self._r,
-            job_id,
-            inputs=parsed.inputs,
-            groups=groups,
-            outdir=Path(parsed.outdir),
-            packed=parsed.packed,
-            batch=parsed.batch,
-        )
+        return MapJob.of(self._r, job_id, parsed)
 
 
 def connect(url: str | None = None, *, home: str | Path | None = None) -> Connection:

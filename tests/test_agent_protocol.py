@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import csv
 import functools
 import hashlib
@@ -131,31 +132,52 @@ class _StaticHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def static_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list[str]]]:
-    extra = tmp_path_factory.mktemp("modules")
-    (extra / "abi.wasm").write_bytes(ABI_WASM)
-    requests: list[str] = []
-    handler = type("Handler", (_StaticHandler,), {"extra": extra, "requests": requests})
+@contextlib.contextmanager
+def serve_modules(extra: Path, requests: list[str] | None = None) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 (`_StaticHandler`: static/ and the modules in `extra`,
+    each request path appended to `requests`): its base URL, while the block runs."""
+    handler = type("Handler", (_StaticHandler,), {"extra": extra, "requests": [] if requests is None else requests})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", requests
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
         thread.join(5)
 
 
-@pytest.fixture
-def page(browser: Browser, static_server: tuple[str, list[str]]) -> Iterator[Page]:
+@contextlib.contextmanager
+def blank_page(browser: Browser, base_url: str) -> Iterator[Page]:
+    """A new tab on `base_url`'s blank page (so workers and modules come from that origin)."""
     p = browser.new_page()
     try:
-        p.goto(static_server[0] + "/")
+        p.goto(base_url + "/")
         yield p
     finally:
         p.close()
+
+
+def run_call(modules: Path, name: str, data: bytes) -> dict[str, Any]:
+    """A worker `run` request (`WORKER_CALLS`) for `modules/<name>.wasm` on input `data`."""
+    sha = hashlib.sha256((modules / f"{name}.wasm").read_bytes()).hexdigest()
+    return {"op": "run", "sha256": sha, "url": f"/test-modules/{name}.wasm", "input": list(data)}
+
+
+@pytest.fixture(scope="module")
+def static_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list[str]]]:
+    extra = tmp_path_factory.mktemp("modules")
+    (extra / "abi.wasm").write_bytes(ABI_WASM)
+    requests: list[str] = []
+    with serve_modules(extra, requests) as url:
+        yield url, requests
+
+
+@pytest.fixture
+def page(browser: Browser, static_server: tuple[str, list[str]]) -> Iterator[Page]:
+    with blank_page(browser, static_server[0]) as p:
+        yield p
 
 
 @functools.cache

@@ -7,20 +7,17 @@ a trapping input named, an input out of memory failing the task as a lone input 
 from __future__ import annotations
 
 import hashlib
-import http.server
 import random
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import wasmtime
 from playwright.sync_api import Browser, Page
 from processdistro.shared.pd_batch import decode_results, encode_batch
 from processdistro.worker.runtime import MIB, Limits, ModuleRunner
-from test_agent_protocol import WORKER_CALLS, _StaticHandler
+from test_agent_protocol import WORKER_CALLS, blank_page, run_call, serve_modules
 from test_examples_rust import build, rot13
 from test_wasm_batch import ECHO_WAT, TRAPPING_BATCH, echo
 
@@ -41,31 +38,14 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(built: Path) -> Iterator[str]:
-    handler = type("Handler", (_StaticHandler,), {"extra": built, "requests": []})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
+    with serve_modules(built) as url:
+        yield url
 
 
 @pytest.fixture
 def page(browser: Browser, server: str) -> Iterator[Page]:
-    p = browser.new_page()
-    try:
-        p.goto(server + "/")
+    with blank_page(browser, server) as p:
         yield p
-    finally:
-        p.close()
-
-
-def call(built: Path, name: str, data: bytes) -> dict[str, Any]:
-    sha = hashlib.sha256((built / f"{name}.wasm").read_bytes()).hexdigest()
-    return {"op": "run", "sha256": sha, "url": f"/test-modules/{name}.wasm", "input": list(data)}
 
 
 def in_wasmtime(built: Path, name: str, data: bytes) -> bytes:
@@ -86,10 +66,10 @@ def test_a_batch_gives_the_native_nodes_bytes(page: Page, built: Path) -> None:
     replies = page.evaluate(
         WORKER_CALLS,
         [
-            call(built, "rot13", batch),
-            call(built, "rot13", b"Hello"),  # a lone input after a batch, on the same instance
-            call(built, "echo", echoed),
-            call(built, "echo_trapping_batch", echoed),
+            run_call(built, "rot13", batch),
+            run_call(built, "rot13", b"Hello"),  # a lone input after a batch, on the same instance
+            run_call(built, "echo", echoed),
+            run_call(built, "echo_trapping_batch", echoed),
         ],
     )
     assert all(r["ok"] for r in replies), replies
@@ -109,10 +89,10 @@ def test_a_trapping_input_is_named_and_one_out_of_memory_fails_the_task(page: Pa
     replies = page.evaluate(
         WORKER_CALLS,
         [
-            call(built, "echo_trapping_batch", trap),
-            call(built, "echo", trap),
-            call(built, "echo", memory),
-            call(built, "echo", encode_batch([b"fine"])),  # the worker goes on
+            run_call(built, "echo_trapping_batch", trap),
+            run_call(built, "echo", trap),
+            run_call(built, "echo", memory),
+            run_call(built, "echo", encode_batch([b"fine"])),  # the worker goes on
         ],
     )
     trapped, trapped_plain, out_of_memory, fine = replies

@@ -155,9 +155,6 @@ STEALS = [
         [Steal("h2~1", 6)],
         kind=H,
     ),
-]
-
-STEALS += [
     StealCase(
         "a connected node that never said ready is no idle taker",
         [silent("mute", 4, 500), node("holder", 1, 3, 1000)],

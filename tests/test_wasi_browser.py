@@ -16,16 +16,12 @@ The C programs in tests/wasi_src/ are compiled here, at test time, with clang fo
 
 from __future__ import annotations
 
-import hashlib
-import http.server
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import wasmtime
@@ -41,7 +37,7 @@ from processdistro.shared.wasi import (
     SplitMix64,
     run_seed,
 )
-from test_agent_protocol import ABI_SHA, ABI_WASM, WORKER_CALLS, _StaticHandler
+from test_agent_protocol import ABI_SHA, ABI_WASM, WORKER_CALLS, blank_page, run_call, serve_modules
 
 SRC = Path(__file__).resolve().parent / "wasi_src"
 PROGRAMS = ("count", "entropy", "exits")
@@ -71,32 +67,14 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(built: Path) -> Iterator[str]:
-    handler = type("Handler", (_StaticHandler,), {"extra": built, "requests": []})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
+    with serve_modules(built) as url:
+        yield url
 
 
 @pytest.fixture
 def page(browser: Browser, server: str) -> Iterator[Page]:
-    p = browser.new_page()
-    try:
-        p.goto(server + "/")
+    with blank_page(browser, server) as p:
         yield p
-    finally:
-        p.close()
-
-
-def run_call(built: Path, name: str, data: bytes) -> dict[str, Any]:
-    """A worker `run` request for module `name` on input `data`."""
-    sha = hashlib.sha256((built / f"{name}.wasm").read_bytes()).hexdigest()
-    return {"op": "run", "sha256": sha, "url": f"/test-modules/{name}.wasm", "input": list(data)}
 
 
 def in_browser(page: Page, built: Path, name: str, envelope: RunEnvelope) -> tuple[RunResult, ...]:

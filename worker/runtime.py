@@ -290,7 +290,7 @@ class ModuleRunner:
                 status = _u32(inst.run_batch(store, ptr + len(MAGIC), len(data) - len(MAGIC)))
             else:
                 status = _u32(inst.run(store, ptr, len(data)))
-            if status == 3:
+            if status == STATUS_OUT_OF_MEMORY:
                 mib = inst.memory.data_len(store) / MIB
                 raise MemoryCapReached(
                     f"module ran out of memory (status 3) with linear memory at {mib:.0f} MiB; "
